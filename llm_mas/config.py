@@ -1,0 +1,256 @@
+"""Typed configuration: dataclasses hold every default, YAML files are presets, the CLI adds
+``key.sub=value`` overrides. Unknown keys and bad values are collected and reported all at once
+(one ``ConfigError``) before anything heavy loads.
+
+    cfg = load_config(MASConfig, "recipes/configs/gru_gru_hidden.yaml", ["train.lr=2e-3", "models.1.site=embeddings"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from .errors import ConfigError, closest
+
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------ building dataclasses from dicts
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    """Check/convert `value` to type `tp`; append a problem (and return value) on failure."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errs: list[str] = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            trial: list[str] = []
+            out = _coerce(value, arg, path, trial)
+            if not trial:
+                return out
+            errs.extend(trial)
+        problems.append(errs[0] if len(errs) == 1 else f"{path}: {value!r} does not fit {_type_name(tp)}")
+        return value
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            problems.append(f"{path}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
+            return value
+        return _build(tp, value, path, problems)
+    if origin in (list, Sequence, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{path}: expected a list, got {value!r}")
+            return value
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                problems.append(f"{path}: expected {len(args)} items, got {len(value)}")
+                return value
+            return tuple(_coerce(v, a, f"{path}.{i}", problems) for i, (v, a) in enumerate(zip(value, args)))
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{path}.{i}", problems) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {value!r}")
+            return value
+        args = get_args(tp)
+        vt = args[1] if args else Any
+        return {k: _coerce(v, vt, f"{path}.{k}", problems) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            problems.append(f"{path}: expected a number, got {value!r}")
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            problems.append(f"{path}: expected a number, got {value!r}")
+            return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            problems.append(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type[T], data: dict, path: str, problems: list[str]) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else key
+        if key not in fields:
+            problems.append(f"unknown key {where!r}; valid keys here: {', '.join(closest(key, fields)) or '(none)'}"
+                            f" (all: {', '.join(fields)})")
+            continue
+        kwargs[key] = _coerce(value, hints[key], where, problems)
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    for name in missing:
+        problems.append(f"missing required key {(path + '.' if path else '') + name!r}")
+    if missing:
+        return None  # type: ignore[return-value]
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:
+        problems.append(f"{path or cls.__name__}: {e}")
+        return None  # type: ignore[return-value]
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        for p in validate() or []:
+            problems.append(f"{path + ': ' if path else ''}{p}")
+    return obj
+
+
+def from_dict(cls: type[T], data: dict) -> T:
+    """Build and validate a config dataclass; every problem is reported at once."""
+    problems: list[str] = []
+    obj = _build(cls, data or {}, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data form of a config (for YAML)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# ------------------------------------------------------------------ overrides
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value (e.g. train.lr=2e-3)")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads "1e-3" as a string; numbers in scientific notation are what users mean
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") and value.lower() not in ("e",) else value
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``key.sub=value`` overrides to a nested dict (list items addressed by index)."""
+    problems = []
+    for text in overrides:
+        try:
+            keys, value = parse_override(text)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            continue
+        node: Any = data
+        for i, k in enumerate(keys[:-1]):
+            if isinstance(node, list):
+                if not k.isdigit() or int(k) >= len(node):
+                    problems.append(f"override {text!r}: {'.'.join(keys[:i + 1])} is not a valid list index "
+                                    f"(the list has {len(node)} items)")
+                    node = None
+                    break
+                node = node[int(k)]
+            else:
+                if k not in node or node[k] is None:
+                    node[k] = {}
+                node = node[k]
+        if node is None:
+            continue
+        last = keys[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                problems.append(f"override {text!r}: {last!r} is not a valid list index")
+                continue
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            problems.append(f"override {text!r}: {'.'.join(keys[:-1])} is not a mapping")
+    if problems:
+        raise ConfigError(problems)
+    return data
+
+
+def _fix_scientific(data: Any) -> Any:
+    """PyYAML reads 1e-3 as a string (YAML 1.1); turn such strings into floats."""
+    if isinstance(data, dict):
+        return {k: _fix_scientific(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_fix_scientific(v) for v in data]
+    if isinstance(data, str):
+        try:
+            if any(c in data for c in "eE") and data.replace("e", "").replace("E", "").replace("-", "").replace(
+                    "+", "").replace(".", "").isdigit():
+                return float(data)
+        except ValueError:
+            return data
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return _fix_scientific(data)
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+                base: dict | None = None) -> T:
+    """Preset (YAML) + overrides -> validated config; all problems at once."""
+    data = dict(base or {})
+    if path is not None:
+        data.update(load_yaml(path))
+    data = apply_overrides(data, overrides)
+    return from_dict(cls, data)
+
+
+def save_config(obj: Any, path: str | Path, header: str | None = None) -> None:
+    text = yaml.safe_dump(to_dict(obj), sort_keys=False)
+    Path(path).write_text((f"# {header}\n" if header else "") + text)
