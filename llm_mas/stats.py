@@ -1,0 +1,268 @@
+"""Statistics helpers for reporting IIA and similarity results: bootstrap CIs, permutation tests,
+group means over an n×n results matrix.
+
+Everything is seeded (``seed=`` on every random function) and vectorised over resamples.
+
+    >>> from llm_mas.stats import mean_ci, permutation_test
+    >>> mean_ci([1, 0, 1, 1], n_boot=1000)                           # per-trial 0/1 outcomes
+    >>> permutation_test([1, 2, 3], [4, 5, 6], alternative="less")   # exact: p = 1/20
+
+Why not ``scipy.stats.bootstrap`` / ``scipy.stats.permutation_test``: they are good (the tests
+cross-check our p-values against ``scipy.stats.permutation_test``), but we want a percentile CI by
+default, a degenerate CI for constant data without warnings, the exact-versus-Monte-Carlo switch on the
+number of distinct splits, and a vectorised path for the difference in means that scipy does not
+specialise; the code is short enough to own.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from llm_mas.errors import ConfigError, DataError, choice_error
+
+ALTERNATIVES = ("greater", "less", "two-sided")
+# Two-sample statistics known by name; a callable (a, b) -> float is also accepted.
+TWO_SAMPLE_STATS = ("mean_diff", "median_diff")
+# Resamples are generated in chunks of at most this many elements (keeps memory flat for long inputs).
+_CHUNK_ELEMENTS = 2_000_000
+
+
+# ----------------------------------------------------------------------------------------- inputs
+def _as_1d(values: Any, name: str = "values") -> np.ndarray:
+    """Float64 1-D copy of `values` (list, numpy array, bool 0/1 trials or torch tensor); errors on bad data."""
+    if hasattr(values, "detach"):  # torch tensor without importing torch
+        values = values.detach().cpu().double().numpy()
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim == 2 and 1 in array.shape:  # a column or row vector
+        array = array.reshape(-1)
+    if array.ndim != 1:
+        raise DataError(f"{name} must be one-dimensional, got shape {tuple(array.shape)}; "
+                        f"flatten it (np.ravel) or pass one row at a time")
+    if array.size == 0:
+        raise DataError(f"{name} is empty; pass at least one value (did a filter drop every trial?)")
+    if not np.all(np.isfinite(array)):
+        bad = np.flatnonzero(~np.isfinite(array))[:5].tolist()
+        raise DataError(f"{name} contains NaN or inf at positions {bad}; drop or impute them first")
+    return array
+
+
+def _check_level(level: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise ConfigError(f"level={level!r} is not a confidence level; use a number in (0, 1), e.g. 0.95")
+
+
+def _check_positive_int(value: int, name: str) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name}={value!r} must be a positive integer, e.g. {name}=2000")
+
+
+def _accepts_axis(function: Callable) -> bool:
+    """True when `function(x, axis=...)` is supported (np.mean, np.median, ...), so resamples vectorise."""
+    try:
+        return "axis" in inspect.signature(function).parameters
+    except (TypeError, ValueError):  # builtins / ufuncs without a signature
+        return False
+
+
+# -------------------------------------------------------------------------------------- bootstrap
+def bootstrap_ci(
+    values: Any,
+    *,
+    stat: Callable[..., Any] = np.mean,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of ``stat(values)``.
+
+    Args:
+        values: (n,) numbers, e.g. per-trial 0/1 IIA outcomes or per-seed scores.
+        stat: statistic of a 1-D sample. If it takes ``axis=`` (np.mean, np.median, np.std, ...) all
+            resamples are evaluated at once; otherwise it is called once per resample.
+        n_boot: number of bootstrap resamples.
+        level: confidence level, e.g. 0.95 → the 2.5 % and 97.5 % percentiles.
+        seed: seed of the resampling (same seed, same interval).
+
+    Returns:
+        ``(lo, hi)``. Constant data give the degenerate interval ``(stat(values), stat(values))``.
+    """
+    array = _as_1d(values)
+    _check_level(level)
+    _check_positive_int(n_boot, "n_boot")
+    if np.all(array == array[0]):  # every resample is the sample itself
+        point = float(stat(array))
+        return point, point
+
+    n = array.size
+    rng = np.random.default_rng(seed)
+    boot = np.empty(n_boot)  # (n_boot,)
+    if _accepts_axis(stat):
+        chunk = max(1, _CHUNK_ELEMENTS // n)
+        for start in range(0, n_boot, chunk):
+            stop = min(start + chunk, n_boot)
+            indices = rng.integers(0, n, size=(stop - start, n))  # (chunk, n)
+            boot[start:stop] = stat(array[indices], axis=1)
+    else:
+        for i in range(n_boot):
+            boot[i] = stat(array[rng.integers(0, n, size=n)])
+    alpha = 1.0 - level
+    lo, hi = np.quantile(boot, [alpha / 2, 1.0 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def mean_ci(values: Any, **kwargs: Any) -> dict[str, float | int]:
+    """Mean with a percentile-bootstrap CI: ``{"mean", "lo", "hi", "n"}``.
+
+    ``kwargs`` go to :func:`bootstrap_ci` (``n_boot``, ``level``, ``seed``; ``stat`` is fixed to the mean).
+    """
+    if "stat" in kwargs:
+        raise ConfigError("mean_ci fixes stat=np.mean; call bootstrap_ci(values, stat=...) for another statistic")
+    array = _as_1d(values)
+    lo, hi = bootstrap_ci(array, stat=np.mean, **kwargs)
+    return {"mean": float(array.mean()), "lo": lo, "hi": hi, "n": int(array.size)}
+
+
+# ------------------------------------------------------------------------------- permutation test
+def _split_statistics(pooled: np.ndarray, a_indices: np.ndarray, n_a: int, stat: str | Callable) -> np.ndarray:
+    """Statistic of every split; row r of `a_indices` (R, n_a) names the pooled values that form group a."""
+    n_total = pooled.size
+    if stat == "mean_diff":
+        sum_a = pooled[a_indices].sum(axis=1)  # (R,)
+        return sum_a / n_a - (pooled.sum() - sum_a) / (n_total - n_a)
+    in_a = np.zeros((a_indices.shape[0], n_total), dtype=bool)  # (R, N)
+    np.put_along_axis(in_a, a_indices, True, axis=1)
+    if stat == "median_diff":
+        group_a = pooled[a_indices]  # (R, n_a)
+        group_b = np.broadcast_to(pooled, in_a.shape)[~in_a].reshape(len(in_a), n_total - n_a)  # (R, n_b)
+        return np.median(group_a, axis=1) - np.median(group_b, axis=1)
+    return np.array([float(stat(pooled[mask], pooled[~mask])) for mask in in_a])
+
+
+def permutation_test(
+    a: Any,
+    b: Any,
+    *,
+    n_perm: int = 10_000,
+    alternative: str = "greater",
+    seed: int = 0,
+    stat: str | Callable[[np.ndarray, np.ndarray], float] = "mean_diff",
+) -> dict[str, Any]:
+    """Two-sample permutation test of ``stat(a, b)`` (default ``mean(a) - mean(b)``).
+
+    The labels a/b are exchangeable under the null. When the number of distinct splits
+    ``C(n_a + n_b, n_a)`` is at most ``n_perm`` every split is enumerated and the p-value is exact
+    (the observed split is one of them). Otherwise ``n_perm`` random splits are drawn and
+    ``p = (1 + #{T_perm ⪰ T_obs}) / (n_perm + 1)``, which is never 0 and is a valid p-value.
+
+    Args:
+        a, b: (n_a,), (n_b,) samples (e.g. per-direction IIA of two groups of model pairs).
+        n_perm: most permutations to evaluate (also the threshold for exact enumeration).
+        alternative: ``"greater"`` (H1: stat > 0, i.e. a above b), ``"less"``, or ``"two-sided"``
+            (``2·min(p_less, p_greater)``, capped at 1, as in scipy).
+        seed: seed of the Monte Carlo permutations.
+        stat: ``"mean_diff"``, ``"median_diff"`` or a callable ``(a, b) -> float``.
+
+    Returns:
+        ``{"statistic", "p_value", "n_perm" (permutations evaluated), "exact", "alternative"}``.
+    """
+    a_values, b_values = _as_1d(a, "a"), _as_1d(b, "b")
+    _check_positive_int(n_perm, "n_perm")
+    if alternative not in ALTERNATIVES:
+        raise choice_error("alternative", alternative, ALTERNATIVES)
+    if isinstance(stat, str) and stat not in TWO_SAMPLE_STATS:
+        raise choice_error("permutation statistic", stat, TWO_SAMPLE_STATS)
+
+    pooled = np.concatenate([a_values, b_values])  # (N,)
+    n_a, n_total = a_values.size, pooled.size
+    observed = float(_split_statistics(pooled, np.arange(n_a)[None, :], n_a, stat)[0])
+
+    n_splits = math.comb(n_total, n_a)
+    exact = n_splits <= n_perm
+    if exact:
+        combos = np.array(list(itertools.combinations(range(n_total), n_a)), dtype=np.intp)  # (n_splits, n_a)
+        null = _split_statistics(pooled, combos, n_a, stat)
+    else:
+        rng = np.random.default_rng(seed)
+        null = np.empty(n_perm)  # (n_perm,)
+        chunk = max(1, _CHUNK_ELEMENTS // n_total)
+        for start in range(0, n_perm, chunk):
+            stop = min(start + chunk, n_perm)
+            order = np.argsort(rng.random((stop - start, n_total)), axis=1)  # (chunk, N) random permutations
+            null[start:stop] = _split_statistics(pooled, order[:, :n_a], n_a, stat)
+
+    # Splits whose statistic equals the observed one up to round-off count as "at least as extreme".
+    tolerance = 1e-9 * max(abs(observed), float(np.abs(pooled).max()), 1e-300)
+    count_greater = int(np.count_nonzero(null >= observed - tolerance))
+    count_less = int(np.count_nonzero(null <= observed + tolerance))
+    if exact:
+        p_greater, p_less = count_greater / n_splits, count_less / n_splits
+    else:
+        p_greater, p_less = (count_greater + 1) / (n_perm + 1), (count_less + 1) / (n_perm + 1)
+    p_value = {"greater": p_greater, "less": p_less,
+               "two-sided": min(1.0, 2.0 * min(p_greater, p_less))}[alternative]
+    return {"statistic": observed, "p_value": float(p_value), "n_perm": int(null.size),
+            "exact": exact, "alternative": alternative}
+
+
+# ------------------------------------------------------------------------------------ group means
+def group_means(
+    matrix: Any,
+    groups: Sequence[str],
+    *,
+    include_diagonal: bool = False,
+    ordered: bool = True,
+    **ci_kwargs: Any,
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Pool the cells of an n×n results matrix (e.g. IIA of direction source i → target j) by group pair.
+
+    Args:
+        matrix: (n, n) or (n, n, r) — r values per cell (e.g. seeds) are pooled too.
+        groups: group label of each of the n models, e.g. ``["toxic", "toxic", "nontoxic", ...]``.
+        include_diagonal: keep the cells i == j (a model with itself, i.e. DAS). Off by default.
+        ordered: keys are ordered pairs (g1 = source group, g2 = target group). With ``ordered=False``
+            the cells of (g1, g2) and (g2, g1) are pooled under the key ``tuple(sorted((g1, g2)))``.
+        ci_kwargs: passed to :func:`mean_ci` (``n_boot``, ``level``, ``seed``).
+
+    Returns:
+        ``{(g1, g2): {"values": (m,) array, "cells": [(i, j), ...], "mean", "lo", "hi", "n"}}`` with groups
+        in order of first appearance. A pair with no cells (a one-model group without its diagonal)
+        is present with ``n = 0`` and NaN mean/lo/hi.
+    """
+    if hasattr(matrix, "detach"):
+        matrix = matrix.detach().cpu().double().numpy()
+    array = np.asarray(matrix, dtype=np.float64)
+    n = len(groups)
+    if array.ndim < 2 or array.shape[:2] != (n, n):
+        raise DataError(f"matrix has shape {tuple(array.shape)} but groups names {n} models; "
+                        f"pass an ({n}, {n}) matrix (rows = source, columns = target) or fix groups")
+    cells_by_pair: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    labels = list(dict.fromkeys(groups))  # first-appearance order
+    for g1 in labels:
+        for g2 in labels:
+            key = (g1, g2) if ordered else tuple(sorted((g1, g2)))
+            cells_by_pair.setdefault(key, [])
+    for i in range(n):
+        for j in range(n):
+            if i == j and not include_diagonal:
+                continue
+            key = (groups[i], groups[j]) if ordered else tuple(sorted((groups[i], groups[j])))
+            cells_by_pair[key].append((i, j))
+
+    result: dict[tuple[str, str], dict[str, Any]] = {}
+    for key, cells in cells_by_pair.items():
+        values = np.concatenate([array[i, j].reshape(-1) for i, j in cells]) if cells else np.empty(0)
+        if values.size == 0:
+            summary = {"mean": math.nan, "lo": math.nan, "hi": math.nan, "n": 0}
+        else:
+            if not np.all(np.isfinite(values)):
+                raise DataError(f"group pair {key} has NaN/inf cells among {cells}; evaluate those directions "
+                                f"or drop them from the matrix")
+            summary = mean_ci(values, **ci_kwargs)
+        result[key] = {"values": values, "cells": cells, **summary}
+    return result

@@ -1,0 +1,201 @@
+"""Known-answer and property tests of llm_mas.stats (bootstrap CIs, permutation tests, group means)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from llm_mas.errors import ConfigError, DataError
+from llm_mas.stats import bootstrap_ci, group_means, mean_ci, permutation_test
+
+
+# ------------------------------------------------------------------------------------ bootstrap
+def test_bootstrap_ci_of_constant_is_degenerate():
+    lo, hi = bootstrap_ci([0.1] * 50)
+    assert lo == hi == pytest.approx(0.1)
+    summary = mean_ci([0.1] * 50)
+    assert summary["lo"] == summary["mean"] == summary["hi"]
+    assert mean_ci(np.ones(7)) == {"mean": 1.0, "lo": 1.0, "hi": 1.0, "n": 7}
+
+
+def test_bootstrap_ci_is_deterministic_under_seed_and_changes_with_it():
+    values = np.random.default_rng(1).normal(size=40)
+    assert bootstrap_ci(values, seed=3) == bootstrap_ci(values, seed=3)
+    assert bootstrap_ci(values, seed=3) != bootstrap_ci(values, seed=4)
+
+
+def test_bootstrap_ci_contains_mean_and_narrows_with_level():
+    values = np.random.default_rng(2).normal(loc=5.0, size=200)
+    lo95, hi95 = bootstrap_ci(values, level=0.95)
+    lo50, hi50 = bootstrap_ci(values, level=0.50)
+    assert lo95 < lo50 < values.mean() < hi50 < hi95
+
+
+def test_bootstrap_ci_matches_normal_theory_width():
+    # For the mean of n Gaussian values the 95 % CI half-width is ≈ 1.96 σ / √n.
+    values = np.random.default_rng(3).normal(scale=2.0, size=400)
+    lo, hi = bootstrap_ci(values, n_boot=4000)
+    expected = 1.96 * values.std(ddof=1) / math.sqrt(values.size)
+    assert (hi - lo) / 2 == pytest.approx(expected, rel=0.1)
+
+
+def test_bootstrap_ci_per_trial_bool_outcomes():
+    trials = np.array([True] * 90 + [False] * 10)
+    summary = mean_ci(trials, n_boot=2000)
+    assert summary["mean"] == pytest.approx(0.9) and summary["n"] == 100
+    assert 0.8 < summary["lo"] < 0.9 < summary["hi"] <= 1.0
+
+
+def test_bootstrap_coverage_on_gaussian_data():
+    # 95 % percentile intervals of the mean of n=50 N(0,1) draws cover 0 in roughly 95 % of datasets.
+    rng = np.random.default_rng(4)
+    covered = 0
+    n_datasets = 200
+    for k in range(n_datasets):
+        lo, hi = bootstrap_ci(rng.normal(size=50), n_boot=1000, seed=k)
+        covered += lo <= 0.0 <= hi
+    assert 0.88 <= covered / n_datasets <= 0.99
+
+
+def test_bootstrap_non_vectorised_statistic_matches_vectorised():
+    values = np.random.default_rng(5).normal(size=30)
+    vectorised = bootstrap_ci(values, stat=np.median, n_boot=300, seed=1)
+    looped = bootstrap_ci(values, stat=lambda x: np.median(x), n_boot=300, seed=1)
+    # Same seed, same resample order → identical intervals whether or not the statistic vectorises.
+    assert vectorised == pytest.approx(looped)
+
+
+@pytest.mark.parametrize("bad", [[], np.array([]), [1.0, np.nan], [[1, 2], [3, 4]]])
+def test_bootstrap_rejects_bad_input(bad):
+    with pytest.raises(DataError):
+        bootstrap_ci(bad)
+
+
+def test_bootstrap_rejects_bad_settings():
+    with pytest.raises(ConfigError, match="level"):
+        bootstrap_ci([1, 2], level=95)
+    with pytest.raises(ConfigError, match="n_boot"):
+        bootstrap_ci([1, 2], n_boot=0)
+    with pytest.raises(ConfigError, match="stat"):
+        mean_ci([1, 2], stat=np.median)
+
+
+# ------------------------------------------------------------------------------ permutation test
+def test_permutation_exact_known_answer():
+    # 20 splits of 6 values into 3 + 3; only the observed one has mean difference -3.
+    result = permutation_test([1, 2, 3], [4, 5, 6], alternative="less")
+    assert result["exact"] and result["n_perm"] == 20
+    assert result["statistic"] == pytest.approx(-3.0)
+    assert result["p_value"] == pytest.approx(1 / 20)
+    assert permutation_test([4, 5, 6], [1, 2, 3], alternative="greater")["p_value"] == pytest.approx(1 / 20)
+    assert permutation_test([1, 2, 3], [4, 5, 6], alternative="two-sided")["p_value"] == pytest.approx(2 / 20)
+    assert permutation_test([1, 2, 3], [4, 5, 6], alternative="greater")["p_value"] == pytest.approx(1.0)
+
+
+def test_permutation_exact_hand_computed_with_ties():
+    # a=[1, 3], b=[2, 4]: 6 splits; mean(a)-mean(b) over the a-pairs
+    # {1,3}:-1 {1,2}:-2 {1,4}:0 {3,2}:0 {3,4}:2 {2,4}:1 ; observed -1 → P(T >= -1) = 5/6, P(T <= -1) = 2/6.
+    assert permutation_test([1, 3], [2, 4], alternative="greater")["p_value"] == pytest.approx(5 / 6)
+    assert permutation_test([1, 3], [2, 4], alternative="less")["p_value"] == pytest.approx(2 / 6)
+    # Ties in values: a=[0, 1], b=[1, 1]: T = -0.5 for the 3 splits putting 0 in a, else +0.5; observed -0.5.
+    assert permutation_test([0, 1], [1, 1], alternative="less")["p_value"] == pytest.approx(3 / 6)
+
+
+@pytest.mark.parametrize("alternative", ["greater", "less", "two-sided"])
+def test_permutation_exact_matches_scipy(alternative):
+    rng = np.random.default_rng(6)
+    a, b = rng.normal(size=5), rng.normal(loc=0.5, size=6)
+    ours = permutation_test(a, b, alternative=alternative)
+    theirs = scipy.stats.permutation_test(
+        (a, b), lambda x, y, axis: np.mean(x, axis=axis) - np.mean(y, axis=axis),
+        permutation_type="independent", alternative=alternative, n_resamples=10_000, vectorized=True)
+    assert ours["exact"] and ours["n_perm"] == math.comb(11, 5)
+    assert ours["p_value"] == pytest.approx(theirs.pvalue, abs=1e-12)
+
+
+def test_permutation_monte_carlo_close_to_exact_and_never_zero():
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=7), rng.normal(loc=0.8, size=7)  # 3432 distinct splits
+    exact = permutation_test(a, b, alternative="less", n_perm=10_000)
+    sampled = permutation_test(a, b, alternative="less", n_perm=2_000, seed=1)
+    assert exact["exact"] and not sampled["exact"] and sampled["n_perm"] == 2_000
+    assert sampled["p_value"] == pytest.approx(exact["p_value"], abs=0.02)
+    # Perfect separation with many splits: Monte Carlo p is (0 + 1) / (n_perm + 1), never 0.
+    far = permutation_test(np.arange(20) + 100.0, np.arange(20), n_perm=999, alternative="greater")
+    assert far["p_value"] == pytest.approx(1 / 1000)
+
+
+def test_permutation_deterministic_under_seed():
+    rng = np.random.default_rng(8)
+    a, b = rng.normal(size=30), rng.normal(size=30)
+    assert permutation_test(a, b, n_perm=500, seed=2) == permutation_test(a, b, n_perm=500, seed=2)
+    assert permutation_test(a, b, n_perm=500, seed=2)["p_value"] != permutation_test(a, b, n_perm=500, seed=3)[
+        "p_value"]
+
+
+def test_permutation_null_p_values_roughly_uniform():
+    # Under H0 P(p <= 0.1) ≈ 0.1 (a size check on 200 seeded datasets).
+    rng = np.random.default_rng(9)
+    p_values = [permutation_test(rng.normal(size=15), rng.normal(size=15), n_perm=300, seed=k)["p_value"]
+                for k in range(200)]
+    assert 0.04 <= np.mean(np.array(p_values) <= 0.1) <= 0.17
+
+
+def test_permutation_median_and_callable_statistics():
+    median = permutation_test([1, 2, 30], [4, 5, 6], stat="median_diff", alternative="less")
+    assert median["statistic"] == pytest.approx(-3.0)
+    custom = permutation_test([1, 2, 3], [4, 5, 6], alternative="less",
+                              stat=lambda x, y: float(np.mean(x) - np.mean(y)))
+    assert custom["p_value"] == pytest.approx(1 / 20)
+
+
+def test_permutation_rejects_bad_input():
+    with pytest.raises(DataError, match="a is empty"):
+        permutation_test([], [1, 2])
+    with pytest.raises(DataError, match="b"):
+        permutation_test([1, 2], [np.nan])
+    with pytest.raises(ConfigError, match="two-sided"):
+        permutation_test([1], [2], alternative="both")
+    with pytest.raises(ConfigError, match="mean_diff"):
+        permutation_test([1], [2], stat="mean")
+
+
+# ---------------------------------------------------------------------------------- group means
+def test_group_means_pools_cells_by_group_pair():
+    groups = ["toxic", "toxic", "nontoxic"]
+    matrix = np.array([[0.9, 0.8, 0.3],
+                       [0.7, 0.95, 0.2],
+                       [0.4, 0.5, 0.99]])
+    result = group_means(matrix, groups, n_boot=200)
+    assert list(result) == [("toxic", "toxic"), ("toxic", "nontoxic"), ("nontoxic", "toxic"),
+                            ("nontoxic", "nontoxic")]
+    assert result[("toxic", "toxic")]["cells"] == [(0, 1), (1, 0)]
+    assert result[("toxic", "toxic")]["mean"] == pytest.approx(0.75)
+    assert result[("toxic", "nontoxic")]["mean"] == pytest.approx(0.25)
+    assert result[("nontoxic", "toxic")]["n"] == 2
+    assert result[("nontoxic", "nontoxic")]["n"] == 0 and math.isnan(result[("nontoxic", "nontoxic")]["mean"])
+
+    with_diagonal = group_means(matrix, groups, include_diagonal=True, n_boot=200)
+    assert with_diagonal[("toxic", "toxic")]["mean"] == pytest.approx((0.9 + 0.8 + 0.7 + 0.95) / 4)
+    assert with_diagonal[("nontoxic", "nontoxic")]["mean"] == pytest.approx(0.99)
+
+    unordered = group_means(matrix, groups, ordered=False, n_boot=200)
+    assert set(unordered) == {("toxic", "toxic"), ("nontoxic", "toxic"), ("nontoxic", "nontoxic")}
+    assert unordered[("nontoxic", "toxic")]["mean"] == pytest.approx((0.3 + 0.2 + 0.4 + 0.5) / 4)
+
+
+def test_group_means_pools_per_seed_values():
+    matrix = np.arange(2 * 2 * 3, dtype=float).reshape(2, 2, 3)  # (n, n, seeds)
+    result = group_means(matrix, ["a", "b"], n_boot=100)
+    np.testing.assert_array_equal(result[("a", "b")]["values"], [3.0, 4.0, 5.0])
+    assert result[("a", "b")]["n"] == 3
+
+
+def test_group_means_rejects_shape_mismatch_and_nan():
+    with pytest.raises(DataError, match="groups"):
+        group_means(np.zeros((3, 3)), ["a", "b"])
+    with pytest.raises(DataError, match="NaN"):
+        group_means(np.array([[1.0, np.nan], [0.5, 1.0]]), ["a", "b"])
