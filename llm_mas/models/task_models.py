@@ -1,0 +1,478 @@
+"""Task models: the GRU, LSTM and Transformer that MAS compares on the numeric tasks.
+
+    model = build_task_model("gru", "multiobject", vocab_size=8, seed=0)
+    logits = model(input_ids)                                  # (B, T, V) teacher forced
+    tokens, logits = model.rollout(input_ids, free_mask)       # free running where free_mask is True
+
+Every model calls ``HookPoint``s on its latents so that a backend can read and edit them *inside* the
+forward pass:
+
+- ``hook_embed``: the input embeddings (B, T, d).
+- ``hook_layers.{l}``: layer l's latent: the post-update RNN state at every step (LSTM: ``[h; c]``), or
+  the residual stream output of Transformer block l.
+
+A hook is called as ``hook(x, positions)`` with x (B, T_chunk, d) and the chunk's absolute positions
+(T_chunk,). Recurrent models run the fused ``nn.GRU`` / ``nn.LSTM`` kernel over stretches without a
+pending edit and step one position at a time (same weights) only where ``hook.steps_to_break`` says an
+edit must land inside the recurrence. The Transformer calls its hooks on the whole sequence per layer
+(teacher forced) or per step during KV-cached decoding, so an edit reaches later layers and the attention
+of later positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, DataError, InterventionError, choice_error
+from ..hooks import HookPoint
+
+ARCHS = ("gru", "lstm", "transformer")
+
+# Architecture defaults. dropout: the reference's 0.5 in the RNN head (it regularises the readout only;
+# eval mode switches it off); 0.1 in the Transformer, where the reference's 0.5 on attention, residual and
+# feed-forward paths slows training several-fold on CPU without a measured benefit.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "gru": {"d_model": 128, "n_layers": 1, "head_width": 512, "dropout": 0.5},
+    "lstm": {"d_model": 128, "n_layers": 1, "head_width": 512, "dropout": 0.5},
+    "transformer": {"d_model": 128, "n_layers": 2, "ff_width": 512, "dropout": 0.1, "rope_base": 10000.0},
+}
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """True when anything (a reader or an editor) is registered on `module`."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+class TaskModel(nn.Module):
+    """Base class of the task models (attributes shared by every architecture).
+
+    Attributes: ``arch`` ("gru" | "lstm" | "transformer"), ``task_name``, ``d_model`` (latent width at
+    every site), ``vocab_size``, ``n_layers`` and ``config`` (the keyword arguments of
+    ``build_task_model`` that rebuild this model).
+    """
+
+    arch: str = ""
+
+    def __init__(self, task_name: str, vocab_size: int, d_model: int, n_layers: int,
+                 config: dict[str, Any]) -> None:
+        super().__init__()
+        self.task_name = task_name
+        self.vocab_size = int(vocab_size)
+        self.d_model = int(d_model)
+        self.n_layers = int(n_layers)
+        self.config = dict(config)
+        self.embed = nn.Embedding(self.vocab_size, self.d_model)
+        self.hook_embed = HookPoint()
+        self.hook_layers = nn.ModuleList([HookPoint() for _ in range(self.n_layers)])
+
+    def site_aliases(self) -> dict[str, str]:
+        """Readable site names: ``embeddings``, ``hidden`` (the last layer) and ``layer{l}``."""
+        aliases = {"embeddings": "hook_embed", "hidden": f"hook_layers.{self.n_layers - 1}"}
+        aliases.update({f"layer{layer}": f"hook_layers.{layer}" for layer in range(self.n_layers)})
+        return aliases
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch!r}, task={self.task_name!r}, d_model={self.d_model}, n_layers={self.n_layers}"
+
+    # ------------------------------------------------------------------ shared checks
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise DataError(f"input_ids must be (B, T); got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
+            raise DataError(
+                f"input_ids hold ids in [{int(input_ids.min())}, {int(input_ids.max())}] but the model's vocabulary "
+                f"has {self.vocab_size} tokens; use the tokenizer of task {self.task_name!r}")
+
+    def _positions(self, offset: int, length: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(offset, offset + length, device=device)  # (T,)
+
+    # ------------------------------------------------------------------ decoding
+    def _begin_decode(self, batch: int, state: torch.Tensor | None, position_offset: int,
+                      device: torch.device) -> Any:
+        raise NotImplementedError
+
+    def _decode_step(self, token: torch.Tensor, position: int, cache: Any) -> tuple[torch.Tensor, Any]:
+        """One step: token (B,) at absolute `position` -> logits (B, V) and the updated cache."""
+        raise NotImplementedError
+
+    def rollout(self, input_ids: torch.Tensor, free_mask: torch.Tensor, state: torch.Tensor | None = None,
+                position_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run step by step, feeding the model's own argmax where `free_mask` is True.
+
+        input_ids (B, T), free_mask (B, T) bool. The input at t+1 is ``argmax(logits[:, t])`` where
+        ``free_mask[:, t+1]`` else ``input_ids[:, t+1]``; ``free_mask[:, 0]`` must be False (nothing
+        precedes the first token). Hooks fire once per step on (B, 1, d) with the absolute position.
+        Returns (tokens (B, T) long: the sequence actually fed, logits (B, T, V)).
+        """
+        self._check_ids(input_ids)
+        if free_mask.shape != input_ids.shape:
+            raise DataError(f"free_mask has shape {tuple(free_mask.shape)} but input_ids {tuple(input_ids.shape)}")
+        free_mask = free_mask.to(device=input_ids.device, dtype=torch.bool)
+        if free_mask.shape[1] and bool(free_mask[:, 0].any()):
+            raise DataError("free_mask[:, 0] is True: the first token has no prediction to come from; "
+                            "mark only tokens the model produces (the task mask) as free")
+        batch, length = input_ids.shape
+        cache = self._begin_decode(batch, state, position_offset, input_ids.device)
+        tokens = input_ids.clone()  # (B, T)
+        step_logits: list[torch.Tensor] = []
+        for t in range(length):
+            if t > 0:
+                predicted = step_logits[-1].argmax(-1)  # (B,)
+                tokens[:, t] = torch.where(free_mask[:, t], predicted, input_ids[:, t])
+            logits_t, cache = self._decode_step(tokens[:, t], position_offset + t, cache)  # (B, V)
+            step_logits.append(logits_t)
+        if not step_logits:
+            return tokens, input_ids.new_zeros((batch, 0, self.vocab_size), dtype=torch.float)
+        return tokens, torch.stack(step_logits, dim=1)  # (B, T), (B, T, V)
+
+
+# ====================================================================== recurrent models
+class _RecurrentTaskModel(TaskModel):
+    """Shared recurrence for the GRU and the LSTM (one latent of width d_model per layer)."""
+
+    def __init__(self, task_name: str, vocab_size: int, d_model: int, n_layers: int, head_width: int,
+                 dropout: float, config: dict[str, Any]) -> None:
+        super().__init__(task_name, vocab_size, d_model, n_layers, config)
+        self.head = nn.Sequential(
+            nn.Linear(self._output_width, head_width), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(head_width, self.vocab_size))
+
+    # per-architecture primitives -------------------------------------------------------------
+    _output_width: int  # width of what the next layer and the head read from a latent
+
+    def _fused(self, layer: int, x: torch.Tensor, latent: torch.Tensor, need_latents: bool
+               ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Fused kernel over a stretch: x (B, S, in), latent (B, d) ->
+        (latents (B, S, d) or None when not needed, outputs (B, S, out), last latent (B, d))."""
+        raise NotImplementedError
+
+    def _cell(self, layer: int, x: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """One step with the fused kernel's weights: x (B, in), latent (B, d) -> latent (B, d)."""
+        raise NotImplementedError
+
+    def _readout(self, latent: torch.Tensor) -> torch.Tensor:
+        """What the next layer / the head reads from a latent: (..., d) -> (..., out)."""
+        raise NotImplementedError
+
+    # state handling ----------------------------------------------------------------------------
+    def _initial_latents(self, batch: int, state: torch.Tensor | None, device: torch.device
+                         ) -> list[torch.Tensor]:
+        if state is None:
+            zeros = torch.zeros(batch, self.d_model, device=device, dtype=self.embed.weight.dtype)
+            return [zeros] * self.n_layers
+        if state.dim() == 2 and self.n_layers == 1:
+            state = state.unsqueeze(0)  # (1, B, d)
+        expected = (self.n_layers, batch, self.d_model)
+        if tuple(state.shape) != expected:
+            raise DataError(
+                f"state has shape {tuple(state.shape)}; expected (B, d) = ({batch}, {self.d_model})"
+                + (f" or (n_layers, B, d) = {expected}" if self.n_layers > 1 else ""))
+        return [state[layer].to(self.embed.weight.dtype) for layer in range(self.n_layers)]
+
+    # forward -------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, state: torch.Tensor | None = None,
+                position_offset: int = 0) -> torch.Tensor:
+        """Teacher-forced logits (B, T, V) for input_ids (B, T).
+
+        state: the initial latent (B, d) (GRU h, LSTM ``[h; c]``), zeros when None.
+        position_offset: absolute position of input_ids[:, 0] (reported to hooks).
+        """
+        self._check_ids(input_ids)
+        batch, length = input_ids.shape
+        positions = self._positions(position_offset, length, input_ids.device)  # (T,)
+        x = self.hook_embed(self.embed(input_ids), positions)  # (B, T, d)
+        latents0 = self._initial_latents(batch, state, input_ids.device)
+        for layer in range(self.n_layers):
+            x = self._run_layer(layer, x, latents0[layer], positions, position_offset)  # (B, T, out)
+        return self.head(x)  # (B, T, V)
+
+    def _run_layer(self, layer: int, x: torch.Tensor, latent: torch.Tensor, positions: torch.Tensor,
+                   position_offset: int) -> torch.Tensor:
+        hook = self.hook_layers[layer]
+        length = x.shape[1]
+        breaks = hook.steps_to_break(position_offset + length)
+        if breaks is not None:
+            breaks = breaks[position_offset:].tolist()  # per step of this call
+        outputs: list[torch.Tensor] = []
+        start = 0
+        while start < length:
+            if breaks is not None and breaks[start]:
+                # an edit is pending here: one step, the hook may replace the state the recurrence continues from
+                latent = self._cell(layer, x[:, start], latent)  # (B, d)
+                latent = hook(latent.unsqueeze(1), positions[start:start + 1])[:, 0]  # (B, d)
+                outputs.append(self._readout(latent).unsqueeze(1))  # (B, 1, out)
+                start += 1
+                continue
+            stop = start + 1
+            while stop < length and not (breaks is not None and breaks[stop]):
+                stop += 1
+            watched = _has_hooks(hook)
+            latents, out, last = self._fused(layer, x[:, start:stop], latent, need_latents=watched)
+            if latents is not None:
+                seen = hook(latents, positions[start:stop])  # (B, S, d)
+                if seen is not latents:
+                    self._check_fused_edit(latents, seen, positions[start:stop])
+                    out, last = self._readout(seen), seen[:, -1]
+            outputs.append(out)  # (B, S, out)
+            latent = last
+            start = stop
+        return torch.cat(outputs, dim=1)  # (B, T, out)
+
+    @staticmethod
+    def _check_fused_edit(before: torch.Tensor, after: torch.Tensor, positions: torch.Tensor) -> None:
+        # Only the last step of a fused stretch feeds the recurrence; an edit anywhere else would not reach
+        # later steps, which must never pass silently.
+        if not torch.equal(before[:, :-1], after[:, :-1]):
+            raise InterventionError(
+                f"a hook edited the recurrent latent inside a fused stretch (positions {int(positions[0])}.."
+                f"{int(positions[-1])}) without announcing it; set HookPoint.edit_steps for the edited steps "
+                "(the torch backend does this) so the edit lands inside the recurrence")
+
+    # decoding ---------------------------------------------------------------------------------------
+    def _begin_decode(self, batch: int, state: torch.Tensor | None, position_offset: int,
+                      device: torch.device) -> list[torch.Tensor]:
+        return self._initial_latents(batch, state, device)
+
+    def _decode_step(self, token: torch.Tensor, position: int, cache: list[torch.Tensor]
+                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        pos = torch.tensor([position], device=token.device)  # (1,)
+        x = self.hook_embed(self.embed(token).unsqueeze(1), pos)[:, 0]  # (B, d)
+        new_cache = []
+        for layer in range(self.n_layers):
+            latent = self._cell(layer, x, cache[layer])  # (B, d)
+            latent = self.hook_layers[layer](latent.unsqueeze(1), pos)[:, 0]  # (B, d)
+            new_cache.append(latent)
+            x = self._readout(latent)  # (B, out)
+        return self.head(x), new_cache  # (B, V)
+
+
+class GRUTaskModel(_RecurrentTaskModel):
+    """Embedding -> GRU(d) per layer -> head Linear(d, 512) -> GELU -> Dropout -> Linear(512, V)."""
+
+    arch = "gru"
+
+    def __init__(self, task_name: str, vocab_size: int, d_model: int = 128, n_layers: int = 1,
+                 head_width: int = 512, dropout: float = 0.5, config: dict[str, Any] | None = None) -> None:
+        self._output_width = d_model
+        super().__init__(task_name, vocab_size, d_model, n_layers, head_width, dropout, config or {})
+        self.rnns = nn.ModuleList([nn.GRU(d_model, d_model, batch_first=True) for _ in range(n_layers)])
+
+    def _fused(self, layer, x, latent, need_latents):
+        out, last = self.rnns[layer](x, latent.unsqueeze(0).contiguous())  # (B, S, d), (1, B, d)
+        return out, out, last[0]
+
+    def _cell(self, layer, x, latent):
+        rnn = self.rnns[layer]
+        return torch.gru_cell(x, latent, rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+
+    def _readout(self, latent):
+        return latent
+
+
+class LSTMTaskModel(_RecurrentTaskModel):
+    """Embedding -> LSTM(d -> d/2) per layer; latent ``[h; c]`` (d); the head reads h only.
+
+    An edit of the latent is split back into h and c, and both continue the recurrence.
+    """
+
+    arch = "lstm"
+
+    def __init__(self, task_name: str, vocab_size: int, d_model: int = 128, n_layers: int = 1,
+                 head_width: int = 512, dropout: float = 0.5, config: dict[str, Any] | None = None) -> None:
+        if d_model % 2:
+            raise ConfigError(f"LSTM d_model {d_model} must be even (the latent is [h; c] with h, c of d/2 each)")
+        self.hidden = d_model // 2
+        self._output_width = self.hidden
+        super().__init__(task_name, vocab_size, d_model, n_layers, head_width, dropout, config or {})
+        self.rnns = nn.ModuleList([
+            nn.LSTM(d_model if layer == 0 else self.hidden, self.hidden, batch_first=True)
+            for layer in range(n_layers)])
+
+    def _split(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return latent[..., : self.hidden], latent[..., self.hidden:]  # h, c (..., d/2) each
+
+    def _fused(self, layer, x, latent, need_latents):
+        rnn = self.rnns[layer]
+        h0, c0 = self._split(latent)
+        h_seq, (h_last, c_last) = rnn(x, (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous()))
+        last = torch.cat([h_last[0], c_last[0]], dim=-1)  # (B, d)
+        if not need_latents:
+            return None, h_seq, last
+        # The fused kernel returns h at every step but c only at the end; recover c_t from the gates, which
+        # depend on the known h_{t-1} only, by the (elementwise) cell recurrence c_t = f_t c_{t-1} + i_t g_t.
+        h_prev = torch.cat([h0.unsqueeze(1), h_seq[:, :-1]], dim=1)  # (B, S, d/2)
+        gates = (x @ rnn.weight_ih_l0.T + rnn.bias_ih_l0 + h_prev @ rnn.weight_hh_l0.T + rnn.bias_hh_l0)
+        i, f, g, _ = gates.chunk(4, dim=-1)  # (B, S, d/2) each; PyTorch gate order i, f, g, o
+        i, f, g = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g)
+        c = c0
+        cells = []
+        for t in range(x.shape[1]):
+            c = f[:, t] * c + i[:, t] * g[:, t]  # (B, d/2)
+            cells.append(c)
+        latents = torch.cat([h_seq, torch.stack(cells, dim=1)], dim=-1)  # (B, S, d)
+        return latents, h_seq, last
+
+    def _cell(self, layer, x, latent):
+        rnn = self.rnns[layer]
+        h, c = self._split(latent)
+        h, c = torch.lstm_cell(x, (h.contiguous(), c.contiguous()), rnn.weight_ih_l0, rnn.weight_hh_l0,
+                               rnn.bias_ih_l0, rnn.bias_hh_l0)
+        return torch.cat([h, c], dim=-1)  # (B, d)
+
+    def _readout(self, latent):
+        return latent[..., : self.hidden]
+
+
+# ====================================================================== transformer
+def _rope_tables(positions: torch.Tensor, width: int, base: float, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables (T, width/2) for absolute `positions` (T,)."""
+    inv_freq = base ** (-torch.arange(0, width, 2, device=positions.device, dtype=torch.float64) / width)
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (T, width/2)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate feature pairs (i, i + width/2) of x (B, T, width) by the position angles."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, T, width)
+
+
+class _Block(nn.Module):
+    """Pre-LayerNorm block: x + Attn(LN x), then x + FF(LN x). One causal head of width d, RoPE on all of it."""
+
+    def __init__(self, d_model: int, ff_width: int, dropout: float) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.ln_ff = nn.LayerNorm(d_model)
+        self.ff = nn.Sequential(nn.Linear(d_model, ff_width), nn.GELU(), nn.Dropout(dropout),
+                                nn.Linear(ff_width, d_model))
+        self.dropout = dropout
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, causal: bool = True
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x (B, T, d) -> (x (B, T, d), (keys, values) (B, 1, T_past + T, d)).
+
+        With a cache the T new positions attend to all cached ones (decoding: T = 1, no mask needed).
+        """
+        q, k, v = self.qkv(self.ln_attn(x)).chunk(3, dim=-1)  # (B, T, d) each
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)  # (B, 1 head, T, d)
+        if cache is not None:
+            k = torch.cat([cache[0], k], dim=2)  # (B, 1, T_past + T, d)
+            v = torch.cat([cache[1], v], dim=2)
+        attn = F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal and cache is None,
+            dropout_p=self.dropout if self.training else 0.0)  # (B, 1, T, d)
+        x = x + self.resid_drop(self.out(attn.squeeze(1)))  # (B, T, d)
+        x = x + self.resid_drop(self.ff(self.ln_ff(x)))
+        return x, (k, v)
+
+
+class TransformerTaskModel(TaskModel):
+    """Causal pre-LayerNorm Transformer: one head, RoPE on the full head, FF with GELU, final LN -> Linear."""
+
+    arch = "transformer"
+
+    def __init__(self, task_name: str, vocab_size: int, d_model: int = 128, n_layers: int = 2,
+                 ff_width: int = 512, dropout: float = 0.1, rope_base: float = 10000.0,
+                 config: dict[str, Any] | None = None) -> None:
+        if d_model % 2:
+            raise ConfigError(f"Transformer d_model {d_model} must be even (RoPE rotates feature pairs)")
+        super().__init__(task_name, vocab_size, d_model, n_layers, config or {})
+        self.rope_base = float(rope_base)
+        self.blocks = nn.ModuleList([_Block(d_model, ff_width, dropout) for _ in range(n_layers)])
+        self.ln_final = nn.LayerNorm(d_model)
+        self.unembed = nn.Linear(d_model, vocab_size)
+        self.embed_drop = nn.Dropout(dropout)
+
+    def _no_state(self, state: torch.Tensor | None, position_offset: int) -> None:
+        if state is not None:
+            raise ConfigError("the Transformer has no recurrent state; pass state=None (give the prefix as input)")
+        if position_offset != 0:
+            raise ConfigError(
+                f"position_offset={position_offset} is for recurrent models only; the Transformer needs the whole "
+                "sequence from position 0")
+
+    def forward(self, input_ids: torch.Tensor, state: torch.Tensor | None = None,
+                position_offset: int = 0) -> torch.Tensor:
+        """Teacher-forced logits (B, T, V) for input_ids (B, T) (causal attention, positions 0..T-1)."""
+        self._no_state(state, position_offset)
+        self._check_ids(input_ids)
+        positions = self._positions(0, input_ids.shape[1], input_ids.device)  # (T,)
+        x = self.hook_embed(self.embed(input_ids), positions)  # (B, T, d)
+        x = self.embed_drop(x)
+        cos, sin = _rope_tables(positions, self.d_model, self.rope_base, x.dtype)  # (T, d/2)
+        for layer, block in enumerate(self.blocks):
+            x, _ = block(x, cos, sin)
+            x = self.hook_layers[layer](x, positions)  # (B, T, d)
+        return self.unembed(self.ln_final(x))  # (B, T, V)
+
+    def _begin_decode(self, batch, state, position_offset, device):
+        self._no_state(state, position_offset)
+        return [None] * self.n_layers  # per layer (keys, values) (B, 1, t, d)
+
+    def _decode_step(self, token, position, cache):
+        pos = torch.tensor([position], device=token.device)  # (1,)
+        x = self.hook_embed(self.embed(token).unsqueeze(1), pos)  # (B, 1, d)
+        x = self.embed_drop(x)
+        cos, sin = _rope_tables(pos, self.d_model, self.rope_base, x.dtype)  # (1, d/2)
+        new_cache = []
+        for layer, block in enumerate(self.blocks):
+            x, kv = block(x, cos, sin, cache=cache[layer])
+            new_cache.append(kv)
+            x = self.hook_layers[layer](x, pos)  # (B, 1, d)
+        return self.unembed(self.ln_final(x))[:, 0], new_cache  # (B, V)
+
+
+_CLASSES: dict[str, type[TaskModel]] = {
+    "gru": GRUTaskModel, "lstm": LSTMTaskModel, "transformer": TransformerTaskModel}
+
+
+def build_task_model(arch: str, task_name: str, vocab_size: int, seed: int = 0, **overrides: Any) -> TaskModel:
+    """A freshly initialised task model (weights drawn from `seed`; the global RNG is left untouched).
+
+    overrides: architecture hyper-parameters (see ``DEFAULTS[arch]``), e.g. ``dropout=0.0``.
+    Unknown arch or override keys raise a ConfigError listing the valid choices.
+    """
+    if arch not in _CLASSES:
+        raise choice_error("arch", arch, ARCHS)
+    params = dict(DEFAULTS[arch])
+    unknown = sorted(set(overrides) - set(params))
+    if unknown:
+        raise ConfigError([f"unknown {arch} model option {key!r}; valid options: {', '.join(sorted(params))}"
+                           for key in unknown])
+    params.update(overrides)
+    problems = []
+    if int(vocab_size) < 3:
+        problems.append(f"vocab_size {vocab_size} must be at least 3 (PAD, BOS, EOS)")
+    for key in ("d_model", "n_layers", "head_width", "ff_width"):
+        if key in params and int(params[key]) < 1:
+            problems.append(f"{key} {params[key]} must be a positive integer")
+    if not 0.0 <= float(params["dropout"]) < 1.0:
+        problems.append(f"dropout {params['dropout']} must be in [0, 1)")
+    if problems:
+        raise ConfigError(problems)
+    config = {"arch": arch, "task_name": task_name, "vocab_size": int(vocab_size), "seed": int(seed), **params}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = _CLASSES[arch](task_name, int(vocab_size), config=config, **params)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters of `model`."""
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["ARCHS", "DEFAULTS", "GRUTaskModel", "LSTMTaskModel", "TaskModel", "TransformerTaskModel",
+           "build_task_model", "count_parameters"]
