@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "train-model": "models:train_model",
     "eval-model": "models:eval_model",
     "list-models": "models:list_models",
+    "mas": "mas:mas",
+    "demo": "mas:demo",
 }
 
 

@@ -1,0 +1,231 @@
+"""Run MAS on task models from a config: `run_mas(config)` and the `MASConfig` preset format.
+
+    llm-mas mas recipes/configs/gru_gru_hidden.yaml train.lr=2e-3 data.n_train=2000
+
+A run writes ``runs/<name>/``: the resolved ``config.yaml``, ``alignments.safetensors``, ``results.json``
+(one record per source, target, variable), ``history.csv`` and ``iia_matrix.png``; ``checkpoint.pt`` makes
+a killed run resumable (run the same command again).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .config import from_dict, save_config, to_dict
+from .errors import ConfigError
+from .trainer import TrainerConfig
+
+SITE_ALIASES = ("embeddings", "hidden")
+
+
+@dataclass
+class ModelConfig:
+    name: str                           # shipped model name (llm-mas list-models) or a checkpoint directory
+    site: str = "hidden"                # "embeddings", "hidden", "layer{l}" or a hook path like "hook_layers.0"
+    alignment: str = "orthogonal"       # orthogonal | low_rank | gram_schmidt | linear | identity
+    standardize: bool = False           # z-score latents (per feature) inside the alignment
+    variable_map: dict[str, str] = field(default_factory=dict)  # shared variable -> this model's variable
+
+
+@dataclass
+class DataConfig:
+    n_train: int = 10_000               # intervention pairs per direction and variable
+    n_valid: int = 1_000
+    stepwise: bool = False              # stepwise (positions 0..i) instead of indywise (one position)
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.n_train < 1:
+            p.append(f"data.n_train must be >= 1, got {self.n_train}")
+        if self.n_valid < 1:
+            p.append(f"data.n_valid must be >= 1, got {self.n_valid}")
+        return p
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 1000
+
+
+@dataclass
+class MASConfig:
+    models: list[ModelConfig]
+    name: str = "mas"
+    seed: int = 0
+    variables: list[str] = field(default_factory=lambda: ["full"])
+    k: int | None = None                # coordinates per variable (default: half the smallest width)
+    null_subspace: bool = False         # train the remaining coordinates to change nothing (s == t only)
+    directions: str | list[list[int]] = "all"   # all | cross | self | [[s, t], ...] (trained; all are evaluated)
+    intervention: Literal["interchange", "stitch"] = "interchange"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out_dir: str = "runs"
+    device: str = "cpu"
+    progress: bool = True
+    resume: bool = True
+
+    def validate(self) -> list[str]:
+        from .alignments import ALIGNMENTS
+
+        p = []
+        if not self.models:
+            p.append("models: list at least one model (shipped names: see `llm-mas list-models`)")
+        for i, m in enumerate(self.models):
+            if m.alignment not in ALIGNMENTS:
+                p.append(f"models.{i}.alignment: unknown kind {m.alignment!r}; valid: {', '.join(sorted(ALIGNMENTS))}")
+        if isinstance(self.directions, str):
+            if self.directions not in ("all", "cross", "self"):
+                p.append(f"directions: {self.directions!r} must be all, cross, self or a list of [source, target]")
+        else:
+            for d in self.directions:
+                if len(d) != 2 or not all(0 <= x < len(self.models) for x in d):
+                    p.append(f"directions: {d} must be [source, target] with indices in 0..{len(self.models) - 1}")
+        if self.k is not None and self.k < 1:
+            p.append(f"k must be >= 1, got {self.k}")
+        if not self.variables:
+            p.append("variables: list at least one variable (e.g. full, count, phase)")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            p.append(f"device {self.device!r} must be cpu or cuda[:i]")
+        return p
+
+    def train_directions(self) -> list[tuple[int, int]]:
+        n = len(self.models)
+        if self.directions == "all":
+            return [(s, t) for s in range(n) for t in range(n)]
+        if self.directions == "cross":
+            return [(s, t) for s in range(n) for t in range(n) if s != t]
+        if self.directions == "self":
+            return [(i, i) for i in range(n)]
+        return [tuple(d) for d in self.directions]
+
+
+def check_models(config: MASConfig) -> list:
+    """Resolve model names, tasks, sites and variables before loading any weights; all problems at once."""
+    from .models.registry import model_info
+    from .tasks import get_task
+
+    problems, infos = [], []
+    for i, m in enumerate(config.models):
+        try:
+            info = model_info(m.name)
+        except ConfigError as e:
+            problems.append(f"models.{i}.name: {e}")
+            infos.append(None)
+            continue
+        infos.append(info)
+        task = get_task(info["task"])
+        for v in config.variables:
+            own = m.variable_map.get(v, v)
+            if own not in ("full", "null", *task.variables):
+                problems.append(f"variables: {own!r} is not a variable of task {task.name!r} (models.{i}); valid: "
+                                f"full, {', '.join(task.variables)}")
+    if problems:
+        raise ConfigError(problems)
+    return infos
+
+
+def build_problem(config: MASConfig):
+    from .models.registry import load_task_model
+    from .numeric import ModelEntry, NumericProblem
+    from .sites import resolve_site
+    from .tasks import get_task
+
+    check_models(config)
+    entries = []
+    for m in config.models:
+        model = load_task_model(m.name).to(config.device)
+        site = resolve_site(model, m.site)
+        from .backends.torch_hooks import get_module
+
+        get_module(model, site)  # wrong path -> SiteError listing close names
+        entries.append(ModelEntry(name=Path(m.name).name, model=model, task=get_task(model.task_name), site=site,
+                                  width=model.d_model, variable_map=dict(m.variable_map)))
+    widths = [e.width for e in entries]
+    k = config.k if config.k is not None else min(widths) // 2
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):  # the same model twice (e.g. a model and itself): keep names distinct
+        for i, e in enumerate(entries):
+            e.name = f"{e.name}#{i}"
+    problem = NumericProblem(entries, config.variables, k, null_subspace=config.null_subspace,
+                             stepwise=config.data.stepwise, train_directions=config.train_directions(),
+                             n_train=config.data.n_train, n_valid=config.data.n_valid, seed=config.seed,
+                             intervention=config.intervention, eval_batch_size=config.eval.batch_size,
+                             device=config.device, progress=config.progress)
+    return problem
+
+
+def build_alignments(config: MASConfig, problem):
+    import torch
+
+    from .alignments import make_alignment
+
+    alignments = []
+    for i, (m, e) in enumerate(zip(config.models, problem.models)):
+        std = problem.latent_stats[i] if m.standardize else None
+        alignments.append(make_alignment(m.alignment, e.width, k=problem.k * len(problem.all_variables)
+                                         if m.alignment in ("low_rank", "gram_schmidt") else problem.k,
+                                         seed=config.seed * 101 + i, standardize=std))
+    return torch.nn.ModuleList(alignments).to(config.device)
+
+
+def run_mas(config: MASConfig, log=print):
+    """Train and evaluate; write the run directory; return a `MASResult`."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .results import MASResult
+    from .trainer import MASTrainer
+
+    torch.manual_seed(config.seed)
+    run_dir = Path(config.out_dir) / config.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml", header=f"llm-mas mas {run_dir / 'config.yaml'}")
+    t0 = time.perf_counter()
+    problem = build_problem(config)
+    log(f"[{config.name}] pairs built and latents cached in {time.perf_counter() - t0:.1f}s "
+        f"({len(problem.models)} models, k={problem.k}, variables {problem.all_variables}, "
+        f"{'stepwise' if problem.stepwise else 'indywise'})")
+    alignments = build_alignments(config, problem)
+    train_cfg = TrainerConfig(**{**to_dict(config.train), "seed": config.seed})
+    trainer = MASTrainer(alignments, problem, train_cfg, checkpoint_path=run_dir / "checkpoint.pt",
+                         progress=config.progress, log=log)
+    fit = trainer.fit(resume=config.resume)
+    with torch.no_grad():
+        records = problem.evaluate(trainer.materialize(), split="valid", with_ci=True)
+    for r in records:
+        r["best_step"] = fit.best_step
+    result = MASResult(models=[e.name for e in problem.models], variables=problem.all_variables, records=records,
+                       run_dir=run_dir, info={"stopped": fit.stopped, "best_step": fit.best_step, "steps": fit.steps})
+    result.save(run_dir)
+    save_file({f"model{i}.{k}": v.detach().cpu().contiguous() for i, a in enumerate(alignments)
+               for k, v in a.state_dict().items()}, str(run_dir / "alignments.safetensors"))
+    _write_history(fit.history, run_dir / "history.csv")
+    (run_dir / "summary.json").write_text(json.dumps(
+        {"stopped": fit.stopped, "best_step": fit.best_step, "steps": fit.steps,
+         "best_mean_valid_trial_iia": fit.best_score, "seconds": round(time.perf_counter() - t0, 1)}, indent=1))
+    result.plot(run_dir / "iia_matrix.png")
+    return result
+
+
+def _write_history(history: list[dict], path: Path) -> None:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+
+
+def load_mas_config(path: str | Path | None, overrides=(), base: dict | None = None) -> MASConfig:
+    from .config import load_config
+
+    return load_config(MASConfig, path, overrides, base=base)
+
+
+def config_from_kwargs(**kwargs) -> MASConfig:
+    return from_dict(MASConfig, kwargs)

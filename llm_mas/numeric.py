@@ -1,0 +1,317 @@
+"""The intervention problem for the numeric task models (GRU / LSTM / Transformer).
+
+Data path:  task → base sequences per model → `PairSet` per (source s, target t, variable v)
+→ source latents collected once at the source's site (frozen models, fixed data)
+→ target run patched at its site with  h' = A_t⁻¹((1−m)⊙A_t(h_t) + m⊙A_s(h_s))  → loss / IIA.
+
+Speed (the models are frozen and the data fixed, so work that never changes is done once):
+- source latents are cached per split;
+- indywise at the recurrent state of a 1-layer RNN, the target's prefix is never re-run: its natural
+  state just before the intervened token is cached, and the run starts at that token (one recurrent step
+  at the edit, fused GRU/LSTM kernels for the rest). This gives the same numbers as running the whole
+  counterfactual sequence (tested);
+- all sources of one target share one forward pass (rows concatenated, one Edit per chunk).
+
+Metrics: trial IIA = every scored token right in an autoregressive rollout of the intervened target
+(scored = task tokens after the intervention; other tokens given); token IIA = teacher-forced accuracy on
+the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backends.base import Edit
+from .backends.torch_hooks import TorchHookBackend
+from .errors import ConfigError
+from .interchange import intervene, stitch, variable_blocks
+from .sites import Site
+
+IGNORE = -100
+
+
+@dataclass
+class ModelEntry:
+    """A resolved model taking part in a MAS run."""
+
+    name: str
+    model: torch.nn.Module
+    task: object            # llm_mas.tasks.Task
+    site: Site
+    width: int
+    variable_map: dict[str, str]
+
+
+@dataclass
+class Chunk:
+    """Pre-built tensors of one (source, target, variable) dataset on one split."""
+
+    source: int
+    target: int
+    variable: str
+    block: slice
+    trained: bool
+    fast: bool                      # prefix-skipping path (RNN recurrent state, indywise)
+    input_ids: torch.Tensor         # (n, L) inputs of the target run
+    labels: torch.Tensor            # (n, L) next-token labels, IGNORE where not scored
+    free_mask: torch.Tensor         # (n, L) bool: rollout feeds the model's own prediction at these inputs
+    edit_mask: torch.Tensor         # (n, L) bool: latents replaced
+    source_latents: torch.Tensor    # fast/indywise: (n, d_s); stepwise: index tensors into the source cache
+    source_rows: torch.Tensor | None  # stepwise: (n,) row of the source base batch
+    state0: torch.Tensor | None     # fast path: (n, d_t) target state before the intervened token
+    quantity: np.ndarray            # (n,) target N (for breakdowns)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def _rnn_state_site(entry: ModelEntry) -> bool:
+    m = entry.model
+    return (getattr(m, "arch", None) in ("gru", "lstm") and getattr(m, "n_layers", 0) == 1
+            and entry.site.module == "hook_layers.0" and entry.site.io == "output")
+
+
+class NumericProblem:
+    """Pairs, caches, loss and evaluation for MAS over task models."""
+
+    def __init__(self, models: Sequence[ModelEntry], variables: Sequence[str], k: int, *,
+                 null_subspace: bool = False, stepwise: bool = False,
+                 train_directions: Sequence[tuple[int, int]] | None = None,
+                 n_train: int = 10_000, n_valid: int = 1_000, seed: int = 0,
+                 intervention: str = "interchange", eval_batch_size: int = 1000,
+                 fast_path: bool = True, device: str = "cpu", progress: bool = True):
+        if intervention not in ("interchange", "stitch"):
+            raise ConfigError(f"intervention {intervention!r} must be 'interchange' or 'stitch'")
+        self.models = list(models)
+        self.variables = list(variables)
+        self.k = k
+        self.stepwise = stepwise
+        self.intervention = intervention
+        self.device = torch.device(device)
+        self.eval_batch_size = eval_batch_size
+        self.fast_path = fast_path
+        self.backend = TorchHookBackend()
+        n = len(self.models)
+        self.directions = [(s, t) for s in range(n) for t in range(n)]
+        self.train_directions = set(map(tuple, train_directions)) if train_directions is not None else set(
+            self.directions)
+        bad = [d for d in self.train_directions if d not in self.directions]
+        if bad:
+            raise ConfigError(f"train directions {bad} name models outside 0..{n - 1}")
+        d_min = min(m.width for m in self.models)
+        all_vars = self.variables + (["null"] if null_subspace else [])
+        self.blocks = variable_blocks(self.variables, k, d_min, null=null_subspace)
+        self.all_variables = all_vars
+        self.n_train = n_train
+        self.n_valid = n_valid
+        self.seed = seed
+        self.progress = progress
+        self.splits = {"train": self._build_split("train", n_train, 0),
+                       "valid": self._build_split("valid", n_valid, 1)}
+
+    # ------------------------------------------------------------------ data
+    def _collect(self, entry: ModelEntry, ids: np.ndarray) -> torch.Tensor:
+        """Natural latents (N, L, d) at the entry's site, in chunks."""
+        out = []
+        with torch.no_grad():
+            for lo in range(0, len(ids), 2000):
+                x = torch.as_tensor(ids[lo:lo + 2000], device=self.device)
+                out.append(self.backend.collect(entry.model, {"input_ids": x}, [entry.site])[str(entry.site)])
+        return torch.cat(out)  # (N, L, d)
+
+    def _variable_spec(self, s: int, t: int, v: str):
+        if v in ("full", "null"):
+            return v
+        vt = self.models[t].variable_map.get(v, v)
+        vs = self.models[s].variable_map.get(v, v)
+        return vt if vt == vs else (vt, vs)
+
+    def _build_split(self, split: str, n: int, split_id: int) -> list[Chunk]:
+        from .tasks import make_pairs
+
+        rng = np.random.default_rng([self.seed, split_id])
+        bases = [m.task.sample(n, rng) for m in self.models]
+        caches = [self._collect(m, b.ids) for m, b in zip(self.models, bases)]
+        if split == "train":  # per-feature statistics for the optional standardisation wrapper
+            self.latent_stats = []
+            for cache, base in zip(caches, bases):
+                x = cache[torch.as_tensor(base.ids != 0, device=self.device)]   # (non-pad positions, d)
+                self.latent_stats.append((x.mean(0), x.std(0).clamp(min=1e-6)))
+        chunks = []
+        for s, t in self.directions:
+            for v in self.all_variables:
+                if v == "null" and s != t:
+                    continue
+                pairs = make_pairs(self.models[t].task, bases[t], self.models[s].task, bases[s],
+                                   self._variable_spec(s, t, v), n, rng, stepwise=self.stepwise)
+                chunks.append(self._make_chunk(s, t, v, pairs, bases[t], caches[s], caches[t]))
+        return chunks
+
+    def _make_chunk(self, s, t, v, pairs, target_base, source_cache, target_cache) -> Chunk:
+        dev = self.device
+        ids = torch.as_tensor(pairs.ids, device=dev)                     # (n, L)
+        scored = torch.as_tensor(pairs.scored_mask(), device=dev)        # (n, L)
+        pos_t = torch.as_tensor(pairs.target_pos, device=dev)
+        pos_s = torch.as_tensor(pairs.source_pos, device=dev)
+        src_rows = torch.as_tensor(pairs.source_index, device=dev)
+        tgt_rows = torch.as_tensor(pairs.target_index, device=dev)
+        n, L = ids.shape
+        trained = (s, t) in self.train_directions
+        quantity = self.models[t].task.quantities(target_base)[pairs.target_index]
+        fast = self.fast_path and not self.stepwise and _rnn_state_site(self.models[t])
+        if fast:
+            # Start the target run AT the intervened token p (left-aligned), from its natural state at p-1.
+            lengths = (ids != 0).sum(1)                                   # (n,)
+            width = int((lengths - pos_t).max())
+            col = torch.arange(width, device=dev)
+            absolute = (pos_t[:, None] + col[None, :]).clamp(max=L - 1)  # (n, W)
+            valid = (pos_t[:, None] + col[None, :]) < lengths[:, None]
+            inputs = torch.where(valid, ids.gather(1, absolute), torch.zeros_like(absolute))
+            nxt = (absolute + 1).clamp(max=L - 1)
+            label_ok = valid & ((pos_t[:, None] + col[None, :] + 1) < L) & scored.gather(1, nxt)
+            labels = torch.where(label_ok, ids.gather(1, nxt), torch.full_like(nxt, IGNORE))
+            free = valid & scored.gather(1, absolute)
+            edit_mask = torch.zeros(n, width, dtype=torch.bool, device=dev)
+            edit_mask[:, 0] = True
+            prev = (pos_t - 1).clamp(min=0)
+            state0 = target_cache[tgt_rows, prev]                         # (n, d_t)
+            state0 = torch.where((pos_t > 0)[:, None], state0, torch.zeros_like(state0))
+            src = source_cache[src_rows, pos_s]                           # (n, d_s)
+            return Chunk(s, t, v, self.blocks[v], trained, True, inputs, labels, free, edit_mask, src, None,
+                         state0, quantity)
+        labels = torch.full_like(ids, IGNORE)
+        labels[:, :-1] = torch.where(scored[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE))
+        col = torch.arange(L, device=dev)
+        if self.stepwise:
+            edit_mask = col[None, :] <= pos_t[:, None]
+            return Chunk(s, t, v, self.blocks[v], trained, False, ids, labels, scored, edit_mask,
+                         source_cache, src_rows, None, quantity)
+        edit_mask = col[None, :] == pos_t[:, None]
+        src = source_cache[src_rows, pos_s]
+        return Chunk(s, t, v, self.blocks[v], trained, False, ids, labels, scored, edit_mask, src, None, None,
+                     quantity)
+
+    # ------------------------------------------------------------------ one patched run per target
+    def _edit_fn(self, chunk: Chunk, rows: torch.Tensor, maps, row_offset: int, mask: torch.Tensor):
+        """Edit for the rows of `chunk` placed at `row_offset` of a concatenated batch."""
+        target_map, source_map = maps[chunk.target], maps[chunk.source]
+        if chunk.source_rows is not None:  # stepwise: source latent at the same position, per entry
+            r, c = mask.nonzero(as_tuple=True)
+            src = chunk.source_latents[chunk.source_rows[rows][r - row_offset], c]   # (entries, d_s)
+        else:
+            src = chunk.source_latents[rows]                                        # (rows, d_s)
+        block = chunk.block
+        if self.intervention == "stitch":
+            return lambda h, which: stitch(target_map, source_map, src[which], block)
+        return lambda h, which: intervene(target_map, source_map, h, src[which], block)
+
+    def _run(self, maps, chunks: Sequence[Chunk], rows: Sequence[torch.Tensor], rollout: bool):
+        """Run the target of `chunks` once on the concatenated rows; returns logits (R, W, V), labels, free."""
+        model = self.models[chunks[0].target].model
+        width = max(int(c.input_ids.shape[1]) for c in chunks)
+
+        def pad(x, value):
+            return F.pad(x, (0, width - x.shape[1]), value=value)
+
+        inputs = torch.cat([pad(c.input_ids[r], 0) for c, r in zip(chunks, rows)])          # (R, W)
+        labels = torch.cat([pad(c.labels[r], IGNORE) for c, r in zip(chunks, rows)])
+        free = torch.cat([pad(c.free_mask[r], False) for c, r in zip(chunks, rows)])
+        masks = [pad(c.edit_mask[r], False) for c, r in zip(chunks, rows)]
+        R = inputs.shape[0]
+        edits, offset = [], 0
+        for c, r, m in zip(chunks, rows, masks):
+            full = torch.zeros(R, width, dtype=torch.bool, device=inputs.device)
+            full[offset:offset + len(r)] = m
+            edits.append(Edit(site=self.models[c.target].site, mask=full,
+                              fn=self._edit_fn(c, r, maps, offset, full)))
+            offset += len(r)
+        state0 = None
+        if chunks[0].fast:
+            state0 = torch.cat([c.state0[r] for c, r in zip(chunks, rows)])
+        with self.backend.edits_installed(model, edits):
+            if rollout:
+                _, logits = model.rollout(inputs, free, state=state0)
+            else:
+                logits = model(inputs, state=state0) if state0 is not None else model(inputs)
+        return logits, labels
+
+    def _groups(self, chunks: Sequence[Chunk]) -> dict[tuple[int, bool], list[Chunk]]:
+        groups: dict[tuple[int, bool], list[Chunk]] = {}
+        for c in chunks:
+            groups.setdefault((c.target, c.fast), []).append(c)
+        return groups
+
+    # ------------------------------------------------------------------ trainer interface
+    def loss(self, maps, batch_index: torch.Tensor):
+        chunks = [c for c in self.splits["train"] if c.trained]
+        if not chunks:
+            raise ConfigError("no trained directions: set directions to include at least one (source, target)")
+        rows = batch_index.to(self.device)
+        total = 0.0
+        for group in self._groups(chunks).values():
+            logits, labels = self._run(maps, group, [rows] * len(group), rollout=False)
+            ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                 reduction="none").view(labels.shape)          # (R, W)
+            scored = (labels != IGNORE).float()
+            n_rows = len(rows)
+            for i in range(len(group)):
+                seg = slice(i * n_rows, (i + 1) * n_rows)
+                total = total + ce[seg].sum() / scored[seg].sum().clamp(min=1)
+        return total / len(chunks), {}
+
+    def evaluate(self, maps, split: str = "valid", with_ci: bool = False) -> list[dict]:
+        chunks = self.splits[split]
+        out = {}
+        for group in self._groups(chunks).values():
+            per_chunk = {id(c): {"trial": [], "tok_ok": [], "tok_n": [], "loss": 0.0} for c in group}
+            n = len(group[0])
+            for lo in range(0, n, self.eval_batch_size):
+                rows = torch.arange(lo, min(n, lo + self.eval_batch_size), device=self.device)
+                with torch.no_grad():
+                    tf_logits, labels = self._run(maps, group, [rows] * len(group), rollout=False)
+                    ro_logits, _ = self._run(maps, group, [rows] * len(group), rollout=True)
+                scored = labels != IGNORE
+                tf_ok = (tf_logits.argmax(-1) == labels) & scored
+                ro_ok = (ro_logits.argmax(-1) == labels) | ~scored
+                for i, c in enumerate(group):
+                    seg = slice(i * len(rows), (i + 1) * len(rows))
+                    acc = per_chunk[id(c)]
+                    acc["trial"].append(ro_ok[seg].all(1).cpu())
+                    acc["tok_ok"].append(tf_ok[seg].sum(1).cpu())
+                    acc["tok_n"].append(scored[seg].sum(1).cpu())
+                    acc["loss"] += float(F.cross_entropy(tf_logits[seg].flatten(0, 1), labels[seg].flatten(),
+                                                         ignore_index=IGNORE, reduction="sum"))
+            for c in group:
+                acc = per_chunk[id(c)]
+                trial = torch.cat(acc["trial"]).numpy().astype(float)
+                tok_ok = torch.cat(acc["tok_ok"]).numpy()
+                tok_n = torch.cat(acc["tok_n"]).numpy()
+                rec = {"source": self.models[c.source].name, "target": self.models[c.target].name,
+                       "source_index": c.source, "target_index": c.target, "variable": c.variable,
+                       "trained": c.trained, "trial_iia": float(trial.mean()),
+                       "token_iia": float(tok_ok.sum() / max(tok_n.sum(), 1)),
+                       "loss": acc["loss"] / max(tok_n.sum(), 1), "n_pairs": int(len(trial))}
+                if with_ci:
+                    from .stats import bootstrap_ci
+
+                    rec["trial_iia_ci"] = list(bootstrap_ci(trial, seed=self.seed))
+                    rec["token_iia_ci"] = list(_ratio_ci(tok_ok, tok_n, self.seed))
+                    rec["trial_iia_by_quantity"] = {
+                        int(q): float(trial[c.quantity == q].mean()) for q in np.unique(c.quantity)}
+                out[(c.source, c.target, c.variable)] = rec
+        order = [(c.source, c.target, c.variable) for c in chunks]
+        return [out[k] for k in order]
+
+
+def _ratio_ci(ok: np.ndarray, n: np.ndarray, seed: int, n_boot: int = 2000, level: float = 0.95):
+    """Bootstrap CI (over pairs) of a micro-averaged token accuracy sum(ok)/sum(n)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(ok), size=(n_boot, len(ok)))
+    ratios = ok[idx].sum(1) / np.maximum(n[idx].sum(1), 1)
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)

@@ -1,0 +1,245 @@
+"""`MASTrainer`: optimises one alignment per model over chosen directions.
+
+It is handed an *intervention problem* (data, loss, evaluation — numeric tasks or LLMs) and knows nothing
+of YAML, tasks or toxicity. Per step the alignment parametrizations are evaluated once
+(``Alignment.materialize``) and handed to the problem. Models are frozen; only alignment parameters reach
+the optimiser. Validation every ``eval_every`` steps keeps the best checkpoint (by mean validation trial
+IIA over trained directions), stops early, and writes a resumable checkpoint: a killed run resumed from
+its checkpoint ends exactly where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+
+class InterventionProblem(Protocol):
+    """What the trainer needs from a problem (numeric tasks: `llm_mas.numeric.NumericProblem`)."""
+
+    n_train: int
+
+    def loss(self, maps: Sequence[Any], batch_index: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean loss over trained (source, target, variable) chunks for these training rows."""
+
+    def evaluate(self, maps: Sequence[Any], split: str = "valid", with_ci: bool = False) -> list[dict]:
+        """One record per (source, target, variable): trial_iia, token_iia, loss, trained, n_pairs, ..."""
+
+
+@dataclass
+class TrainerConfig:
+    lr: float = 1e-3
+    batch_size: int = 512
+    max_epochs: int = 1000
+    max_steps: int | None = None      # overrides max_epochs when set
+    eval_every: int | None = None     # steps between validations (default: once per epoch)
+    patience: int = 10                # validations without improvement before stopping
+    min_delta: float = 1e-4           # improvement of the mean validation trial IIA that counts
+    target_iia: float = 0.995         # stop once every trained direction reaches this validation trial IIA
+    grad_accum: int = 1               # micro-batches per optimiser step
+    seed: int = 0
+
+    def validate(self) -> list[str]:
+        p = []
+        if not self.lr > 0:
+            p.append(f"train.lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            p.append(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if self.max_epochs < 1:
+            p.append(f"train.max_epochs must be >= 1, got {self.max_epochs}")
+        if self.max_steps is not None and self.max_steps < 0:
+            p.append(f"train.max_steps must be >= 0, got {self.max_steps}")
+        if self.eval_every is not None and self.eval_every < 1:
+            p.append(f"train.eval_every must be >= 1, got {self.eval_every}")
+        if self.grad_accum < 1:
+            p.append(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        if not 0 < self.target_iia <= 1.0 + 1e-9:
+            p.append(f"train.target_iia must be in (0, 1], got {self.target_iia}")
+        return p
+
+
+@dataclass
+class FitResult:
+    best_step: int
+    best_score: float
+    steps: int
+    stopped: str
+    history: list[dict] = field(default_factory=list)
+    best_records: list[dict] = field(default_factory=list)
+
+
+def _score(records: list[dict]) -> float:
+    trained = [r["trial_iia"] for r in records if r.get("trained", True)]
+    return float(sum(trained) / len(trained)) if trained else 0.0
+
+
+class MASTrainer:
+    def __init__(self, alignments: nn.ModuleList, problem: InterventionProblem, config: TrainerConfig,
+                 checkpoint_path: str | Path | None = None, progress: bool = True,
+                 log: Callable[[str], None] | None = None, sync_gradients: Callable[[nn.Module], None] | None = None):
+        self.alignments = alignments
+        self.problem = problem
+        self.config = config
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.progress = progress
+        self.log = log or (lambda s: None)
+        self.sync_gradients = sync_gradients  # e.g. all-reduce under data parallelism
+        params = [p for p in alignments.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=config.lr) if params else None
+        n = problem.n_train
+        if n < 1:
+            raise ConfigError("the training split is empty: set data.n_train >= 1")
+        self.batches_per_epoch = max(1, math.ceil(n / config.batch_size))
+        self.total_steps = config.max_steps if config.max_steps is not None else (
+            config.max_epochs * self.batches_per_epoch)
+        self.eval_every = config.eval_every or self.batches_per_epoch
+        # mutable state (checkpointed)
+        self.step = 0
+        self.best_score = -1.0
+        self.best_step = 0
+        self.best_state: dict | None = None
+        self.best_records: list[dict] = []
+        self.evals_since_best = 0
+        self.history: list[dict] = []
+        self._loss_sum = 0.0
+        self._loss_n = 0
+
+    # ------------------------------------------------------------ data order
+    def _batch(self, step: int) -> torch.Tensor:
+        """Rows of training step `step`: a permutation per epoch seeded by (seed, epoch) => resumable."""
+        epoch, pos = divmod(step, self.batches_per_epoch)
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.problem.n_train, generator=g)
+        bs = self.config.batch_size
+        return perm[pos * bs:(pos + 1) * bs]
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {"alignments": self.alignments.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "step": self.step, "best_score": self.best_score, "best_step": self.best_step,
+                "best_state": self.best_state, "best_records": self.best_records,
+                "evals_since_best": self.evals_since_best, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.alignments.load_state_dict(state["alignments"])
+        if self.optimizer and state["optimizer"]:
+            self.optimizer.load_state_dict(state["optimizer"])
+        for key in ("step", "best_score", "best_step", "best_state", "best_records", "evals_since_best", "history"):
+            setattr(self, key, state[key])
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_path is None:
+            return
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(self.checkpoint_path)  # atomic: a kill never leaves a half-written checkpoint
+
+    def try_resume(self) -> bool:
+        if self.checkpoint_path is None or not self.checkpoint_path.exists():
+            return False
+        self.load_state_dict(torch.load(self.checkpoint_path, weights_only=False))
+        self.log(f"resumed from {self.checkpoint_path} at step {self.step}")
+        return True
+
+    # ------------------------------------------------------------ loop
+    def materialize(self) -> list[Any]:
+        return [a.materialize() for a in self.alignments]
+
+    def evaluate(self) -> list[dict]:
+        with torch.no_grad():
+            return self.problem.evaluate(self.materialize(), split="valid")
+
+    def _after_eval(self, records: list[dict], elapsed: float) -> str | None:
+        score = _score(records)
+        row = {"step": self.step, "epoch": self.step / self.batches_per_epoch,
+               "train_loss": self._loss_sum / max(self._loss_n, 1), "valid_score": score, "seconds": elapsed}
+        for r in records:
+            key = f"{r['source']}->{r['target']}:{r['variable']}"
+            row[f"{key}:trial_iia"] = r["trial_iia"]
+            row[f"{key}:token_iia"] = r["token_iia"]
+        self.history.append(row)
+        self._loss_sum, self._loss_n = 0.0, 0
+        if score > self.best_score + self.config.min_delta or self.best_state is None:
+            self.best_score, self.best_step = score, self.step
+            self.best_state = copy.deepcopy(self.alignments.state_dict())
+            self.best_records = records
+            self.evals_since_best = 0
+        else:
+            self.evals_since_best += 1
+        trained = [r["trial_iia"] for r in records if r.get("trained", True)]
+        if trained and min(trained) >= self.config.target_iia:
+            return f"every trained direction reached validation trial IIA >= {self.config.target_iia}"
+        if self.evals_since_best >= self.config.patience:
+            return f"no improvement in {self.config.patience} validations"
+        return None
+
+    def fit(self, resume: bool = True, stop_after: int | None = None) -> FitResult:
+        """Train until a stop rule fires. `stop_after` aborts after that many steps (simulates a kill in tests)."""
+        from tqdm.auto import tqdm
+
+        if resume:
+            self.try_resume()
+        t0 = time.perf_counter()
+        stopped = None
+        if self.step == 0 and self.best_state is None:
+            stopped = self._after_eval(self.evaluate(), 0.0)  # step-0 baseline (identity of random init)
+            self.save_checkpoint()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="MAS", leave=False,
+                   dynamic_ncols=True)
+        steps_this_call = 0
+        try:
+            while stopped is None and self.step < self.total_steps:
+                if stop_after is not None and steps_this_call >= stop_after:
+                    raise KeyboardInterrupt("stop_after reached")
+                rows = self._batch(self.step)
+                if self.optimizer is not None:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    total = 0.0
+                    for micro in rows.chunk(self.config.grad_accum):
+                        loss, _ = self.problem.loss(self.materialize(), micro)
+                        (loss / self.config.grad_accum).backward()
+                        total += float(loss) / self.config.grad_accum
+                    if self.sync_gradients is not None:
+                        self.sync_gradients(self.alignments)
+                    self.optimizer.step()
+                else:
+                    with torch.no_grad():
+                        total = float(self.problem.loss(self.materialize(), rows)[0])
+                self._loss_sum += total
+                self._loss_n += 1
+                self.step += 1
+                steps_this_call += 1
+                bar.update(1)
+                if self.step % self.eval_every == 0 or self.step == self.total_steps:
+                    records = self.evaluate()
+                    stopped = self._after_eval(records, time.perf_counter() - t0)
+                    self.save_checkpoint()
+                    bar.set_postfix_str(_postfix(total, records))
+            if stopped is None:
+                stopped = f"step budget reached ({self.total_steps} steps)"
+        finally:
+            bar.close()
+        if self.best_state is not None:
+            self.alignments.load_state_dict(self.best_state)
+        self.log(f"stopped at step {self.step}: {stopped}; best step {self.best_step} "
+                 f"(mean valid trial IIA {self.best_score:.4f})")
+        return FitResult(best_step=self.best_step, best_score=self.best_score, steps=self.step, stopped=stopped,
+                         history=self.history, best_records=self.best_records)
+
+
+def _postfix(loss: float, records: list[dict]) -> str:
+    parts = [f"loss {loss:.3f}"]
+    for r in records[:9]:
+        parts.append(f"{r['source']}>{r['target']}:{r['variable'][:5]} {r['trial_iia']:.2f}")
+    return " ".join(parts)
