@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrizations, parametrize
 
 from llm_mas.errors import ConfigError, choice_error
 
@@ -245,17 +245,44 @@ def _check_orthogonal_map(orthogonal_map: str | None) -> None:
         raise choice_error("orthogonal_map", orthogonal_map, ORTHOGONAL_MAPS)
 
 
+class _HouseholderColumns(nn.Module):
+    """Orthogonal parametrisation X (rows, columns) -> base @ H(X) with H a product of Householder
+    reflectors built from X's strictly lower triangle; H(0) = the first `columns` columns of I.
+
+    torch's own Householder map keeps column signs in X's diagonal read through `.int()`, so any change
+    of that diagonal (weight decay, a perturbation) silently zeroes columns; here the diagonal is unused.
+    """
+
+    def __init__(self, base: Tensor):
+        super().__init__()
+        self.register_buffer("base", base.detach().clone())  # (rows, rows) orthogonal
+
+    def forward(self, x: Tensor) -> Tensor:  # (rows, columns) -> (rows, columns)
+        reflectors = x.tril(-1)
+        tau = 2.0 / (1.0 + (reflectors * reflectors).sum(dim=-2))
+        return self.base @ -torch.linalg.householder_product(reflectors, tau)
+
+
 def _orthogonal_linear(full: Tensor, columns: int, orthogonal_map: str | None) -> nn.Linear:
     """A bias-free Linear whose weight (rows, columns) is orthogonally parametrised to full[:, :columns].
 
-    `full` is a (rows, rows) orthogonal matrix; it becomes the trivialisation base, so the whole
-    initial state is determined by it (torch would otherwise complete a tall matrix from the global RNG).
+    `full` is a (rows, rows) orthogonal matrix and becomes the trivialisation base, so the whole initial
+    state is determined by it (torch would complete a tall matrix from the global RNG). Default map:
+    torch's matrix exponential for square weights, `_HouseholderColumns` for tall ones.
     """
     rows = full.shape[0]
+    if orthogonal_map is None:
+        orthogonal_map = "matrix_exp" if columns == rows else "householder"
     with torch.random.fork_rng(devices=[]):  # keep the caller's global RNG stream untouched
         linear = nn.Linear(columns, rows, bias=False, dtype=full.dtype)  # weight: (rows, columns)
+    if orthogonal_map == "householder":
         with torch.no_grad():
-            linear.weight.copy_(full[:, :columns])
+            linear.weight.zero_()  # H(0) @ base = full[:, :columns]
+        parametrize.register_parametrization(linear, "weight", _HouseholderColumns(full), unsafe=True)
+        return linear
+    with torch.no_grad():
+        linear.weight.copy_(full[:, :columns])
+    with torch.random.fork_rng(devices=[]):
         parametrizations.orthogonal(linear, "weight", orthogonal_map=orthogonal_map)
     with torch.no_grad():
         linear.parametrizations.weight[0].base.copy_(full)
