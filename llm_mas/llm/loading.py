@@ -1,0 +1,230 @@
+"""Load a Hugging Face causal LM (hub id or local directory), frozen, with llm_mas site aliases.
+
+    from llm_mas.llm import load_causal_lm
+    model, tokenizer = load_causal_lm("path/to/model_dir", dtype="bfloat16", device="cuda")
+    model.site_aliases()  # {"embeddings": "model.embed_tokens", "layer0": "model.layers.0", ...}
+
+No network is needed for a local directory (``huggingface-cli download`` on a connected machine, or
+``llm_mas.llm.tiny.build_tiny_qwen2`` for tests). A hub id that is not a local directory and cannot be
+fetched (``HF_HUB_OFFLINE=1`` or no connection) raises ``HubUnavailableError``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, HubUnavailableError, choice_error
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+DEVICE_CHOICES = ("cpu", "cuda", "cuda:N", "auto")
+
+
+class SiteAliases:
+    """Callable ``model.site_aliases()``: alias -> module path (a copy each call, picklable)."""
+
+    def __init__(self, aliases: dict[str, str]):
+        self.aliases = dict(aliases)
+
+    def __call__(self) -> dict[str, str]:
+        return dict(self.aliases)
+
+    def __repr__(self) -> str:
+        return f"SiteAliases({self.aliases})"
+
+
+def _module_name(model, target) -> str | None:
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    return None
+
+
+def decoder_layers_path(model) -> str | None:
+    """Dotted path of the ModuleList holding the decoder blocks (``model.layers``, ``transformer.h``, ...)."""
+    from torch import nn
+
+    config = getattr(model, "config", None)
+    n_layers = None
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        if config is not None and isinstance(getattr(config, key, None), int):
+            n_layers = getattr(config, key)
+            break
+    candidates = [(name, m) for name, m in model.named_modules()
+                  if isinstance(m, nn.ModuleList) and len(m) > 0 and (n_layers is None or len(m) == n_layers)]
+    if not candidates:
+        return None
+    preferred = [name for name, _ in candidates if re.search(r"(^|\.)(layers|h|blocks|layer)$", name)]
+    return preferred[0] if preferred else candidates[0][0]
+
+
+def llm_site_aliases(model) -> dict[str, str]:
+    """Aliases for a HF causal LM: ``embeddings`` -> input embedding module, ``layer{l}`` -> decoder block l.
+
+    The embedding module is found through ``get_input_embeddings()`` (``model.embed_tokens`` for Qwen2/Llama,
+    ``transformer.wte`` for GPT-2, ``gpt_neox.embed_in`` for Pythia), also under a PEFT wrapper.
+    """
+    aliases: dict[str, str] = {}
+    get_emb = getattr(model, "get_input_embeddings", None)
+    if callable(get_emb):
+        emb = get_emb()
+        name = _module_name(model, emb) if emb is not None else None
+        if name:
+            aliases["embeddings"] = name
+    layers = decoder_layers_path(model)
+    if layers is not None:
+        for i in range(len(model.get_submodule(layers))):
+            aliases[f"layer{i}"] = f"{layers}.{i}"
+    return aliases
+
+
+def attach_site_aliases(model, aliases: dict[str, str] | None = None):
+    """Give ``model`` a ``site_aliases()`` method (default: ``llm_site_aliases(model)``); returns the model."""
+    # object.__setattr__: a plain attribute, never a submodule or parameter.
+    object.__setattr__(model, "site_aliases", SiteAliases(aliases if aliases is not None else llm_site_aliases(model)))
+    return model
+
+
+def parse_dtype(dtype: str):
+    """``"float32" | "bfloat16" | "float16" | "auto"`` -> torch dtype (or the string ``"auto"``)."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise choice_error("dtype", dtype, DTYPES)
+    return "auto" if dtype == "auto" else getattr(torch, dtype)
+
+
+def parse_device(device: str) -> str:
+    """``"cpu" | "cuda" | "cuda:N" | "auto"`` -> a concrete torch device string; checks CUDA is there."""
+    import torch
+
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda|cuda:\d+|auto", device):
+        raise ConfigError(f"unknown device {device!r}; valid choices: {', '.join(DEVICE_CHOICES)}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available here; use device='cpu'")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) "
+                              f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
+def _looks_like_path(name: str) -> bool:
+    return (name.startswith(("/", "./", "../", "~")) or name.endswith(("/", os.sep))
+            or name.count("/") > 1 or os.sep in name.replace("/", "") or name in (".", ".."))
+
+
+def _hub_offline() -> bool:
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return flag in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_error(name: str, what: str, cause: BaseException) -> HubUnavailableError:
+    reason = "HF_HUB_OFFLINE is set" if _hub_offline() else "the hub cannot be reached"
+    return HubUnavailableError(
+        f"{what} {name!r} is not a local directory and {reason} (and it is not in the local HF cache): {cause}. "
+        "Pass a local directory instead: download it on a connected machine with "
+        f"`huggingface-cli download {name} --local-dir DIR` and copy DIR here, or build a test model offline "
+        "with `llm_mas.llm.tiny.build_tiny_qwen2(DIR)`.")
+
+
+def resolve_model_location(id_or_path: str | os.PathLike, what: str = "model") -> tuple[str, bool]:
+    """(location, is_local): a local directory, or a hub id; a path-like name that does not exist is an error."""
+    name = os.fspath(id_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path), True
+    if path.exists():
+        raise ConfigError(f"{what} {name!r} is a file; pass the directory that holds config.json and the weights")
+    if _looks_like_path(name) or isinstance(id_or_path, Path):
+        raise ConfigError(f"{what} directory {name!r} does not exist; check the path "
+                          "(or pass a hub id such as 'Qwen/Qwen2-0.5B' on a connected machine)")
+    return name, False
+
+
+def _load_or_hub_error(load, name: str, is_local: bool, what: str):
+    """Call ``load()``; turn a failed hub access into HubUnavailableError (never retried silently)."""
+    if is_local:
+        return load()
+    try:
+        return load()
+    except OSError as e:
+        text = str(e)
+        if _hub_offline() or "connect" in text or "offline" in text.lower() or "Name or service" in text:
+            raise _hub_error(name, what, e) from None
+        raise ConfigError(f"{what} {name!r} is neither a local directory nor a loadable hub repository: {text}") \
+            from None
+
+
+def freeze(model):
+    """Eval mode and ``requires_grad=False`` on every parameter (MAS trains only the alignments)."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_causal_lm(id_or_path: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu",
+                   adapter: str | os.PathLike | None = None, merge_adapter: bool = False,
+                   attn_implementation: str | None = None) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer, frozen, in eval mode, with ``model.site_aliases()``.
+
+    id_or_path:    local directory (preferred; works offline) or hub id.
+    dtype:         float32 | bfloat16 | float16 | auto (the checkpoint's own dtype).
+    device:        cpu | cuda | cuda:N | auto (cuda when available).
+    adapter:       optional PEFT adapter directory put on top; ``merge_adapter=True`` folds it into the
+                   weights (a plain HF model comes back), otherwise a ``PeftModel`` comes back.
+    Returns (model, tokenizer). A tokenizer without a pad token gets ``pad_token = eos_token``.
+    Raises HubUnavailableError (hub id, no hub), ConfigError (bad dtype / device / path).
+    """
+    torch_dtype = parse_dtype(dtype)
+    torch_device = parse_device(device)
+    location, is_local = resolve_model_location(id_or_path)
+    if is_local and not (Path(location) / "config.json").exists():
+        raise ConfigError(f"model directory {location!r} has no config.json; pass a directory written by "
+                          "save_pretrained / huggingface-cli download")
+    if merge_adapter and adapter is None:
+        raise ConfigError("merge_adapter=True needs adapter=DIR (the PEFT adapter to merge)")
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = _load_or_hub_error(lambda: AutoConfig.from_pretrained(location), location, is_local, "model")
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = _load_or_hub_error(lambda: AutoModelForCausalLM.from_pretrained(location, config=config, **kwargs),
+                               location, is_local, "model")
+    tokenizer = _load_or_hub_error(lambda: AutoTokenizer.from_pretrained(location), location, is_local,
+                                   "tokenizer")
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(torch_device)
+
+    if adapter is not None:
+        model = load_adapter(model, adapter, merge=merge_adapter)
+    freeze(model)
+    attach_site_aliases(model)
+    # Where the weights came from (written into recordings and results).
+    object.__setattr__(model, "llm_mas_source", {
+        "model": str(id_or_path), "adapter": None if adapter is None else str(adapter),
+        "merged": bool(merge_adapter), "dtype": dtype})
+    return model, tokenizer
+
+
+def load_adapter(model, adapter: str | os.PathLike, *, merge: bool = False):
+    """Put a PEFT adapter (directory or hub id) on ``model``; ``merge=True`` folds it into the weights."""
+    location, is_local = resolve_model_location(adapter, what="adapter")
+    if is_local and not (Path(location) / "adapter_config.json").exists():
+        raise ConfigError(f"adapter directory {location!r} has no adapter_config.json; pass a directory written "
+                          "by PeftModel.save_pretrained")
+    from peft import PeftModel
+
+    wrapped = _load_or_hub_error(lambda: PeftModel.from_pretrained(model, location), location, is_local, "adapter")
+    if merge:
+        return wrapped.merge_and_unload()
+    return wrapped
