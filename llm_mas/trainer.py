@@ -209,7 +209,7 @@ class MASTrainer:
                     for micro in rows.chunk(self.config.grad_accum):
                         loss, _ = self.problem.loss(self.materialize(), micro)
                         (loss / self.config.grad_accum).backward()
-                        total += float(loss) / self.config.grad_accum
+                        total += float(loss.detach()) / self.config.grad_accum
                     if self.sync_gradients is not None:
                         self.sync_gradients(self.alignments)
                     self.optimizer.step()

@@ -1,0 +1,156 @@
+"""Golden tests of the MAS core on small random task models (no shipped checkpoints needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llm_mas.alignments import make_alignment
+from llm_mas.backends import Edit, TorchHookBackend
+from llm_mas.interchange import intervene
+from llm_mas.models.task_models import build_task_model
+from llm_mas.numeric import ModelEntry, NumericProblem
+from llm_mas.sites import Site
+from llm_mas.tasks import get_task
+from llm_mas.trainer import MASTrainer, TrainerConfig
+
+TASK = get_task("multiobject")
+
+
+def _model(arch: str, seed: int):
+    m = build_task_model(arch, "multiobject", len(TASK.vocab), seed=seed).eval()
+    m.requires_grad_(False)
+    return m
+
+
+def _entry(arch: str, seed: int, site: str = "hidden") -> ModelEntry:
+    from llm_mas.sites import resolve_site
+
+    m = _model(arch, seed)
+    return ModelEntry(name=f"{arch}{seed}", model=m, task=TASK, site=resolve_site(m, site), width=m.d_model,
+                      variable_map={})
+
+
+def _identity_maps(n: int, d: int = 128):
+    return [make_alignment("identity", d).materialize() for _ in range(n)]
+
+
+@pytest.mark.parametrize("arch,site,stepwise", [
+    ("gru", "hook_layers.0", False), ("lstm", "hook_layers.0", False),      # the state carries everything
+    ("gru", "hook_embed", True), ("lstm", "hook_embed", True),
+    # Transformer: only at the embeddings does a stepwise swap replace everything later positions attend to
+    # (at a layer-l site, positions > p still read the target's own lower-layer keys and values).
+    ("transformer", "hook_embed", True)])
+def test_identity_full_swap_equals_running_the_source(arch, site, stepwise):
+    """Splice source and target so they agree after p: a full identity swap at p (stepwise: at 0..p) must
+    make the target's outputs from p on exactly the source's."""
+    model = _model(arch, 0)
+    rng = np.random.default_rng(0)
+    src = torch.as_tensor(TASK.sample(6, rng, quantities=[15]).ids)
+    tgt = torch.as_tensor(TASK.sample(6, rng, quantities=[15]).ids)
+    p = 8  # a demo position in every row (N = 15)
+    tgt[:, p + 1:] = src[:, p + 1:]
+    backend = TorchHookBackend()
+    site = Site.parse(site)
+    h_src = backend.collect(model, {"input_ids": src}, [site])[str(site)]  # (B, T, d)
+    maps = _identity_maps(2)
+    mask = torch.zeros_like(tgt, dtype=torch.bool)
+    if stepwise:
+        mask[:, : p + 1] = True
+    else:
+        mask[:, p] = True
+    source_entries = h_src[mask]  # (entries, d) in the row-major order the edit's `which` indexes
+    edit = Edit(site, mask, lambda h, which: intervene(maps[1], maps[0], h, source_entries[which], slice(0, 128)))
+    patched = backend.patch(model, {"input_ids": tgt}, [edit])
+    expected = model(src)
+    torch.testing.assert_close(patched[:, p:], expected[:, p:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(tgt)[:, p:], expected[:, p:], atol=1e-3)  # the swap did something
+
+
+@pytest.mark.parametrize("arch", ["gru", "transformer"])
+def test_empty_subspace_equals_base_run(arch):
+    model = _model(arch, 1)
+    ids = torch.as_tensor(TASK.sample(5, np.random.default_rng(1)).ids)
+    other = torch.randn(5, 128)
+    maps = [make_alignment("orthogonal", 128, seed=s).materialize() for s in (0, 1)]
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, 3] = True
+    edit = Edit(Site.parse("hook_layers.0"), mask,
+                lambda h, which: intervene(maps[0], maps[1], h, other[which], slice(0, 0)))
+    out = TorchHookBackend().patch(model, {"input_ids": ids}, [edit])
+    torch.testing.assert_close(out, model(ids), atol=1e-5, rtol=1e-5)
+
+
+def _problem(archs=("gru", "gru"), fast_path=True, stepwise=False, site="hidden", n_train=64, n_valid=48,
+             variables=("full",), k=16, **kw):
+    entries = [_entry(a, i, site) for i, a in enumerate(archs)]
+    return NumericProblem(entries, list(variables), k, stepwise=stepwise, n_train=n_train, n_valid=n_valid,
+                          seed=3, fast_path=fast_path, eval_batch_size=32, progress=False, **kw)
+
+
+@pytest.mark.parametrize("arch", ["gru", "lstm"])
+def test_fast_path_equals_full_sequence_run(arch):
+    """Starting at the intervened token from the cached natural state == re-running the whole sequence."""
+    fast = _problem((arch, arch), fast_path=True, variables=("count", "phase"))
+    slow = _problem((arch, arch), fast_path=False, variables=("count", "phase"))
+    assert all(c.fast for c in fast.splits["train"]) and not any(c.fast for c in slow.splits["train"])
+    maps = [make_alignment("orthogonal", 128, seed=s).materialize() for s in (5, 6)]
+    rows = torch.arange(40)
+    l_fast, _ = fast.loss(maps, rows)
+    l_slow, _ = slow.loss(maps, rows)
+    torch.testing.assert_close(l_fast, l_slow, atol=1e-5, rtol=1e-5)
+    r_fast = fast.evaluate(maps)
+    r_slow = slow.evaluate(maps)
+    for a, b in zip(r_fast, r_slow):
+        assert a["trial_iia"] == pytest.approx(b["trial_iia"]) and a["token_iia"] == pytest.approx(b["token_iia"])
+
+
+def test_problem_directions_and_null_variable():
+    prob = _problem(("gru", "gru", "transformer"), variables=("count",), null_subspace=True,
+                    train_directions=[(0, 1), (1, 0)], n_train=16, n_valid=16)
+    keys = [(c.source, c.target, c.variable) for c in prob.splits["valid"]]
+    assert len([k for k in keys if k[2] == "count"]) == 9               # all n² directions evaluated
+    assert sorted(k for k in keys if k[2] == "null") == [(0, 0, "null"), (1, 1, "null"), (2, 2, "null")]
+    trained = {(c.source, c.target) for c in prob.splits["train"] if c.trained}
+    assert trained == {(0, 1), (1, 0)}
+    assert prob.blocks["count"] == slice(0, 16) and prob.blocks["null"] == slice(16, 128)
+
+
+def test_stepwise_embeddings_runs_and_gradients_reach_only_alignments():
+    prob = _problem(("gru", "transformer"), stepwise=True, site="embeddings", n_train=32, n_valid=16)
+    aligns = torch.nn.ModuleList([make_alignment("orthogonal", 128, seed=s) for s in (0, 1)])
+    loss, _ = prob.loss([a.materialize() for a in aligns], torch.arange(32))
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in aligns.parameters())
+    assert all(p.grad is None for e in prob.models for p in e.model.parameters())
+    recs = prob.evaluate([a.materialize() for a in aligns])
+    assert len(recs) == 4 and all(0 <= r["trial_iia"] <= 1 for r in recs)
+
+
+def test_trainer_keeps_rotations_orthogonal_and_is_deterministic_and_resumable(tmp_path):
+    def fit(path, stop_after=None, resume=True):
+        prob = _problem(n_train=96, n_valid=32, k=8)
+        aligns = torch.nn.ModuleList([make_alignment("orthogonal", 128, seed=s) for s in (0, 1)])
+        cfg = TrainerConfig(lr=1e-2, batch_size=32, max_steps=9, eval_every=3, patience=100, seed=4)
+        trainer = MASTrainer(aligns, prob, cfg, checkpoint_path=path, progress=False)
+        if stop_after is not None:
+            with pytest.raises(KeyboardInterrupt):
+                trainer.fit(stop_after=stop_after)
+            return None
+        res = trainer.fit(resume=resume)
+        return aligns, res
+
+    aligns, res = fit(tmp_path / "a.pt")
+    for a in aligns:
+        q = a.materialize()
+        z = q.forward(torch.eye(128))
+        torch.testing.assert_close(z @ z.T, torch.eye(128), atol=1e-5, rtol=0)
+    aligns2, res2 = fit(tmp_path / "b.pt")
+    assert [h["valid_score"] for h in res.history] == [h["valid_score"] for h in res2.history]
+    fit(tmp_path / "c.pt", stop_after=5)  # killed after step 5: last checkpoint at step 3
+    aligns3, res3 = fit(tmp_path / "c.pt")
+    assert res3.steps == res.steps
+    for a, b in zip(aligns.state_dict().values(), aligns3.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert [h["valid_score"] for h in res3.history] == [h["valid_score"] for h in res.history]
