@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from llm_mas.errors import choice_error
 from llm_mas.tasks.base import BOS, EOS, PAD, SequenceBatch, Task, Vocab
+from llm_mas.tasks.pairs import PairSet, build_pairs, make_pairs
 
 TASK_NAMES = ("multiobject", "sameobject", "singleobject", "modulo", "rounding", "arithmetic")
 
@@ -35,4 +36,7 @@ def get_task(name: str) -> Task:
     return _CACHE[key]
 
 
-__all__ = ["BOS", "EOS", "PAD", "TASK_NAMES", "SequenceBatch", "Task", "Vocab", "get_task"]
+__all__ = [
+    "BOS", "EOS", "PAD", "TASK_NAMES", "PairSet", "SequenceBatch", "Task", "Vocab", "build_pairs", "get_task",
+    "make_pairs",
+]

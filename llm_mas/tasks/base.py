@@ -10,6 +10,7 @@ reading token `p` of row `r` (the latent at position p is the state after readin
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -112,6 +113,12 @@ class SequenceBatch:
         )
 
 
+def _fingerprint(ids: np.ndarray) -> tuple:
+    """Shape, dtype and a blake2b digest of the ids (cheap: ~1 ms per MB)."""
+    ids = np.ascontiguousarray(ids)
+    return ids.shape, str(ids.dtype), hashlib.blake2b(memoryview(ids).cast("B"), digest_size=16).digest()
+
+
 def lengths_of(ids: np.ndarray) -> np.ndarray:
     """(n,) number of non-pad tokens of right-padded rows."""
     return (ids != PAD).sum(axis=1).astype(np.int64)
@@ -182,11 +189,27 @@ class Task:
         raise NotImplementedError
 
     def states(self, batch: SequenceBatch) -> dict[str, np.ndarray]:
-        """{state variable: (n, L) int64} post-token values; -1 at/after EOS and on PAD."""
-        raise NotImplementedError
+        """{state variable: (n, L) int64} post-token values; -1 at/after EOS and on PAD (fresh copies)."""
+        return {k: v.copy() for k, v in self.analysis(batch)["states"].items()}
 
     def valid_positions(self, batch: SequenceBatch) -> np.ndarray:
-        """(n, L) bool: positions whose latent may be intervened on."""
+        """(n, L) bool: positions whose latent may be intervened on (a fresh copy)."""
+        return self.analysis(batch)["valid"].copy()
+
+    def analysis(self, batch: SequenceBatch) -> dict:
+        """{"states": {...}, "valid": (n, L)} of a batch, cached on the batch (keyed by task and a hash of ids).
+
+        The arrays are shared with the cache: treat them as read-only (states()/valid_positions() copy).
+        """
+        key = (self.name, _fingerprint(batch.ids))
+        cache = batch.__dict__.setdefault("_analysis_cache", {})
+        if key not in cache:
+            cache.clear()  # ids changed in place or another task: keep one entry, never a stale one
+            cache[key] = self._analyse(batch.ids)
+        return cache[key]
+
+    def _analyse(self, ids: np.ndarray) -> dict:
+        """Compute {"states": {var: (n, L)}, "valid": (n, L) bool} for (n, L) ids."""
         raise NotImplementedError
 
     def render(self, ids_row) -> str:

@@ -116,25 +116,21 @@ class CountingTask(Task):
     def quantities(self, batch) -> np.ndarray:
         return self._parse(batch.ids)["demo"].sum(axis=1).astype(np.int64)
 
-    def states(self, batch) -> dict[str, np.ndarray]:
-        parsed = self._parse(batch.ids)
+    def _analyse(self, ids: np.ndarray) -> dict:
+        parsed = self._parse(ids)
         demo_count = np.cumsum(parsed["demo"], axis=1)  # (n, L) demo tokens read so far
         big_n = demo_count[:, -1:]  # (n, 1)
         resp_count = np.cumsum(parsed["response"], axis=1)  # (n, L) responses read so far
         seen = parsed["seen_trigger"]
         count = np.where(seen, self.trigger_fn(big_n) - resp_count, demo_count)
         phase = np.where(seen, RESPONSE, DEMO)
-        obj_count = np.broadcast_to(big_n, batch.ids.shape)
         undefined = parsed["ended"]
-        return {
-            "obj_count": np.where(undefined, UNDEFINED, obj_count).astype(np.int64),
+        states = {
+            "obj_count": np.where(undefined, UNDEFINED, big_n).astype(np.int64),
             "phase": np.where(undefined, UNDEFINED, phase).astype(np.int64),
             "count": np.where(undefined, UNDEFINED, count).astype(np.int64),
         }
-
-    def valid_positions(self, batch) -> np.ndarray:
-        parsed = self._parse(batch.ids)
-        return parsed["demo"] | parsed["response"]
+        return {"states": states, "valid": parsed["demo"] | parsed["response"]}
 
     def task_mask_of(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids)
@@ -151,7 +147,7 @@ class CountingTask(Task):
 
     # ---- causal-model hooks ----------------------------------------------------------------------------------
     def cf_row_constants(self, batch) -> dict[str, np.ndarray]:
-        return {"obj_count": self.quantities(batch)}
+        return {"obj_count": self.analysis(batch)["states"]["obj_count"][:, 0]}  # defined at BOS
 
     def cf_post_swap(self, state):
         if self.post_swap_mod is None:
