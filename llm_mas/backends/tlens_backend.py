@@ -1,0 +1,179 @@
+"""TransformerLens backend: read and write latents at hook points (``hook_embed``, ``blocks.{l}.hook_resid_post``).
+
+    ht = to_hooked_transformer(hf_model, tokenizer)          # offline; logits equal the HF model's
+    backend = TLensBackend()
+    latents = backend.collect(ht, {"input_ids": ids}, ["embeddings", "layer1"])   # {site: (B, T, d)}
+    logits = backend.patch(ht, {"input_ids": ids}, [Edit(site, mask, fn)])       # (B, T, V), with grads
+
+Works with a ``HookedTransformer`` and with a ``TransformerBridge`` (transformer-lens 3.9:
+``from transformer_lens.model_bridge import TransformerBridge``; it switches the HF model it wraps to eager
+attention, so give it its own copy). Aliases: ``embeddings`` -> ``hook_embed``, ``layer{l}`` ->
+``blocks.{l}.hook_resid_post`` (the same latents as a HF decoder layer's output).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, InterventionError, SiteError, closest
+from ..sites import Site, resolve_site
+from .base import Edit, apply_edit_to_chunk, edit_entry_index
+
+
+def tlens_site_aliases(model: Any) -> dict[str, str]:
+    """``embeddings`` -> ``hook_embed``; ``layer{l}`` -> ``blocks.{l}.hook_resid_post``."""
+    aliases = {"embeddings": "hook_embed"}
+    n_layers = getattr(getattr(model, "cfg", None), "n_layers", None) or len(getattr(model, "blocks", []))
+    for layer in range(n_layers):
+        aliases[f"layer{layer}"] = f"blocks.{layer}.hook_resid_post"
+    return aliases
+
+
+class _AliasView:
+    def __init__(self, aliases: dict[str, str]):
+        self._aliases = aliases
+
+    def site_aliases(self) -> dict[str, str]:
+        return self._aliases
+
+
+def _hook_names(model: Any) -> list[str]:
+    hook_dict = getattr(model, "hook_dict", None)
+    if hook_dict is None:
+        raise SiteError(f"the tlens backend needs a TransformerLens model (HookedTransformer or TransformerBridge), "
+                        f"got {type(model).__name__}; convert a HF model with to_hooked_transformer(model, tokenizer)")
+    return list(hook_dict)
+
+
+def _tokens_and_kwargs(inputs: Mapping[str, torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, dict]:
+    if isinstance(inputs, torch.Tensor):
+        return inputs, {}
+    unknown = set(inputs) - {"input_ids", "attention_mask"}
+    if "input_ids" not in inputs or unknown:
+        raise ConfigError(f"the tlens backend takes inputs {{'input_ids', 'attention_mask'}}; got keys {sorted(inputs)}")
+    kwargs = {}
+    if inputs.get("attention_mask") is not None:
+        kwargs["attention_mask"] = inputs["attention_mask"]
+    return inputs["input_ids"], kwargs
+
+
+class TLensBackend:
+    """``collect`` and ``patch`` through TransformerLens ``run_with_hooks`` (hooks always removed)."""
+
+    name = "tlens"
+
+    def resolve(self, model: Any, site: Site | str) -> Site:
+        """Resolve aliases; the site must be a hook point (hook points hold one tensor: no tuple index)."""
+        # Only aliases attached to this object count: a TransformerBridge forwards unknown attributes to the
+        # HF model it wraps, whose aliases name HF modules.
+        own = vars(model).get("site_aliases") if hasattr(model, "__dict__") else None
+        aliases = dict(own()) if callable(own) else tlens_site_aliases(model)
+        resolved = resolve_site(_AliasView(aliases), site)
+        names = _hook_names(model)
+        if resolved.module not in model.hook_dict:
+            raise SiteError(f"no hook point {resolved.module!r} in {type(model).__name__}; closest valid names: "
+                            f"{', '.join(closest(resolved.module, names + list(aliases)))}")
+        if resolved.index is not None:
+            raise SiteError(f"site {resolved}: a TransformerLens hook point holds one tensor; drop the tuple index "
+                            f"[{resolved.index}]")
+        return resolved
+
+    def patch(self, model: Any, inputs: Mapping[str, torch.Tensor] | torch.Tensor,
+              edits: Sequence[Edit]) -> torch.Tensor:
+        """Run the model with ``edits`` applied at their hook points; return logits (B, T, V).
+
+        Raises InterventionError if an edit did not fire on every entry of its mask.
+        """
+        hooks = []
+        for edit in edits:
+            edit.site = self.resolve(model, edit.site)
+            edit.fired = 0
+            hooks.append((edit.site.module, self._edit_hook(edit, edit_entry_index(edit.mask))))
+        tokens, kwargs = _tokens_and_kwargs(inputs)
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks, **kwargs)
+        for edit in edits:
+            n = edit.n_entries
+            if edit.fired == 0 and n > 0:
+                raise InterventionError(f"the edit at {edit.site} never fired: hook point {edit.site.module!r} was "
+                                        "not reached during the forward pass")
+            if edit.fired != n:
+                raise InterventionError(f"the edit at {edit.site} fired on {edit.fired} of {n} entries; the mask "
+                                        "covers positions beyond the sequence length")
+        return logits
+
+    @staticmethod
+    def _edit_hook(edit: Edit, entry_index: torch.Tensor):
+        def hook(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+            if activation.dim() != 3:
+                raise SiteError(f"site {edit.site} holds shape {tuple(activation.shape)}; edits need (B, T, d) "
+                                "(per-head hook points are not supported)")
+            return apply_edit_to_chunk(edit, activation, None, entry_index)  # (B, T, d)
+
+        return hook
+
+    def collect(self, model: Any, inputs: Mapping[str, torch.Tensor] | torch.Tensor,
+                sites: Sequence[Site | str]) -> dict[str, torch.Tensor]:
+        """Run the model once; return {str(site): latents (B, T, d)}, detached."""
+        resolved = [self.resolve(model, s) for s in sites]
+        store: dict[str, torch.Tensor] = {}
+
+        def recorder(key: str):
+            def hook(activation: torch.Tensor, hook: Any) -> None:
+                store[key] = activation.detach()
+
+            return hook
+
+        tokens, kwargs = _tokens_and_kwargs(inputs)
+        with torch.no_grad():
+            model.run_with_hooks(tokens, fwd_hooks=[(s.module, recorder(str(s))) for s in resolved], **kwargs)
+        missing = [str(s) for s in resolved if str(s) not in store]
+        if missing:
+            raise InterventionError(f"hook point(s) {', '.join(missing)} were never reached while collecting")
+        return store
+
+
+def to_hooked_transformer(hf_model: Any, tokenizer: Any = None, *, device: str | torch.device | None = None,
+                          dtype: torch.dtype | None = None):
+    """A frozen ``HookedTransformer`` with ``hf_model``'s weights, built offline; logits equal the HF model's.
+
+    No folding or centring (``fold_ln=False`` etc.), so latents and logits keep the HF numbers. Works for every
+    architecture transformer-lens 3.9 converts (Qwen2, Llama, Mistral, GPT-2, GPT-NeoX, ...). A PEFT model
+    must be merged first (``load_causal_lm(..., merge_adapter=True)``).
+    """
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+
+    if hasattr(hf_model, "peft_config"):
+        raise ConfigError("to_hooked_transformer needs a plain HF model; merge the PEFT adapter first "
+                          "(load_causal_lm(..., adapter=DIR, merge_adapter=True))")
+    if dtype is None:
+        dtype = next(hf_model.parameters()).dtype
+    if device is None:
+        device = next(hf_model.parameters()).device
+    hf_config = copy.deepcopy(hf_model.config)
+    hf_config.architectures = [type(hf_model).__name__]
+    with tempfile.TemporaryDirectory() as config_dir, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # HookedTransformer is deprecated in favour of bridges
+        hf_config.save_pretrained(config_dir)  # transformer-lens reads the config from a directory
+        try:
+            cfg = loading.get_pretrained_model_config(config_dir, fold_ln=False, device=device, dtype=dtype)
+            state_dict = loading.get_pretrained_state_dict(config_dir, cfg, hf_model=hf_model, dtype=dtype)
+        except ValueError as e:
+            raise ConfigError(f"transformer-lens cannot convert a {type(hf_model).__name__}: {e}") from None
+        name = getattr(hf_model, "name_or_path", "") or type(hf_model).__name__
+        cfg.model_name = str(name).rstrip("/").split("/")[-1]
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=True)
+    model.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False,
+                                      fold_value_biases=False, refactor_factored_attn_matrices=False)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    from ..llm.loading import attach_site_aliases
+
+    return attach_site_aliases(model, tlens_site_aliases(model))
