@@ -249,14 +249,20 @@ def cka(X: Any, Y: Any, estimator: str = "biased") -> float:
             Nguyen et al. 2021; ≈ 0 for independent data, can be slightly negative; needs n ≥ 4).
 
     Returns:
-        CKA in [0, 1] for the biased estimator; the unbiased one is ≤ 1 and may dip below 0.
+        CKA in [0, 1] for the biased estimator; the unbiased one lies in [−1, 1] (it is a cosine
+        between U-centred Gram matrices) and may dip below 0.
         Invariant to orthogonal transforms and isotropic scaling of either input, and to translations.
     """
     if estimator not in ESTIMATORS:
         raise choice_error("CKA estimator", estimator, ESTIMATORS)
-    x, y = _paired_rows(X, Y, minimum=4 if estimator == "unbiased" else 2)
-    x = x - x.mean(axis=0)  # (n, d)
-    y = y - y.mean(axis=0)  # (n, e)
+    x_raw, y_raw = _paired_rows(X, Y, minimum=4 if estimator == "unbiased" else 2)
+    x = x_raw - x_raw.mean(axis=0)  # (n, d)
+    y = y_raw - y_raw.mean(axis=0)  # (n, e)
+    for name, raw, centred in (("X", x_raw, x), ("Y", y_raw, y)):
+        # Constant features leave only round-off after centring (relative size ~1e-16): not a representation.
+        if np.sum(centred * centred) <= 1e-24 * np.sum(raw * raw):
+            raise DataError(f"{name} is constant over these rows, so CKA is undefined; pass rows that differ "
+                            f"(identical latents at every position?)")
     hsic = _hsic_biased_pair if estimator == "biased" else _hsic_unbiased_pair
     self_x, self_y = hsic(x, x), hsic(y, y)
     for name, value in (("X", self_x), ("Y", self_y)):

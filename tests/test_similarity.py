@@ -236,6 +236,8 @@ def test_cka_errors_and_torch_input():
         cka(x[:3], x[:3], "unbiased")
     with pytest.raises(DataError, match="constant"):
         cka(x, np.ones((20, 3)))
+    with pytest.raises(DataError, match="constant"):
+        cka(np.full((20, 3), 0.1), x, "unbiased")  # mean(0.1, …) ≠ 0.1 exactly: round-off residuals
     with pytest.raises(DataError, match="NaN"):
         cka(np.full((20, 2), np.nan), x)
     assert cka(torch.tensor(x, dtype=torch.float32), x) == pytest.approx(1.0, abs=1e-6)
