@@ -1,0 +1,78 @@
+"""``llm-mas record``: record a causal LM's greedy generations and predictions for stepwise LLM MAS.
+
+    llm-mas record --model /models/toxic-0 --texts prompts.jsonl --out recordings/toxic-0 --n 1000
+
+Texts come from a ``.txt`` file (one text per line) or a ``.jsonl`` file (objects with a "text" field).
+Only the standard library and typer are imported here; the work happens in ``llm_mas.llm.record``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from . import run_command
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Texts from a ``.txt`` (one per non-empty line) or ``.jsonl`` (a "text" field per line) file."""
+    from ..errors import ConfigError, DataError
+
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"texts file {str(file)!r} does not exist; pass a .txt (one text per line) or .jsonl "
+                        "(one {\"text\": ...} object per line) file")
+    suffix = file.suffix.lower()
+    if suffix == ".txt":
+        return [line.rstrip("\r") for line in file.read_text(encoding="utf-8").split("\n") if line.strip()]
+    if suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{file}:{number} is not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise DataError(f"{file}:{number} needs a string field \"text\"; got {line[:80]!r}")
+            texts.append(row["text"])
+        return texts
+    raise ConfigError(f"texts file {str(file)!r} has suffix {suffix!r}; valid choices: .jsonl, .txt")
+
+
+def record(
+    model: str = typer.Option(..., "--model", help="Hub id or local directory of a causal LM."),
+    texts: str = typer.Option(..., "--texts", help="Prompt texts: .txt (one per line) or .jsonl ({\"text\": ...})."),
+    out: str = typer.Option(..., "--out", help="Directory for recording.safetensors + recording.json."),
+    n: int = typer.Option(1000, "--n", help="Number of sequences to record."),
+    prompt_len: int = typer.Option(32, "--prompt-len", help="Prompt tokens taken from each text."),
+    total_len: int = typer.Option(64, "--total-len", help="Length after greedy generation."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Sequences per forward pass."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the text order."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16 | auto."),
+    device: str = typer.Option("auto", "--device", help="cpu | cuda | cuda:N | auto."),
+    adapter: str | None = typer.Option(None, "--adapter", help="PEFT adapter directory on top of the model."),
+    merge_adapter: bool = typer.Option(False, "--merge-adapter/--no-merge-adapter",
+                                       help="Fold the adapter into the weights before recording."),
+    progress: bool | None = typer.Option(None, "--progress/--no-progress",
+                                            help="Progress bar [only on a terminal]."),
+) -> None:
+    """Record greedy continuations and teacher-forced predictions of a model (stepwise LLM MAS data)."""
+
+    def body() -> None:
+        from ..llm.loading import load_causal_lm
+        from ..llm.record import record_generations
+
+        prompts = read_texts(texts)
+        lm, tokenizer = load_causal_lm(model, dtype=dtype, device=device, adapter=adapter,
+                                       merge_adapter=merge_adapter)
+        recording = record_generations(lm, tokenizer, prompts, prompt_len=prompt_len, total_len=total_len, n=n,
+                                       batch_size=batch_size, seed=seed, progress=progress)
+        path = recording.save(out)
+        typer.echo(f"recorded {len(recording)} sequences of {recording.total_len} tokens "
+                   f"(greedy agreement {recording.meta['greedy_agreement']:.4f}) into {path}")
+
+    run_command(body)
