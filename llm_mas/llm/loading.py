@@ -120,14 +120,20 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it only once, at import)."""
     flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    return flag in ("1", "ON", "YES", "TRUE")
+    if flag in ("1", "ON", "YES", "TRUE"):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _hub_error(name: str, what: str, cause: BaseException) -> HubUnavailableError:
     reason = "HF_HUB_OFFLINE is set" if _hub_offline() else "the hub cannot be reached"
     return HubUnavailableError(
-        f"{what} {name!r} is not a local directory and {reason} (and it is not in the local HF cache): {cause}. "
+        f"{what} {name!r} is not a local directory and {reason} (and it is not in the local HF cache): "
+        f"{str(cause).splitlines()[0].rstrip('. ') if str(cause) else type(cause).__name__}. "
         "Pass a local directory instead: download it on a connected machine with "
         f"`huggingface-cli download {name} --local-dir DIR` and copy DIR here, or build a test model offline "
         "with `llm_mas.llm.tiny.build_tiny_qwen2(DIR)`.")
@@ -193,13 +199,15 @@ def load_causal_lm(id_or_path: str | os.PathLike, *, dtype: str = "float32", dev
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    config = _load_or_hub_error(lambda: AutoConfig.from_pretrained(location), location, is_local, "model")
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    # Offline: only the local HF cache may answer (no retries against an unreachable hub).
+    hub = {"local_files_only": True} if not is_local and _hub_offline() else {}
+    config = _load_or_hub_error(lambda: AutoConfig.from_pretrained(location, **hub), location, is_local, "model")
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, **hub}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = _load_or_hub_error(lambda: AutoModelForCausalLM.from_pretrained(location, config=config, **kwargs),
                                location, is_local, "model")
-    tokenizer = _load_or_hub_error(lambda: AutoTokenizer.from_pretrained(location), location, is_local,
+    tokenizer = _load_or_hub_error(lambda: AutoTokenizer.from_pretrained(location, **hub), location, is_local,
                                    "tokenizer")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -222,9 +230,23 @@ def load_adapter(model, adapter: str | os.PathLike, *, merge: bool = False):
     if is_local and not (Path(location) / "adapter_config.json").exists():
         raise ConfigError(f"adapter directory {location!r} has no adapter_config.json; pass a directory written "
                           "by PeftModel.save_pretrained")
+    if not is_local and _hub_offline():
+        # peft does not pass local_files_only on; resolve the adapter from the local HF cache first.
+        from huggingface_hub import snapshot_download
+
+        try:
+            location, is_local = snapshot_download(location, local_files_only=True), True
+        except OSError as e:
+            raise _hub_error(location, "adapter", e) from None
     from peft import PeftModel
 
-    wrapped = _load_or_hub_error(lambda: PeftModel.from_pretrained(model, location), location, is_local, "adapter")
+    def load():
+        try:
+            return PeftModel.from_pretrained(model, location)
+        except ValueError as e:  # peft's "Can't find 'adapter_config.json'" for an unknown hub id
+            raise OSError(str(e)) from None
+
+    wrapped = _load_or_hub_error(load, location, is_local, "adapter")
     if merge:
         return wrapped.merge_and_unload()
     return wrapped
