@@ -197,6 +197,12 @@ def make_pairs(
         if value_range is not None:
             s_elig = s_elig & _in_range(s_states[sv], lo, hi)
             t_elig = t_elig & _in_range(t_states[tv], lo, hi)
+    joint = stepwise and (kind == "named" or (kind == "full" and not target_task.full_swap_covers_state))
+    if joint:  # one index for both: keep only positions some row of the other side can also use
+        width = max(t_elig.shape[1], s_elig.shape[1])
+        t_elig, s_elig = _fit(t_elig, width), _fit(s_elig, width)
+        t_any, s_any = t_elig.any(axis=0), s_elig.any(axis=0)  # (L,)
+        t_elig, s_elig = t_elig & s_any, s_elig & t_any
     t_rows = np.flatnonzero(t_elig.any(axis=1))
     s_rows = np.flatnonzero(s_elig.any(axis=1))
     what = f"{source_task.name} -> {target_task.name}, variable {label!r}, value_range {value_range}"
@@ -206,7 +212,6 @@ def make_pairs(
     target_index = rng.permutation(t_rows[np.arange(n) % len(t_rows)])  # (n,)
     source_index = s_rows[rng.integers(0, len(s_rows), size=n)]  # (n,)
 
-    joint = stepwise and (kind == "named" or (kind == "full" and not target_task.full_swap_covers_state))
     if not stepwise:
         target_pos = pick_uniform(t_elig[target_index], rng)
         source_pos = pick_uniform(s_elig[source_index], rng)
@@ -214,22 +219,20 @@ def make_pairs(
         source_pos = pick_uniform(s_elig[source_index], rng)
         target_pos = source_pos.copy()
     else:
-        width = max(t_elig.shape[1], s_elig.shape[1])
-        t_elig_w, s_elig_w = _fit(t_elig, width), _fit(s_elig, width)
-        both = t_elig_w[target_index] & s_elig_w[source_index]  # (n, L)
+        both = t_elig[target_index] & s_elig[source_index]  # (n, L)
         missing = np.flatnonzero(~both.any(axis=1))
         for _ in range(MAX_REDRAW_ROUNDS):
             if len(missing) == 0:
                 break
             source_index[missing] = s_rows[rng.integers(0, len(s_rows), size=len(missing))]
-            both[missing] = t_elig_w[target_index[missing]] & s_elig_w[source_index[missing]]
+            both[missing] = t_elig[target_index[missing]] & s_elig[source_index[missing]]
             missing = missing[~both[missing].any(axis=1)]
         for r in missing:  # rare: search every source for one sharing a position with this target
-            ok = s_rows[(s_elig_w[s_rows] & t_elig_w[target_index[r]]).any(axis=1)]
-            if len(ok) == 0:
+            ok = s_rows[(s_elig[s_rows] & t_elig[target_index[r]]).any(axis=1)]
+            if len(ok) == 0:  # excluded by the filtering above; kept as a guard
                 raise DataError(f"target row {target_index[r]} shares no usable position with any source ({what})")
             source_index[r] = ok[rng.integers(0, len(ok))]
-            both[r] = t_elig_w[target_index[r]] & s_elig_w[source_index[r]]
+            both[r] = t_elig[target_index[r]] & s_elig[source_index[r]]
         source_pos = pick_uniform(both, rng)
         target_pos = source_pos.copy()
 
