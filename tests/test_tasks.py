@@ -176,3 +176,15 @@ def test_subset_and_pad():
     assert padded.ids.shape == (10, 50) and (padded.ids[:, task.max_len:] == 0).all()
     with pytest.raises(DataError):
         batch.pad_to(5)
+
+
+def test_analysis_cache_follows_in_place_changes():
+    task = get_task("multiobject")
+    batch = task.from_strings(["B D0 D1 T R R E"])
+    states = task.states(batch)
+    states["count"][:] = 99  # returned arrays are copies
+    assert task.states(batch)["count"][0].tolist() == [0, 1, 2, 2, 1, 0, -1]
+    batch.ids[0] = task.vocab.encode("B D0 T R E P P")  # in-place edit: the cache must not be stale
+    assert task.states(batch)["count"][0].tolist() == [0, 1, 1, 0, -1, -1, -1]
+    assert get_task("modulo").states(batch)["count"][0].tolist() == [0, 1, 1, 0, -1, -1, -1]
+    assert task.states(batch)["count"][0].tolist() == [0, 1, 1, 0, -1, -1, -1]

@@ -93,6 +93,9 @@ class SequenceBatch:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __getstate__(self) -> dict:  # never pickle the analysis cache (Task.analysis)
+        return {k: v for k, v in self.__dict__.items() if k != "_analysis_cache"}
+
     @property
     def width(self) -> int:
         """L, the padded width."""
@@ -201,12 +204,12 @@ class Task:
 
         The arrays are shared with the cache: treat them as read-only (states()/valid_positions() copy).
         """
-        key = (self.name, _fingerprint(batch.ids))
+        fingerprint = _fingerprint(batch.ids)
         cache = batch.__dict__.setdefault("_analysis_cache", {})
-        if key not in cache:
-            cache.clear()  # ids changed in place or another task: keep one entry, never a stale one
-            cache[key] = self._analyse(batch.ids)
-        return cache[key]
+        hit = cache.get(self.name)
+        if hit is None or hit[0] != fingerprint:  # first use, or ids changed in place since
+            hit = cache[self.name] = (fingerprint, self._analyse(batch.ids))
+        return hit[1]
 
     def _analyse(self, ids: np.ndarray) -> dict:
         """Compute {"states": {var: (n, L)}, "valid": (n, L) bool} for (n, L) ids."""
