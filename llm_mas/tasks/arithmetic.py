@@ -19,7 +19,7 @@ Swappable variables: remaining_ops, cumulative_value ("full" swaps both; stage a
 stay the target's).
 
 Valid intervention positions: every position from v0 to the last token before E, except operand inputs
-(stages 2, 3, 5, 6). An operand was drawn feasible for the target's value; a swapped cumulative_value
+(i.e. the positions whose post-token stage is 2, 3, 5 or 6). An operand was drawn feasible for the target's value; a swapped cumulative_value
 could make it leave 0..20, which the task cannot express, so operand positions are not intervened on.
 What a swap means there: after v0/','/a result (stage 2/6) the next operations start from the swapped
 value (remaining_ops: that many operations remain, counting the current one); after an operator
@@ -40,6 +40,7 @@ MIN_OPS, MAX_OPS = 1, 20
 NUM0 = 3  # id of "0"
 PLUS, MINUS, EQUALS, COMMA = NUM0 + MAX_VALUE + 1, NUM0 + MAX_VALUE + 2, NUM0 + MAX_VALUE + 3, NUM0 + MAX_VALUE + 4
 UNDEF = -1
+# stage after reading a token = what is expected next: n_ops, v0, operator, operand, '=', result, ',' / E
 (S_START, S_NOPS, S_OP, S_OPERAND, S_EQUALS, S_RESULT, S_SEP) = range(7)
 ADD, SUB = 0, 1
 
