@@ -71,13 +71,12 @@ def arithmetic_continuation(tokens, mask, state):
     assert i == len(tokens), tokens
 
 
-def expected_intended(tt, tb, st_, sb, pairs, r):
-    """The causal state after the swap, recomputed from the base batches' states."""
-    ts, ss = tt.states(tb), st_.states(sb)
+def expected_intended(tt, tb, ts, ss, pairs, r):
+    """The causal state after the swap, recomputed from the base batches' states ts / ss."""
     ti, tp, si, sp = (int(x[r]) for x in (pairs.target_index, pairs.target_pos, pairs.source_index, pairs.source_pos))
     state = {v: int(ts[v][ti, tp]) if tp < tb.width else -1 for v in tt.state_variables}
     if tt.name in COUNTING:
-        state["obj_count"] = int(tt.quantities(tb)[ti])
+        state["obj_count"] = int(ts["obj_count"][ti, 0])
     for tv, sv in pairs.swaps:
         state[tv] = int(ss[sv][si, sp])
     if tt.name == "modulo" and pairs.swaps and state["phase"] == 1:
@@ -89,6 +88,7 @@ def check_pairs(tt, tb, st_, sb, pairs):
     n = len(pairs)
     assert pairs.ids.shape == pairs.task_mask.shape and len(pairs.target_index) == n
     tv, sv = tt.valid_positions(tb), st_.valid_positions(sb)
+    ts, ss = tt.states(tb), st_.states(sb)
     scored = pairs.scored_mask()
     pos = np.arange(pairs.width)
     assert not (scored & (pos[None, :] <= pairs.target_pos[:, None])).any()
@@ -102,7 +102,7 @@ def check_pairs(tt, tb, st_, sb, pairs):
             assert tv[pairs.target_index, pairs.target_pos].all()
     for r in range(n):
         ti, p = int(pairs.target_index[r]), int(pairs.target_pos[r])
-        state = expected_intended(tt, tb, st_, sb, pairs, r)
+        state = expected_intended(tt, tb, ts, ss, pairs, r)
         assert {k: int(v[r]) for k, v in pairs.intended.items()} == state
         ids, mask = pairs.ids[r], pairs.task_mask[r]
         target = np.zeros(max(pairs.width, tb.width, p + 1), dtype=np.int64)
