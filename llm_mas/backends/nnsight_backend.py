@@ -46,17 +46,37 @@ def unwrap_model(model: Any) -> nn.Module:
     return model
 
 
+class _WrapperSlot:
+    """Holds a model's nnsight wrapper; copies and pickles of the model get an empty slot.
+
+    A deep-copied wrapper would route nothing: nnsight registers each wrapper on the modules it wraps, and
+    a copied module starts with no registrations (it belongs to whatever wraps it next).
+    """
+
+    def __init__(self, wrapper: Any = None):
+        self.wrapper = wrapper
+
+    def __deepcopy__(self, memo: dict) -> _WrapperSlot:
+        return _WrapperSlot()
+
+    def __copy__(self) -> _WrapperSlot:
+        return _WrapperSlot()
+
+    def __reduce__(self):
+        return (_WrapperSlot, ())
+
+
 def nnsight_wrapper(model: Any):
-    """The cached ``nnsight.NNsight`` wrapper of ``model`` (created on first use)."""
+    """The cached ``nnsight.NNsight`` wrapper of ``model`` (created on first use, kept on the model)."""
     if not isinstance(model, nn.Module):
         return model  # already an nnsight model / envoy
-    wrapper = model.__dict__.get(_WRAPPER_ATTR)
-    if wrapper is None or wrapper._module is not model:  # a deepcopy carries a wrapper of its original
+    slot = model.__dict__.get(_WRAPPER_ATTR)
+    if slot is None or slot.wrapper is None or slot.wrapper._module is not model:
         from nnsight import NNsight
 
-        wrapper = NNsight(model)
-        object.__setattr__(model, _WRAPPER_ATTR, wrapper)
-    return wrapper
+        slot = _WrapperSlot(NNsight(model))
+        object.__setattr__(model, _WRAPPER_ATTR, slot)
+    return slot.wrapper
 
 
 def _aliases(model: nn.Module) -> dict[str, str]:

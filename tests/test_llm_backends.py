@@ -1,0 +1,228 @@
+"""The nnsight and TransformerLens backends give the plain-torch backend's numbers on the tiny Qwen2.
+
+The key check: one interchange (an orthogonal rotation with trainable parameters, k of d dims swapped, at the
+embeddings and at layer 1, at per-example positions) gives the same logits and the same gradients w.r.t. the
+rotation parameters through TorchHookBackend, NNsightBackend and TLensBackend.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from llm_fixtures import load_tiny, tiny_qwen2_dir
+
+from llm_mas.backends import Edit, TorchHookBackend, get_backend
+from llm_mas.errors import InterventionError, SiteError
+from llm_mas.sites import Site
+
+pytestmark = pytest.mark.llm
+
+B, T, D, K = 4, 12, 64, 24
+SITES = ["embeddings", "layer1"]
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    model, tokenizer = load_tiny()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def hooked(hf_model):
+    from llm_mas.backends.tlens_backend import to_hooked_transformer
+
+    model, tokenizer = hf_model
+    return to_hooked_transformer(model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    generator = torch.Generator().manual_seed(0)
+    source_ids = torch.randint(0, 512, (B, T), generator=generator)
+    target_ids = torch.randint(0, 512, (B, T), generator=generator)
+    labels = torch.randint(0, 512, (B, T), generator=generator)
+    # Per-example positions, two per row; the source reads at other positions than the target writes.
+    target_mask = torch.zeros(B, T, dtype=torch.bool)
+    source_mask = torch.zeros(B, T, dtype=torch.bool)
+    for row in range(B):
+        target_mask[row, [row + 1, row + 6]] = True
+        source_mask[row, [2 * row, T - 1 - row]] = True
+    return source_ids, target_ids, labels, source_mask, target_mask
+
+
+def _rotation(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.utils.parametrizations.orthogonal(torch.nn.Linear(D, D, bias=False))
+
+
+def _interchange_step(backend, model, batch, rotation):
+    """Collect source latents, patch the target with the rotated interchange at both sites, backprop a CE loss.
+
+    Returns (logits (B, T, V), grad of the rotation parameter (D, D), source latents {site: (B, T, D)}).
+    """
+    source_ids, target_ids, labels, source_mask, target_mask = batch
+    sites = [backend.resolve(model, s) for s in SITES]
+    source_latents = backend.collect(model, {"input_ids": source_ids}, sites)
+    weight = rotation.weight  # (D, D) orthogonal, evaluated once per step
+
+    def make_fn(source_entries):  # source_entries (n, D), row-major over source_mask
+        def fn(latents, which):  # latents (n, D), which (n,)
+            target_z = latents @ weight  # (n, D)
+            source_z = source_entries[which] @ weight  # (n, D)
+            mixed = torch.cat([source_z[:, :K], target_z[:, K:]], dim=1)  # first K coordinates swapped
+            return mixed @ weight.T
+
+        return fn
+
+    edits = [Edit(site, target_mask, make_fn(source_latents[str(site)][source_mask])) for site in sites]
+    logits = backend.patch(model, {"input_ids": target_ids}, edits)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    rotation.zero_grad()
+    loss.backward()
+    assert all(edit.fired == int(target_mask.sum()) for edit in edits)
+    grad = rotation.parametrizations.weight.original.grad.clone()
+    return logits.detach(), grad, {s: source_latents[str(site)] for s, site in zip(SITES, sites, strict=True)}
+
+
+def test_interchange_parity_torch_nnsight_tlens(hf_model, hooked, batch):
+    model, _ = hf_model
+    results = {}
+    for name, target in [("torch", model), ("nnsight", model), ("tlens", hooked)]:
+        backend = TorchHookBackend() if name == "torch" else get_backend(name)
+        results[name] = _interchange_step(backend, target, batch, _rotation())
+    ref_logits, ref_grad, ref_latents = results["torch"]
+    assert ref_grad.abs().max() > 1e-4  # the gradient is not trivially zero
+    unpatched = model(input_ids=batch[1]).logits
+    assert (unpatched - ref_logits).abs().max() > 1e-3  # the interchange changes the output
+    for name in ("nnsight", "tlens"):
+        logits, grad, latents = results[name]
+        assert (logits - ref_logits).abs().max() <= 1e-4, name
+        assert (grad - ref_grad).abs().max() <= 1e-4, name
+        for site in SITES:
+            assert latents[site].shape == (B, T, D)
+            assert (latents[site] - ref_latents[site]).abs().max() <= 1e-5, (name, site)
+    # nnsight runs the very same modules: bit-identical.
+    assert torch.equal(results["nnsight"][0], ref_logits) and torch.equal(results["nnsight"][1], ref_grad)
+
+
+def test_transformer_bridge_parity(hf_model, batch):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model, tokenizer = hf_model
+    # The bridge switches the HF model it wraps to eager attention: give it a copy.
+    bridge = TransformerBridge.boot_transformers(str(tiny_qwen2_dir()), hf_model=copy.deepcopy(model),
+                                                 tokenizer=tokenizer)
+    bridge.eval()
+    for p in bridge.parameters():
+        p.requires_grad_(False)
+    assert model.config._attn_implementation == "sdpa"
+    ref_logits, ref_grad, _ = _interchange_step(TorchHookBackend(), model, batch, _rotation())
+    logits, grad, _ = _interchange_step(get_backend("tlens"), bridge, batch, _rotation())
+    assert (logits - ref_logits).abs().max() <= 1e-4
+    assert (grad - ref_grad).abs().max() <= 1e-4
+
+
+def test_to_hooked_transformer_logits_match(hf_model, hooked):
+    model, _ = hf_model
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(1))
+    assert (hooked(ids) - model(input_ids=ids).logits).abs().max() <= 1e-5
+    assert all(not p.requires_grad for p in hooked.parameters())
+    assert hooked.site_aliases()["layer1"] == "blocks.1.hook_resid_post"
+
+
+def test_nnsight_collect_input_and_nested_sites(hf_model):
+    model, _ = hf_model
+    ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(2))
+    sites = ["model.layers.1.mlp", "layer0", "model.layers.1:input", "model.layers.0.self_attn.o_proj:input"]
+    got = get_backend("nnsight").collect(model, {"input_ids": ids}, sites)
+    expected = TorchHookBackend().collect(model, {"input_ids": ids}, sites)
+    assert set(got) == set(expected)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    # The input of layer 1 is the output of layer 0.
+    assert torch.equal(got["model.layers.1:input@given"], got["model.layers.0:output@given"])
+
+
+def test_nnsight_patch_at_input_and_output_of_one_layer(hf_model):
+    model, _ = hf_model
+    ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[0, 3] = mask[1, 5] = True
+
+    def edits():
+        return [Edit(Site.parse("layer1"), mask, lambda x, w: x * 2.0),
+                Edit(Site.parse("model.layers.1:input"), mask, lambda x, w: x - 1.0)]
+
+    got = get_backend("nnsight").patch(model, {"input_ids": ids}, edits())  # given out of forward order
+    expected = TorchHookBackend().patch(model, {"input_ids": ids}, edits())
+    assert torch.equal(got, expected)
+
+
+def test_nnsight_patch_at_site_that_never_fires_raises(hf_model):
+    model, _ = hf_model
+    idle = copy.deepcopy(model)
+    idle.model.unused = torch.nn.Identity()  # a module the forward pass never calls
+    ids = torch.randint(0, 512, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    backend = get_backend("nnsight")
+    with pytest.raises(InterventionError, match="never fired"):
+        backend.patch(idle, {"input_ids": ids}, [Edit(Site.parse("model.unused"), mask, lambda x, w: x + 1)])
+    with pytest.raises(InterventionError, match="never"):
+        backend.collect(idle, {"input_ids": ids}, ["model.unused"])
+    # The model still works afterwards.
+    backend.patch(idle, {"input_ids": ids}, [Edit(Site.parse("layer0"), mask, lambda x, w: x + 1)])
+
+
+def test_nnsight_mask_wider_than_sequence_raises(hf_model):
+    model, _ = hf_model
+    ids = torch.randint(0, 512, (2, 5))
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[:, 6] = True
+    with pytest.raises(InterventionError, match="mask"):
+        get_backend("nnsight").patch(model, {"input_ids": ids}, [Edit(Site.parse("layer0"), mask, lambda x, w: x)])
+
+
+def test_wrong_site_lists_closest_names(hf_model, hooked):
+    model, _ = hf_model
+    with pytest.raises(SiteError, match="closest valid names: model.layers.1"):
+        get_backend("nnsight").resolve(model, "model.layrs.1")
+    with pytest.raises(SiteError, match="blocks.1.hook_resid_post"):
+        get_backend("tlens").resolve(hooked, "blocks.1.hook_resid_pots")
+    with pytest.raises(SiteError, match="tuple index"):
+        get_backend("tlens").resolve(hooked, "layer1[0]")
+
+
+def test_nnsight_wrapper_cached_and_copy_safe(hf_model):
+    from llm_mas.backends.nnsight_backend import nnsight_wrapper
+
+    model, _ = hf_model
+    assert nnsight_wrapper(model) is nnsight_wrapper(model)
+    clone = copy.deepcopy(model)
+    assert nnsight_wrapper(clone)._module is clone
+    ids = torch.randint(0, 512, (1, 6))
+    out = get_backend("nnsight").collect(clone, {"input_ids": ids}, ["layer1"])
+    assert torch.equal(out["model.layers.1:output@given"],
+                       TorchHookBackend().collect(model, {"input_ids": ids}, ["layer1"])["model.layers.1:output@given"])
+
+
+def test_nnsight_on_peft_model(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = load_tiny()
+    torch.manual_seed(0)
+    lora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    model, _ = load_tiny(adapter=tmp_path / "adapter")
+    ids = torch.randint(0, 512, (2, 6))
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[:, 2] = True
+
+    def edits():
+        return [Edit(Site.parse("embeddings"), mask, lambda x, w: x.flip(-1))]
+
+    got = get_backend("nnsight").patch(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, edits())
+    expected = TorchHookBackend().patch(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, edits())
+    assert torch.equal(got, expected)
