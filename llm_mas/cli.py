@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "list-models": "models:list_models",
     "mas": "mas:mas",
     "demo": "mas:demo",
+    "finetune": "toxicity:finetune",
     "record": "llm:record",
 }
 

@@ -139,7 +139,7 @@ def _convert_jigsaw(table: dict[str, list], where: str, dropped: Counter) -> lis
 
 def _convert_hh(table: dict[str, list], where: str, dropped: Counter) -> list[Example]:
     out = []
-    for chosen, rejected in zip(table["chosen"], table["rejected"]):
+    for chosen, rejected in zip(table["chosen"], table["rejected"], strict=True):
         for label, text in (("toxic", _text(rejected)), ("nontoxic", _text(chosen))):
             if not text.strip():
                 dropped["hh", "empty text"] += 1
@@ -150,7 +150,7 @@ def _convert_hh(table: dict[str, list], where: str, dropped: Counter) -> list[Ex
 
 def _convert_toxicchat(table: dict[str, list], where: str, dropped: Counter) -> list[Example]:
     out = []
-    for i, (user, reply) in enumerate(zip(table["user_input"], table["model_output"])):
+    for i, (user, reply) in enumerate(zip(table["user_input"], table["model_output"], strict=True)):
         user, reply = _text(user), _text(reply)
         if not user.strip() and not reply.strip():
             dropped["toxicchat", "empty text"] += 1
@@ -268,7 +268,7 @@ def _convert_labelled(table: dict[str, list], where: str, source: str | None,
                       dropped: Counter) -> list[Example]:
     out = []
     sources = table.get("source")
-    for i, (text, label) in enumerate(zip(table["text"], table["label"])):
+    for i, (text, label) in enumerate(zip(table["text"], table["label"], strict=True)):
         text = _text(text)
         row_source = source or (str(sources[i]) if sources is not None and sources[i] else LOCAL_SOURCE)
         if not text.strip():
@@ -367,7 +367,7 @@ class ToxicityCorpus(Sequence[str]):
     def label_counts(self) -> dict[str, dict[str, int]]:
         """{source: {label: n}} for the texts of this corpus."""
         out: dict[str, dict[str, int]] = {}
-        for source, label in zip(self.sources, self.labels):
+        for source, label in zip(self.sources, self.labels, strict=True):
             out.setdefault(source, {"toxic": 0, "nontoxic": 0})[label] += 1
         return out
 
@@ -383,7 +383,7 @@ class ToxicityCorpus(Sequence[str]):
                 f"balance={self.balance} -> {len(self.texts)} texts")
         lines = [head, f"{'source':<10} {'toxic':>8} {'nontoxic':>9} {'kept t/n':>15}  per split (t/n)  dropped"]
         for name, c in self.counts.items():
-            per_split = " ".join(f"{t}/{n}" for t, n in zip(c.split_toxic, c.split_nontoxic))
+            per_split = " ".join(f"{t}/{n}" for t, n in zip(c.split_toxic, c.split_nontoxic, strict=True))
             dropped = ", ".join(f"{k}: {v}" for k, v in c.dropped.items()) or "-"
             lines.append(f"{name:<10} {c.toxic:>8} {c.nontoxic:>9} {f'{c.kept_toxic}/{c.kept_nontoxic}':>15}  "
                          f"{per_split}  {dropped}")
