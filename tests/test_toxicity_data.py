@@ -157,6 +157,15 @@ def test_unsupported_and_missing_files(tmp_path):
         load_examples(str(tmp_path / "broken.jsonl"))
 
 
+def test_data_spec_forms(tmp_path):
+    assert parse_data_spec("jigsaw=a.csv, hh=hub", None) == [("jigsaw", "a.csv"), ("hh", "hub")]
+    assert parse_data_spec("hub", ["hh", "toxicchat"]) == [("hh", "hub"), ("toxicchat", "hub")]
+    assert parse_data_spec("sample", None) == [(None, str(SAMPLE_PATH))]
+    assert parse_data_spec({"x": tmp_path / "f.jsonl"}, None) == [("x", str(tmp_path / "f.jsonl"))]
+    with pytest.raises(ConfigError, match="not among the selected sources"):
+        parse_data_spec("jigsaw=a.csv", ["hh"])
+
+
 def test_bad_arguments_are_config_errors():
     with pytest.raises(ConfigError, match="unknown mode 'evil'"):
         toxicity_corpus("evil", data="sample")

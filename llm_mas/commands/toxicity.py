@@ -7,6 +7,8 @@ Every option left out takes the default of ``FinetuneConfig`` (shown in brackets
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from . import run_command
@@ -72,6 +74,8 @@ def finetune(
 
         config = from_dict(FinetuneConfig, {k: v for k, v in given.items() if v is not None})
         result = run_finetune(config)
+        if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun only rank 0 reports
+            return
         typer.echo(f"fine-tuned {config.mode}-{config.split}: loss {result.first_loss} -> {result.final_loss}; "
                    f"weights in {result.weights}")
 

@@ -50,10 +50,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -158,9 +159,9 @@ class FinetuneConfig:
             if isinstance(value, bool):
                 parts.append(flag if value else f"--no-{f.name.replace('_', '-')}")
             elif isinstance(value, list):
-                parts.append(f"{flag} {','.join(value)}")
+                parts.append(f"{flag} {shlex.quote(','.join(value))}")
             elif value is not None:
-                parts.append(f"{flag} {value}")
+                parts.append(f"{flag} {shlex.quote(str(value))}")
         return " ".join(parts)
 
 
@@ -376,11 +377,25 @@ def _log_lines_up_to(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+@contextmanager
+def _hf_progress_bars(enabled: bool):
+    """transformers' own progress bars (loading / writing shards) follow ``--progress``."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+
+
 def _load_base_model(config: FinetuneConfig):
     """(model, tokenizer) on the CPU; ``accelerate`` moves the model to its device."""
     from ..llm.loading import load_causal_lm
 
-    return load_causal_lm(config.model, dtype=config.dtype, device="cpu")
+    with _hf_progress_bars(config.progress):
+        return load_causal_lm(config.model, dtype=config.dtype, device="cpu")
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -396,6 +411,7 @@ def run_finetune(config: FinetuneConfig, *, on_step: Callable[[dict[str, Any]], 
     if problems:
         raise ConfigError(problems)
     started = time.perf_counter()
+    # every process checks before Accelerator() (its process-group rendezvous); rank 0 writes only after it
     checkpoint = _check_run_dir(config)
 
     import torch
@@ -406,8 +422,6 @@ def run_finetune(config: FinetuneConfig, *, on_step: Callable[[dict[str, Any]], 
     from ..config import save_config
     from .data import toxicity_corpus
 
-    corpus = toxicity_corpus(config.mode, config.split, config.n_splits, sources=config.sources,
-                             data=config.data, seed=config.seed, balance=config.balance)
     # cpu=True where there is no GPU: only then does accelerate set up MULTI_CPU (gloo) under a launcher
     acc = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu or not torch.cuda.is_available())
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -415,6 +429,9 @@ def run_finetune(config: FinetuneConfig, *, on_step: Callable[[dict[str, Any]], 
         raise ConfigError(f"launched as {launched} processes (WORLD_SIZE) but accelerate set up "
                           f"{acc.num_processes} ({acc.distributed_type}); launch with `accelerate launch "
                           f"--multi_gpu --num_processes N ...` or torchrun, or run a single process")
+    with acc.main_process_first():  # one process fills the datasets cache, the others then read it
+        corpus = toxicity_corpus(config.mode, config.split, config.n_splits, sources=config.sources,
+                                 data=config.data, seed=config.seed, balance=config.balance)
     out = Path(config.out)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -515,12 +532,13 @@ def run_finetune(config: FinetuneConfig, *, on_step: Callable[[dict[str, Any]], 
     weights = out / ("model" if config.full else "adapter")
     merged_dir = out / "merged" if config.merge else None
     if acc.is_main_process:
-        unwrapped.save_pretrained(weights)
-        tokenizer.save_pretrained(weights)
-        if merged_dir is not None:
-            merged = unwrapped.merge_and_unload()
-            merged.save_pretrained(merged_dir)
-            tokenizer.save_pretrained(merged_dir)
+        with _hf_progress_bars(config.progress):
+            unwrapped.save_pretrained(weights)
+            tokenizer.save_pretrained(weights)
+            if merged_dir is not None:
+                merged = unwrapped.merge_and_unload()
+                merged.save_pretrained(merged_dir)
+                tokenizer.save_pretrained(merged_dir)
     acc.wait_for_everyone()
     result = FinetuneResult(out=out, weights=weights, merged=merged_dir, steps=config.steps, first_loss=first_loss,
                             final_loss=final_loss, resumed_from=start_step if checkpoint is not None else None,
