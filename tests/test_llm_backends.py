@@ -226,3 +226,34 @@ def test_nnsight_on_peft_model(tmp_path):
     got = get_backend("nnsight").patch(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, edits())
     expected = TorchHookBackend().patch(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, edits())
     assert torch.equal(got, expected)
+
+
+class _DeclaredOutOfOrder(torch.nn.Module):
+    """Declares `late` before `early` but runs `early` first (static order is wrong for nnsight)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.late = torch.nn.Linear(8, 8)
+        self.early = torch.nn.Linear(8, 8)
+
+    def forward(self, x):  # x (B, T, 8)
+        return self.late(torch.tanh(self.early(x)))
+
+
+def test_nnsight_learns_the_executed_module_order():
+    model = _DeclaredOutOfOrder().requires_grad_(False)
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 1] = mask[1, 3] = True
+
+    def edits():
+        return [Edit(Site.parse("late"), mask, lambda h, w: h * 3.0), Edit(Site.parse("early"), mask, lambda h, w: -h)]
+
+    backend = get_backend("nnsight")
+    expected = TorchHookBackend().patch(model, x, edits())
+    assert torch.equal(backend.patch(model, x, edits()), expected)
+    assert "_llm_mas_observed_module_order" in vars(model)  # the static order failed and was replaced
+    assert torch.equal(backend.patch(model, x, edits()), expected)  # the learned order is kept
+    got = backend.collect(model, x, ["late", "early"])
+    assert torch.equal(got["late:output@given"], model(x))
