@@ -278,3 +278,26 @@ def test_data_module_imports_lightly():
             "heavy = [m for m in ('datasets', 'torch', 'transformers', 'peft', 'accelerate') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_hub_path_with_a_stand_in_hub(monkeypatch):
+    """The hub branch (split choice, columns, labels) against a stand-in for datasets.load_dataset."""
+    import datasets
+
+    rows = [_jigsaw_row("hub kind words"), _jigsaw_row("hub rude words", insult=1)]
+    table = {k: [r[k] for r in rows] for k in rows[0]}
+    calls = []
+
+    def fake_load_dataset(name, config=None, **kwargs):
+        calls.append((name, config))
+        return datasets.DatasetDict({"full_train": datasets.Dataset.from_dict(table),
+                                     "test": datasets.Dataset.from_dict(table)})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    corpus = toxicity_corpus("both", split=None, data="hub", sources=["jigsaw"], n_splits=1)
+    assert calls == [("anitamaxvim/jigsaw-toxic-comments", None)]
+    assert sorted(zip(corpus.labels, corpus, strict=True)) == [("nontoxic", "Assistant: hub kind words"),
+                                                               ("toxic", "Assistant: hub rude words")]
+    assert corpus.counts["jigsaw"].origins == ["hub:anitamaxvim/jigsaw-toxic-comments[full_train]"]
+    with pytest.raises(DataError, match=r"splits full_train, test, none of train"):
+        toxicity_corpus("both", data="hub", sources=["hh"])
