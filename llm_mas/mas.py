@@ -25,11 +25,18 @@ SITE_ALIASES = ("embeddings", "hidden")
 
 @dataclass
 class ModelConfig:
-    name: str                           # shipped model name (llm-mas list-models) or a checkpoint directory
-    site: str = "hidden"                # "embeddings", "hidden", "layer{l}" or a hook path like "hook_layers.0"
+    name: str                           # task model: shipped name (llm-mas list-models) or checkpoint directory;
+                                        # hf: hub id or local directory
+    site: str = "hidden"                # "embeddings", "hidden", "layer{l}" or a module/hook path
     alignment: str = "orthogonal"       # orthogonal | low_rank | gram_schmidt | linear | identity
     standardize: bool = False           # z-score latents (per feature) inside the alignment
     variable_map: dict[str, str] = field(default_factory=dict)  # shared variable -> this model's variable
+    kind: Literal["task", "hf"] = "task"  # numeric task model, or a Hugging Face causal LM
+    recording: str | None = None        # hf: directory written by `llm-mas record` for this model
+    adapter: str | None = None          # hf: optional PEFT adapter directory
+    dtype: str = "float32"              # hf: float32 | bfloat16 | float16
+    device: str | None = None           # per-model device (default: the run's device)
+    backend: str = "torch"              # hf: torch | nnsight | tlens
 
 
 @dataclass
@@ -107,6 +114,8 @@ class MASConfig:
 
 def check_models(config: MASConfig) -> list:
     """Resolve model names, tasks, sites and variables before loading any weights; all problems at once."""
+    if any(m.kind == "hf" for m in config.models):
+        return [None] * len(config.models)
     from .models.registry import model_info
     from .tasks import get_task
 
@@ -131,6 +140,13 @@ def check_models(config: MASConfig) -> list:
 
 
 def build_problem(config: MASConfig):
+    kinds = {m.kind for m in config.models}
+    if kinds == {"hf"}:
+        from .llm.mas import build_llm_problem
+
+        return build_llm_problem(config)
+    if len(kinds) > 1:
+        raise ConfigError("models: mixing kind 'task' and kind 'hf' in one run is not supported")
     from .models.registry import load_task_model
     from .numeric import ModelEntry, NumericProblem
     from .sites import resolve_site
