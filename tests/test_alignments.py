@@ -138,6 +138,21 @@ def test_orthonormal_after_parameter_changes(kind, d):
     assert orthonormality_error(alignment.materialize()) < 1e-5
 
 
+@pytest.mark.parametrize("orthogonal_map", ["matrix_exp", "cayley", "householder"])
+def test_low_rank_maps_start_equal_and_stay_orthonormal(orthogonal_map):
+    """Every map starts at the seed's columns; perturbing every entry of the raw parameter (as weight
+    decay would) keeps the columns orthonormal — torch's Householder map would zero columns here."""
+    reference = make_alignment("low_rank", 12, k=5, seed=3).materialize().weight
+    alignment = make_alignment("low_rank", 12, k=5, seed=3, orthogonal_map=orthogonal_map)
+    torch.testing.assert_close(alignment.materialize().weight, reference, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        for p in alignment.parameters():
+            p.mul_(0.9).add_(0.1)
+    u = alignment.materialize().weight
+    torch.testing.assert_close(u.mT @ u, torch.eye(5), atol=1e-5, rtol=0)
+    assert not torch.allclose(u, reference, atol=1e-3)
+
+
 def test_orthogonal_after_adam_training():
     """QQᵀ = I after optimisation (the constraint holds by construction, not by initialisation)."""
     torch.manual_seed(0)
