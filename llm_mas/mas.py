@@ -37,6 +37,7 @@ class ModelConfig:
     dtype: str = "float32"              # hf: float32 | bfloat16 | float16
     device: str | None = None           # per-model device (default: the run's device)
     backend: str = "torch"              # hf: torch | nnsight | tlens
+    untrained: bool = False             # control: a freshly initialised copy of this architecture (chance level)
 
 
 @dataclass
@@ -52,6 +53,21 @@ class DataConfig:
         if self.n_valid < 1:
             p.append(f"data.n_valid must be >= 1, got {self.n_valid}")
         return p
+
+
+@dataclass
+class CLConfig:
+    """CLMAS: models whose behaviour under intervention may not be used (causally inaccessible).
+
+    Directions *into* them are trained only by the counterfactual-latent loss, the others by behaviour;
+    total = (1 − epsilon)·L_behaviour + epsilon·L_CL. Every direction is still evaluated behaviourally.
+    """
+
+    inaccessible: list[int] = field(default_factory=list)
+    epsilon: float = 0.0
+
+    def validate(self) -> list[str]:
+        return [] if 0.0 <= self.epsilon <= 1.0 else [f"cl.epsilon must be in [0, 1], got {self.epsilon}"]
 
 
 @dataclass
@@ -72,6 +88,7 @@ class MASConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cl: CLConfig = field(default_factory=CLConfig)
     out_dir: str = "runs"
     device: str = "cpu"
     progress: bool = True
@@ -93,6 +110,9 @@ class MASConfig:
             for d in self.directions:
                 if len(d) != 2 or not all(0 <= x < len(self.models) for x in d):
                     p.append(f"directions: {d} must be [source, target] with indices in 0..{len(self.models) - 1}")
+        for i in self.cl.inaccessible:
+            if not 0 <= i < len(self.models):
+                p.append(f"cl.inaccessible: model index {i} is outside 0..{len(self.models) - 1}")
         if self.k is not None and self.k < 1:
             p.append(f"k must be >= 1, got {self.k}")
         if not self.variables:
@@ -101,7 +121,7 @@ class MASConfig:
             p.append(f"device {self.device!r} must be cpu or cuda[:i]")
         return p
 
-    def train_directions(self) -> list[tuple[int, int]]:
+    def _directions(self) -> list[tuple[int, int]]:
         n = len(self.models)
         if self.directions == "all":
             return [(s, t) for s in range(n) for t in range(n)]
@@ -110,6 +130,13 @@ class MASConfig:
         if self.directions == "self":
             return [(i, i) for i in range(n)]
         return [tuple(d) for d in self.directions]
+
+    def train_directions(self) -> list[tuple[int, int]]:
+        """Directions trained by behaviour (those into an inaccessible model are CL-trained instead)."""
+        return [d for d in self._directions() if d[1] not in self.cl.inaccessible]
+
+    def cl_directions(self) -> list[tuple[int, int]]:
+        return [d for d in self._directions() if d[1] in self.cl.inaccessible]
 
 
 def check_models(config: MASConfig) -> list:
@@ -154,13 +181,21 @@ def build_problem(config: MASConfig):
 
     check_models(config)
     entries = []
-    for m in config.models:
+    for i, m in enumerate(config.models):
         model = load_task_model(m.name).to(config.device)
+        if m.untrained:  # control: same architecture, fresh random weights
+            from .models.task_models import build_task_model
+
+            cfg = dict(model.config)
+            arch, task_name, vocab = cfg.pop("arch"), cfg.pop("task_name"), cfg.pop("vocab_size")
+            cfg.pop("seed", None)
+            model = build_task_model(arch, task_name, vocab, seed=10_000 + config.seed * 7 + i, **cfg)
+            model.eval().requires_grad_(False).to(config.device)
         site = resolve_site(model, m.site)
         from .backends.torch_hooks import get_module
 
         get_module(model, site)  # wrong path -> SiteError listing close names
-        entries.append(ModelEntry(name=Path(m.name).name, model=model, task=get_task(model.task_name), site=site,
+        entries.append(ModelEntry(name=Path(m.name).name + ("-untrained" if m.untrained else ""), model=model, task=get_task(model.task_name), site=site,
                                   width=model.d_model, variable_map=dict(m.variable_map)))
     widths = [e.width for e in entries]
     k = config.k if config.k is not None else min(widths) // 2
@@ -172,7 +207,8 @@ def build_problem(config: MASConfig):
                              stepwise=config.data.stepwise, train_directions=config.train_directions(),
                              n_train=config.data.n_train, n_valid=config.data.n_valid, seed=config.seed,
                              intervention=config.intervention, eval_batch_size=config.eval.batch_size,
-                             device=config.device, progress=config.progress)
+                             device=config.device, progress=config.progress,
+                             cl_directions=config.cl_directions(), cl_epsilon=config.cl.epsilon)
     return problem
 
 

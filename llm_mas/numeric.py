@@ -65,6 +65,12 @@ class Chunk:
     source_rows: torch.Tensor | None  # stepwise: (n,) row of the source base batch
     state0: torch.Tensor | None     # fast path: (n, d_t) target state before the intervened token
     quantity: np.ndarray            # (n,) target N (for breakdowns)
+    cl: bool = False                # trained by the counterfactual-latent loss instead of behaviour
+    target_latents: torch.Tensor | None = None   # CL: (n, d_t) the target's natural latent at target_pos
+    cl_latents: torch.Tensor | None = None       # CL: (n, d_t) matched natural latent of the intended state
+    cl_matched: torch.Tensor | None = None       # CL: (n,) bool, False where no natural state matched
+    cl_where: tuple[np.ndarray, np.ndarray] | None = None  # CL: (row, position) of each matched natural latent
+    intended: dict[str, np.ndarray] | None = None          # CL: the causal state each intervention intends
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -84,7 +90,8 @@ class NumericProblem:
                  train_directions: Sequence[tuple[int, int]] | None = None,
                  n_train: int = 10_000, n_valid: int = 1_000, seed: int = 0,
                  intervention: str = "interchange", eval_batch_size: int = 1000,
-                 fast_path: bool = True, device: str = "cpu", progress: bool = True):
+                 fast_path: bool = True, device: str = "cpu", progress: bool = True,
+                 cl_directions: Sequence[tuple[int, int]] = (), cl_epsilon: float = 0.0):
         if intervention not in ("interchange", "stitch"):
             raise ConfigError(f"intervention {intervention!r} must be 'interchange' or 'stitch'")
         self.models = list(models)
@@ -100,9 +107,16 @@ class NumericProblem:
         self.directions = [(s, t) for s in range(n) for t in range(n)]
         self.train_directions = set(map(tuple, train_directions)) if train_directions is not None else set(
             self.directions)
-        bad = [d for d in self.train_directions if d not in self.directions]
+        self.cl_directions = set(map(tuple, cl_directions))
+        bad = [d for d in self.train_directions | self.cl_directions if d not in self.directions]
         if bad:
-            raise ConfigError(f"train directions {bad} name models outside 0..{n - 1}")
+            raise ConfigError(f"directions {sorted(bad)} name models outside 0..{n - 1}")
+        if self.cl_directions and stepwise:
+            raise ConfigError("the counterfactual-latent (CL) loss is defined for indywise interventions only; "
+                              "set data.stepwise=false or drop cl.directions")
+        if not 0.0 <= cl_epsilon <= 1.0:
+            raise ConfigError(f"cl epsilon {cl_epsilon} must be in [0, 1]")
+        self.cl_epsilon = cl_epsilon
         d_min = min(m.width for m in self.models)
         all_vars = self.variables + (["null"] if null_subspace else [])
         self.blocks = variable_blocks(self.variables, k, d_min, null=null_subspace)
@@ -149,8 +163,42 @@ class NumericProblem:
                     continue
                 pairs = make_pairs(self.models[t].task, bases[t], self.models[s].task, bases[s],
                                    self._variable_spec(s, t, v), n, rng, stepwise=self.stepwise)
-                chunks.append(self._make_chunk(s, t, v, pairs, bases[t], caches[s], caches[t]))
+                chunk = self._make_chunk(s, t, v, pairs, bases[t], caches[s], caches[t])
+                if (s, t) in self.cl_directions:
+                    self._attach_cl(chunk, pairs, bases[t], caches[t], rng)
+                chunks.append(chunk)
         return chunks
+
+    def _attach_cl(self, chunk: Chunk, pairs, target_base, target_cache, rng) -> None:
+        """Counterfactual latents: for each pair, a natural latent of the target (its own runs on this split)
+        whose causal state equals the state the intervention intends; unmatched pairs are masked."""
+        task = self.models[chunk.target].task
+        keys = [v for v in task.state_variables if v in pairs.intended]
+        states = task.states(target_base)                                   # {var: (N, L)}
+        valid = task.valid_positions(target_base)                           # (N, L)
+        rows, cols = np.nonzero(valid)
+        natural = np.stack([states[v][rows, cols] for v in keys], 1)        # (M, n_keys)
+        wanted = np.stack([pairs.intended[v] for v in keys], 1)             # (n, n_keys)
+        lo = np.minimum(natural.min(0), wanted.min(0))
+        radix = np.maximum(natural.max(0), wanted.max(0)) - lo + 1
+        weights = np.concatenate([np.cumprod(radix[::-1])[::-1][1:], [1]]).astype(np.int64)
+        nat_code = ((natural - lo) * weights).sum(1)
+        want_code = ((wanted - lo) * weights).sum(1)
+        order = np.argsort(nat_code, kind="stable")
+        sorted_codes = nat_code[order]
+        start = np.searchsorted(sorted_codes, want_code, "left")
+        stop = np.searchsorted(sorted_codes, want_code, "right")
+        matched = stop > start
+        pick = start + np.floor(rng.random(len(want_code)) * np.maximum(stop - start, 1)).astype(np.int64)
+        pick = order[np.minimum(pick, len(order) - 1)]
+        dev = self.device
+        chunk.cl = True
+        chunk.cl_matched = torch.as_tensor(matched, device=dev)
+        chunk.cl_where = (rows[pick], cols[pick])
+        chunk.intended = {v: pairs.intended[v] for v in keys}
+        chunk.cl_latents = target_cache[torch.as_tensor(rows[pick], device=dev), torch.as_tensor(cols[pick], device=dev)]
+        chunk.target_latents = target_cache[torch.as_tensor(pairs.target_index, device=dev),
+                                            torch.as_tensor(pairs.target_pos, device=dev)]
 
     def _make_chunk(self, s, t, v, pairs, target_base, source_cache, target_cache) -> Chunk:
         dev = self.device
@@ -161,7 +209,7 @@ class NumericProblem:
         src_rows = torch.as_tensor(pairs.source_index, device=dev)
         tgt_rows = torch.as_tensor(pairs.target_index, device=dev)
         n, L = ids.shape
-        trained = (s, t) in self.train_directions
+        trained = (s, t) in self.train_directions or (s, t) in self.cl_directions
         quantity = self.models[t].task.quantities(target_base)[pairs.target_index]
         fast = self.fast_path and not self.stepwise and _rnn_state_site(self.models[t])
         if fast:
@@ -248,21 +296,52 @@ class NumericProblem:
 
     # ------------------------------------------------------------------ trainer interface
     def loss(self, maps, batch_index: torch.Tensor):
-        chunks = [c for c in self.splits["train"] if c.trained]
-        if not chunks:
+        """(1 − ε)·L_behaviour + ε·L_CL over the trained chunks (either term alone when the other is empty)."""
+        behaviour = [c for c in self.splits["train"] if c.trained and not c.cl]
+        cl_chunks = [c for c in self.splits["train"] if c.cl]
+        if not behaviour and not cl_chunks:
             raise ConfigError("no trained directions: set directions to include at least one (source, target)")
         rows = batch_index.to(self.device)
-        total = 0.0
-        for group in self._groups(chunks).values():
-            logits, labels = self._run(maps, group, [rows] * len(group), rollout=False)
-            ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                 reduction="none").view(labels.shape)          # (R, W)
-            scored = (labels != IGNORE).float()
-            n_rows = len(rows)
-            for i in range(len(group)):
-                seg = slice(i * n_rows, (i + 1) * n_rows)
-                total = total + ce[seg].sum() / scored[seg].sum().clamp(min=1)
-        return total / len(chunks), {}
+        info: dict[str, float] = {}
+        l_behaviour = None
+        if behaviour:
+            total = 0.0
+            for group in self._groups(behaviour).values():
+                logits, labels = self._run(maps, group, [rows] * len(group), rollout=False)
+                ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                     reduction="none").view(labels.shape)          # (R, W)
+                scored = (labels != IGNORE).float()
+                n_rows = len(rows)
+                for i in range(len(group)):
+                    seg = slice(i * n_rows, (i + 1) * n_rows)
+                    total = total + ce[seg].sum() / scored[seg].sum().clamp(min=1)
+            l_behaviour = total / len(behaviour)
+            info["loss_behaviour"] = float(l_behaviour.detach())
+        l_cl = None
+        if cl_chunks:
+            l_cl = sum(self.cl_loss(maps, c, rows) for c in cl_chunks) / len(cl_chunks)
+            info["loss_cl"] = float(l_cl.detach())
+        if l_behaviour is None:
+            return l_cl, info
+        if l_cl is None:
+            return l_behaviour, info
+        return (1 - self.cl_epsilon) * l_behaviour + self.cl_epsilon * l_cl, info
+
+    def intervened_latents(self, maps, chunk: Chunk, rows: torch.Tensor) -> torch.Tensor:
+        """ĥ (rows, d_t): the intervened target latent at target_pos in the target's native space."""
+        target_map, source_map = maps[chunk.target], maps[chunk.source]
+        h_s = chunk.source_latents[rows]
+        if self.intervention == "stitch":
+            return stitch(target_map, source_map, h_s, chunk.block)
+        return intervene(target_map, source_map, chunk.target_latents[rows], h_s, chunk.block)
+
+    def cl_loss(self, maps, chunk: Chunk, rows: torch.Tensor) -> torch.Tensor:
+        """L_CL = ½[(1 − cos(ĥ, h_cl)) + mean_d (ĥ − h_cl)²] over matched pairs."""
+        h_hat = self.intervened_latents(maps, chunk, rows)
+        h_cl = chunk.cl_latents[rows]
+        matched = chunk.cl_matched[rows].float()
+        per = 0.5 * ((1 - F.cosine_similarity(h_hat, h_cl, dim=-1)) + ((h_hat - h_cl) ** 2).mean(-1))
+        return (per * matched).sum() / matched.sum().clamp(min=1)
 
     def evaluate(self, maps, split: str = "valid", with_ci: bool = False) -> list[dict]:
         chunks = self.splits[split]
@@ -295,7 +374,12 @@ class NumericProblem:
                        "source_index": c.source, "target_index": c.target, "variable": c.variable,
                        "trained": c.trained, "trial_iia": float(trial.mean()),
                        "token_iia": float(tok_ok.sum() / max(tok_n.sum(), 1)),
-                       "loss": acc["loss"] / max(tok_n.sum(), 1), "n_pairs": int(len(trial))}
+                       "loss": acc["loss"] / max(tok_n.sum(), 1), "n_pairs": int(len(trial)),
+                       "trained_by": "cl" if c.cl else ("behaviour" if c.trained else "none")}
+                if c.cl:
+                    rec["cl_unmatched"] = int((~c.cl_matched).sum())
+                    with torch.no_grad():
+                        rec["cl_loss"] = float(self.cl_loss(maps, c, torch.arange(len(c), device=self.device)))
                 if with_ci:
                     from .stats import bootstrap_ci
 

@@ -47,7 +47,8 @@ class MASResult:
         m = self.matrix(variable, metric)
         names = self.models
         w = max(8, *(len(x) for x in names))
-        head = f"{'source \\ target':<{w}} " + " ".join(f"{x:>{w}}" for x in names)
+        corner = "source \\ target"
+        head = f"{corner:<{w}} " + " ".join(f"{x:>{w}}" for x in names)
         lines = [head]
         for i, name in enumerate(names):
             cells = " ".join(f"{'-':>{w}}" if np.isnan(v) else f"{v:>{w}.3f}" for v in m[i])

@@ -154,3 +154,43 @@ def test_trainer_keeps_rotations_orthogonal_and_is_deterministic_and_resumable(t
     for a, b in zip(aligns.state_dict().values(), aligns3.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert [h["valid_score"] for h in res3.history] == [h["valid_score"] for h in res.history]
+
+
+def test_clmas_matches_intended_states_masks_unmatched_and_mixes_losses():
+    prob = _problem(("gru", "gru"), variables=("count",), n_train=64, n_valid=32,
+                    train_directions=[(1, 0), (0, 0)], cl_directions=[(0, 1), (1, 1)], cl_epsilon=0.5)
+    cl_chunks = [c for c in prob.splits["train"] if c.cl]
+    assert {(c.source, c.target) for c in cl_chunks} == {(0, 1), (1, 1)}
+    # the natural latent chosen for every matched pair has exactly the intended causal state
+    rng = np.random.default_rng([3, 0])
+    bases = [TASK.sample(64, rng) for _ in range(2)]  # the same draws the problem made for the train split
+    states = TASK.states(bases[1])
+    natural = TorchHookBackend().collect(prob.models[1].model, {"input_ids": torch.as_tensor(bases[1].ids)},
+                                         [prob.models[1].site])[str(prob.models[1].site)]   # (N, L, d)
+    for c in cl_chunks:
+        rows, cols = c.cl_where
+        matched = c.cl_matched.numpy()
+        assert 0.5 < matched.mean() <= 1.0
+        for var in ("obj_count", "phase", "count"):
+            np.testing.assert_array_equal(states[var][rows, cols][matched], c.intended[var][matched])
+        torch.testing.assert_close(c.cl_latents, natural[torch.as_tensor(rows), torch.as_tensor(cols)])
+    maps = [make_alignment("orthogonal", 128, seed=s).materialize() for s in (0, 1)]
+    loss, info = prob.loss(maps, torch.arange(32))
+    assert set(info) == {"loss_behaviour", "loss_cl"}
+    expected = 0.5 * info["loss_behaviour"] + 0.5 * info["loss_cl"]
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+    # masking: an unmatched pair never contributes, whatever its latent
+    c = cl_chunks[0]
+    c.cl_matched[:] = False
+    c.cl_matched[0] = True
+    before = float(prob.cl_loss(maps, c, torch.arange(8)))
+    c.cl_latents[1:] = 1e6
+    assert float(prob.cl_loss(maps, c, torch.arange(8))) == pytest.approx(before)
+    # a perfect prediction of the matched latent gives zero loss
+    c.cl_latents[0] = prob.intervened_latents(maps, c, torch.arange(1))[0].detach()
+    assert float(prob.cl_loss(maps, c, torch.arange(1))) == pytest.approx(0.0, abs=1e-6)
+    recs = prob.evaluate(maps)
+    cl_recs = [r for r in recs if r["trained_by"] == "cl"]
+    assert len(cl_recs) == 2 and all("cl_unmatched" in r for r in cl_recs)
+    assert all(r["trained_by"] == "behaviour" for r in recs if (r["source_index"], r["target_index"]) in
+               [(1, 0), (0, 0)])
