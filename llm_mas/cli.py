@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "demo": "mas:demo",
     "finetune": "toxicity:finetune",
     "record": "llm:record",
+    "similarity": "similarity:similarity",
 }
 
 
