@@ -18,8 +18,8 @@ DEMO_RUNS = [
 
 
 def demo_configs(out_dir: str = "runs", quick: bool = False):
-    from .mas import MASConfig
     from .config import from_dict
+    from .mas import MASConfig
 
     configs = []
     for name, models in DEMO_RUNS:
