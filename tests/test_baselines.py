@@ -25,7 +25,7 @@ def test_isometric_full_rank_identity_rotations_is_identity():
 def test_isometric_stitch_is_a_rank_k_partial_isometry(d_source, d_target, k):
     module = IsometricStitch.create(d_source, d_target, k, seed=0, dtype=F64)
     stitch_map = module.materialize()
-    matrix = stitch_map.matrix()  # (d_s, d_t)
+    matrix = stitch_map.matrix().detach()  # (d_s, d_t)
     singular_values = torch.linalg.svdvals(matrix)
     torch.testing.assert_close(singular_values[:k], torch.ones(k, dtype=F64))  # isometric on its row space
     assert all(float(v) < 1e-10 for v in singular_values[k:])  # and rank exactly k
