@@ -337,8 +337,8 @@ def run_similarity(config: SimilarityConfig, log=print) -> dict[str, Any]:
                                           n_repeats=config.n_repeats, seed=config.seed)
         pairs.append({"a": i, "b": j, "model_a": config.models[i].name, "model_b": config.models[j].name,
                       "site_a": rows.sites[i], "site_b": rows.sites[j], "metrics": metrics})
-        log(f"[{config.name}] {config.models[i].name}@{config.models[i].site} vs "
-            f"{config.models[j].name}@{config.models[j].site}: " +
+        log(f"[{config.name}] {Path(config.models[i].name).name}@{config.models[i].site} vs "
+            f"{Path(config.models[j].name).name}@{config.models[j].site}: " +
             ", ".join(f"{k} {metrics[k]['mean']:.3f}" for k in MEASURES))
     result = {"name": config.name, "task": task, "seed": config.seed,
               "models": [{"name": m.name, "site": m.site, "resolved_site": s, "width": int(x.shape[1])}

@@ -355,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         log = lambda msg: print(msg, flush=True)  # noqa: E731
         similarities, mas = {}, {}
         for i, comp in enumerate(config.comparisons, 1):
-            log(f"[{i}/{len(config.comparisons)}] {comp.name}: {' vs '.join(comp.models)} at {comp.site} "
-                f"— similarity ({time.perf_counter() - t0:.0f}s)")
+            log(f"[{i}/{len(config.comparisons)}] {comp.name}: {' vs '.join(Path(m).name for m in comp.models)} "
+                f"at {comp.site}"
+                f" — similarity ({time.perf_counter() - t0:.0f}s)")
             similarities[comp.name] = similarity_for(comp, config, run_dir, args.smoke, log)
         for i, comp in enumerate(config.comparisons, 1):
             train = not only or comp.name in only
