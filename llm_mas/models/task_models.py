@@ -90,6 +90,25 @@ class TaskModel(nn.Module):
     def _positions(self, offset: int, length: int, device: torch.device) -> torch.Tensor:
         return torch.arange(offset, offset + length, device=device)  # (T,)
 
+    # ------------------------------------------------------------------ forward
+    def features(self, input_ids: torch.Tensor, state: torch.Tensor | None = None,
+                 position_offset: int = 0) -> torch.Tensor:
+        """What the output head reads, (B, T, F), after every hook has fired (teacher forced)."""
+        raise NotImplementedError
+
+    def readout(self, features: torch.Tensor) -> torch.Tensor:
+        """The output head: features (..., F) -> logits (..., V)."""
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, state: torch.Tensor | None = None,
+                position_offset: int = 0) -> torch.Tensor:
+        """Teacher-forced logits (B, T, V) for input_ids (B, T).
+
+        state: recurrent models only, the initial latent (B, d) (GRU h, LSTM ``[h; c]``); zeros when None.
+        position_offset: recurrent models only, the absolute position of input_ids[:, 0] (reported to hooks).
+        """
+        return self.readout(self.features(input_ids, state, position_offset))
+
     # ------------------------------------------------------------------ decoding
     def _begin_decode(self, batch: int, state: torch.Tensor | None, position_offset: int,
                       device: torch.device) -> Any:
@@ -174,13 +193,11 @@ class _RecurrentTaskModel(TaskModel):
         return [state[layer].to(self.embed.weight.dtype) for layer in range(self.n_layers)]
 
     # forward -------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, state: torch.Tensor | None = None,
-                position_offset: int = 0) -> torch.Tensor:
-        """Teacher-forced logits (B, T, V) for input_ids (B, T).
+    def readout(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
 
-        state: the initial latent (B, d) (GRU h, LSTM ``[h; c]``), zeros when None.
-        position_offset: absolute position of input_ids[:, 0] (reported to hooks).
-        """
+    def features(self, input_ids: torch.Tensor, state: torch.Tensor | None = None,
+                 position_offset: int = 0) -> torch.Tensor:
         self._check_ids(input_ids)
         batch, length = input_ids.shape
         positions = self._positions(position_offset, length, input_ids.device)  # (T,)
@@ -188,7 +205,7 @@ class _RecurrentTaskModel(TaskModel):
         latents0 = self._initial_latents(batch, state, input_ids.device)
         for layer in range(self.n_layers):
             x = self._run_layer(layer, x, latents0[layer], positions, position_offset)  # (B, T, out)
-        return self.head(x)  # (B, T, V)
+        return x
 
     def _run_layer(self, layer: int, x: torch.Tensor, latent: torch.Tensor, positions: torch.Tensor,
                    position_offset: int) -> torch.Tensor:
@@ -247,7 +264,7 @@ class _RecurrentTaskModel(TaskModel):
             latent = self.hook_layers[layer](latent.unsqueeze(1), pos)[:, 0]  # (B, d)
             new_cache.append(latent)
             x = self._readout(latent)  # (B, out)
-        return self.head(x), new_cache  # (B, V)
+        return self.readout(x), new_cache  # (B, V)
 
 
 class GRUTaskModel(_RecurrentTaskModel):
@@ -403,9 +420,11 @@ class TransformerTaskModel(TaskModel):
                 f"position_offset={position_offset} is for recurrent models only; the Transformer needs the whole "
                 "sequence from position 0")
 
-    def forward(self, input_ids: torch.Tensor, state: torch.Tensor | None = None,
-                position_offset: int = 0) -> torch.Tensor:
-        """Teacher-forced logits (B, T, V) for input_ids (B, T) (causal attention, positions 0..T-1)."""
+    def readout(self, features: torch.Tensor) -> torch.Tensor:
+        return self.unembed(self.ln_final(features))
+
+    def features(self, input_ids: torch.Tensor, state: torch.Tensor | None = None,
+                 position_offset: int = 0) -> torch.Tensor:
         self._no_state(state, position_offset)
         self._check_ids(input_ids)
         positions = self._positions(0, input_ids.shape[1], input_ids.device)  # (T,)
@@ -415,7 +434,7 @@ class TransformerTaskModel(TaskModel):
         for layer, block in enumerate(self.blocks):
             x, _ = block(x, cos, sin)
             x = self.hook_layers[layer](x, positions)  # (B, T, d)
-        return self.unembed(self.ln_final(x))  # (B, T, V)
+        return x
 
     def _begin_decode(self, batch, state, position_offset, device):
         self._no_state(state, position_offset)
@@ -431,7 +450,7 @@ class TransformerTaskModel(TaskModel):
             x, kv = block(x, cos, sin, cache=cache[layer])
             new_cache.append(kv)
             x = self.hook_layers[layer](x, pos)  # (B, 1, d)
-        return self.unembed(self.ln_final(x))[:, 0], new_cache  # (B, V)
+        return self.readout(x)[:, 0], new_cache  # (B, V)
 
 
 _CLASSES: dict[str, type[TaskModel]] = {

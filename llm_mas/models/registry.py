@@ -1,0 +1,126 @@
+"""Shipped task-model checkpoints: ``data/models/<name>/`` and ``data/models/manifest.json``.
+
+    from llm_mas import load_task_model
+    model = load_task_model("multiobject-gru-s0")    # by shipped name
+    model = load_task_model("runs/my-run")           # or any directory written by `llm-mas train-model`
+
+Each entry of the manifest records the exact training command, the free-running trial accuracy per N
+(Arithmetic: per number of operations and per initial-value range), the evaluation seed and the date.
+Rebuild it from the checkpoint directories with ``python -m llm_mas.models.registry``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, DataError
+from .task_models import TaskModel, count_parameters
+
+MANIFEST = "manifest.json"
+BAR = 0.99  # minimum free-running trial accuracy on every N for a model to be used
+
+
+def models_dir() -> Path:
+    """Where the shipped checkpoints live (``$LLM_MAS_MODELS_DIR`` overrides ``<repo>/data/models``)."""
+    env = os.environ.get("LLM_MAS_MODELS_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "data" / "models"
+
+
+def read_manifest(directory: Path | None = None) -> dict[str, Any]:
+    """The manifest as a dict ``{"models": {name: entry}}`` (empty when no model is shipped yet)."""
+    path = (directory or models_dir()) / MANIFEST
+    if not path.exists():
+        return {"models": {}}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{str(path)!r} is not valid JSON ({e}); rebuild it with "
+                        "`python -m llm_mas.models.registry`") from None
+
+
+def shipped_names(directory: Path | None = None) -> list[str]:
+    """Names of the shipped checkpoints."""
+    return sorted(read_manifest(directory)["models"])
+
+
+def resolve_model_dir(name_or_path: str | Path) -> tuple[Path, dict[str, Any] | None]:
+    """(run directory, manifest entry or None) of a shipped name or a run directory path."""
+    manifest = read_manifest()["models"]
+    key = str(name_or_path)
+    if key in manifest:
+        return models_dir() / manifest[key]["path"], manifest[key]
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "config.yaml").exists():
+        return path, None
+    from ..errors import closest
+
+    names = sorted(manifest)
+    hint = f"did you mean {', '.join(closest(key, names, n=3))}? " if names else ""
+    raise ConfigError(
+        f"unknown task model {key!r}: not a shipped name and not a run directory with config.yaml. {hint}"
+        f"Shipped names: {', '.join(names) or '(none yet)'}; a directory written by `llm-mas train-model` "
+        "also works")
+
+
+def load_task_model(name_or_path: str | Path, device: str = "cpu") -> TaskModel:
+    """A task model by shipped name or run directory: eval mode, frozen (``requires_grad=False``)."""
+    from .training import load_run
+
+    run_dir, _ = resolve_model_dir(name_or_path)
+    return load_run(run_dir, device=device)
+
+
+def manifest_entry(run_dir: Path, root: Path) -> dict[str, Any]:
+    """The manifest entry of one checkpoint directory (from its config.yaml and metrics.json)."""
+    from .training import read_run_config
+
+    config = read_run_config(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.exists():
+        raise DataError(f"{str(run_dir)!r} has no metrics.json (training not finished?)")
+    metrics = json.loads(metrics_path.read_text())
+    accuracy = metrics["accuracy"]
+    entry = {
+        "path": os.path.relpath(run_dir, root),
+        "task": metrics["task"], "arch": metrics["arch"], "seed": metrics["seed"],
+        "command": config.get("command"),
+        "min_accuracy": accuracy["min"], "overall_accuracy": accuracy["overall"],
+        "passes_bar": accuracy["min"] >= BAR,
+        "accuracy_per_count": accuracy["count"],
+        "held_out": metrics["held_out"],
+        "eval_seed": metrics["eval_seed"], "n_per_count": metrics["n_per_count"],
+        "date": metrics["date"], "train_seconds": metrics["train_seconds"],
+        "steps_run": metrics["steps_run"], "best_step": metrics["best_step"],
+    }
+    if "initial_value" in accuracy:
+        entry["accuracy_per_initial_value"] = accuracy["initial_value"]
+    return entry
+
+
+def update_manifest(directory: Path | None = None) -> dict[str, Any]:
+    """Rebuild the manifest from every checkpoint directory under `directory`; returns it."""
+    root = directory or models_dir()
+    models = {}
+    for run_dir in sorted(p for p in root.iterdir() if (p / "config.yaml").exists()):
+        entry = manifest_entry(run_dir, root)
+        from .training import load_run
+
+        entry["parameters"] = count_parameters(load_run(run_dir))
+        models[run_dir.name] = entry
+    manifest = {
+        "description": "Task models shipped with llm_mas. Accuracy = free-running trial accuracy (every task "
+                       f"token right) per N in 1..20; bar: >= {BAR} on every N (held-out N included).",
+        "models": models,
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+if __name__ == "__main__":  # pragma: no cover - maintenance entry point
+    result = update_manifest()
+    for name, item in result["models"].items():
+        flag = "ok" if item["passes_bar"] else "FAILS THE BAR"
+        print(f"{name}: min {item['min_accuracy']:.4f} overall {item['overall_accuracy']:.4f} {flag}")
