@@ -84,7 +84,9 @@ class MASConfig:
     k: int | None = None                # coordinates per variable (default: half the smallest width)
     null_subspace: bool = False         # train the remaining coordinates to change nothing (s == t only)
     directions: str | list[list[int]] = "all"   # all | cross | self | [[s, t], ...] (trained; all are evaluated)
-    intervention: Literal["interchange", "stitch"] = "interchange"
+    intervention: Literal["interchange", "stitch", "linear_stitch"] = "interchange"
+    # interchange: MAS/DAS; stitch: rank-k partial isometry h_s Q_s P_k Q_tᵀ (target latent discarded);
+    # linear_stitch: one unconstrained affine map of rank <= k per trained direction
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -217,6 +219,13 @@ def build_alignments(config: MASConfig, problem):
 
     from .alignments import make_alignment
 
+    if config.intervention == "linear_stitch":
+        from .baselines import LinearStitch
+
+        widths = [e.width for e in problem.models]
+        return torch.nn.ModuleList([
+            LinearStitch(widths[s], widths[t], problem.k, seed=config.seed * 101 + 7 * s + t)
+            for s, t in problem.map_directions]).to(config.device)
     alignments = []
     for i, (m, e) in enumerate(zip(config.models, problem.models)):
         std = problem.latent_stats[i] if m.standardize else None

@@ -92,8 +92,8 @@ class NumericProblem:
                  intervention: str = "interchange", eval_batch_size: int = 1000,
                  fast_path: bool = True, device: str = "cpu", progress: bool = True,
                  cl_directions: Sequence[tuple[int, int]] = (), cl_epsilon: float = 0.0):
-        if intervention not in ("interchange", "stitch"):
-            raise ConfigError(f"intervention {intervention!r} must be 'interchange' or 'stitch'")
+        if intervention not in ("interchange", "stitch", "linear_stitch"):
+            raise ConfigError(f"intervention {intervention!r} must be 'interchange', 'stitch' or 'linear_stitch'")
         self.models = list(models)
         self.variables = list(variables)
         self.k = k
@@ -107,6 +107,10 @@ class NumericProblem:
         self.directions = [(s, t) for s in range(n) for t in range(n)]
         self.train_directions = set(map(tuple, train_directions)) if train_directions is not None else set(
             self.directions)
+        if intervention == "linear_stitch":
+            # one affine map per trained direction (maps[i] ↔ self.map_directions[i]); only those are evaluated
+            self.map_directions = sorted(self.train_directions)
+            self.directions = list(self.map_directions)
         self.cl_directions = set(map(tuple, cl_directions))
         bad = [d for d in self.train_directions | self.cl_directions if d not in self.directions]
         if bad:
@@ -247,13 +251,17 @@ class NumericProblem:
     # ------------------------------------------------------------------ one patched run per target
     def _edit_fn(self, chunk: Chunk, rows: torch.Tensor, maps, row_offset: int, mask: torch.Tensor):
         """Edit for the rows of `chunk` placed at `row_offset` of a concatenated batch."""
-        target_map, source_map = maps[chunk.target], maps[chunk.source]
         if chunk.source_rows is not None:  # stepwise: source latent at the same position, per entry
             r, c = mask.nonzero(as_tuple=True)
             src = chunk.source_latents[chunk.source_rows[rows][r - row_offset], c]   # (entries, d_s)
         else:
             src = chunk.source_latents[rows]                                        # (rows, d_s)
         block = chunk.block
+        target_map, source_map = (None, None) if self.intervention == "linear_stitch" else (
+            maps[chunk.target], maps[chunk.source])
+        if self.intervention == "linear_stitch":
+            direction_map = maps[self.map_directions.index((chunk.source, chunk.target))]
+            return lambda h, which: direction_map(src[which])
         if self.intervention == "stitch":
             return lambda h, which: stitch(target_map, source_map, src[which], block)
         return lambda h, which: intervene(target_map, source_map, h, src[which], block)
@@ -329,8 +337,10 @@ class NumericProblem:
 
     def intervened_latents(self, maps, chunk: Chunk, rows: torch.Tensor) -> torch.Tensor:
         """ĥ (rows, d_t): the intervened target latent at target_pos in the target's native space."""
-        target_map, source_map = maps[chunk.target], maps[chunk.source]
         h_s = chunk.source_latents[rows]
+        if self.intervention == "linear_stitch":
+            return maps[self.map_directions.index((chunk.source, chunk.target))](h_s)
+        target_map, source_map = maps[chunk.target], maps[chunk.source]
         if self.intervention == "stitch":
             return stitch(target_map, source_map, h_s, chunk.block)
         return intervene(target_map, source_map, chunk.target_latents[rows], h_s, chunk.block)

@@ -194,3 +194,22 @@ def test_clmas_matches_intended_states_masks_unmatched_and_mixes_losses():
     assert len(cl_recs) == 2 and all("cl_unmatched" in r for r in cl_recs)
     assert all(r["trained_by"] == "behaviour" for r in recs if (r["source_index"], r["target_index"]) in
                [(1, 0), (0, 0)])
+
+
+@pytest.mark.parametrize("intervention", ["stitch", "linear_stitch"])
+def test_stitching_baselines_train_and_evaluate_only_their_directions(intervention):
+    from llm_mas.baselines import LinearStitch
+
+    prob = _problem(("gru", "gru"), n_train=32, n_valid=16, intervention=intervention,
+                    train_directions=[(0, 1)], k=2)
+    if intervention == "linear_stitch":
+        modules = torch.nn.ModuleList([LinearStitch(128, 128, 2, seed=0)])
+        assert [(c.source, c.target) for c in prob.splits["valid"]] == [(0, 1)]
+    else:
+        modules = torch.nn.ModuleList([make_alignment("orthogonal", 128, seed=s) for s in (0, 1)])
+        assert len(prob.splits["valid"]) == 4          # all directions evaluated, (0, 1) trained
+    loss, _ = prob.loss([m.materialize() for m in modules], torch.arange(16))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in modules.parameters() if p.requires_grad)
+    recs = prob.evaluate([m.materialize() for m in modules])
+    assert [r["trained"] for r in recs if (r["source_index"], r["target_index"]) == (0, 1)] == [True]
