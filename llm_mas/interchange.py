@@ -131,8 +131,10 @@ def intervene(target_map: AlignmentMap, source_map: AlignmentMap, h_target: Tens
     taken from the source. Any leading dims work if they match.
 
     Equals `intervene_reference` (A_t⁻¹(interchange(A_t(h_t), A_s(h_s), m)), plus the target's
-    complement for `gram_schmidt`) but touches only the block's k columns: O(n·d·k).
-    Plain identity maps copy the coordinates (exact); an empty block returns h_target itself.
+    complement for `gram_schmidt`) but touches only the block's k columns, O(n·d·k): for maps that keep
+    the complement h_t + decode(enc_s(h_s) − enc_t(h_t)); for `low_rank` targets the literal formula on
+    their k_t-wide space. Plain identity maps copy the coordinates (exact); an empty block returns
+    h_target itself.
     """
     _check_latent(target_map, h_target, "target")
     _check_latent(source_map, h_source, "source")
@@ -147,11 +149,15 @@ def intervene(target_map: AlignmentMap, source_map: AlignmentMap, h_target: Tens
     block = slice(start, stop)
     if target_map.is_plain_identity and source_map.is_plain_identity:  # exact copy of coordinates
         return torch.cat([h_target[..., :start], h_source[..., start:stop], h_target[..., stop:]], dim=-1)
-    delta = source_map.encode(h_source, block) - target_map.encode(h_target, block)  # (n, k)
+    source_block = source_map.encode(h_source, block)  # (n, k)
     if target_map.keeps_complement:
+        delta = source_block - target_map.encode(h_target, block)  # (n, k)
         return h_target + target_map.decode_delta(delta, block)  # (n, d_t)
-    # low_rank: the target's complement is discarded, h_t' = A_t⁻¹(A_t(h_t)) + decode(Δ)
-    return target_map.inverse(target_map.forward(h_target)) + target_map.decode_delta(delta, block)
+    # low_rank: the target's complement is discarded anyway; its aligned width is only k_t, so the
+    # literal formula is already O(n·d·k_t): swap the block's coordinates and invert.
+    z_target = target_map.forward(h_target)  # (n, k_t)
+    z_target = torch.cat([z_target[..., :start], source_block, z_target[..., stop:]], dim=-1)
+    return target_map.inverse(z_target)  # (n, d_t)
 
 
 def intervene_reference(target_map: AlignmentMap, source_map: AlignmentMap, h_target: Tensor,
