@@ -1,0 +1,278 @@
+"""CLMAS: MAS when model 1 is causally inaccessible (its latents can be recorded, its behaviour under
+intervention may not be used), against MAS with full access, latent and behavioural stitching and controls.
+
+    python recipes/clmas.py recipes/configs/clmas.yaml
+    python recipes/clmas.py recipes/configs/clmas.yaml --smoke                     # seconds
+    python recipes/clmas.py recipes/configs/clmas.yaml epsilons=[0.89] methods=[mas,clmas]
+
+Two MultiObject GRU seeds at the hidden state; model 0 is accessible, model 1 inaccessible. Runs
+(``llm_mas.mas.run_mas``; data and trainer settings from ``mas_preset``):
+- ``mas``: MAS with full access (every direction trained by behaviour) — the reference point;
+- ``clmas_eps{ε}``: CLMAS, ``cl.inaccessible=[1]``: directions into model 1 (0→1, 1→1) trained only by the
+  counterfactual-latent loss, the others by behaviour; loss (1 − ε)·L_behaviour + ε·L_CL;
+- ``latent_stitch``: rank-``stitch_k`` isometric stitch 0→1 trained by the CL loss alone (no behaviour);
+- ``behavioural_stitch``: the same stitch trained on 0→1 by behaviour — this *uses model 1's behaviour*,
+  i.e. it is not available when model 1 is truly inaccessible (the paper's baseline);
+- ``random_alignment``: MAS with 0 training steps (random orthogonal alignments): chance level;
+- ``untrained_model``: MAS with full access where model 1 is a freshly initialised copy: chance level.
+Every direction is evaluated behaviourally. The table reports trial IIA in the accessible direction
+(1→0: the intervened model is model 0) and the inaccessible one (0→1). Outputs in ``runs/<name>/``:
+``results.csv``, ``iia_by_method.png``, ``summary.md``; rewritten after every run.
+
+Restartable (finished runs with the same resolved config are reused from ``runs/<name>/mas/`` or
+``reuse_dirs``; unfinished ones resume). ``--smoke``: 2 steps, tiny data, ``runs/<name>-smoke``;
+``--models-from-scratch``: random-weight checkpoints instead of the named models (tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llm_mas.recipes_common import (
+    COMPARABLE,
+    SMOKE_MAS_OVERRIDES,
+    SMOKE_NOTE,
+    Claim,
+    PlannedRun,
+    all_known,
+    compare,
+    execute_plan,
+    fmt_ci,
+    markdown_table,
+    mas_config_from_preset,
+    plan_rows,
+    plot_grouped_bars,
+    preset_path,
+    resolve_models,
+    write_csv,
+    write_summary,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+METHODS = ("mas", "clmas", "latent_stitch", "behavioural_stitch", "random_alignment", "untrained_model")
+ACCESSIBLE, INACCESSIBLE = (1, 0), (0, 1)   # (source, target): the target is the model intervened upon
+HOW = {"mas": "behaviour (full access)", "clmas": "CL loss only", "latent_stitch": "CL loss only",
+       "behavioural_stitch": "behaviour of model 1 (needs access)", "random_alignment": "untrained",
+       "untrained_model": "behaviour (model 1 = untrained copy)"}
+
+
+@dataclass
+class RecipeConfig:
+    models: list[str] = field(default_factory=lambda: ["multiobject-gru-s0", "multiobject-gru-s1"])
+    site: str = "hidden"
+    k: int = 64                       # MAS / CLMAS subspace size (reference CLMAS dispatch: 64, 128)
+    stitch_k: int = 128               # latent / behavioural stitch rank (reference: the full width)
+    epsilons: list[float] = field(default_factory=lambda: [0.5, 0.89, 0.94])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    mas_preset: str = "recipes/configs/gru_gru_hidden.yaml"
+    mas_overrides: list[str] = field(default_factory=list)
+    name: str = "clmas"
+    out_dir: str = "runs"
+    seed: int = 0
+    device: str = "cpu"
+    reuse_dirs: list[str] = field(default_factory=lambda: ["runs"])
+
+    def validate(self) -> list[str]:
+        p = []
+        if len(self.models) != 2:
+            p.append(f"models: list exactly two models (0 accessible, 1 inaccessible), got {self.models}")
+        if self.k < 1 or self.stitch_k < 1:
+            p.append(f"k and stitch_k must be >= 1, got {self.k} and {self.stitch_k}")
+        bad = [e for e in self.epsilons if not 0.0 <= e < 1.0]
+        if bad:
+            p.append(f"epsilons: CLMAS weights must lie in [0, 1), got {bad}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            p.append(f"methods: unknown {unknown}; valid: {', '.join(METHODS)}")
+        if not preset_path(self.mas_preset).exists():
+            p.append(f"mas_preset {self.mas_preset!r} does not exist (tried the working directory and {REPO})")
+        return p
+
+
+def plan(config: RecipeConfig, models: list[str], overrides: list[str], mas_dir: Path,
+         progress: bool = True) -> list[PlannedRun]:
+    """The MAS runs in order (claim-relevant first, controls last), each with its four direction rows."""
+    def cfg(name, extra_overrides=(), untrained_1=False, **fields):
+        entries = [{"name": m, "site": config.site, "untrained": untrained_1 and i == 1}
+                   for i, m in enumerate(models)]
+        return mas_config_from_preset(
+            config.mas_preset, [*overrides, *extra_overrides], name=name, out_dir=str(mas_dir), seed=config.seed,
+            device=config.device, progress=progress, models=entries, variables=["full"], **fields)
+
+    def rows(method, epsilon=None):
+        label = {"method": method, "epsilon": epsilon, "trained_0to1_by": HOW[method]}
+        return [({**label, "direction": "accessible 1→0"}, *ACCESSIBLE),
+                ({**label, "direction": "inaccessible 0→1"}, *INACCESSIBLE),
+                ({**label, "direction": "0→0"}, 0, 0), ({**label, "direction": "1→1"}, 1, 1)]
+
+    k, sk = config.k, config.stitch_k
+    runs = []
+    if "mas" in config.methods:
+        runs.append(PlannedRun(cfg(f"mas_k{k}", k=k, directions="all"), rows("mas")))
+    if "clmas" in config.methods:
+        for eps in config.epsilons:
+            runs.append(PlannedRun(cfg(f"clmas_eps{eps:g}_k{k}", k=k, directions="all",
+                                       cl={"inaccessible": [1], "epsilon": eps}), rows("clmas", eps)))
+    if "latent_stitch" in config.methods:
+        runs.append(PlannedRun(cfg(f"latent_stitch_k{sk}", k=sk, directions=[[0, 1]], intervention="stitch",
+                                   cl={"inaccessible": [1], "epsilon": 1.0}), rows("latent_stitch")))
+    if "behavioural_stitch" in config.methods:
+        runs.append(PlannedRun(cfg(f"behavioural_stitch_k{sk}", k=sk, directions=[[0, 1]], intervention="stitch"),
+                               rows("behavioural_stitch")))
+    if "random_alignment" in config.methods:
+        runs.append(PlannedRun(cfg(f"random_alignment_k{k}", ["train.max_steps=0"], k=k, directions="all"),
+                               rows("random_alignment")))
+    if "untrained_model" in config.methods:
+        runs.append(PlannedRun(cfg(f"untrained_model_k{k}", untrained_1=True, k=k, directions="all"),
+                               rows("untrained_model")))
+    return runs
+
+
+# ================================================================================== table and claims
+def _label(r: dict) -> str:
+    return r["method"] + (f" ε={r['epsilon']:g}" if r.get("epsilon") is not None else "")
+
+
+def pivot(rows: list[dict]) -> list[dict]:
+    """One line per method (CLMAS: per ε): IIA with CIs in both cross directions, self directions."""
+    out = {}
+    for r in rows:
+        line = out.setdefault(_label(r), {"method": _label(r), "0→1 trained by": r["trained_0to1_by"]})
+        line[r["direction"]] = fmt_ci(r) if r["direction"].startswith(("acc", "inacc")) else r["trial_iia"]
+        if r["direction"].startswith("inacc") and "cl_unmatched" in r:
+            line["CL unmatched (0→1)"] = f"{r['cl_unmatched']}/{r.get('n_pairs', '?')}"
+    return list(out.values())
+
+
+def _cell(rows: list[dict], method: str, direction: str, epsilon=None) -> dict:
+    for r in rows:
+        if r["method"] == method and r["direction"].startswith(direction) and r.get("epsilon") == epsilon:
+            return r
+    return {}
+
+
+def claims(rows: list[dict], epsilons: list[float]) -> list[Claim]:
+    out = []
+    latent = _cell(rows, "latent_stitch", "inacc")
+    behav = _cell(rows, "behavioural_stitch", "inacc")
+    verdicts, evidence = [], []
+    for eps in epsilons:
+        cl = _cell(rows, "clmas", "inacc", eps)
+        if not all_known(cl.get("trial_iia"), latent.get("trial_iia"), behav.get("trial_iia")):
+            verdicts.append(None)
+            evidence.append(f"ε={eps:g}: pending")
+            continue
+        ok = cl["trial_iia"] > latent["trial_iia"] and cl["trial_iia"] > behav["trial_iia"]
+        verdicts.append(ok)
+        evidence.append(f"ε={eps:g}: vs latent stitch {compare(cl, latent)}, vs behavioural stitch "
+                        f"{compare(cl, behav)}")
+    holds = None if not verdicts or None in verdicts else all(verdicts)
+    out.append(Claim("CLMAS is best in the inaccessible direction 0→1 (above latent and behavioural stitching), "
+                     "for every tested ε", holds, "; ".join(evidence) + "."))
+    mas = _cell(rows, "mas", "acc")
+    verdicts, evidence = [], []
+    for eps in epsilons:
+        cl = _cell(rows, "clmas", "acc", eps)
+        if not all_known(cl.get("trial_iia"), mas.get("trial_iia")):
+            verdicts.append(None)
+            evidence.append(f"ε={eps:g}: pending")
+            continue
+        verdicts.append(abs(cl["trial_iia"] - mas["trial_iia"]) <= COMPARABLE)
+        evidence.append(f"ε={eps:g}: CLMAS vs MAS {compare(cl, mas)}")
+    holds = None if not verdicts or None in verdicts else all(verdicts)
+    out.append(Claim(f"CLMAS matches MAS in the accessible direction 1→0 (|difference| ≤ {COMPARABLE}), for "
+                     "every tested ε", holds, "; ".join(evidence) + "."))
+    return out
+
+
+def notes(rows: list[dict]) -> str:
+    controls = [f"{_label(r)} {r['direction']}: {fmt_ci(r)}" for r in rows
+                if r["method"] in ("random_alignment", "untrained_model") and r["direction"][0] in "ai"]
+    return "\n".join([
+        "Notes:",
+        "- *Behavioural stitching* is trained on 0→1 by model 1's behaviour under intervention: it needs the very "
+        "access CLMAS does without (the paper's baseline, kept for comparison).",
+        "- *Latent stitching* trains only 0→1 (CL loss); its 1→0 row applies the transposed maps untrained.",
+        "- The core picks the best checkpoint (and stops early) by mean validation trial IIA over every trained "
+        "direction, CL-trained ones included, so checkpoint selection of CLMAS / latent stitching reads model 1's "
+        "behaviour; training gradients do not. A strictly inaccessible protocol would select by CL loss.",
+        "- Controls (chance level): " + ("; ".join(controls) if controls else "pending") + ".",
+    ])
+
+
+def write_outputs(rows: list[dict], run_dir: Path, command: str, config: RecipeConfig, models: list[str],
+                  seconds: float, smoke: bool = False) -> None:
+    write_csv(rows, run_dir / "results.csv")
+    labels = list(dict.fromkeys(_label(r) for r in rows))
+    bars = {name: [next((r for r in rows if _label(r) == lab and r["direction"].startswith(prefix)), {})
+                   for lab in labels]
+            for name, prefix in (("accessible 1→0", "acc"), ("inaccessible 0→1", "inacc"))}
+    plot_grouped_bars(labels, bars, run_dir / "iia_by_method.png",
+                      f"CLMAS — model 1 ({Path(models[1]).name}) inaccessible")
+    table = pivot(rows)
+    columns = ["method", "0→1 trained by", "accessible 1→0", "inaccessible 0→1", "0→0", "1→1", "CL unmatched (0→1)"]
+    sections = [
+        f"Models: 0 = `{models[0]}` (accessible), 1 = `{models[1]}` (inaccessible), hidden state; MAS / CLMAS "
+        f"k = {config.k}, stitches rank {config.stitch_k}. Validation trial IIA of the best checkpoint with 95% "
+        f"bootstrap CIs; every direction evaluated by behaviour ({seconds:.0f} s this call; all rows in "
+        "results.csv).",
+        *([SMOKE_NOTE] if smoke else []),
+        markdown_table(table, columns),
+        notes(rows),
+    ]
+    not_done = sorted({r["run"] + f" ({r['status']})" for r in rows if r["status"] not in ("reused", "trained")})
+    if not_done:
+        sections.append("Not finished: " + ", ".join(not_done))
+    write_summary(run_dir / "summary.md", "CLMAS with a causally inaccessible model", command, sections,
+                  claims(rows, config.epsilons if "clmas" in config.methods else []))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("config", nargs="?", default=str(REPO / "recipes/configs/clmas.yaml"))
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe config")
+    parser.add_argument("--smoke", action="store_true", help="2 training steps, tiny data, run dir <name>-smoke")
+    parser.add_argument("--models-from-scratch", action="store_true",
+                        help="random-weight checkpoints of the same architectures instead of the named models")
+    args = parser.parse_intermixed_args(argv)
+
+    import torch
+
+    from llm_mas.config import load_config, save_config
+    from llm_mas.errors import MASError
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    command = "python recipes/clmas.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(RecipeConfig, args.config, args.overrides)
+        run_dir = Path(config.out_dir) / (config.name + ("-smoke" if args.smoke else ""))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml", header=command)
+        mapping = resolve_models(config.models, run_dir / "scratch_models" if args.models_from_scratch else None)
+        models = [mapping[m] for m in config.models]
+        overrides = [*config.mas_overrides, *(SMOKE_MAS_OVERRIDES if args.smoke else [])]
+        plans = plan(config, models, overrides, run_dir / "mas", progress=not args.smoke)
+        print(f"{len(plans)} MAS runs into {run_dir}/mas", flush=True)
+
+        def refresh(outcomes):
+            write_outputs(plan_rows(plans, outcomes), run_dir, command, config, models, time.perf_counter() - t0,
+                          args.smoke)
+
+        outcomes = execute_plan(plans, config.reuse_dirs, after_each=refresh)
+        refresh(outcomes)
+    except MASError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = [o.name for o in outcomes.values() if o.status == "failed"]
+    print(f"wrote {run_dir}/results.csv, iia_by_method.png, summary.md ({time.perf_counter() - t0:.0f}s)"
+          + (f"; FAILED runs: {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Cross-task numeric alignment: the `count` subspace of GRUs trained on different counting tasks, and
+MultiObject `count` against the Arithmetic GRU's `remaining_ops` and `cumulative_value`.
+
+    python recipes/cross_task.py recipes/configs/cross_task.yaml
+    python recipes/cross_task.py recipes/configs/cross_task.yaml --smoke                  # seconds
+    python recipes/cross_task.py recipes/configs/cross_task.yaml k=8
+
+Runs (``llm_mas.mas.run_mas``, variable ``count``, hidden state, k coordinates; data and trainer settings
+from ``mas_preset``; every MAS run trains all four directions):
+- ``within_{task}``: MAS between the first two seeds of a task (MultiObject s0 vs s1);
+- ``das_{task}``: DAS on each task's first model — the within-task reference for tasks with one seed
+  (Rounding, Modulo): a model against itself, not two models, so it is an upper bound for within-task MAS;
+- ``cross_{a}_{b}``: MAS between the first models of two tasks, `count` against `count`;
+- ``count_vs_remops`` / ``count_vs_cumuval``: MultiObject `count` against the Arithmetic GRU's
+  ``remaining_ops`` / ``cumulative_value`` (``variable_map`` of the Arithmetic model);
+- ``count_vs_cumuval_{lo}to{hi}``: the same, with the swapped values restricted to lo..hi (both the source's
+  value and the target's current value) — needs ``data.value_range`` in the core's MAS config; until it
+  exists this row is reported as blocked.
+Outputs in ``runs/<name>/``: ``results.csv`` (one row per run and direction, trial IIA with 95% bootstrap
+CI), ``iia_by_comparison.png``, ``summary.md`` (table + paper claims); rewritten after every run.
+Restartable (finished runs with the same resolved config are reused, unfinished ones resume).
+``--smoke``: 2 steps, tiny data, ``runs/<name>-smoke``; ``--models-from-scratch``: random-weight stand-ins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llm_mas.recipes_common import (
+    SMOKE_MAS_OVERRIDES,
+    SMOKE_NOTE,
+    Claim,
+    PlannedRun,
+    all_known,
+    execute_plan,
+    fmt_ci,
+    markdown_table,
+    mas_config_from_preset,
+    mas_supports,
+    plan_rows,
+    plot_grouped_bars,
+    preset_path,
+    resolve_models,
+    write_csv,
+    write_summary,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+ARITHMETIC_VARIABLES = {"remops": "remaining_ops", "cumuval": "cumulative_value"}
+
+
+@dataclass
+class RecipeConfig:
+    task_models: dict[str, list[str]] = field(default_factory=lambda: {
+        "multiobject": ["multiobject-gru-s0", "multiobject-gru-s1"],
+        "rounding": ["rounding-gru-s0"], "modulo": ["modulo-gru-s0"]})
+    arithmetic_model: str = "arithmetic-gru-s0"
+    count_model: str = "multiobject-gru-s0"       # the `count` side of the Arithmetic comparisons
+    restricted_range: list[int] = field(default_factory=lambda: [1, 10])
+    site: str = "hidden"
+    k: int = 16
+    mas_preset: str = "recipes/configs/gru_gru_hidden.yaml"
+    mas_overrides: list[str] = field(default_factory=list)
+    name: str = "cross_task"
+    out_dir: str = "runs"
+    seed: int = 0
+    device: str = "cpu"
+    reuse_dirs: list[str] = field(default_factory=lambda: ["runs"])
+
+    def validate(self) -> list[str]:
+        p = []
+        if len(self.task_models) < 2:
+            p.append(f"task_models: list models of at least two tasks, got {list(self.task_models)}")
+        for task, names in self.task_models.items():
+            if not names:
+                p.append(f"task_models.{task}: list at least one model")
+        if len(self.restricted_range) != 2 or self.restricted_range[0] > self.restricted_range[1]:
+            p.append(f"restricted_range must be [lo, hi] with lo <= hi, got {self.restricted_range}")
+        if self.k < 1:
+            p.append(f"k must be >= 1, got {self.k}")
+        if not preset_path(self.mas_preset).exists():
+            p.append(f"mas_preset {self.mas_preset!r} does not exist (tried the working directory and {REPO})")
+        return p
+
+    def all_models(self) -> list[str]:
+        return [*(m for ms in self.task_models.values() for m in ms), self.count_model, self.arithmetic_model]
+
+
+def _rows(group: str, comparison: str, names: list[str], two: bool) -> list[tuple[dict, int, int]]:
+    label = {"group": group, "comparison": comparison, "model_a": Path(names[0]).name,
+             "model_b": Path(names[-1]).name}
+    if not two:
+        return [({**label, "direction": "A→A"}, 0, 0)]
+    return [({**label, "direction": d}, s, t) for d, s, t in
+            (("A→B", 0, 1), ("B→A", 1, 0), ("A→A", 0, 0), ("B→B", 1, 1))]
+
+
+def plan(config: RecipeConfig, mapping: dict[str, str], overrides: list[str], mas_dir: Path,
+         progress: bool = True) -> list[PlannedRun]:
+    """Within-task, DAS, cross-task and Arithmetic runs (Arithmetic last: the restricted one may be blocked)."""
+    def cfg(name, entries, extra=(), **fields):
+        return mas_config_from_preset(
+            config.mas_preset, [*overrides, *extra], name=name, out_dir=str(mas_dir), seed=config.seed,
+            device=config.device, progress=progress, k=config.k, variables=["count"], directions="all",
+            models=[{"site": config.site, **e} for e in entries], **fields)
+
+    runs = []
+    for task, names in config.task_models.items():
+        if len(names) >= 2:
+            pair = [mapping[n] for n in names[:2]]
+            runs.append(PlannedRun(cfg(f"within_{task}", [{"name": n} for n in pair]),
+                                   _rows("within", f"within {task}", pair, True)))
+        first = mapping[names[0]]
+        runs.append(PlannedRun(cfg(f"das_{task}", [{"name": first}]), _rows("das", f"DAS {task}", [first], False)))
+    for (ta, na), (tb, nb) in itertools.combinations(config.task_models.items(), 2):
+        pair = [mapping[na[0]], mapping[nb[0]]]
+        runs.append(PlannedRun(cfg(f"cross_{ta}_{tb}", [{"name": n} for n in pair]),
+                               _rows("cross", f"{ta} vs {tb}", pair, True)))
+    count, arith = mapping[config.count_model], mapping[config.arithmetic_model]
+    lo, hi = config.restricted_range
+    for short, variable, value_range in (("remops", "remaining_ops", None), ("cumuval", "cumulative_value", None),
+                                         ("cumuval", "cumulative_value", (lo, hi))):
+        entries = [{"name": count}, {"name": arith, "variable_map": {"count": variable}}]
+        suffix = f"_{lo}to{hi}" if value_range else ""
+        label = f"count vs {variable}" + (f" ({lo}..{hi})" if value_range else "")
+        blocked, extra = "", []
+        if value_range:
+            if mas_supports("data.value_range"):
+                extra = [f"data.value_range=[{lo}, {hi}]"]
+            else:
+                blocked = ("the core's MAS config has no data.value_range (make_pairs supports value_range but "
+                           "MASConfig does not expose it)")
+        runs.append(PlannedRun(cfg(f"count_vs_{short}{suffix}", entries, extra),
+                               _rows("arithmetic", label, [count, arith], True), blocked=blocked))
+    return runs
+
+
+# ================================================================================== table and claims
+def summarise(rows: list[dict]) -> list[dict]:
+    """One line per comparison: trial IIA per direction and the mean of the two cross directions."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        line = out.setdefault(r["comparison"], {"comparison": r["comparison"], "group": r["group"],
+                                                "A": r["model_a"], "B": r["model_b"], "status": r["status"]})
+        line[r["direction"]] = r["trial_iia"]
+        line[r["direction"] + " CI"] = fmt_ci(r)
+    for line in out.values():
+        if line["group"] == "das":
+            line["B"] = "(itself)"
+            line["cross mean"] = math.nan
+        else:
+            ab, ba = line.get("A→B"), line.get("B→A")
+            line["cross mean"] = (ab + ba) / 2 if all_known(ab, ba) else math.nan
+    return list(out.values())
+
+
+def _within(lines: list[dict], task: str) -> tuple[float, str]:
+    """The within-task reference of a task: MAS between two seeds when run, else DAS on its model."""
+    for line in lines:
+        if line["comparison"] == f"within {task}":
+            return line["cross mean"], "MAS between seeds"
+    for line in lines:
+        if line["comparison"] == f"DAS {task}":
+            return line.get("A→A", math.nan), "DAS on its one model"
+    return math.nan, "not run"
+
+
+def claims(lines: list[dict], config: RecipeConfig) -> list[Claim]:
+    out = []
+    verdicts, evidence = [], []
+    for ta, tb in itertools.combinations(config.task_models, 2):
+        cross = next((li["cross mean"] for li in lines if li["comparison"] == f"{ta} vs {tb}"), math.nan)
+        (wa, how_a), (wb, how_b) = _within(lines, ta), _within(lines, tb)
+        if not all_known(cross, wa, wb):
+            verdicts.append(None)
+            evidence.append(f"{ta} vs {tb}: pending")
+            continue
+        verdicts.append(cross < wa and cross < wb)
+        evidence.append(f"{ta} vs {tb}: cross {cross:.3f} vs within {ta} {wa:.3f} ({how_a}), within {tb} "
+                        f"{wb:.3f} ({how_b})")
+    holds = None if None in verdicts or not verdicts else all(verdicts)
+    out.append(Claim("Cross-task `count` IIA (mean of both cross directions) is below the within-task IIA of "
+                     "both tasks, for every task pair", holds, "; ".join(evidence) + "."))
+    lo, hi = config.restricted_range
+    get = {li["comparison"]: li["cross mean"] for li in lines}
+    remops = get.get("count vs remaining_ops", math.nan)
+    full = get.get("count vs cumulative_value", math.nan)
+    restricted = get.get(f"count vs cumulative_value ({lo}..{hi})", math.nan)
+    known = all_known(remops, full, restricted)
+    blocked = next((li["status"] for li in lines if li["comparison"].endswith(f"({lo}..{hi})")), "")
+    evidence = (f"count vs CumuVal {lo}..{hi}: {restricted:.3f}; vs full CumuVal: {full:.3f}; vs RemOps: "
+                f"{remops:.3f}" if known else
+                f"vs RemOps {remops:.3f}, vs full CumuVal {full:.3f}, vs CumuVal {lo}..{hi}: {blocked or 'pending'}")
+    out.append(Claim(f"Count vs CumuVal restricted to {lo}..{hi} is higher than vs full CumuVal but below Count vs "
+                     "RemOps (cross-direction means)", (full < restricted < remops) if known else None,
+                     evidence + "."))
+    return out
+
+
+def write_outputs(rows: list[dict], run_dir: Path, command: str, config: RecipeConfig, seconds: float,
+                  plans: list[PlannedRun], smoke: bool = False) -> None:
+    write_csv(rows, run_dir / "results.csv")
+    lines = summarise(rows)
+    groups = [li["comparison"] for li in lines]
+    bars = {d: [next((r for r in rows if r["comparison"] == g and r["direction"] == d), {}) for g in groups]
+            for d in ("A→B", "B→A", "A→A")}
+    plot_grouped_bars(groups, bars, run_dir / "iia_by_comparison.png",
+                      f"`count` alignment within and across tasks (k = {config.k})")
+    columns = ["comparison", "A", "B", "A→B CI", "B→A CI", "cross mean", "A→A", "B→B", "status"]
+    headers = ["comparison", "A", "B", "A→B", "B→A", "cross mean", "A→A", "B→B", "status"]
+    blocked = [f"- {p.name}: blocked — {p.blocked}." for p in plans if p.blocked]
+    sections = [
+        f"Variable `count` (Arithmetic model: `variable_map`), hidden state, k = {config.k}; validation trial "
+        f"IIA of the best checkpoint with 95% bootstrap CIs ({seconds:.0f} s this call; all rows in results.csv). "
+        "A→B: source A, B intervened upon. Within-task references: MAS between seeds where a task has two "
+        "(MultiObject); DAS on the model itself where it has one (Rounding, Modulo) — a model against itself, "
+        "an upper bound for a within-task MAS, which makes 'cross below within' easier to satisfy for those.",
+        *([SMOKE_NOTE] if smoke else []),
+        markdown_table(lines, columns, headers),
+        *(["Blocked runs:\n" + "\n".join(blocked)] if blocked else []),
+    ]
+    write_summary(run_dir / "summary.md", "Cross-task numeric alignment", command, sections, claims(lines, config))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("config", nargs="?", default=str(REPO / "recipes/configs/cross_task.yaml"))
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe config")
+    parser.add_argument("--smoke", action="store_true", help="2 training steps, tiny data, run dir <name>-smoke")
+    parser.add_argument("--models-from-scratch", action="store_true",
+                        help="random-weight checkpoints of the same architectures instead of the named models")
+    args = parser.parse_intermixed_args(argv)
+
+    import torch
+
+    from llm_mas.config import load_config, save_config
+    from llm_mas.errors import MASError
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    command = "python recipes/cross_task.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(RecipeConfig, args.config, args.overrides)
+        run_dir = Path(config.out_dir) / (config.name + ("-smoke" if args.smoke else ""))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml", header=command)
+        mapping = resolve_models(config.all_models(),
+                                 run_dir / "scratch_models" if args.models_from_scratch else None)
+        overrides = [*config.mas_overrides, *(SMOKE_MAS_OVERRIDES if args.smoke else [])]
+        plans = plan(config, mapping, overrides, run_dir / "mas", progress=not args.smoke)
+        print(f"{len(plans)} MAS runs into {run_dir}/mas", flush=True)
+
+        def refresh(outcomes):
+            write_outputs(plan_rows(plans, outcomes), run_dir, command, config, time.perf_counter() - t0, plans,
+                          args.smoke)
+
+        outcomes = execute_plan(plans, config.reuse_dirs, after_each=refresh)
+        refresh(outcomes)
+    except MASError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = [o.name for o in outcomes.values() if o.status == "failed"]
+    print(f"wrote {run_dir}/results.csv, iia_by_comparison.png, summary.md ({time.perf_counter() - t0:.0f}s)"
+          + (f"; FAILED runs: {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
