@@ -145,13 +145,15 @@ def check_models(config: MASConfig) -> list:
     """Resolve model names, tasks, sites and variables before loading any weights; all problems at once."""
     if any(m.kind == "hf" for m in config.models):
         return [None] * len(config.models)
-    from .models.registry import model_info
+    from .models.registry import resolve_model_dir
+    from .models.training import read_run_config
     from .tasks import get_task
 
     problems, infos = [], []
     for i, m in enumerate(config.models):
         try:
-            info = model_info(m.name)
+            run_dir, entry = resolve_model_dir(m.name)
+            info = entry or {"task": read_run_config(run_dir)["train"]["task"]}
         except ConfigError as e:
             problems.append(f"models.{i}.name: {e}")
             infos.append(None)
