@@ -10,7 +10,8 @@ For every k the recipe trains (``llm_mas.mas.run_mas``; settings from ``mas_pres
 - ``stitch_{s}to{t}_k{k}``: rank-k isometric stitching h_s Q_s P_k Q_tᵀ (target latent discarded), trained on
   s→t only, one run per direction;
 - ``linear_{s}to{t}_k{k}``: an unconstrained affine stitch of rank ≤ k, trained on s→t only.
-Runs for k = 2 and 4 (the ks the paper's claims name) go first. Outputs in ``runs/<name>/``:
+The runs the paper's claims need go first (stitching and MAS at k = 2, MAS and DAS at k = 4), then the
+rest of k = 2 and 4, then the other ks. Outputs in ``runs/<name>/``:
 ``results.csv`` (one row per method, k and direction: trial IIA with its 95% bootstrap CI, token IIA, the
 run), ``iia_vs_k.png`` and ``summary.md`` (the table and which paper claims hold), rewritten after every run.
 
@@ -93,9 +94,8 @@ def plan(config: RecipeConfig, models: list[str], ks: list[int], overrides: list
             config.mas_preset, overrides, name=name, out_dir=str(mas_dir), seed=config.seed, device=config.device,
             progress=progress, models=[{"name": n, "site": config.site} for n in names], variables=["full"], **fields)
 
-    order = sorted(ks, key=lambda k: (k not in CLAIM_KS, ks.index(k)))
     runs = []
-    for k in order:
+    for k in ks:
         if "mas" in config.methods:
             runs.append(PlannedRun(cfg(f"mas_k{k}", models, k=k, directions="all"),
                                    [({"method": "mas", "k": k, "direction": f"{s}→{t}"}, s, t)
@@ -111,7 +111,15 @@ def plan(config: RecipeConfig, models: list[str], ks: list[int], overrides: list
                     runs.append(PlannedRun(
                         cfg(f"{prefix}_{s}to{t}_k{k}", models, k=k, directions=[[s, t]], intervention=intervention),
                         [({"method": method, "k": k, "direction": f"{s}→{t}"}, s, t)]))
-    return runs
+    return sorted(runs, key=_priority)  # stable: config order within a priority
+
+
+def _priority(run: PlannedRun) -> int:
+    """0: runs the paper's claims need (stitch and MAS at k = 2, MAS and DAS at k = 4); 1: the rest of k = 2, 4."""
+    method, k = run.rows[0][0]["method"], run.rows[0][0]["k"]
+    if (k == 2 and method in ("mas", "stitch")) or (k == 4 and method in ("mas", "das")):
+        return 0
+    return 1 if k in CLAIM_KS else 2
 
 
 # ================================================================================== table and claims
@@ -221,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [*config.mas_overrides, *(SMOKE_MAS_OVERRIDES if args.smoke else [])]
         plans = plan(config, models, config.smoke_ks if args.smoke else config.ks, overrides, run_dir / "mas",
                      progress=not args.smoke)
-        print(f"{len(plans)} MAS runs into {run_dir}/mas (k = 2, 4 first)", flush=True)
+        print(f"{len(plans)} MAS runs into {run_dir}/mas (claim runs first)", flush=True)
 
         def refresh(outcomes):
             write_outputs(plan_rows(plans, outcomes), run_dir, command, models, time.perf_counter() - t0,
