@@ -153,6 +153,9 @@ class MASTrainer:
         return True
 
     # ------------------------------------------------------------ loop
+    def _last_loss(self) -> float | None:
+        return self.history[-1]["train_loss"] if self.history else None
+
     def materialize(self) -> list[Any]:
         return [a.materialize() for a in self.alignments]
 
@@ -226,6 +229,9 @@ class MASTrainer:
                     stopped = self._after_eval(records, time.perf_counter() - t0)
                     self.save_checkpoint()
                     bar.set_postfix_str(_postfix(total, records))
+                    if not self.progress:
+                        self.log(f"step {self.step}/{self.total_steps} ({time.perf_counter() - t0:.0f}s) "
+                                 f"{_postfix(self._last_loss(), records)}")
             if stopped is None:
                 stopped = f"step budget reached ({self.total_steps} steps)"
         finally:
@@ -238,8 +244,8 @@ class MASTrainer:
                          history=self.history, best_records=self.best_records)
 
 
-def _postfix(loss: float, records: list[dict]) -> str:
-    parts = [f"loss {loss:.3f}"]
+def _postfix(loss: float | None, records: list[dict]) -> str:
+    parts = [] if loss is None else [f"loss {loss:.3f}"]
     for r in records[:9]:
         parts.append(f"{r['source']}>{r['target']}:{r['variable'][:5]} {r['trial_iia']:.2f}")
     return " ".join(parts)
