@@ -237,6 +237,8 @@ class _RecurrentTaskModel(TaskModel):
             outputs.append(out)  # (B, S, out)
             latent = last
             start = stop
+        if not outputs:  # an empty sequence
+            return x.new_zeros(x.shape[0], 0, self._output_width)
         return torch.cat(outputs, dim=1)  # (B, T, out)
 
     @staticmethod
