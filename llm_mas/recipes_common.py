@@ -415,8 +415,11 @@ def scratch_checkpoints(names: Iterable[str], directory: str | Path) -> dict[str
         if not (out / "model.safetensors").exists():
             model = build_task_model(arch, task, len(get_task(task).vocab), seed=zlib.crc32(name.encode()) % 10_000)
             out.mkdir(parents=True, exist_ok=True)
+            # the sections of a `llm-mas train-model` run directory that loading and task lookup read
+            sections = {"train": {"task": task, "arch": arch, "seed": int(model.config["seed"]), "steps": 0},
+                        "model": dict(model.config)}
             (out / "config.yaml").write_text("# random initialisation (stand-in for a shipped model)\n"
-                                             + yaml.safe_dump({"model": dict(model.config)}, sort_keys=False))
+                                             + yaml.safe_dump(sections, sort_keys=False))
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
         mapping[name] = str(out)
     return mapping
