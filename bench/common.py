@@ -1,0 +1,115 @@
+"""Helpers shared by the benchmarks: machine facts, interleaved timing, ratios, tables, JSON results.
+
+The machine these run on is shared and loaded, so absolute times drift by tens of percent between minutes.
+Every comparison is therefore *interleaved*: each round runs every variant once (in a rotating order), and
+ratios are taken within a round and then summarised by their median. Absolute numbers are reported with the
+load average they were measured under.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict:
+    """Cores, load average, torch version and thread settings (recorded in every result file)."""
+    import torch
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "loadavg": list(os.getloadavg()),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def interleaved(variants: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1
+                ) -> dict[str, list[float]]:
+    """Seconds per call of every variant: `warmup` untimed rounds, then `repeats` timed rounds.
+
+    Each round calls every variant once; the order rotates from round to round so no variant always runs
+    right after the same neighbour (caches, turbo, a burst of load from another process).
+    """
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def ratio(times: Mapping[str, list[float]], numerator: str, denominator: str) -> dict:
+    """Median of the per-round ratios numerator/denominator (rounds are interleaved), with min and max."""
+    per_round = [a / b for a, b in zip(times[numerator], times[denominator])]
+    return {"median": median(per_round), "min": min(per_round), "max": max(per_round), "n": len(per_round)}
+
+
+def timing_summary(times: list[float]) -> dict:
+    return {"median_s": median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
+
+
+def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:
+    """A plain fixed-width table on stdout."""
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def _fmt(x: object) -> str:
+    if isinstance(x, float):
+        if x == 0:
+            return "0"
+        if abs(x) >= 100:
+            return f"{x:.0f}"
+        if abs(x) >= 1:
+            return f"{x:.2f}"
+        return f"{x:.3g}"
+    return str(x)
+
+
+def write_result(name: str, payload: dict) -> Path:
+    """Write bench/results/<name>.json (machine info included) and return the path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"machine": machine_info(), **payload}
+    path.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+    print(f"\nwrote {path}")
+    return path
+
+
+def _json_default(x: object) -> object:
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return str(x)

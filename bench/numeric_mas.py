@@ -1,0 +1,403 @@
+"""MAS on the numeric task models: set-up, training-step throughput, overhead ratio, evaluation throughput.
+
+    python bench/numeric_mas.py                 # n_train 10 000, batch 128 and 512, 1 and 2 torch threads
+    python bench/numeric_mas.py --quick         # smoke test (small data, few repeats)
+    python bench/numeric_mas.py --threads 1 --configs gru-gru-hidden-indywise
+
+Configurations (2 models, all 4 directions trained, variable "full", k = 32, orthogonal alignments):
+- gru-gru-hidden-indywise:           two GRUs, latent = the recurrent state, one position swapped;
+- gru-gru-embeddings-stepwise:       two GRUs, latent = the input embedding, positions 0..i swapped;
+- gru-transformer-hidden-indywise:   a GRU and a 2-layer Transformer, last-layer latent, one position.
+
+Models have random weights (seeds 0 and 1): the compute of a training step and of a rollout does not depend on
+the weights (sequence lengths are fixed by the data), so shipped checkpoints are not needed.
+
+Figures (all ratios are medians of per-round ratios, variants interleaved round by round):
+- setup: task.sample + make_pairs only for 4 directions x (n_train + n_valid), and the whole NumericProblem
+  construction (sampling, latent collection, pairs, chunk tensors), timed separately;
+- s/step and pairs/s of one MAS training step (the MASTrainer loop body: materialize the alignments, problem
+  loss, backward, Adam step); pairs/s counts (direction, row) pairs, i.e. batch x 4 directions per step;
+- the overhead ratio = MAS step / "bare" step. The bare step runs each target model, with no hooks and no
+  alignment, as plain ``model(ids)`` on the same rows of the same full counterfactual sequences (the 2 x batch
+  sequences of its two incoming directions concatenated, as MAS batches them), takes the same cross-entropy on
+  the scored tokens, and back-propagates into the embedding table (its ``requires_grad`` switched on for the
+  bare step only). Gradient w.r.t. the embedding table, not the weights: a MAS backward computes no weight
+  gradients of the frozen models, only activation gradients from the loss down to the intervened latent;
+  asking for the embedding table's gradient runs exactly that chain (head, recurrence / attention, down to
+  the input) plus one tiny index-add into a (V, 128) table. For a hidden-state site this is a slight upper
+  bound of what MAS must back-propagate (it also computes d(input) at every step);
+- "mas-full-run" (where a target is a 1-layer RNN at its state): MAS with ``fast_path=False``, i.e. every
+  target run re-reads the whole counterfactual sequence instead of starting at the intervened token;
+- evaluation: ``problem.evaluate`` on the validation split (teacher-forced pass + autoregressive rollout for
+  every direction), pairs/s = 4 x n_valid / seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from common import (
+    interleaved,
+    machine_info,
+    median,
+    print_table,
+    ratio,
+    set_threads,
+    timing_summary,
+    write_result,
+)
+
+from llm_mas.alignments import make_alignment
+from llm_mas.models.task_models import build_task_model
+from llm_mas.numeric import IGNORE, ModelEntry, NumericProblem
+from llm_mas.sites import resolve_site
+from llm_mas.tasks import get_task, make_pairs
+from llm_mas.trainer import MASTrainer, TrainerConfig
+
+TASK_NAME = "multiobject"
+K = 32
+CONFIGS = {
+    "gru-gru-hidden-indywise": {"archs": ("gru", "gru"), "site": "hidden", "stepwise": False},
+    "gru-gru-embeddings-stepwise": {"archs": ("gru", "gru"), "site": "embeddings", "stepwise": True},
+    "gru-transformer-hidden-indywise": {"archs": ("gru", "transformer"), "site": "hidden", "stepwise": False},
+}
+# The paper authors' code, as measured and given to us (2 cores): GRU vs GRU at the hidden state, indywise,
+# batch 128, 4 directions; and building 10 000 + 1 000 pairs for one direction.
+REFERENCE_STEP_S = 7.5
+REFERENCE_PAIRS_PER_DIRECTION_S = 230.0
+
+
+def make_entries(archs, site: str) -> list[ModelEntry]:
+    task = get_task(TASK_NAME)
+    entries = []
+    for seed, arch in enumerate(archs):
+        model = build_task_model(arch, TASK_NAME, len(task.vocab), seed=seed).eval()
+        model.requires_grad_(False)
+        entries.append(ModelEntry(name=f"{arch}{seed}", model=model, task=task, site=resolve_site(model, site),
+                                  width=model.d_model, variable_map={}))
+    return entries
+
+
+def build_problem(entries, stepwise: bool, n_train: int, n_valid: int, fast_path: bool = True) -> NumericProblem:
+    return NumericProblem(entries, ["full"], K, stepwise=stepwise, n_train=n_train, n_valid=n_valid, seed=0,
+                          fast_path=fast_path, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+def time_pairs(stepwise: bool, n_models: int, n_train: int, n_valid: int) -> dict:
+    """task.sample and make_pairs only, as NumericProblem does them: per split, one base batch per model,
+    then one pair set per (source, target) direction ("full" variable)."""
+    task = get_task(TASK_NAME)
+    t_sample = t_pairs = 0.0
+    n_pairs = 0
+    for split_id, n in ((0, n_train), (1, n_valid)):
+        rng = np.random.default_rng([0, split_id])
+        t0 = time.perf_counter()
+        bases = [task.sample(n, rng) for _ in range(n_models)]
+        t_sample += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for s in range(n_models):
+            for t in range(n_models):
+                pairs = make_pairs(task, bases[t], task, bases[s], "full", n, rng, stepwise=stepwise)
+                n_pairs += len(pairs)
+        t_pairs += time.perf_counter() - t0
+    return {"sample_s": t_sample, "make_pairs_s": t_pairs, "n_pairs": n_pairs}
+
+
+def time_setup(config: dict, n_train: int, n_valid: int, repeats: int) -> dict:
+    pair_runs, problem_runs = [], []
+    for _ in range(repeats):  # alternate the two measurements
+        pair_runs.append(time_pairs(config["stepwise"], len(config["archs"]), n_train, n_valid))
+        entries = make_entries(config["archs"], config["site"])
+        t0 = time.perf_counter()
+        build_problem(entries, config["stepwise"], n_train, n_valid)
+        problem_runs.append(time.perf_counter() - t0)
+    return {
+        "sample_s": median([r["sample_s"] for r in pair_runs]),
+        "make_pairs_s": median([r["make_pairs_s"] for r in pair_runs]),
+        "n_pairs": pair_runs[0]["n_pairs"],
+        "problem_setup_s": median(problem_runs),
+        "problem_setup_runs_s": problem_runs,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- steps
+def make_trainer(problem: NumericProblem, batch: int, seed: int = 0) -> MASTrainer:
+    alignments = torch.nn.ModuleList(
+        [make_alignment("orthogonal", e.width, k=K, seed=seed * 101 + i) for i, e in enumerate(problem.models)])
+    return MASTrainer(alignments, problem, TrainerConfig(batch_size=batch, seed=seed), progress=False)
+
+
+def mas_step(trainer: MASTrainer, rows: torch.Tensor) -> float:
+    """The MASTrainer loop body (grad_accum = 1): materialize, loss, backward, Adam step."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss, _ = trainer.problem.loss(trainer.materialize(), rows)
+    loss.backward()
+    trainer.optimizer.step()
+    return float(loss.detach())
+
+
+def bare_step(full_problem: NumericProblem, rows: torch.Tensor) -> float:
+    """Plain model(ids) forward + CE + backward of every target on the same full counterfactual sequences."""
+    groups: dict[int, list] = {}
+    for chunk in full_problem.splits["train"]:
+        if chunk.trained:
+            groups.setdefault(chunk.target, []).append(chunk)
+    total = 0.0
+    embeddings = []
+    try:
+        for target, chunks in groups.items():
+            model = full_problem.models[target].model
+            model.embed.weight.requires_grad_(True)  # the only thing with a gradient: see the module doc
+            embeddings.append(model.embed.weight)
+            width = max(c.input_ids.shape[1] for c in chunks)     # chunks differ in padded width
+            ids = torch.cat([F.pad(c.input_ids[rows], (0, width - c.input_ids.shape[1]), value=0)
+                             for c in chunks])                         # (2B, L)
+            labels = torch.cat([F.pad(c.labels[rows], (0, width - c.labels.shape[1]), value=IGNORE)
+                                for c in chunks])                      # (2B, L)
+            logits = model(ids)                                        # (2B, L, V)
+            total = total + F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        total.backward()
+    finally:
+        for weight in embeddings:
+            weight.requires_grad_(False)
+            weight.grad = None
+    return float(total.detach())
+
+
+def batches(n_train: int, batch: int, count: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randperm(n_train, generator=g)[:batch] for _ in range(count)]
+
+
+def scored_fraction(problem: NumericProblem, rows: torch.Tensor) -> dict:
+    """Share of the (row, position) cells that carry a loss, in the padded runs MAS and the bare step make."""
+    fast = [c for c in problem.splits["train"] if c.trained]
+    cells = sum(c.labels[rows].numel() for c in fast)
+    scored = sum(int((c.labels[rows] != IGNORE).sum()) for c in fast)
+    return {"cells": cells, "scored": scored, "fraction": scored / max(cells, 1)}
+
+
+def bench_steps(problem: NumericProblem, full_problem: NumericProblem, batch: int, repeats: int) -> dict:
+    """Interleaved MAS step, MAS step without the fast path (if it applies) and bare step."""
+    n_train = problem.n_train
+    rows = batches(n_train, batch, repeats + 2)
+    trainer = make_trainer(problem, batch)
+    variants = {}
+
+    def cycling(fn):
+        state = {"i": 0}
+
+        def call():
+            fn(rows[state["i"] % len(rows)])
+            state["i"] += 1
+
+        return call
+
+    variants["mas"] = cycling(lambda r: mas_step(trainer, r))
+    if full_problem is not problem:
+        full_trainer = make_trainer(full_problem, batch)
+        variants["mas-full-run"] = cycling(lambda r: mas_step(full_trainer, r))
+    variants["bare"] = cycling(lambda r: bare_step(full_problem, r))
+    times = interleaved(variants, repeats=repeats, warmup=1)
+    n_directions = sum(1 for c in problem.splits["train"] if c.trained)
+    out = {"batch": batch, "directions": n_directions, "times_s": times,
+           "loadavg_after": list(os.getloadavg())}
+    for v, ts in times.items():
+        out[v] = {**timing_summary(ts), "pairs_per_s": batch * n_directions / median(ts)}
+    out["overhead_ratio"] = ratio(times, "mas", "bare")
+    if "mas-full-run" in times:
+        out["full_run_overhead_ratio"] = ratio(times, "mas-full-run", "bare")
+        out["fast_path_speedup"] = ratio(times, "mas-full-run", "mas")
+    out["scored_cells_bare"] = scored_fraction(full_problem, rows[0])
+    out["scored_cells_mas"] = scored_fraction(problem, rows[0])
+    return out
+
+
+def bench_eval(problem: NumericProblem, repeats: int) -> dict:
+    alignments = [make_alignment("orthogonal", e.width, k=K, seed=i) for i, e in enumerate(problem.models)]
+    with torch.no_grad():
+        maps = [a.materialize() for a in alignments]
+        times = interleaved({"evaluate": lambda: problem.evaluate(maps, split="valid")}, repeats=repeats,
+                            warmup=0)["evaluate"]
+    n_pairs = sum(len(c) for c in problem.splits["valid"])
+    return {**timing_summary(times), "n_pairs": n_pairs, "pairs_per_s": n_pairs / median(times)}
+
+
+# ---------------------------------------------------------------------------------------------- profiling
+def profile_step(problem: NumericProblem, batch: int, steps: int) -> dict:
+    """Which ops and which Python functions dominate a MAS step (torch.profiler + cProfile)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer = make_trainer(problem, batch)
+    rows = batches(problem.n_train, batch, steps + 2, seed=1)
+    for r in rows[:2]:
+        mas_step(trainer, r)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for r in rows[2:]:
+            mas_step(trainer, r)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    ops = [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+            "share": e.self_cpu_time_total / total, "calls_per_step": e.count / steps} for e in events[:15]]
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+
+    # Phases of the step, timed directly.
+    phases = {"materialize": [], "forward_loss": [], "backward": [], "adam": []}
+    for r in rows[2:]:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        maps = trainer.materialize()
+        t1 = time.perf_counter()
+        loss, _ = problem.loss(maps, r)
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        trainer.optimizer.step()
+        t4 = time.perf_counter()
+        for key, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            phases[key].append(dt)
+    phase_ms = {k: 1e3 * median(v) for k, v in phases.items()}
+
+    # The readout head alone (Linear -> GELU -> Linear on every position), forward + backward, at the sizes
+    # of this step: how much of the step it costs.
+    head_ms = {}
+    for t_index, entry in enumerate(problem.models):
+        model = entry.model
+        head = getattr(model, "head", None)
+        if head is None:
+            continue
+        chunks = [c for c in problem.splits["train"] if c.trained and c.target == t_index]
+        width = max(c.input_ids.shape[1] for c in chunks)
+        x = torch.randn(len(chunks) * batch, width, model.d_model, requires_grad=True)
+        samples = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            head(x).sum().backward()
+            samples.append(time.perf_counter() - t0)
+            x.grad = None
+        head_ms[entry.name] = 1e3 * median(samples)
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for r in rows[2:]:
+        mas_step(trainer, r)
+    profiler.disable()
+    stream = io.StringIO()
+    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(12)
+    return {"batch": batch, "steps": steps, "top_ops": ops, "op_table": table, "phase_ms": phase_ms,
+            "head_forward_backward_ms": head_ms, "cprofile_top": stream.getvalue()}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small data and few repeats (smoke test)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batches", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison")
+    parser.add_argument("--no-profile", action="store_true")
+    args = parser.parse_args(argv)
+    n_train, n_valid = (1000, 200) if args.quick else (10_000, 1000)
+    repeats = args.repeats or (2 if args.quick else 7)
+    print(f"numeric MAS bench: n_train {n_train}, n_valid {n_valid}, k {K}, repeats {repeats}, "
+          f"load {os.getloadavg()}")
+    result: dict = {"n_train": n_train, "n_valid": n_valid, "k": K, "repeats": repeats,
+                    "machine_start": machine_info(), "setup": {}, "steps": {}, "eval": {}, "profile": {}}
+
+    set_threads(1)
+    for name in args.configs:
+        result["setup"][name] = time_setup(CONFIGS[name], n_train, n_valid, repeats=1 if args.quick else 2)
+        s = result["setup"][name]
+        print(f"[setup] {name}: sample {s['sample_s']:.2f}s, make_pairs {s['make_pairs_s']:.2f}s "
+              f"({s['n_pairs']} pairs), whole NumericProblem {s['problem_setup_s']:.2f}s")
+
+    problems = {}
+    for name in args.configs:
+        cfg = CONFIGS[name]
+        entries = make_entries(cfg["archs"], cfg["site"])
+        problem = build_problem(entries, cfg["stepwise"], n_train, n_valid)
+        full = problem
+        if any(c.fast for c in problem.splits["train"]):
+            # The bare step needs the full counterfactual sequences; the fast path stores only the part from
+            # the intervened token on. Same seed -> the same pairs.
+            full = build_problem(entries, cfg["stepwise"], n_train, n_valid, fast_path=False)
+        problems[name] = (problem, full)
+
+    for threads in args.threads:
+        set_threads(threads)
+        key = f"threads={threads}"
+        result["steps"][key] = {}
+        result["eval"][key] = {}
+        for name in args.configs:
+            problem, full = problems[name]
+            result["steps"][key][name] = {}
+            for batch in args.batches:
+                r = bench_steps(problem, full, batch, repeats)
+                result["steps"][key][name][str(batch)] = r
+                extra = (f", full run {r['mas-full-run']['median_s']:.3f}s "
+                         f"(x{r['full_run_overhead_ratio']['median']:.2f} bare)" if "mas-full-run" in r else "")
+                print(f"[step] {key} {name} batch {batch}: MAS {r['mas']['median_s']:.3f}s/step "
+                      f"({r['mas']['pairs_per_s']:.0f} pairs/s), bare {r['bare']['median_s']:.3f}s, "
+                      f"overhead x{r['overhead_ratio']['median']:.2f}{extra}; load {r['loadavg_after'][0]:.1f}")
+            ev = bench_eval(problem, repeats=1 if args.quick else 3)
+            result["eval"][key][name] = ev
+            print(f"[eval] {key} {name}: {ev['median_s']:.2f}s for {ev['n_pairs']} pairs "
+                  f"({ev['pairs_per_s']:.0f} pairs/s)")
+
+    if not args.no_profile:
+        set_threads(1)
+        for name in args.configs:
+            prof = profile_step(problems[name][0], 128, steps=3 if args.quick else 8)
+            result["profile"][name] = prof
+            print(f"\n[profile] {name}, batch 128, 1 thread: phases (ms) "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in prof["phase_ms"].items())
+                  + "; head fwd+bwd alone (ms) " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                            prof["head_forward_backward_ms"].items()))
+            print(prof["op_table"])
+
+    report(result)
+    write_result("numeric_mas", result)
+    return result
+
+
+def report(result: dict) -> None:
+    rows = []
+    for key, per_config in result["steps"].items():
+        for name, per_batch in per_config.items():
+            for batch, r in per_batch.items():
+                rows.append([key, name, batch, r["mas"]["median_s"], r["mas"]["pairs_per_s"],
+                             r["bare"]["median_s"], r["overhead_ratio"]["median"],
+                             r.get("full_run_overhead_ratio", {}).get("median", "-"),
+                             REFERENCE_STEP_S / r["mas"]["median_s"]
+                             if name == "gru-gru-hidden-indywise" and batch == "128" else "-",
+                             r["loadavg_after"][0]])
+    print_table("MAS training step (medians; ratios = medians of interleaved per-round ratios)",
+                ["threads", "config", "batch", "s/step", "pairs/s", "bare s", "MAS/bare", "full-run/bare",
+                 "x faster than ref 7.5s", "load1"], rows)
+    rows = [[key, name, r["median_s"], r["pairs_per_s"]] for key, per in result["eval"].items()
+            for name, r in per.items()]
+    print_table("Evaluation (teacher forced + rollout, validation split)",
+                ["threads", "config", "s", "pairs/s"], rows)
+    rows = []
+    for name, s in result["setup"].items():
+        per_direction = (s["sample_s"] + s["make_pairs_s"]) / 4
+        rows.append([name, s["n_pairs"], s["sample_s"], s["make_pairs_s"], s["problem_setup_s"],
+                     REFERENCE_PAIRS_PER_DIRECTION_S / per_direction])
+    print_table("Set-up, 4 directions x (n_train + n_valid), 1 thread",
+                ["config", "pairs", "sample s", "make_pairs s", "NumericProblem s", "x faster than ref (pairs)"],
+                rows)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
