@@ -249,52 +249,73 @@ class NumericProblem:
                      quantity)
 
     # ------------------------------------------------------------------ one patched run per target
-    def _edit_fn(self, chunk: Chunk, rows: torch.Tensor, maps, row_offset: int, mask: torch.Tensor):
-        """Edit for the rows of `chunk` placed at `row_offset` of a concatenated batch."""
-        if chunk.source_rows is not None:  # stepwise: source latent at the same position, per entry
-            r, c = mask.nonzero(as_tuple=True)
-            src = chunk.source_latents[chunk.source_rows[rows][r - row_offset], c]   # (entries, d_s)
-        else:
-            src = chunk.source_latents[rows]                                        # (rows, d_s)
+    def _edit_fn(self, chunk: Chunk, local: torch.Tensor, maps, mask: torch.Tensor):
+        """Edit for `chunk`'s rows of a run: local (Rb,) = the chunk row of each run row (-1: another chunk's),
+        mask (Rb, Wb) = the latents of this chunk to replace (row-major order = the hook's `which`)."""
+        r, c = mask.nonzero(as_tuple=True)
+        if chunk.source_rows is not None:  # stepwise: the source latent at the same position, per entry
+            src = chunk.source_latents[chunk.source_rows[local[r]], c]               # (entries, d_s)
+        else:                              # indywise: one entry per row
+            src = chunk.source_latents[local[r]]                                    # (entries, d_s)
         block = chunk.block
-        target_map, source_map = (None, None) if self.intervention == "linear_stitch" else (
-            maps[chunk.target], maps[chunk.source])
         if self.intervention == "linear_stitch":
             direction_map = maps[self.map_directions.index((chunk.source, chunk.target))]
             return lambda h, which: direction_map(src[which])
+        target_map, source_map = maps[chunk.target], maps[chunk.source]
         if self.intervention == "stitch":
             return lambda h, which: stitch(target_map, source_map, src[which], block)
         return lambda h, which: intervene(target_map, source_map, h, src[which], block)
 
+    @staticmethod
+    def _buckets(needed: torch.Tensor) -> list[torch.Tensor]:
+        """Rows grouped by the length they need, so fused kernels do not run over padding."""
+        if needed.numel() < 192:
+            return [torch.arange(needed.numel(), device=needed.device)]
+        order = torch.argsort(needed, stable=True)
+        return list(order.chunk(3))
+
     def _run(self, maps, chunks: Sequence[Chunk], rows: Sequence[torch.Tensor], rollout: bool):
-        """Run the target of `chunks` once on the concatenated rows; returns logits (R, W, V), labels, free."""
+        """Run the target of `chunks` on their concatenated `rows` (rows of chunk i follow those of chunk i-1).
+
+        Returns entry-level outputs at the scored positions only (the head never runs elsewhere):
+        logits (n, V), labels (n,), and the concatenated-batch row of each entry (n,).
+        """
         model = self.models[chunks[0].target].model
+        site = self.models[chunks[0].target].site
         width = max(int(c.input_ids.shape[1]) for c in chunks)
 
-        def pad(x, value):
-            return F.pad(x, (0, width - x.shape[1]), value=value)
+        def cat(field: str, value):
+            return torch.cat([F.pad(getattr(c, field)[r], (0, width - getattr(c, field).shape[1]), value=value)
+                              for c, r in zip(chunks, rows)])
 
-        inputs = torch.cat([pad(c.input_ids[r], 0) for c, r in zip(chunks, rows)])          # (R, W)
-        labels = torch.cat([pad(c.labels[r], IGNORE) for c, r in zip(chunks, rows)])
-        free = torch.cat([pad(c.free_mask[r], False) for c, r in zip(chunks, rows)])
-        masks = [pad(c.edit_mask[r], False) for c, r in zip(chunks, rows)]
-        R = inputs.shape[0]
-        edits, offset = [], 0
-        for c, r, m in zip(chunks, rows, masks):
-            full = torch.zeros(R, width, dtype=torch.bool, device=inputs.device)
-            full[offset:offset + len(r)] = m
-            edits.append(Edit(site=self.models[c.target].site, mask=full,
-                              fn=self._edit_fn(c, r, maps, offset, full)))
-            offset += len(r)
-        state0 = None
-        if chunks[0].fast:
-            state0 = torch.cat([c.state0[r] for c, r in zip(chunks, rows)])
-        with self.backend.edits_installed(model, edits):
-            if rollout:
-                _, logits = model.rollout(inputs, free, state=state0)
-            else:
-                logits = model(inputs, state=state0) if state0 is not None else model(inputs)
-        return logits, labels
+        inputs, labels = cat("input_ids", 0), cat("labels", IGNORE)                      # (R, W)
+        free, edit_mask = cat("free_mask", False), cat("edit_mask", False)
+        chunk_of = torch.cat([torch.full((len(r),), i, device=inputs.device) for i, r in enumerate(rows)])
+        local = torch.cat(list(rows))                                                      # (R,) chunk row
+        state0 = torch.cat([c.state0[r] for c, r in zip(chunks, rows)]) if chunks[0].fast else None
+        needed = (inputs != 0).sum(1)                                                      # (R,) real length
+        out_logits, out_labels, out_rows = [], [], []
+        for bucket in self._buckets(needed):
+            wb = max(int(needed[bucket].max()), 1)
+            x, lab = inputs[bucket, :wb], labels[bucket, :wb]                              # (Rb, Wb)
+            edits = []
+            for i in chunk_of[bucket].unique().tolist():
+                mask = edit_mask[bucket, :wb] & (chunk_of[bucket] == i)[:, None]
+                bucket_local = torch.where(chunk_of[bucket] == i, local[bucket], -1)
+                edits.append(Edit(site=site, mask=mask, fn=self._edit_fn(chunks[i], bucket_local, maps, mask)))
+            s0 = state0[bucket] if state0 is not None else None
+            scored = lab != IGNORE                                                         # (Rb, Wb)
+            with self.backend.edits_installed(model, edits):
+                if rollout:
+                    _, logits = model.rollout(x, free[bucket, :wb], state=s0)               # (Rb, Wb, V)
+                    logits = logits[scored]
+                else:
+                    feats = model.features(x, s0) if s0 is not None else model.features(x)  # (Rb, Wb, out)
+                    logits = model.readout(feats[scored])                                  # (n_b, V)
+            out_logits.append(logits)
+            out_labels.append(lab[scored])
+            out_rows.append(bucket[:, None].expand_as(scored)[scored])
+        return torch.cat(out_logits), torch.cat(out_labels), torch.cat(out_rows)
 
     def _groups(self, chunks: Sequence[Chunk]) -> dict[tuple[int, bool], list[Chunk]]:
         groups: dict[tuple[int, bool], list[Chunk]] = {}
@@ -315,14 +336,12 @@ class NumericProblem:
         if behaviour:
             total = 0.0
             for group in self._groups(behaviour).values():
-                logits, labels = self._run(maps, group, [rows] * len(group), rollout=False)
-                ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                     reduction="none").view(labels.shape)          # (R, W)
-                scored = (labels != IGNORE).float()
-                n_rows = len(rows)
-                for i in range(len(group)):
-                    seg = slice(i * n_rows, (i + 1) * n_rows)
-                    total = total + ce[seg].sum() / scored[seg].sum().clamp(min=1)
+                logits, labels, row = self._run(maps, group, [rows] * len(group), rollout=False)
+                ce = F.cross_entropy(logits, labels, reduction="none")                  # (n,)
+                chunk_of = torch.div(row, len(rows), rounding_mode="floor")             # (n,)
+                sums = torch.zeros(len(group), device=ce.device).index_add(0, chunk_of, ce)
+                counts = torch.bincount(chunk_of, minlength=len(group)).clamp(min=1)
+                total = total + (sums / counts).sum()
             l_behaviour = total / len(behaviour)
             info["loss_behaviour"] = float(l_behaviour.detach())
         l_cl = None
@@ -370,23 +389,28 @@ class NumericProblem:
             n = len(group[0])
             for lo in range(0, n, self.eval_batch_size):
                 rows = torch.arange(lo, min(n, lo + self.eval_batch_size), device=self.device)
+                R = len(rows) * len(group)
                 with torch.no_grad():
-                    tf_logits, labels = self._run(maps, group, [rows] * len(group), rollout=False)
-                    scored = labels != IGNORE
-                    tf_ok = (tf_logits.argmax(-1) == labels) & scored
+                    logits, labels, row = self._run(maps, group, [rows] * len(group), rollout=False)
+                    ok = logits.argmax(-1) == labels
+                    tok_ok = torch.zeros(R, device=ok.device).index_add(0, row, ok.float())   # (R,)
+                    tok_n = torch.bincount(row, minlength=R).float()
+                    ce_rows = torch.zeros(R, device=ok.device).index_add(
+                        0, row, F.cross_entropy(logits, labels, reduction="none"))
                     if rollout:
-                        ro_logits, _ = self._run(maps, group, [rows] * len(group), rollout=True)
-                        ro_ok = (ro_logits.argmax(-1) == labels) | ~scored
+                        ro_logits, ro_labels, ro_row = self._run(maps, group, [rows] * len(group), rollout=True)
+                        ro_ok = torch.zeros(R, device=ok.device).index_add(
+                            0, ro_row, (ro_logits.argmax(-1) == ro_labels).float())
+                        trial = ro_ok == tok_n
                     else:
-                        ro_ok = tf_ok | ~scored
+                        trial = tok_ok == tok_n
                 for i, c in enumerate(group):
                     seg = slice(i * len(rows), (i + 1) * len(rows))
                     acc = per_chunk[id(c)]
-                    acc["trial"].append(ro_ok[seg].all(1).cpu())
-                    acc["tok_ok"].append(tf_ok[seg].sum(1).cpu())
-                    acc["tok_n"].append(scored[seg].sum(1).cpu())
-                    acc["loss"] += float(F.cross_entropy(tf_logits[seg].flatten(0, 1), labels[seg].flatten(),
-                                                         ignore_index=IGNORE, reduction="sum"))
+                    acc["trial"].append(trial[seg].cpu())
+                    acc["tok_ok"].append(tok_ok[seg].cpu())
+                    acc["tok_n"].append(tok_n[seg].cpu())
+                    acc["loss"] += float(ce_rows[seg].sum())
             for c in group:
                 acc = per_chunk[id(c)]
                 trial = torch.cat(acc["trial"]).numpy().astype(float)

@@ -213,3 +213,17 @@ def test_stitching_baselines_train_and_evaluate_only_their_directions(interventi
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in modules.parameters() if p.requires_grad)
     recs = prob.evaluate([m.materialize() for m in modules])
     assert [r["trained"] for r in recs if (r["source_index"], r["target_index"]) == (0, 1)] == [True]
+
+
+@pytest.mark.parametrize("archs,stepwise,site", [(("gru", "lstm"), False, "hidden"),
+                                                 (("gru", "transformer"), True, "embeddings")])
+def test_length_buckets_change_no_number(monkeypatch, archs, stepwise, site):
+    prob = _problem(archs, stepwise=stepwise, site=site, n_train=256, n_valid=256, variables=("count", "phase"))
+    maps = [make_alignment("orthogonal", 128, seed=s).materialize() for s in (1, 2)]
+    rows = torch.arange(200)
+    bucketed = float(prob.loss(maps, rows)[0])
+    recs = prob.evaluate(maps, rollout=True)
+    monkeypatch.setattr(NumericProblem, "_buckets", staticmethod(lambda needed: [torch.arange(len(needed))]))
+    assert float(prob.loss(maps, rows)[0]) == pytest.approx(bucketed, rel=1e-5)
+    for a, b in zip(recs, prob.evaluate(maps, rollout=True)):
+        assert a["trial_iia"] == b["trial_iia"] and a["token_iia"] == pytest.approx(b["token_iia"])
