@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-from-scratch", action="store_true",
                         help="(tests) random-weight checkpoints instead of the named models")
     args = parser.parse_intermixed_args(argv)
+    if "=" in args.config and not Path(args.config).exists():  # an override, not a config: use the default
+        args.overrides.insert(0, args.config)
+        args.config = parser.get_default("config")
 
     import torch
 
