@@ -108,6 +108,40 @@ def test_simulated_shards_reproduce_the_full_batch_gradient(tmp_path):
     assert merged == single
 
 
+def test_one_process_entry_resumes_and_matches_run_mas(tmp_path, capsys):
+    """`python -m llm_mas.llm.distributed` in one process: stopped after 2 steps and rerun with a 3-step budget,
+    it resumes from its checkpoint and ends with the alignments of `run_mas` trained 3 steps straight."""
+    from llm_mas.llm.distributed import main
+    from llm_mas.mas import load_mas_config, run_mas
+
+    preset = _preset(tmp_path)
+    run_mas(load_mas_config(preset), log=lambda s: None)
+    main([str(preset), "name=resumed", "train.max_steps=2"])
+    main([str(preset), "name=resumed"])
+    assert "resumed from" in capsys.readouterr().out
+    runs = tmp_path / "runs"
+    straight, resumed = _alignments(runs / "single"), _alignments(runs / "resumed")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=0)
+    header = (runs / "resumed" / "config.yaml").read_text().splitlines()[0]
+    assert header == f"# python -m llm_mas.llm.distributed {runs / 'resumed' / 'config.yaml'}"
+    assert json.loads((runs / "resumed" / "summary.json").read_text())["steps"] == 3
+
+
+def test_entry_refuses_mixed_precision_and_task_models(tmp_path, monkeypatch, capsys):
+    from llm_mas.llm.distributed import main
+
+    preset = _preset(tmp_path)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(SystemExit) as e:
+        main([str(preset)])
+    assert e.value.code == 2 and "set models.i.dtype" in capsys.readouterr().err
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    with pytest.raises(SystemExit):
+        main([str(preset), "models.0.kind=task"])
+    assert "HF models only" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     """`accelerate launch` (2 gloo processes) ends with the 1-process alignments (to 1e-5) and the same IIA."""

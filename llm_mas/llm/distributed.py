@@ -155,7 +155,7 @@ def run_mas_distributed(config, log: Callable[[str], None] = print):
     checkpoint = run_dir / "checkpoint.pt"
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml", header=_command(world))
+        save_config(config, run_dir / "config.yaml", header=_command(world, run_dir / "config.yaml"))
     t0 = time.perf_counter()
     shard = Shard(rank, world, _gather_objects if world > 1 else None)
     problem = build_llm_problem(config, shard=shard, log=say)
@@ -196,12 +196,12 @@ def run_mas_distributed(config, log: Callable[[str], None] = print):
     return result
 
 
-def _command(world: int) -> str:
-    args = " ".join(sys.argv[1:])
+def _command(world: int, resolved_config: Path) -> str:
+    """The command that reruns (resumes) this run from its resolved config (the config.yaml header)."""
     if world == 1:
-        return f"python -m llm_mas.llm.distributed {args}".strip()
+        return f"python -m llm_mas.llm.distributed {resolved_config}"
     return (f"accelerate launch --multi_gpu --num_processes {world} --num_machines 1 --mixed_precision no "
-            f"--dynamo_backend no -m llm_mas.llm.distributed {args}").strip()
+            f"--dynamo_backend no -m llm_mas.llm.distributed {resolved_config}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -399,6 +399,21 @@ def collect_latents(backend, model, site: Site, ids: torch.Tensor, device: torch
     return torch.cat(out)  # (N, L, d)
 
 
+def display_names(models) -> list[str]:
+    """Short distinct names for results: the shortest trailing part of each model's path (its adapter's when
+    it has one) that tells the models apart, e.g. ``toxic-0/merged`` and ``nontoxic-0/merged``; a model
+    listed twice gets ``#i`` (``tiny-a#0``, ``tiny-a#1``)."""
+    keys = [str(m.adapter or m.name).rstrip("/") for m in models]
+    parts = [Path(k).parts or (k,) for k in keys]
+    depth = 1
+    while depth < max(map(len, parts)) and len({p[-depth:] for p in parts}) < len(set(keys)):
+        depth += 1
+    names = ["/".join(p[-depth:]) for p in parts]
+    if len(set(names)) != len(names):  # the same model twice (a model and its exact copy)
+        names = [f"{n}#{i}" for i, n in enumerate(names)]
+    return names
+
+
 def build_llm_problem(config, *, shard: Shard | None = None, log: Callable[[str], None] | None = None) -> LLMProblem:
     """Load the configured HF models and recordings and build the stepwise ``LLMProblem`` (module docstring).
 
@@ -411,6 +426,7 @@ def build_llm_problem(config, *, shard: Shard | None = None, log: Callable[[str]
     log = log or (lambda s: None)
     check_llm_config(config)
     loaded: dict[tuple, tuple] = {}
+    names = display_names(config.models)
     entries = []
     latents_cache: dict[tuple, dict[str, torch.Tensor]] = {}
     for i, m in enumerate(config.models):
@@ -429,14 +445,10 @@ def build_llm_problem(config, *, shard: Shard | None = None, log: Callable[[str]
                                                               config.eval.batch_size) for name, rec in splits.items()}
         latents = latents_cache[cache_key]
         width = int(latents["train"].shape[-1])
-        entries.append(LLMEntry(name=Path(m.name.rstrip("/")).name, model=model, tokenizer=tokenizer, backend=backend,
+        entries.append(LLMEntry(name=names[i], model=model, tokenizer=tokenizer, backend=backend,
                                 site=site, width=width, device=torch.device(device),
                                 dtype=latents["train"].dtype if m.dtype == "auto" else parse_dtype(m.dtype),
                                 recording=recording, splits=splits, latents=latents))
-    names = [e.name for e in entries]
-    if len(set(names)) != len(names):  # the same model twice (a model and its copy): keep names distinct
-        for i, e in enumerate(entries):
-            e.name = f"{e.name}#{i}"
     widths = [e.width for e in entries]
     k = config.k if config.k is not None else min(widths) // 2
     if not 1 <= k <= min(widths):
