@@ -273,6 +273,30 @@ def test_stitch_intervention_and_low_rank_alignment_run(trained):
     assert len(problem.evaluate(maps)) == 4
 
 
+def test_bfloat16_models_cache_bf16_latents_and_intervene_in_float32(tmp_path):
+    """bf16 models (the DeepSeek preset's dtype): latents cached in bf16, interventions computed in float32 and
+    cast back, float32 alignments receive gradients."""
+    from llm_mas.llm.loading import load_causal_lm
+    from llm_mas.llm.record import record_generations
+    from llm_mas.llm.tiny import tiny_corpus
+    from llm_mas.mas import build_alignments, build_problem
+
+    model, tokenizer = load_causal_lm(tiny_qwen2_dir(0), dtype="bfloat16")
+    record_generations(model, tokenizer, tiny_corpus(60, seed=5), prompt_len=PROMPT, total_len=TOTAL, n=20,
+                       batch_size=20, progress=False).save(tmp_path / "rec")
+    config = _config([(tiny_qwen2_dir(0), tmp_path / "rec")] * 2, data={"n_train": 8, "n_valid": 4})
+    for m in config.models:
+        m.dtype = "bfloat16"
+    problem = build_problem(config)
+    assert problem.models[0].latents["train"].dtype == torch.bfloat16 and problem.models[0].dtype == torch.bfloat16
+    alignments = build_alignments(config, problem)
+    loss, _ = problem.loss([a.materialize() for a in alignments], torch.arange(4))
+    loss.backward()
+    grads = [p.grad for p in alignments.parameters()]
+    assert loss.dtype == torch.float32 and all(g is not None and g.dtype == torch.float32 for g in grads)
+    assert all(0.0 <= r["token_iia"] <= 1.0 for r in problem.evaluate([a.materialize() for a in alignments]))
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_config_problems_are_reported_together(trained, tmp_path):
     from llm_mas.mas import build_problem, config_from_kwargs

@@ -1,6 +1,6 @@
 """Stepwise MAS between Hugging Face causal LMs (method.md §2-3, §6-7, §10).
 
-    llm-mas mas recipes/configs/llm_tiny.yaml                  # after `python recipes/llm_mas_smoke.py --prepare`
+    llm-mas mas recipes/configs/llm_tiny.yaml                  # after `python recipes/llm_mas_smoke.py --prepare-only`
     llm-mas mas recipes/configs/llm_deepseek.yaml              # one GPU (see the preset's first line)
     accelerate launch --multi_gpu --num_processes N ... -m llm_mas.llm.distributed CONFIG.yaml   # N GPUs
 
@@ -28,7 +28,7 @@ the source model's greedy predictions at positions >= i (teacher forced).
 - Every model runs on its own device (``models.i.device``, default the run's ``device``) through its own
   backend (``models.i.backend``: ``torch`` forward hooks, ``nnsight`` tracing, or ``tlens`` hook points of
   an offline ``HookedTransformer`` conversion). Alignments live on the run's ``device``; their evaluated
-  matrices are copied to each target's device once per loss call. Interventions run in float32 and are
+  matrices are copied to each target's device once per forward pass. Interventions run in float32 and are
   cast back to the model's dtype.
 - Data parallelism: pass a ``Shard`` (``llm_mas.llm.distributed``): the loss then covers this process's
   rows of each batch (scaled so the average of the processes' gradients is the full batch's gradient) and
@@ -367,7 +367,7 @@ def check_llm_config(config) -> None:
         raise ConfigError(p)
 
 
-def _load_entry(m, index: int, device: str, eval_batch_size: int, log) -> tuple[Any, Any, Any, Recording]:
+def _load_entry(m, index: int, device: str, log) -> tuple[Any, Any, Any, Recording]:
     """(backend model, tokenizer, backend, verified recording) of one ModelConfig."""
     from ..backends import get_backend
     from .loading import load_causal_lm
@@ -433,9 +433,14 @@ def build_llm_problem(config, *, shard: Shard | None = None, log: Callable[[str]
         device = parse_device(m.device or config.device)
         key = (m.name, m.adapter, m.dtype, device, m.backend, m.recording)
         if key not in loaded:
-            loaded[key] = _load_entry(m, i, device, config.eval.batch_size, log)
+            loaded[key] = _load_entry(m, i, device, log)
+        else:
+            log(f"models.{i}: the same model and recording as an earlier entry (shared, not loaded again)")
         model, tokenizer, backend, recording = loaded[key]
-        site_text = DEFAULT_SITE if m.site == "hidden" else m.site
+        site_text = m.site
+        if m.site == "hidden":
+            site_text = DEFAULT_SITE
+            log(f"models.{i}.site: 'hidden' (the task-model default) means {DEFAULT_SITE!r} for an HF model")
         site = backend.resolve(model, site_text)
         train, valid = recording.split(VALID_FRACTION, seed=SPLIT_SEED)
         splits = {"train": train, "valid": valid}
