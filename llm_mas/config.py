@@ -108,6 +108,7 @@ def _build(cls: type[T], data: dict, path: str, problems: list[str]) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
+    n_before = len(problems)
     for key, value in data.items():
         where = f"{path}.{key}" if path else key
         if key not in fields:
@@ -128,7 +129,13 @@ def _build(cls: type[T], data: dict, path: str, problems: list[str]) -> T:
         return None  # type: ignore[return-value]
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        for p in validate() or []:
+        try:
+            found = validate() or []
+        except TypeError:
+            if len(problems) == n_before:
+                raise
+            found = []  # a value of the wrong type, already reported above, tripped a range check
+        for p in found:
             problems.append(f"{path + ': ' if path else ''}{p}")
     return obj
 

@@ -420,7 +420,7 @@ class NumericProblem:
                        "source_index": c.source, "target_index": c.target, "variable": c.variable,
                        "trained": c.trained, "trial_iia": float(trial.mean()),
                        "token_iia": float(tok_ok.sum() / max(tok_n.sum(), 1)),
-                       "loss": acc["loss"] / max(tok_n.sum(), 1), "n_pairs": int(len(trial)),
+                       "loss": float(acc["loss"] / max(tok_n.sum(), 1)), "n_pairs": int(len(trial)),
                        "trained_by": "cl" if c.cl else ("behaviour" if c.trained else "none")}
                 if c.cl:
                     rec["cl_unmatched"] = int((~c.cl_matched).sum())
@@ -429,8 +429,8 @@ class NumericProblem:
                 if with_ci:
                     from .stats import bootstrap_ci
 
-                    rec["trial_iia_ci"] = list(bootstrap_ci(trial, seed=self.seed))
-                    rec["token_iia_ci"] = list(_ratio_ci(tok_ok, tok_n, self.seed))
+                    rec["trial_iia_ci"] = [float(x) for x in bootstrap_ci(trial, seed=self.seed)]
+                    rec["token_iia_ci"] = [float(x) for x in _ratio_ci(tok_ok, tok_n, self.seed)]
                     rec["trial_iia_by_quantity"] = {
                         int(q): float(trial[c.quantity == q].mean()) for q in np.unique(c.quantity)}
                 out[(c.source, c.target, c.variable)] = rec

@@ -1,0 +1,82 @@
+"""End-to-end `run_mas` / `llm-mas mas`: outputs, reproducibility, resume, config errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llm_mas.config import from_dict
+from llm_mas.errors import ConfigError
+from llm_mas.mas import MASConfig, load_mas_config, run_mas
+from llm_mas.trainer import MASTrainer
+
+
+def _cfg(tmp_path, name="run", **kw) -> MASConfig:
+    data = {"name": name, "out_dir": str(tmp_path), "progress": False, "k": 16, "variables": ["count", "phase"],
+            "models": [{"name": "multiobject-gru-s0"}, {"name": "multiobject-gru-s1"}],
+            "data": {"n_train": 192, "n_valid": 96}, "train": {"batch_size": 64, "max_steps": 8, "eval_every": 2}}
+    data.update(kw)
+    return from_dict(MASConfig, data)
+
+
+@pytest.mark.slow
+def test_run_writes_outputs_and_is_reproducible_and_resumable(tmp_path, monkeypatch):
+    res = run_mas(_cfg(tmp_path, "a"), log=lambda s: None)
+    run = tmp_path / "a"
+    for f in ("config.yaml", "alignments.safetensors", "results.json", "history.csv", "iia_matrix.png"):
+        assert (run / f).exists(), f
+    records = json.loads((run / "results.json").read_text())
+    assert len(records) == 8  # 4 directions × 2 variables
+    for r in records:
+        for key in ("source", "target", "variable", "trial_iia", "trial_iia_ci", "token_iia", "n_pairs"):
+            assert key in r
+        assert r["trial_iia_ci"][0] <= r["trial_iia"] <= r["trial_iia_ci"][1]
+    assert res.matrix("count").shape == (2, 2) and len(res.to_dataframe()) == 8
+    # the saved config reproduces the run exactly
+    again = load_mas_config(run / "config.yaml", ["name=b", f"out_dir={tmp_path}"])
+    run_mas(again, log=lambda s: None)
+    assert (tmp_path / "b" / "results.json").read_text() == (run / "results.json").read_text()
+
+    # killed after 5 steps (last checkpoint at step 4), then the same command again
+    real_fit = MASTrainer.fit
+    calls = {"n": 0}
+
+    def dying_fit(self, resume=True, stop_after=None):
+        calls["n"] += 1
+        return real_fit(self, resume=resume, stop_after=5 if calls["n"] == 1 else None)
+
+    monkeypatch.setattr(MASTrainer, "fit", dying_fit)
+    with pytest.raises(KeyboardInterrupt):
+        run_mas(_cfg(tmp_path, "c"), log=lambda s: None)
+    assert not (tmp_path / "c" / "results.json").exists()
+    run_mas(_cfg(tmp_path, "c"), log=lambda s: None)
+    assert (tmp_path / "c" / "results.json").read_text() == (run / "results.json").read_text()
+
+
+def test_config_problems_are_reported_together_before_loading(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - {name: no-such-model, alignment: rotation}\nk: 0\nvariabels: [count]\n"
+                   "train: {lr: -1}\n")
+    with pytest.raises(ConfigError) as e:
+        cfg = load_mas_config(bad)
+        run_mas(cfg)
+    msg = str(e.value)
+    for part in ("variabels", "rotation", "k must be >= 1", "train.lr must be > 0"):
+        assert part in msg, msg
+
+
+def test_unknown_model_name_lists_the_shipped_ones(tmp_path):
+    cfg = _cfg(tmp_path, models=[{"name": "multiobject-gru-s9"}])
+    with pytest.raises(ConfigError) as e:
+        run_mas(cfg)
+    assert "multiobject-gru-s0" in str(e.value) and "multiobject-gru-s9" in str(e.value)
+
+
+def test_cli_reports_a_bad_override_with_one_line_and_exit_2(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "llm_mas.cli", "mas", "recipes/configs/gru_gru_hidden.yaml",
+                          "train.lr=abc", "nosuchkey=1", f"out_dir={tmp_path}"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "train.lr" in out.stderr and "nosuchkey" in out.stderr and "Traceback" not in out.stderr
