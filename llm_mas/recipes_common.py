@@ -453,8 +453,72 @@ def resolve_models(names: Iterable[str], scratch_dir: str | Path | None = None) 
     return {n: n for n in names}
 
 
+# ================================================================================== the recipe command line
+def recipe_main(argv: Sequence[str] | None, *, script: str, doc: str, config_cls: type,
+                build: Callable[[Any, Path, bool, Path | None], list[PlannedRun]],
+                write: Callable[[Any, list[PlannedRun], dict, Path, str, float, bool], None],
+                outputs: str) -> int:
+    """The command line every comparison recipe shares.
+
+    ``python recipes/<script> CONFIG [key=value ...] [--smoke] [--models-from-scratch] [--only a,b]``:
+    loads the recipe config (`config_cls`, every problem at once), makes ``<out_dir>/<name>[-smoke]``, asks
+    ``build(config, run_dir, smoke, scratch_dir)`` for the runs, executes them (reusing / resuming) and calls
+    ``write(config, plans, outcomes, run_dir, command, seconds, smoke)`` after every run. Exit 0 when every
+    selected run finished, 1 when one failed, 2 on a configuration error.
+    """
+    import argparse
+    import sys
+
+    from .config import load_config, save_config
+    from .errors import MASError
+
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("config", nargs="?", default=str(REPO / "recipes/configs" / Path(script).with_suffix(".yaml")))
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe config")
+    parser.add_argument("--smoke", action="store_true", help="2 training steps, tiny data, run dir <name>-smoke")
+    parser.add_argument("--models-from-scratch", action="store_true",
+                        help="random-weight checkpoints of the same architectures instead of the named models")
+    parser.add_argument("--only", default="", help="comma list of run names to train (others are only reused "
+                                                   "when finished)")
+    args = parser.parse_intermixed_args(argv)
+    if args.config and "=" in args.config and not Path(args.config).exists():  # an override, default config
+        args.overrides.insert(0, args.config)
+        args.config = str(REPO / "recipes/configs" / Path(script).with_suffix(".yaml"))
+
+    import torch
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    command = f"python recipes/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(config_cls, args.config, args.overrides)
+        run_dir = Path(config.out_dir) / (config.name + ("-smoke" if args.smoke else ""))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml", header=command)
+        plans = build(config, run_dir, args.smoke, run_dir / "scratch_models" if args.models_from_scratch else None)
+        only = [s for s in args.only.split(",") if s]
+        unknown = [s for s in only if s not in {p.name for p in plans}]
+        if unknown:
+            raise ConfigError(f"--only: unknown runs {unknown}; valid: {', '.join(p.name for p in plans)}")
+        print(f"{len(plans)} MAS runs into {run_dir}/mas", flush=True)
+
+        def refresh(outcomes):
+            write(config, plans, outcomes, run_dir, command, time.perf_counter() - t0, args.smoke)
+
+        outcomes = execute_plan(plans, config.reuse_dirs, after_each=refresh,
+                                selected=(lambda p: p.name in only) if only else None)
+        refresh(outcomes)
+    except MASError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = [o.name for o in outcomes.values() if o.status == "failed"]
+    print(f"wrote {run_dir}/{outputs} ({time.perf_counter() - t0:.0f}s)"
+          + (f"; FAILED runs: {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
 __all__ = ["COMPARABLE", "MAS_IGNORED_KEYS", "NEAR_PERFECT", "SMOKE_MAS_OVERRIDES", "SMOKE_NOTE", "Claim",
            "PlannedRun", "RunOutcome", "all_known", "compare", "direction_row", "execute_plan", "find_finished_run", "find_record", "fmt",
            "fmt_ci", "is_number", "markdown_table", "mas_config_from_preset", "mas_supports", "missing_models",
-           "plan_rows", "plot_grouped_bars", "plot_lines", "preset_path", "resolve_models", "run_or_reuse", "same_config", "scratch_checkpoints",
+           "plan_rows", "plot_grouped_bars", "plot_lines", "preset_path", "recipe_main", "resolve_models", "run_or_reuse", "same_config", "scratch_checkpoints",
            "write_csv", "write_summary"]

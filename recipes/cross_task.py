@@ -24,11 +24,9 @@ Restartable (finished runs with the same resolved config are reused, unfinished 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +36,6 @@ from llm_mas.recipes_common import (
     Claim,
     PlannedRun,
     all_known,
-    execute_plan,
     fmt_ci,
     markdown_table,
     mas_config_from_preset,
@@ -46,6 +43,7 @@ from llm_mas.recipes_common import (
     plan_rows,
     plot_grouped_bars,
     preset_path,
+    recipe_main,
     resolve_models,
     write_csv,
     write_summary,
@@ -228,47 +226,20 @@ def write_outputs(rows: list[dict], run_dir: Path, command: str, config: RecipeC
     write_summary(run_dir / "summary.md", "Cross-task numeric alignment", command, sections, claims(lines, config))
 
 
+def build(config: RecipeConfig, run_dir: Path, smoke: bool, scratch_dir: Path | None) -> list[PlannedRun]:
+    mapping = resolve_models(config.all_models(), scratch_dir)
+    overrides = [*config.mas_overrides, *(SMOKE_MAS_OVERRIDES if smoke else [])]
+    return plan(config, mapping, overrides, run_dir / "mas", progress=not smoke)
+
+
+def write(config: RecipeConfig, plans: list[PlannedRun], outcomes: dict, run_dir: Path, command: str,
+          seconds: float, smoke: bool) -> None:
+    write_outputs(plan_rows(plans, outcomes), run_dir, command, config, seconds, plans, smoke)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("config", nargs="?", default=str(REPO / "recipes/configs/cross_task.yaml"))
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe config")
-    parser.add_argument("--smoke", action="store_true", help="2 training steps, tiny data, run dir <name>-smoke")
-    parser.add_argument("--models-from-scratch", action="store_true",
-                        help="random-weight checkpoints of the same architectures instead of the named models")
-    args = parser.parse_intermixed_args(argv)
-
-    import torch
-
-    from llm_mas.config import load_config, save_config
-    from llm_mas.errors import MASError
-
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    command = "python recipes/cross_task.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    try:
-        config = load_config(RecipeConfig, args.config, args.overrides)
-        run_dir = Path(config.out_dir) / (config.name + ("-smoke" if args.smoke else ""))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml", header=command)
-        mapping = resolve_models(config.all_models(),
-                                 run_dir / "scratch_models" if args.models_from_scratch else None)
-        overrides = [*config.mas_overrides, *(SMOKE_MAS_OVERRIDES if args.smoke else [])]
-        plans = plan(config, mapping, overrides, run_dir / "mas", progress=not args.smoke)
-        print(f"{len(plans)} MAS runs into {run_dir}/mas", flush=True)
-
-        def refresh(outcomes):
-            write_outputs(plan_rows(plans, outcomes), run_dir, command, config, time.perf_counter() - t0, plans,
-                          args.smoke)
-
-        outcomes = execute_plan(plans, config.reuse_dirs, after_each=refresh)
-        refresh(outcomes)
-    except MASError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    failed = [o.name for o in outcomes.values() if o.status == "failed"]
-    print(f"wrote {run_dir}/results.csv, iia_by_comparison.png, summary.md ({time.perf_counter() - t0:.0f}s)"
-          + (f"; FAILED runs: {', '.join(failed)}" if failed else ""), flush=True)
-    return 1 if failed else 0
+    return recipe_main(argv, script="cross_task.py", doc=__doc__, config_cls=RecipeConfig, build=build,
+                       write=write, outputs="results.csv, iia_by_comparison.png, summary.md")
 
 
 if __name__ == "__main__":
