@@ -170,12 +170,12 @@ def check_models(config: MASConfig) -> list:
     return infos
 
 
-def build_problem(config: MASConfig):
+def build_problem(config: MASConfig, log=None):
     kinds = {m.kind for m in config.models}
     if kinds == {"hf"}:
         from .llm.mas import build_llm_problem
 
-        return build_llm_problem(config)
+        return build_llm_problem(config, log=log)
     if len(kinds) > 1:
         raise ConfigError("models: mixing kind 'task' and kind 'hf' in one run is not supported")
     from .models.registry import load_task_model
@@ -245,12 +245,18 @@ def run_mas(config: MASConfig, log=print):
     from .results import MASResult
     from .trainer import MASTrainer
 
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("run_mas was started in several processes (WORLD_SIZE > 1); every copy would write the "
+                          "same run directory. For data-parallel LLM MAS launch "
+                          "`accelerate launch ... -m llm_mas.llm.distributed CONFIG.yaml` instead")
     torch.manual_seed(config.seed)
     run_dir = Path(config.out_dir) / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml", header=f"llm-mas mas {run_dir / 'config.yaml'}")
     t0 = time.perf_counter()
-    problem = build_problem(config)
+    problem = build_problem(config, log=log)
     log(f"[{config.name}] pairs built and latents cached in {time.perf_counter() - t0:.1f}s "
         f"({len(problem.models)} models, k={problem.k}, variables {problem.all_variables}, "
         f"{'stepwise' if problem.stepwise else 'indywise'})")

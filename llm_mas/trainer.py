@@ -111,6 +111,7 @@ class MASTrainer:
         self.best_records: list[dict] = []
         self.evals_since_best = 0
         self.history: list[dict] = []
+        self.stopped: str | None = None   # why training ended (kept in the checkpoint: a finished run stays finished)
         self._loss_sum = 0.0
         self._loss_n = 0
 
@@ -129,7 +130,7 @@ class MASTrainer:
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
                 "step": self.step, "best_score": self.best_score, "best_step": self.best_step,
                 "best_state": self.best_state, "best_records": self.best_records,
-                "evals_since_best": self.evals_since_best, "history": self.history}
+                "evals_since_best": self.evals_since_best, "history": self.history, "stopped": self.stopped}
 
     def load_state_dict(self, state: dict) -> None:
         self.alignments.load_state_dict(state["alignments"])
@@ -137,6 +138,7 @@ class MASTrainer:
             self.optimizer.load_state_dict(state["optimizer"])
         for key in ("step", "best_score", "best_step", "best_state", "best_records", "evals_since_best", "history"):
             setattr(self, key, state[key])
+        self.stopped = state.get("stopped")
 
     def save_checkpoint(self) -> None:
         if self.checkpoint_path is None:
@@ -194,9 +196,9 @@ class MASTrainer:
         if resume:
             self.try_resume()
         t0 = time.perf_counter()
-        stopped = None
+        stopped = self.stopped
         if self.step == 0 and self.best_state is None:
-            stopped = self._after_eval(self.evaluate(), 0.0)  # step-0 baseline (identity of random init)
+            stopped = self.stopped = self._after_eval(self.evaluate(), 0.0)  # step-0 baseline: the random init
             self.save_checkpoint()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="MAS", leave=False,
                    dynamic_ncols=True)
@@ -226,7 +228,9 @@ class MASTrainer:
                 bar.update(1)
                 if self.step % self.eval_every == 0 or self.step == self.total_steps:
                     records = self.evaluate()
-                    stopped = self._after_eval(records, time.perf_counter() - t0)
+                    stopped = self.stopped = self._after_eval(records, time.perf_counter() - t0)
+                    if stopped is None and self.step >= self.total_steps:
+                        stopped = self.stopped = f"step budget reached ({self.total_steps} steps)"
                     self.save_checkpoint()
                     bar.set_postfix_str(_postfix(total, records))
                     if not self.progress:
