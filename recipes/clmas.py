@@ -232,7 +232,7 @@ def write_outputs(rows: list[dict], run_dir: Path, command: str, config: RecipeC
 def build(config: RecipeConfig, run_dir: Path, smoke: bool, scratch_dir: Path | None) -> list[PlannedRun]:
     mapping = resolve_models(config.models, scratch_dir)
     overrides = [*config.mas_overrides, *(SMOKE_MAS_OVERRIDES if smoke else [])]
-    return plan(config, [mapping[m] for m in config.models], overrides, run_dir / "mas", progress=not smoke)
+    return plan(config, [mapping[m] for m in config.models], overrides, run_dir / "mas", progress=not smoke and sys.stdout.isatty())
 
 
 def write(config: RecipeConfig, plans: list[PlannedRun], outcomes: dict, run_dir: Path, command: str,

@@ -204,7 +204,7 @@ def build(config: RecipeConfig, run_dir: Path, smoke: bool, scratch_dir: Path | 
     mapping = resolve_models(config.models, scratch_dir)
     overrides = [*config.mas_overrides, *(SMOKE_MAS_OVERRIDES if smoke else [])]
     return plan(config, [mapping[m] for m in config.models], config.smoke_ks if smoke else config.ks, overrides,
-                run_dir / "mas", progress=not smoke)
+                run_dir / "mas", progress=not smoke and sys.stdout.isatty())
 
 
 def write(config: RecipeConfig, plans: list[PlannedRun], outcomes: dict, run_dir: Path, command: str,
