@@ -18,7 +18,8 @@ Restartable: a finished MAS run (``results.json`` present, same resolved config)
 recipe's own ``mas/`` folder or any run directory under ``reuse_dirs`` (e.g. ``runs/gru_gru_hidden`` from
 ``llm-mas mas recipes/configs/gru_gru_hidden.yaml``); an unfinished one resumes from its checkpoint.
 The table and figure are rewritten after every MAS run, so a partial run already has them (pending rows
-show NaN). ``--only a,b`` trains only those comparisons and still tabulates every finished one.
+show NaN). ``--only a,b`` trains only those comparisons and still tabulates every finished one;
+``--skip-missing`` leaves out (as blocked) the comparisons whose models are not shipped yet.
 
 ``--smoke`` shrinks everything (2 MAS steps, a few dozen pairs, 2 subsamples of 64 rows) into
 ``runs/<name>-smoke``; ``--models-from-scratch`` (tests) replaces every model by a randomly initialised
@@ -46,6 +47,7 @@ from llm_mas.recipes_common import (
     fmt,
     markdown_table,
     mas_config_from_preset,
+    missing_models,
     preset_path,
     resolve_models,
     same_config,
@@ -149,7 +151,7 @@ def mas_plan(comparison: Comparison, run_dir: Path, smoke: bool, device: str) ->
     cfg = mas_config_from_preset(comparison.mas_preset, [*comparison.mas_overrides,
                                                          *(SMOKE_MAS_OVERRIDES if smoke else ())],
                                  models=models, name=comparison.name, out_dir=str(run_dir / "mas"),
-                                 device=device, progress=not smoke)
+                                 device=device, progress=not smoke and sys.stdout.isatty())
     return PlannedRun(cfg, rows=[({"direction": "a_to_b"}, 0, 1), ({"direction": "b_to_a"}, 1, 0)])
 
 
@@ -262,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny settings (seconds), run dir <name>-smoke")
     parser.add_argument("--only", default="", help="comma list of comparisons whose MAS runs are trained "
                                                    "(the others are tabulated when already finished)")
+    parser.add_argument("--skip-missing", action="store_true",
+                        help="skip comparisons whose models are not available yet (default: an error)")
     parser.add_argument("--models-from-scratch", action="store_true",
                         help="(tests) random-weight checkpoints instead of the named models")
     args = parser.parse_intermixed_args(argv)
@@ -288,14 +292,19 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(config.out_dir) / (config.name + ("-smoke" if args.smoke else ""))
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml", header=command)
-        mapping = resolve_models([m for c in config.comparisons for m in c.models],
+        names = [m for c in config.comparisons for m in c.models]
+        missing = [] if args.models_from_scratch or not args.skip_missing else missing_models(names)
+        mapping = resolve_models([n for n in names if n not in missing],
                                  run_dir / "scratch_models" if args.models_from_scratch else None)
-        for comp in config.comparisons:
-            comp.models = [mapping[m] for m in comp.models]
-        plans = [mas_plan(comp, run_dir, args.smoke, config.device) for comp in config.comparisons]
-
-        similarities: dict[str, dict] = {}
+        plans, similarities = [], {}
         for i, comp in enumerate(config.comparisons, 1):
+            absent = [m for m in comp.models if m in missing]
+            comp.models = [mapping.get(m, m) for m in comp.models]
+            plans.append(mas_plan(comp, run_dir, args.smoke, config.device))
+            if absent:
+                plans[-1].blocked = f"task models not available yet: {', '.join(absent)}"
+                log(f"[{i}/{len(config.comparisons)}] {comp.name}: skipped — {plans[-1].blocked}")
+                continue
             log(f"[{i}/{len(config.comparisons)}] {comp.name}: {' vs '.join(Path(m).name for m in comp.models)} "
                 f"at {comp.site} — RSA/CKA ({time.perf_counter() - t0:.0f}s)")
             similarities[comp.name] = similarity_for(comp, config, run_dir, args.smoke, log)
