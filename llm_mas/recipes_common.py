@@ -6,7 +6,8 @@ token IIA, CL match counts) comes from ``llm_mas.mas.run_mas`` / ``MASResult`` r
 decides *which* run to execute, picks records out of finished runs and formats them.
 
     from llm_mas.recipes_common import MASRun, run_or_reuse, direction_row, write_csv
-    cfg = mas_config_from_preset("recipes/configs/gru_gru_hidden.yaml", [], name="mas_k4", k=4, out_dir="runs/x/mas")
+    cfg = mas_config_from_preset("recipes/configs/gru_gru_hidden.yaml", [], name="mas_k4", k=4,
+                                 out_dir="runs/x/mas")
     outcome = run_or_reuse(cfg, search_dirs=["runs"], log=print)     # reuse / resume / train
     row = direction_row(outcome.result, 0, 1)                       # trial IIA 0 -> 1 with its CI
 """
@@ -32,8 +33,8 @@ MAS_IGNORED_KEYS = ("name", "out_dir", "progress", "resume", "device")
 # --smoke: 2 training steps on a few dozen pairs (seconds per MAS run).
 SMOKE_MAS_OVERRIDES = ("data.n_train=32", "data.n_valid=16", "train.max_steps=2", "train.eval_every=2",
                        "train.batch_size=16", "eval.batch_size=64")
-SMOKE_NOTE = ("**Smoke run** (2 training steps on a few dozen pairs, possibly random-weight models): the numbers "
-              "check the plumbing only; the verdicts below mean nothing.")
+SMOKE_NOTE = ("**Smoke run** (2 training steps on a few dozen pairs, possibly random-weight models): the "
+              "numbers check the plumbing only; the verdicts below mean nothing.")
 
 # "near-perfect" and "comparable" as the recipes test them (stated in every summary that uses them)
 NEAR_PERFECT = 0.95
@@ -223,14 +224,15 @@ def find_record(result, source_index: int, target_index: int, variable: str | No
     """The record of direction source -> target (and `variable`, default the run's first) of a MASResult."""
     variable = variable or result.variables[0]
     for r in result.records:
-        if r["source_index"] == source_index and r["target_index"] == target_index and r["variable"] == variable:
+        if (r["source_index"], r["target_index"], r["variable"]) == (source_index, target_index, variable):
             return r
     have = sorted({(r["source_index"], r["target_index"], r["variable"]) for r in result.records})
     raise DataError(f"no record for direction {source_index} -> {target_index}, variable {variable!r} in "
                     f"{result.run_dir}; the run has {have}")
 
 
-def direction_row(outcome: RunOutcome, source_index: int, target_index: int, variable: str | None = None) -> dict:
+def direction_row(outcome: RunOutcome, source_index: int, target_index: int,
+                  variable: str | None = None) -> dict:
     """Flat row of one direction: trial IIA and its 95% bootstrap CI, token IIA, how it was trained, the run.
 
     A pending/failed outcome gives NaN values (so partial tables can be written)."""
@@ -242,10 +244,12 @@ def direction_row(outcome: RunOutcome, source_index: int, target_index: int, var
     r = find_record(outcome.result, source_index, target_index, variable)
     lo, hi = r.get("trial_iia_ci", [math.nan, math.nan])
     info = outcome.info or {}
-    row.update(source=r["source"], target=r["target"], variable=r["variable"], trained_by=r.get("trained_by", ""),
-               trial_iia=r["trial_iia"], trial_iia_lo=lo, trial_iia_hi=hi, token_iia=r["token_iia"],
-               n_pairs=r["n_pairs"], best_step=info.get("best_step", r.get("best_step")), steps=info.get("steps"),
-               stopped=info.get("stopped"), status=outcome.status, run_dir=str(outcome.run_dir))
+    row.update(source=r["source"], target=r["target"], variable=r["variable"],
+               trained_by=r.get("trained_by", ""), trial_iia=r["trial_iia"], trial_iia_lo=lo, trial_iia_hi=hi,
+               token_iia=r["token_iia"], n_pairs=r["n_pairs"],
+               best_step=info.get("best_step", r.get("best_step")), steps=info.get("steps"),
+               stopped=info.get("stopped"), status=outcome.status,
+               run_dir=str(outcome.run_dir))
     if "cl_unmatched" in r:
         row["cl_unmatched"] = r["cl_unmatched"]
     return row
@@ -358,8 +362,9 @@ def plot_lines(series: dict[str, tuple[Sequence[float], Sequence[dict]]], path: 
     plt.close(fig)
 
 
-def plot_grouped_bars(groups: Sequence[str], bars: dict[str, Sequence[dict]], path: str | Path, title: str) -> None:
-    """Grouped bars of trial IIA with CI whiskers: x = `groups`, one bar per ``{label: rows}`` in each group."""
+def plot_grouped_bars(groups: Sequence[str], bars: dict[str, Sequence[dict]], path: str | Path,
+                      title: str) -> None:
+    """Grouped bars of trial IIA with CI whiskers: x = `groups`, one bar per ``{label: rows}`` in a group."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -377,7 +382,7 @@ def plot_grouped_bars(groups: Sequence[str], bars: dict[str, Sequence[dict]], pa
         err = np.stack([np.nan_to_num(y - lo), np.nan_to_num(hi - y)])  # (2, groups)
         pos = x - 0.4 + width * (i + 0.5)
         ax.bar(pos, np.nan_to_num(y), width, yerr=err, capsize=3, label=label)
-        for px, py in zip(pos, y):
+        for px, py in zip(pos, y, strict=True):
             ax.text(px, (0 if np.isnan(py) else py) + 0.02, "–" if np.isnan(py) else f"{py:.2f}", ha="center",
                     fontsize=7)
     ax.set_xticks(x, groups, rotation=20, ha="right", fontsize=8)
@@ -409,18 +414,21 @@ def scratch_checkpoints(names: Iterable[str], directory: str | Path) -> dict[str
     for name in dict.fromkeys(names):
         parts = Path(name).name.split("-")
         if len(parts) < 2:
-            raise ConfigError(f"stand-in checkpoints need names like multiobject-gru-s0 (task-arch-seed), got {name!r}")
+            raise ConfigError(f"stand-in checkpoints need names like multiobject-gru-s0 (task-arch-seed), "
+                              f"got {name!r}")
         task, arch = parts[0], parts[1]
         out = Path(directory) / Path(name).name
         if not (out / "model.safetensors").exists():
-            model = build_task_model(arch, task, len(get_task(task).vocab), seed=zlib.crc32(name.encode()) % 10_000)
+            seed = zlib.crc32(name.encode()) % 10_000
+            model = build_task_model(arch, task, len(get_task(task).vocab), seed=seed)
             out.mkdir(parents=True, exist_ok=True)
             # the sections of a `llm-mas train-model` run directory that loading and task lookup read
             sections = {"train": {"task": task, "arch": arch, "seed": int(model.config["seed"]), "steps": 0},
                         "model": dict(model.config)}
             (out / "config.yaml").write_text("# random initialisation (stand-in for a shipped model)\n"
                                              + yaml.safe_dump(sections, sort_keys=False))
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+            weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+            save_file(weights, str(out / "model.safetensors"))
         mapping[name] = str(out)
     return mapping
 
@@ -449,7 +457,8 @@ def resolve_models(names: Iterable[str], scratch_dir: str | Path | None = None) 
     if missing:
         raise ConfigError(f"task models not available yet: {', '.join(missing)}. Train them with "
                           "`llm-mas train-model` (see data/models/manifest.json for the shipped ones), pass "
-                          "checkpoint directories instead, or add --models-from-scratch for random-weight stand-ins")
+                          "checkpoint directories instead, or add --models-from-scratch for random-weight "
+                          "stand-ins")
     return {n: n for n in names}
 
 
@@ -473,17 +482,19 @@ def recipe_main(argv: Sequence[str] | None, *, script: str, doc: str, config_cls
     from .errors import MASError
 
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
-    parser.add_argument("config", nargs="?", default=str(REPO / "recipes/configs" / Path(script).with_suffix(".yaml")))
+    default_config = str(REPO / "recipes/configs" / Path(script).with_suffix(".yaml"))
+    parser.add_argument("config", nargs="?", default=default_config)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe config")
-    parser.add_argument("--smoke", action="store_true", help="2 training steps, tiny data, run dir <name>-smoke")
+    parser.add_argument("--smoke", action="store_true",
+                        help="2 training steps, tiny data, run dir <name>-smoke")
     parser.add_argument("--models-from-scratch", action="store_true",
-                        help="random-weight checkpoints of the same architectures instead of the named models")
+                        help="random-weight checkpoints of the same architectures instead of the models")
     parser.add_argument("--only", default="", help="comma list of run names to train (others are only reused "
                                                    "when finished)")
     args = parser.parse_intermixed_args(argv)
     if args.config and "=" in args.config and not Path(args.config).exists():  # an override, default config
         args.overrides.insert(0, args.config)
-        args.config = str(REPO / "recipes/configs" / Path(script).with_suffix(".yaml"))
+        args.config = default_config
 
     import torch
 
@@ -495,7 +506,8 @@ def recipe_main(argv: Sequence[str] | None, *, script: str, doc: str, config_cls
         run_dir = Path(config.out_dir) / (config.name + ("-smoke" if args.smoke else ""))
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml", header=command)
-        plans = build(config, run_dir, args.smoke, run_dir / "scratch_models" if args.models_from_scratch else None)
+        scratch = run_dir / "scratch_models" if args.models_from_scratch else None
+        plans = build(config, run_dir, args.smoke, scratch)
         only = [s for s in args.only.split(",") if s]
         unknown = [s for s in only if s not in {p.name for p in plans}]
         if unknown:
@@ -518,7 +530,8 @@ def recipe_main(argv: Sequence[str] | None, *, script: str, doc: str, config_cls
 
 
 __all__ = ["COMPARABLE", "MAS_IGNORED_KEYS", "NEAR_PERFECT", "SMOKE_MAS_OVERRIDES", "SMOKE_NOTE", "Claim",
-           "PlannedRun", "RunOutcome", "all_known", "compare", "direction_row", "execute_plan", "find_finished_run", "find_record", "fmt",
-           "fmt_ci", "is_number", "markdown_table", "mas_config_from_preset", "mas_supports", "missing_models",
-           "plan_rows", "plot_grouped_bars", "plot_lines", "preset_path", "recipe_main", "resolve_models", "run_or_reuse", "same_config", "scratch_checkpoints",
-           "write_csv", "write_summary"]
+           "PlannedRun", "RunOutcome", "all_known", "compare", "direction_row", "execute_plan",
+           "find_finished_run", "find_record", "fmt", "fmt_ci", "is_number", "markdown_table",
+           "mas_config_from_preset", "mas_supports", "missing_models", "plan_rows", "plot_grouped_bars",
+           "plot_lines", "preset_path", "recipe_main", "resolve_models", "run_or_reuse", "same_config",
+           "scratch_checkpoints", "write_csv", "write_summary"]

@@ -87,7 +87,8 @@ class RecipeConfig:
         if unknown:
             p.append(f"methods: unknown {unknown}; valid: {', '.join(METHODS)}")
         if not preset_path(self.mas_preset).exists():
-            p.append(f"mas_preset {self.mas_preset!r} does not exist (tried the working directory and {REPO})")
+            p.append(f"mas_preset {self.mas_preset!r} does not exist (tried the working directory and "
+                     f"{REPO})")
         return p
 
 
@@ -98,8 +99,9 @@ def plan(config: RecipeConfig, models: list[str], overrides: list[str], mas_dir:
         entries = [{"name": m, "site": config.site, "untrained": untrained_1 and i == 1}
                    for i, m in enumerate(models)]
         return mas_config_from_preset(
-            config.mas_preset, [*overrides, *extra_overrides], name=name, out_dir=str(mas_dir), seed=config.seed,
-            device=config.device, progress=progress, models=entries, variables=["full"], **fields)
+            config.mas_preset, [*overrides, *extra_overrides], name=name, out_dir=str(mas_dir),
+            seed=config.seed, device=config.device, progress=progress, models=entries, variables=["full"],
+            **fields)
 
     def rows(method, epsilon=None):
         label = {"method": method, "epsilon": epsilon, "trained_0to1_by": HOW[method]}
@@ -119,8 +121,8 @@ def plan(config: RecipeConfig, models: list[str], overrides: list[str], mas_dir:
         runs.append(PlannedRun(cfg(f"latent_stitch_k{sk}", k=sk, directions=[[0, 1]], intervention="stitch",
                                    cl={"inaccessible": [1], "epsilon": 1.0}), rows("latent_stitch")))
     if "behavioural_stitch" in config.methods:
-        runs.append(PlannedRun(cfg(f"behavioural_stitch_k{sk}", k=sk, directions=[[0, 1]], intervention="stitch"),
-                               rows("behavioural_stitch")))
+        runs.append(PlannedRun(cfg(f"behavioural_stitch_k{sk}", k=sk, directions=[[0, 1]],
+                                   intervention="stitch"), rows("behavioural_stitch")))
     if "random_alignment" in config.methods:
         runs.append(PlannedRun(cfg(f"random_alignment_k{k}", ["train.max_steps=0"], k=k, directions="all"),
                                rows("random_alignment")))
@@ -169,8 +171,8 @@ def claims(rows: list[dict], epsilons: list[float]) -> list[Claim]:
         evidence.append(f"ε={eps:g}: vs latent stitch {compare(cl, latent)}, vs behavioural stitch "
                         f"{compare(cl, behav)}")
     holds = None if not verdicts or None in verdicts else all(verdicts)
-    out.append(Claim("CLMAS is best in the inaccessible direction 0→1 (above latent and behavioural stitching), "
-                     "for every tested ε", holds, "; ".join(evidence) + "."))
+    out.append(Claim("CLMAS is best in the inaccessible direction 0→1 (above latent and behavioural "
+                     "stitching), for every tested ε", holds, "; ".join(evidence) + "."))
     mas = _cell(rows, "mas", "acc")
     verdicts, evidence = [], []
     for eps in epsilons:
@@ -192,12 +194,13 @@ def notes(rows: list[dict]) -> str:
                 if r["method"] in ("random_alignment", "untrained_model") and r["direction"][0] in "ai"]
     return "\n".join([
         "Notes:",
-        "- *Behavioural stitching* is trained on 0→1 by model 1's behaviour under intervention: it needs the very "
-        "access CLMAS does without (the paper's baseline, kept for comparison).",
+        "- *Behavioural stitching* is trained on 0→1 by model 1's behaviour under intervention: it needs "
+        "the very access CLMAS does without (the paper's baseline, kept for comparison).",
         "- *Latent stitching* trains only 0→1 (CL loss); its 1→0 row applies the transposed maps untrained.",
-        "- The core picks the best checkpoint (and stops early) by mean validation trial IIA over every trained "
-        "direction, CL-trained ones included, so checkpoint selection of CLMAS / latent stitching reads model 1's "
-        "behaviour; training gradients do not. A strictly inaccessible protocol would select by CL loss.",
+        "- The core picks the best checkpoint (and stops early) by mean validation trial IIA over every "
+        "trained direction, CL-trained ones included, so checkpoint selection of CLMAS / latent stitching "
+        "reads model 1's behaviour; training gradients do not. A strictly inaccessible protocol would select "
+        "by CL loss.",
         "- Controls (chance level): " + ("; ".join(controls) if controls else "pending") + ".",
     ])
 
@@ -212,17 +215,19 @@ def write_outputs(rows: list[dict], run_dir: Path, command: str, config: RecipeC
     plot_grouped_bars(labels, bars, run_dir / "iia_by_method.png",
                       f"CLMAS — model 1 ({Path(models[1]).name}) inaccessible")
     table = pivot(rows)
-    columns = ["method", "0→1 trained by", "accessible 1→0", "inaccessible 0→1", "0→0", "1→1", "CL unmatched (0→1)"]
+    columns = ["method", "0→1 trained by", "accessible 1→0", "inaccessible 0→1", "0→0", "1→1",
+               "CL unmatched (0→1)"]
     sections = [
-        f"Models: 0 = `{models[0]}` (accessible), 1 = `{models[1]}` (inaccessible), hidden state; MAS / CLMAS "
-        f"k = {config.k}, stitches rank {config.stitch_k}. Validation trial IIA of the best checkpoint with 95% "
-        f"bootstrap CIs; every direction evaluated by behaviour ({seconds:.0f} s this call; all rows in "
-        "results.csv).",
+        f"Models: 0 = `{models[0]}` (accessible), 1 = `{models[1]}` (inaccessible), hidden state; MAS / "
+        f"CLMAS k = {config.k}, stitches rank {config.stitch_k}. Validation trial IIA of the best checkpoint "
+        f"with 95% bootstrap CIs; every direction evaluated by behaviour ({seconds:.0f} s this call; all "
+        "rows in results.csv).",
         *([SMOKE_NOTE] if smoke else []),
         markdown_table(table, columns),
         notes(rows),
     ]
-    not_done = sorted({r["run"] + f" ({r['status']})" for r in rows if r["status"] not in ("reused", "trained")})
+    not_done = sorted({f"{r['run']} ({r['status']})" for r in rows
+                       if r["status"] not in ("reused", "trained")})
     if not_done:
         sections.append("Not finished: " + ", ".join(not_done))
     write_summary(run_dir / "summary.md", "CLMAS with a causally inaccessible model", command, sections,
@@ -232,7 +237,8 @@ def write_outputs(rows: list[dict], run_dir: Path, command: str, config: RecipeC
 def build(config: RecipeConfig, run_dir: Path, smoke: bool, scratch_dir: Path | None) -> list[PlannedRun]:
     mapping = resolve_models(config.models, scratch_dir)
     overrides = [*config.mas_overrides, *(SMOKE_MAS_OVERRIDES if smoke else [])]
-    return plan(config, [mapping[m] for m in config.models], overrides, run_dir / "mas", progress=not smoke and sys.stdout.isatty())
+    return plan(config, [mapping[m] for m in config.models], overrides, run_dir / "mas",
+                progress=not smoke and sys.stdout.isatty())
 
 
 def write(config: RecipeConfig, plans: list[PlannedRun], outcomes: dict, run_dir: Path, command: str,
@@ -242,8 +248,8 @@ def write(config: RecipeConfig, plans: list[PlannedRun], outcomes: dict, run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    return recipe_main(argv, script="clmas.py", doc=__doc__, config_cls=RecipeConfig, build=build, write=write,
-                       outputs="results.csv, iia_by_method.png, summary.md")
+    return recipe_main(argv, script="clmas.py", doc=__doc__, config_cls=RecipeConfig, build=build,
+                       write=write, outputs="results.csv, iia_by_method.png, summary.md")
 
 
 if __name__ == "__main__":

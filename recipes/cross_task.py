@@ -83,7 +83,8 @@ class RecipeConfig:
         if self.k < 1:
             p.append(f"k must be >= 1, got {self.k}")
         if not preset_path(self.mas_preset).exists():
-            p.append(f"mas_preset {self.mas_preset!r} does not exist (tried the working directory and {REPO})")
+            p.append(f"mas_preset {self.mas_preset!r} does not exist (tried the working directory and "
+                     f"{REPO})")
         return p
 
     def all_models(self) -> list[str]:
@@ -101,7 +102,7 @@ def _rows(group: str, comparison: str, names: list[str], two: bool) -> list[tupl
 
 def plan(config: RecipeConfig, mapping: dict[str, str], overrides: list[str], mas_dir: Path,
          progress: bool = True) -> list[PlannedRun]:
-    """Within-task, DAS, cross-task and Arithmetic runs (Arithmetic last: the restricted one may be blocked)."""
+    """Within-task, DAS, cross-task, then Arithmetic runs (last: the restricted one may be blocked)."""
     def cfg(name, entries, extra=(), **fields):
         return mas_config_from_preset(
             config.mas_preset, [*overrides, *extra], name=name, out_dir=str(mas_dir), seed=config.seed,
@@ -115,14 +116,16 @@ def plan(config: RecipeConfig, mapping: dict[str, str], overrides: list[str], ma
             runs.append(PlannedRun(cfg(f"within_{task}", [{"name": n} for n in pair]),
                                    _rows("within", f"within {task}", pair, True)))
         first = mapping[names[0]]
-        runs.append(PlannedRun(cfg(f"das_{task}", [{"name": first}]), _rows("das", f"DAS {task}", [first], False)))
+        runs.append(PlannedRun(cfg(f"das_{task}", [{"name": first}]),
+                               _rows("das", f"DAS {task}", [first], False)))
     for (ta, na), (tb, nb) in itertools.combinations(config.task_models.items(), 2):
         pair = [mapping[na[0]], mapping[nb[0]]]
         runs.append(PlannedRun(cfg(f"cross_{ta}_{tb}", [{"name": n} for n in pair]),
                                _rows("cross", f"{ta} vs {tb}", pair, True)))
     count, arith = mapping[config.count_model], mapping[config.arithmetic_model]
     lo, hi = config.restricted_range
-    for short, variable, value_range in (("remops", "remaining_ops", None), ("cumuval", "cumulative_value", None),
+    for short, variable, value_range in (("remops", "remaining_ops", None),
+                                         ("cumuval", "cumulative_value", None),
                                          ("cumuval", "cumulative_value", (lo, hi))):
         entries = [{"name": count}, {"name": arith, "variable_map": {"count": variable}}]
         suffix = f"_{lo}to{hi}" if value_range else ""
@@ -132,8 +135,8 @@ def plan(config: RecipeConfig, mapping: dict[str, str], overrides: list[str], ma
             if mas_supports("data.value_range"):
                 extra = [f"data.value_range=[{lo}, {hi}]"]
             else:
-                blocked = ("the core's MAS config has no data.value_range (make_pairs supports value_range but "
-                           "MASConfig does not expose it)")
+                blocked = ("the core's MAS config has no data.value_range (make_pairs supports value_range "
+                           "but MASConfig does not expose it)")
         runs.append(PlannedRun(cfg(f"count_vs_{short}{suffix}", entries, extra),
                                _rows("arithmetic", label, [count, arith], True), blocked=blocked))
     return runs
@@ -194,9 +197,11 @@ def claims(lines: list[dict], config: RecipeConfig) -> list[Claim]:
     blocked = next((li["status"] for li in lines if li["comparison"].endswith(f"({lo}..{hi})")), "")
     evidence = (f"count vs CumuVal {lo}..{hi}: {restricted:.3f}; vs full CumuVal: {full:.3f}; vs RemOps: "
                 f"{remops:.3f}" if known else
-                f"vs RemOps {remops:.3f}, vs full CumuVal {full:.3f}, vs CumuVal {lo}..{hi}: {blocked or 'pending'}")
-    out.append(Claim(f"Count vs CumuVal restricted to {lo}..{hi} is higher than vs full CumuVal but below Count vs "
-                     "RemOps (cross-direction means)", (full < restricted < remops) if known else None,
+                f"vs RemOps {remops:.3f}, vs full CumuVal {full:.3f}, vs CumuVal {lo}..{hi}: "
+                f"{blocked or 'pending'}")
+    out.append(Claim(f"Count vs CumuVal restricted to {lo}..{hi} is higher than vs full CumuVal but below "
+                     "Count vs RemOps (cross-direction means)",
+                     (full < restricted < remops) if known else None,
                      evidence + "."))
     return out
 
@@ -214,16 +219,18 @@ def write_outputs(rows: list[dict], run_dir: Path, command: str, config: RecipeC
     headers = ["comparison", "A", "B", "A→B", "B→A", "cross mean", "A→A", "B→B", "status"]
     blocked = [f"- {p.name}: blocked — {p.blocked}." for p in plans if p.blocked]
     sections = [
-        f"Variable `count` (Arithmetic model: `variable_map`), hidden state, k = {config.k}; validation trial "
-        f"IIA of the best checkpoint with 95% bootstrap CIs ({seconds:.0f} s this call; all rows in results.csv). "
-        "A→B: source A, B intervened upon. Within-task references: MAS between seeds where a task has two "
-        "(MultiObject); DAS on the model itself where it has one (Rounding, Modulo) — a model against itself, "
-        "an upper bound for a within-task MAS, which makes 'cross below within' easier to satisfy for those.",
+        f"Variable `count` (Arithmetic model: `variable_map`), hidden state, k = {config.k}; validation "
+        f"trial IIA of the best checkpoint with 95% bootstrap CIs ({seconds:.0f} s this call; all rows in "
+        "results.csv). A→B: source A, B intervened upon. Within-task references: MAS between seeds where a "
+        "task has two (MultiObject); DAS on the model itself where it has one (Rounding, Modulo) — a model "
+        "against itself, an upper bound for a within-task MAS, which makes 'cross below within' easier to "
+        "satisfy for those.",
         *([SMOKE_NOTE] if smoke else []),
         markdown_table(lines, columns, headers),
         *(["Blocked runs:\n" + "\n".join(blocked)] if blocked else []),
     ]
-    write_summary(run_dir / "summary.md", "Cross-task numeric alignment", command, sections, claims(lines, config))
+    write_summary(run_dir / "summary.md", "Cross-task numeric alignment", command, sections,
+                  claims(lines, config))
 
 
 def build(config: RecipeConfig, run_dir: Path, smoke: bool, scratch_dir: Path | None) -> list[PlannedRun]:

@@ -80,7 +80,8 @@ class RecipeConfig:
         if unknown:
             p.append(f"methods: unknown {unknown}; valid: {', '.join(METHODS)}")
         if not preset_path(self.mas_preset).exists():
-            p.append(f"mas_preset {self.mas_preset!r} does not exist (tried the working directory and {REPO})")
+            p.append(f"mas_preset {self.mas_preset!r} does not exist (tried the working directory and "
+                     f"{REPO})")
         return p
 
 
@@ -89,8 +90,9 @@ def plan(config: RecipeConfig, models: list[str], ks: list[int], overrides: list
     """The MAS runs, claim ks first; each with the (method, k, direction) rows it feeds."""
     def cfg(name, names, **fields):
         return mas_config_from_preset(
-            config.mas_preset, overrides, name=name, out_dir=str(mas_dir), seed=config.seed, device=config.device,
-            progress=progress, models=[{"name": n, "site": config.site} for n in names], variables=["full"], **fields)
+            config.mas_preset, overrides, name=name, out_dir=str(mas_dir), seed=config.seed,
+            device=config.device, progress=progress, models=[{"name": n, "site": config.site} for n in names],
+            variables=["full"], **fields)
 
     runs = []
     for k in ks:
@@ -107,13 +109,15 @@ def plan(config: RecipeConfig, models: list[str], ks: list[int], overrides: list
             if method in config.methods:
                 for s, t in ((0, 1), (1, 0)):
                     runs.append(PlannedRun(
-                        cfg(f"{prefix}_{s}to{t}_k{k}", models, k=k, directions=[[s, t]], intervention=intervention),
+                        cfg(f"{prefix}_{s}to{t}_k{k}", models, k=k, directions=[[s, t]],
+                            intervention=intervention),
                         [({"method": method, "k": k, "direction": f"{s}→{t}"}, s, t)]))
     return sorted(runs, key=_priority)  # stable: config order within a priority
 
 
 def _priority(run: PlannedRun) -> int:
-    """0: runs the paper's claims need (stitch and MAS at k = 2, MAS and DAS at k = 4); 1: the rest of k = 2, 4."""
+    """0: runs the paper's claims need (stitch and MAS at k = 2, MAS and DAS at k = 4); 1: the rest of
+    k = 2 and 4; 2: other ks."""
     method, k = run.rows[0][0]["method"], run.rows[0][0]["k"]
     if (k == 2 and method in ("mas", "stitch")) or (k == 4 and method in ("mas", "das")):
         return 0
@@ -152,16 +156,18 @@ def claims(rows: list[dict]) -> list[Claim]:
     values = [c.get("trial_iia") for c in stitch2]
     holds = min(values) >= NEAR_PERFECT if all_known(*values) else None
     out.append(Claim(
-        f"Stitching is near-perfect even at rank 2 (isometric stitch, both directions, trial IIA ≥ {NEAR_PERFECT})",
+        f"Stitching is near-perfect even at rank 2 (isometric stitch, both directions, trial IIA ≥ "
+        f"{NEAR_PERFECT})",
         holds, f"isometric 0→1 {fmt_ci(stitch2[0])}, 1→0 {fmt_ci(stitch2[1])}; linear (affine, rank ≤ 2) "
                f"0→1 {fmt_ci(linear2[0])}, 1→0 {fmt_ci(linear2[1])}."))
     mas2 = [_cell(rows, "mas", 2, d) for d in ("0→1", "1→0")]
-    pairs = list(zip(mas2, stitch2))
+    pairs = list(zip(mas2, stitch2, strict=True))
     known = all(all_known(m.get("trial_iia"), s.get("trial_iia")) for m, s in pairs)
     out.append(Claim(
         "MAS at k = 2 is lower than stitching at rank 2 (each cross direction)",
         all(m["trial_iia"] < s["trial_iia"] for m, s in pairs) if known else None,
-        "; ".join(f"{d}: MAS vs stitch {compare(m, s)}" for d, (m, s) in zip(("0→1", "1→0"), pairs)) + "."))
+        "; ".join(f"{d}: MAS vs stitch {compare(m, s)}"
+                  for d, (m, s) in zip(("0→1", "1→0"), pairs, strict=True)) + "."))
     mas4 = [_cell(rows, "mas", 4, d) for d in ("0→1", "1→0")]
     das4 = [_cell(rows, "das", 4, d) for d in ("0→0", "1→1")]
     values = [c.get("trial_iia") for c in mas4 + das4]
@@ -179,7 +185,8 @@ def write_outputs(rows: list[dict], run_dir: Path, command: str, models: list[st
     write_csv(rows, run_dir / "results.csv")
     series = {}
     for method, direction in COLUMNS:
-        cells = sorted((r for r in rows if r["method"] == method and r["direction"] == direction), key=lambda r: r["k"])
+        cells = sorted((r for r in rows if (r["method"], r["direction"]) == (method, direction)),
+                       key=lambda r: r["k"])
         if cells:
             series[f"{HEADERS[method]} {direction}"] = ([r["k"] for r in cells], cells)
     plot_lines(series, run_dir / "iia_vs_k.png", f"Stitching vs MAS vs DAS — {Path(models[0]).name} (0) and "
@@ -194,17 +201,20 @@ def write_outputs(rows: list[dict], run_dir: Path, command: str, models: list[st
         markdown_table(table, ["k", *[f"{m} {d}" for m, d in present]],
                        ["k", *[f"{HEADERS[m]} {d}" for m, d in present]]),
     ]
-    not_done = sorted({r["run"] + f" ({r['status']})" for r in rows if r["status"] not in ("reused", "trained")})
+    not_done = sorted({f"{r['run']} ({r['status']})" for r in rows
+                       if r["status"] not in ("reused", "trained")})
     if not_done:
         sections.append("Not finished: " + ", ".join(not_done))
-    write_summary(run_dir / "summary.md", "Model stitching vs MAS vs DAS across k", command, sections, claims(rows))
+    write_summary(run_dir / "summary.md", "Model stitching vs MAS vs DAS across k", command, sections,
+                  claims(rows))
 
 
 def build(config: RecipeConfig, run_dir: Path, smoke: bool, scratch_dir: Path | None) -> list[PlannedRun]:
     mapping = resolve_models(config.models, scratch_dir)
     overrides = [*config.mas_overrides, *(SMOKE_MAS_OVERRIDES if smoke else [])]
-    return plan(config, [mapping[m] for m in config.models], config.smoke_ks if smoke else config.ks, overrides,
-                run_dir / "mas", progress=not smoke and sys.stdout.isatty())
+    ks = config.smoke_ks if smoke else config.ks
+    return plan(config, [mapping[m] for m in config.models], ks, overrides, run_dir / "mas",
+                progress=not smoke and sys.stdout.isatty())
 
 
 def write(config: RecipeConfig, plans: list[PlannedRun], outcomes: dict, run_dir: Path, command: str,

@@ -77,7 +77,8 @@ def test_recipe_config_errors_are_reported_at_once(tmp_path, capsys):
     code = load_recipe("clmas").main([str(REPO / "recipes/configs/clmas.yaml"), f"out_dir={tmp_path}",
                                       "epsilons=[1.5]"])
     assert code == 2 and "1.5" in capsys.readouterr().err
-    code = load_recipe("clmas").main([f"out_dir={tmp_path}", "--models-from-scratch", "--only", "mas_k64,nope"])
+    code = load_recipe("clmas").main([f"out_dir={tmp_path}", "--models-from-scratch",
+                                      "--only", "mas_k64,nope"])
     err = capsys.readouterr().err
     assert code == 2 and "nope" in err and "clmas_eps0.89_k64" in err   # default config; valid names listed
 
@@ -103,7 +104,8 @@ def test_stitching_plan_covers_every_method_and_k_with_claim_runs_first(tmp_path
     assert by["mas_k16"].directions == "all" and by["mas_k16"].k == 16 and len(by["mas_k16"].models) == 2
     assert [m.name for m in by["das_m1_k1"].models] == ["b-dir"]
     assert by["stitch_1to0_k4"].intervention == "stitch" and by["stitch_1to0_k4"].directions == [[1, 0]]
-    assert by["linear_0to1_k2"].intervention == "linear_stitch" and by["linear_0to1_k2"].directions == [[0, 1]]
+    assert by["linear_0to1_k2"].intervention == "linear_stitch"
+    assert by["linear_0to1_k2"].directions == [[0, 1]]
     assert by["mas_k2"].data.n_train == 10_000  # from the preset
 
 
@@ -118,7 +120,8 @@ def test_clmas_plan_marks_model_1_inaccessible(tmp_path):
     assert cl.cl.inaccessible == [1] and cl.cl.epsilon == 0.89 and cl.directions == "all"
     assert cl.train_directions() == [(0, 0), (1, 0)] and cl.cl_directions() == [(0, 1), (1, 1)]
     latent = by["latent_stitch_k128"]
-    assert latent.intervention == "stitch" and latent.train_directions() == [] and latent.cl_directions() == [(0, 1)]
+    assert latent.intervention == "stitch"
+    assert latent.train_directions() == [] and latent.cl_directions() == [(0, 1)]
     behav = by["behavioural_stitch_k128"]
     assert behav.train_directions() == [(0, 1)] and behav.cl_directions() == []
     assert by["random_alignment_k64"].train.max_steps == 0
@@ -188,8 +191,9 @@ def test_cross_task_claims_follow_the_numbers():
     cfg = recipe.RecipeConfig()
 
     def rows_of(comparison, group, **iia):
-        return [{"comparison": comparison, "group": group, "model_a": "a", "model_b": "b", "status": "trained",
-                 "direction": d.replace("_", "→"), "trial_iia": v, "trial_iia_lo": v, "trial_iia_hi": v}
+        return [{"comparison": comparison, "group": group, "model_a": "a", "model_b": "b",
+                 "status": "trained", "direction": d.replace("_", "→"), "trial_iia": v, "trial_iia_lo": v,
+                 "trial_iia_hi": v}
                 for d, v in iia.items()]
 
     rows = (rows_of("within multiobject", "within", A_B=0.9, B_A=0.8)
@@ -238,12 +242,13 @@ def test_direction_row_of_pending_and_unknown_directions():
 @pytest.mark.slow
 def test_runs_are_reused_by_config_and_failures_do_not_stop_the_plan(tmp_path):
     models = scratch_checkpoints(["multiobject-gru-s0"], tmp_path / "models")
-    tiny = ["data.n_train=16", "data.n_valid=8", "train.max_steps=1", "train.batch_size=8", "eval.batch_size=32"]
+    tiny = ["data.n_train=16", "data.n_valid=8", "train.max_steps=1", "train.batch_size=8",
+            "eval.batch_size=32"]
 
     def cfg(name, out, site="hidden", **fields):
         return mas_config_from_preset("recipes/configs/das_gru.yaml", tiny, name=name, out_dir=str(out),
-                                      progress=False, models=[{"name": models["multiobject-gru-s0"], "site": site}],
-                                      **fields)
+                                      progress=False, **fields,
+                                      models=[{"name": models["multiobject-gru-s0"], "site": site}])
 
     first = PlannedRun(cfg("das_k2", tmp_path / "elsewhere", k=2), [({"m": "das"}, 0, 0)])
     broken = PlannedRun(cfg("broken", tmp_path / "own", site="no.such.module", k=2), [({"m": "x"}, 0, 0)])
@@ -269,7 +274,7 @@ def test_runs_are_reused_by_config_and_failures_do_not_stop_the_plan(tmp_path):
 # ----------------------------------------------------------------------------------- smoke runs end to end
 @pytest.mark.slow
 def test_stitching_vs_mas_smoke_end_to_end_and_restart(tmp_path, capsys):
-    run = smoke("stitching_vs_mas", tmp_path, "smoke_ks=[2]")   # k = 4 is planned like k = 2 (plan test above)
+    run = smoke("stitching_vs_mas", tmp_path, "smoke_ks=[2]")   # k = 4 is planned like k = 2 (see plan test)
     rows = read_csv(run / "results.csv")
     got = {(r["method"], r["k"], r["direction"]) for r in rows}
     want = {(m, k, d) for k in ("2",) for m, d in
@@ -297,7 +302,8 @@ def test_clmas_smoke_end_to_end(tmp_path):
                                                         "random_alignment]")
     rows = read_csv(run / "results.csv")
     cells = {(r["method"], r["epsilon"], r["direction"]): r for r in rows}
-    assert {m for m, _, _ in cells} == {"mas", "clmas", "latent_stitch", "behavioural_stitch", "random_alignment"}
+    assert {m for m, _, _ in cells} == {"mas", "clmas", "latent_stitch", "behavioural_stitch",
+                                        "random_alignment"}
     assert cells[("clmas", "0.89", "inaccessible 0→1")]["trained_by"] == "cl"
     assert cells[("clmas", "0.89", "accessible 1→0")]["trained_by"] == "behaviour"
     assert cells[("latent_stitch", "", "inaccessible 0→1")]["trained_by"] == "cl"
@@ -318,7 +324,8 @@ def test_cross_task_smoke_end_to_end(tmp_path):
     rows = read_csv(run / "results.csv")
     comparisons = list(dict.fromkeys(r["comparison"] for r in rows))
     assert comparisons == ["within multiobject", "DAS multiobject", "DAS modulo", "multiobject vs modulo",
-                           "count vs remaining_ops", "count vs cumulative_value", "count vs cumulative_value (1..10)"]
+                           "count vs remaining_ops", "count vs cumulative_value",
+                           "count vs cumulative_value (1..10)"]
     status = {r["comparison"]: r["status"] for r in rows}
     assert status["count vs cumulative_value (1..10)"] == ("trained" if mas_supports("data.value_range")
                                                            else "blocked")
