@@ -10,8 +10,8 @@ For every k the recipe trains (``llm_mas.mas.run_mas``; settings from ``mas_pres
 - ``stitch_{s}to{t}_k{k}``: rank-k isometric stitching h_s Q_s P_k Q_tᵀ (target latent discarded), trained on
   s→t only, one run per direction;
 - ``linear_{s}to{t}_k{k}``: an unconstrained affine stitch of rank ≤ k, trained on s→t only.
-The runs the paper's claims need go first (stitching and MAS at k = 2, MAS and DAS at k = 4), then the
-rest of k = 2 and 4, then the other ks. Outputs in ``runs/<name>/``:
+The runs the paper's claims need go first (stitching and MAS at k = 2, MAS and DAS at k = 4; the cheaper
+one-direction runs before MAS), then the rest of k = 2 and 4, then the other ks. Outputs in ``runs/<name>/``:
 ``results.csv`` (one row per method, k and direction: trial IIA with its 95% bootstrap CI, token IIA, the
 run), ``iia_vs_k.png`` and ``summary.md`` (the table and which paper claims hold), rewritten after every run.
 
@@ -115,13 +115,15 @@ def plan(config: RecipeConfig, models: list[str], ks: list[int], overrides: list
     return sorted(runs, key=_priority)  # stable: config order within a priority
 
 
-def _priority(run: PlannedRun) -> int:
-    """0: runs the paper's claims need (stitch and MAS at k = 2, MAS and DAS at k = 4); 1: the rest of
-    k = 2 and 4; 2: other ks."""
+def _priority(run: PlannedRun) -> tuple[int, bool]:
+    """Group 0: runs the paper's claims need (stitch and MAS at k = 2, MAS and DAS at k = 4); 1: the rest of
+    k = 2 and 4; 2: other ks. Within a group the one-direction runs (stitching, DAS) go before MAS (four)."""
     method, k = run.rows[0][0]["method"], run.rows[0][0]["k"]
     if (k == 2 and method in ("mas", "stitch")) or (k == 4 and method in ("mas", "das")):
-        return 0
-    return 1 if k in CLAIM_KS else 2
+        group = 0
+    else:
+        group = 1 if k in CLAIM_KS else 2
+    return group, method == "mas"
 
 
 # ================================================================================== table and claims

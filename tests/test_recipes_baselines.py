@@ -98,7 +98,7 @@ def test_stitching_plan_covers_every_method_and_k_with_claim_runs_first(tmp_path
     cfg = recipe.RecipeConfig(ks=[1, 2, 4, 16])
     plans = recipe.plan(cfg, ["a-dir", "b-dir"], cfg.ks, [], tmp_path)
     names = [p.name for p in plans]
-    assert names[:6] == ["mas_k2", "stitch_0to1_k2", "stitch_1to0_k2", "mas_k4", "das_m0_k4", "das_m1_k4"]
+    assert names[:6] == ["stitch_0to1_k2", "stitch_1to0_k2", "das_m0_k4", "das_m1_k4", "mas_k2", "mas_k4"]
     assert len(names) == len(set(names)) == 4 * 7
     by = {p.name: p.config for p in plans}
     assert by["mas_k16"].directions == "all" and by["mas_k16"].k == 16 and len(by["mas_k16"].models) == 2
