@@ -32,7 +32,7 @@ def demo_configs(out_dir: str = "runs", quick: bool = False):
         configs.append(from_dict(MASConfig, {
             "name": name + ("-quick" if quick else ""), "seed": 0, "k": 32, "variables": ["full"],
             "models": [{"name": m, "site": "hidden"} for m in models],
-            "data": data, "train": train, "out_dir": out_dir, "resume": False}))
+            "data": data, "train": train, "eval": {"batch_size": 500}, "out_dir": out_dir, "resume": False}))
     return configs
 
 
