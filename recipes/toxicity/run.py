@@ -1,0 +1,643 @@
+"""Toxicity case study (method.md §10): six LoRA fine-tunes (toxic / nontoxic × 3 disjoint data splits) →
+recorded generations → one stepwise MAS run over all six models (36 directions) → a report with group means,
+bootstrap CIs and permutation tests over model labels.
+
+    python recipes/toxicity/run.py --smoke              # tiny offline models + bundled sample, CPU, a few minutes
+    python recipes/toxicity/run.py                      # DeepSeek-R1-Distill-Qwen-1.5B, one GPU (configs/deepseek.yaml)
+    python recipes/toxicity/run.py processes=4          # 4 GPUs: fine-tuning and MAS through `accelerate launch`
+    python recipes/toxicity/run.py CONFIG.yaml key.sub=value ...   # another preset and/or overrides
+    python recipes/toxicity/run.py --dry-run            # write RUN/commands.sh and show what would run
+    python recipes/toxicity/run.py --report-only        # rewrite the report from the finished MAS run
+
+Every stage is an ordinary ``llm-mas`` command (listed in ``RUN/commands.sh``; run them yourself to change
+anything), and every finished stage is skipped on the next call, so after a kill the same command continues:
+
+1. base model: the hub id / directory in ``base_model``; ``base_model: tiny`` builds a random-weight tiny
+   Qwen2 offline (``llm_mas.llm.tiny.build_tiny_qwen2``) into ``RUN/base-model``;
+2. ``llm-mas finetune --mode toxic|nontoxic --split K --merge --out RUN/finetune/<mode>-<K>`` for the six
+   variants (done = ``result.json``; an interrupted one is continued with ``--resume``);
+3. ``RUN/prompts.jsonl``: the test-role texts of the fine-tuning data (``toxicity_corpus("both", None,
+   role="test", balance=False)``; a local file has no test split and is used whole), and
+   ``llm-mas record --model RUN/finetune/<v>/merged --texts RUN/prompts.jsonl --out RUN/recordings/<v>``
+   (every model gets the same prompts: same texts, same seed, same tokenizer);
+4. ``llm-mas mas RUN/mas.yaml``: stepwise MAS at the embeddings between all six models (one alignment per
+   model, all 36 directions trained jointly; ``k`` defaults to d/2) into ``RUN/mas/``;
+5. ``RUN/report.md`` (+ ``report.json``, ``iia_token.csv``, ``iia_trial.csv``, ``iia_matrices.png``,
+   ``group_means.png``, ``label_permutation.png``), computed by ``llm_mas.toxicity.report``.
+
+A finished stage whose saved settings differ from the config (or whose inputs are newer than it) is an error
+that names the directory: delete it, or choose another ``name=``, to redo that stage. Run directory:
+``<out_dir>/<name>``. See recipes/toxicity/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm_mas.errors import ConfigError, DataError, MASError
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+DEFAULT_PRESET = HERE / "configs" / "deepseek.yaml"
+SMOKE_PRESET = HERE / "configs" / "smoke.yaml"
+MODES = ("toxic", "nontoxic")
+TINY = "tiny"
+# FinetuneConfig / ModelConfig / MASConfig fields the recipe sets itself (not allowed in the config's dicts)
+FINETUNE_OWN = ("model", "out", "mode", "split", "merge", "resume", "progress")
+MODEL_OWN = ("name", "kind", "recording", "adapter", "untrained")
+MAS_OWN = ("models", "name", "out_dir")
+RECORD_META_KEYS = ("prompt_len", "total_len", "n_requested", "seed")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# ============================================================================================ config
+@dataclass
+class RecordSettings:
+    """``llm-mas record`` settings, the same for every model."""
+
+    texts: str = "test"         # test (the data's test role) | tiny (tiny_corpus) | a .txt / .jsonl file
+    n: int = 1000               # prompts (texts with >= prompt_len tokens)
+    prompt_len: int = 32
+    total_len: int = 64
+    batch_size: int = 16
+    dtype: str = "float32"      # float32 | bfloat16 | float16 | auto (use the MAS models' dtype)
+    device: str = "auto"
+    seed: int = 0               # order in which texts are tried
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.texts not in ("test", TINY) and not Path(self.texts).is_file():
+            p.append(f"record.texts={self.texts!r} is neither 'test', 'tiny' nor an existing .txt/.jsonl file")
+        if self.prompt_len < 1 or self.total_len <= self.prompt_len:
+            p.append(f"record: need 1 <= prompt_len < total_len, got {self.prompt_len} and {self.total_len}")
+        if self.total_len - 1 < 20:
+            p.append(f"record.total_len={self.total_len} is too short for stepwise MAS (the step i is drawn from "
+                     f"[10, total_len - 1 - 10)); use >= 21")
+        for name in ("n", "batch_size"):
+            if getattr(self, name) < 1:
+                p.append(f"record.{name}={getattr(self, name)} must be >= 1")
+        return p
+
+
+@dataclass
+class ReportSettings:
+    """Statistics of the report (``llm_mas.toxicity.report.analyze_iia``)."""
+
+    n_boot: int = 2000
+    level: float = 0.95
+    alpha: float = 0.05
+    n_perm: int = 10_000        # exact enumeration up to this many labellings (20 for 3 + 3 models)
+    seed: int = 0
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.n_boot < 1 or self.n_perm < 1:
+            p.append(f"report.n_boot={self.n_boot} and report.n_perm={self.n_perm} must be >= 1")
+        if not 0 < self.level < 1 or not 0 < self.alpha < 1:
+            p.append(f"report.level={self.level} and report.alpha={self.alpha} must lie in (0, 1)")
+        return p
+
+
+@dataclass
+class ToxicityRecipeConfig:
+    """Everything the recipe runs; YAML presets in recipes/toxicity/configs/, ``key.sub=value`` overrides."""
+
+    name: str = "toxicity"
+    out_dir: str = "runs"
+    base_model: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"   # hub id, directory, or "tiny"
+    tiny_seed: int = 0                  # weights of the tiny base model (base_model: tiny)
+    splits: list[int] = field(default_factory=lambda: [0, 1, 2])
+    processes: int = 1                  # > 1: `accelerate launch --multi_gpu --num_processes N` (GPUs)
+    in_process: bool = False            # run the llm-mas commands inside this process (CPU smoke runs)
+    smoke: bool = False                 # marks the report as a smoke run (numbers mean nothing)
+    finetune: dict[str, Any] = field(default_factory=dict)   # FinetuneConfig fields (batch_size: over all processes)
+    record: RecordSettings = field(default_factory=RecordSettings)
+    model: dict[str, Any] = field(default_factory=lambda: {"site": "embeddings"})  # ModelConfig fields
+    mas: dict[str, Any] = field(default_factory=dict)        # MASConfig fields except models/name/out_dir
+    report: ReportSettings = field(default_factory=ReportSettings)
+
+    def validate(self) -> list[str]:
+        from llm_mas.config import from_dict
+        from llm_mas.mas import MASConfig, ModelConfig
+        from llm_mas.toxicity.finetune import FinetuneConfig
+
+        p = []
+        if not self.name or "/" in self.name:
+            p.append(f"name={self.name!r} must be a non-empty directory name without '/'")
+        if not self.base_model:
+            p.append("base_model is required: a hub id, a model directory, or 'tiny'")
+        if len(set(self.splits)) != len(self.splits) or len(self.splits) < 2:
+            p.append(f"splits={self.splits} must be at least two distinct split indices (the paper: [0, 1, 2])")
+        if self.processes < 1:
+            p.append(f"processes={self.processes} must be >= 1")
+        if self.processes > 1 and self.in_process:
+            p.append("in_process=true runs one process; with processes > 1 set in_process=false "
+                     "(accelerate launch starts the processes)")
+        for section, own in (("finetune", FINETUNE_OWN), ("model", MODEL_OWN), ("mas", MAS_OWN)):
+            clash = [k for k in getattr(self, section) if k in own]
+            if clash:
+                p.append(f"{section}: {', '.join(clash)} are set by the recipe; remove them "
+                         f"(keys it owns: {', '.join(own)})")
+        try:
+            ft = from_dict(FinetuneConfig, {**self._finetune_fields(), "model": "m", "out": "o"})
+        except ConfigError as e:
+            p += [f"finetune: {x}" for x in e.problems]
+        else:
+            bad = [s for s in self.splits if not 0 <= s < ft.n_splits]
+            if bad:
+                p.append(f"splits {bad} lie outside 0..{ft.n_splits - 1} (finetune.n_splits={ft.n_splits})")
+            total = self.finetune.get("batch_size", FinetuneConfig.batch_size)
+            if isinstance(total, int) and total % self.processes:
+                p.append(f"finetune.batch_size={total} (rows per micro-batch over all processes) must be a multiple "
+                         f"of processes={self.processes}, e.g. {max(1, total // self.processes) * self.processes}")
+        if self.model.get("dtype", "float32") not in DTYPES:
+            p.append(f"model.dtype={self.model['dtype']!r} is not one of {', '.join(DTYPES)}")
+        if self.record.dtype not in (*DTYPES, "auto"):
+            p.append(f"record.dtype={self.record.dtype!r} is not one of {', '.join(DTYPES)}, auto")
+        model_fields = {**self.model, "name": "m", "kind": "hf", "recording": "r"}
+        try:
+            from_dict(ModelConfig, model_fields)
+        except ConfigError as e:
+            p += [f"model: {x}" for x in e.problems]
+        try:
+            from_dict(MASConfig, {**self.mas, "models": [model_fields] * 2 * len(self.splits)})
+        except ConfigError as e:
+            p += [f"mas: {x}" for x in e.problems]
+        if self.processes > 1 and "device" in self.model:
+            p.append("model.device must be unset with processes > 1 (each process puts every model on its own GPU)")
+        return p
+
+    def _finetune_fields(self) -> dict[str, Any]:
+        fields = dict(self.finetune)
+        if "batch_size" in fields and self.processes > 1 and isinstance(fields["batch_size"], int):
+            fields["batch_size"] = max(1, fields["batch_size"] // self.processes)
+        return fields
+
+
+def load_recipe_config(path: str | Path, overrides: list[str]) -> ToxicityRecipeConfig:
+    """Preset + overrides → validated config (every problem at once)."""
+    from llm_mas.config import load_config
+
+    return load_config(ToxicityRecipeConfig, path, overrides)
+
+
+# ============================================================================================ stages
+@dataclass
+class Variant:
+    """One fine-tune: ``toxic-0`` ... ``nontoxic-2``."""
+
+    mode: str
+    split: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode}-{self.split}"
+
+
+def variants(config: ToxicityRecipeConfig) -> list[Variant]:
+    """Toxic variants first, then nontoxic, each in split order (the rows/columns of the IIA matrix)."""
+    return [Variant(mode, split) for mode in MODES for split in config.splits]
+
+
+@dataclass
+class Stage:
+    """One command of the recipe: its words (``llm-mas ...`` or ``accelerate launch ...``) and status."""
+
+    name: str
+    argv: list[str]
+    status: str          # done | run | resume
+    note: str = ""
+
+    @property
+    def shell(self) -> str:
+        return shlex.join(self.argv)
+
+
+class Paths:
+    """Where everything of one recipe run lives (``<out_dir>/<name>/...``)."""
+
+    def __init__(self, config: ToxicityRecipeConfig):
+        self.run = Path(config.out_dir).resolve() / config.name
+        self.base = self.run / "base-model"
+        self.prompts = self.run / "prompts.jsonl"
+        self.mas_yaml = self.run / "mas.yaml"
+        self.mas = self.run / "mas"
+        self.full = bool(config.finetune.get("full", False))
+
+    def finetune(self, v: Variant) -> Path:
+        return self.run / "finetune" / v.name
+
+    def model(self, v: Variant) -> Path:
+        """The plain model MAS and recording load: LoRA merged into the base, or the full fine-tune."""
+        return self.finetune(v) / ("model" if self.full else "merged")
+
+    def recording(self, v: Variant) -> Path:
+        return self.run / "recordings" / v.name
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _launcher(config: ToxicityRecipeConfig, mixed_precision: str) -> list[str]:
+    return ["accelerate", "launch", "--multi_gpu", "--num_processes", str(config.processes), "--num_machines", "1",
+            "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
+
+
+def base_model_path(config: ToxicityRecipeConfig, paths: Paths) -> str:
+    return str(paths.base) if config.base_model == TINY else config.base_model
+
+
+def finetune_config(config: ToxicityRecipeConfig, paths: Paths, v: Variant, *, resume: bool = False):
+    """The ``FinetuneConfig`` of one variant (batch_size per process)."""
+    from llm_mas.config import from_dict
+    from llm_mas.toxicity.finetune import FinetuneConfig
+
+    return from_dict(FinetuneConfig, {**config._finetune_fields(), "model": base_model_path(config, paths),
+                                      "out": str(paths.finetune(v)), "mode": v.mode, "split": v.split,
+                                      "merge": not config.finetune.get("full", False), "resume": resume,
+                                      "progress": _progress()})
+
+
+def _saved_differences(saved_yaml: Path, now: dict[str, Any], ignore: tuple[str, ...]) -> list[str]:
+    import yaml
+
+    saved = yaml.safe_load(saved_yaml.read_text()) or {}
+    return [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items()
+            if k not in ignore and saved.get(k) != v]
+
+
+def finetune_stage(config: ToxicityRecipeConfig, paths: Paths, v: Variant) -> Stage:
+    """Done when ``result.json`` exists (with the same settings); resumed when a run was started."""
+    from llm_mas.config import to_dict
+    from llm_mas.toxicity.finetune import RESUME_MAY_DIFFER
+
+    out = paths.finetune(v)
+    started = (out / "config.yaml").is_file() or (out / "checkpoints").is_dir()
+    cfg = finetune_config(config, paths, v, resume=started)
+    status = "run"
+    if started:
+        diffs = _saved_differences(out / "config.yaml", to_dict(cfg), RESUME_MAY_DIFFER) \
+            if (out / "config.yaml").is_file() else []
+        if diffs:
+            raise ConfigError([f"{out} holds a fine-tune with other settings; delete it (or choose another "
+                               f"name=) to redo it:"] + diffs)
+        status = "done" if (out / "result.json").is_file() and paths.model(v).is_dir() else "resume"
+    argv = finetune_argv(cfg, explicit=[*config.finetune, "merge", "progress", *(["resume"] if cfg.resume else [])])
+    if config.processes > 1:
+        argv = _launcher(config, cfg.mixed_precision or "no") + ["-m", "llm_mas.cli"] + argv[1:]
+    return Stage(f"finetune {v.name}", argv, status)
+
+
+def finetune_argv(cfg, explicit: list[str]) -> list[str]:
+    """``llm-mas finetune`` words for `cfg`: model, out, mode, split and every field named in `explicit`
+    (what the preset sets, so the command shows the settings even where they equal today's defaults)."""
+    words = ["llm-mas", "finetune", "--model", cfg.model, "--mode", cfg.mode, "--split", str(cfg.split),
+             "--out", cfg.out]
+    for name in dict.fromkeys(explicit):
+        value = getattr(cfg, name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, list):
+            words += [flag, ",".join(value)]
+        elif value is not None:
+            words += [flag, str(value)]
+    return words
+
+
+def _newest_weights(directory: Path) -> float:
+    files = list(directory.glob("*.safetensors")) + list(directory.glob("*.bin"))
+    return max((f.stat().st_mtime for f in files), default=0.0)
+
+
+def record_stage(config: ToxicityRecipeConfig, paths: Paths, v: Variant) -> Stage:
+    """Done when the recording exists with the same settings and is newer than its model."""
+    r = config.record
+    out = paths.recording(v)
+    argv = ["llm-mas", "record", "--model", str(paths.model(v)), "--texts", str(paths.prompts), "--out", str(out),
+            "--n", str(r.n), "--prompt-len", str(r.prompt_len), "--total-len", str(r.total_len),
+            "--batch-size", str(r.batch_size), "--seed", str(r.seed), "--dtype", r.dtype, "--device", r.device,
+            "--progress" if _progress() else "--no-progress"]
+    meta_file, tensors = out / "recording.json", out / "recording.safetensors"
+    if not (meta_file.is_file() and tensors.is_file()):
+        return Stage(f"record {v.name}", argv, "run")
+    meta = json.loads(meta_file.read_text())
+    want = {"prompt_len": r.prompt_len, "total_len": r.total_len, "n_requested": r.n, "seed": r.seed}
+    diffs = [f"{k}: saved {meta.get(k)!r}, now {want[k]!r}" for k in RECORD_META_KEYS if meta.get(k) != want[k]]
+    if paths.prompts.is_file():
+        prompts = set(_read_prompts(paths.prompts))
+        if any(t not in prompts for t in meta.get("texts", [])):
+            diffs.append(f"its texts are not all in {paths.prompts} (the prompts changed)")
+    if _newest_weights(paths.model(v)) > tensors.stat().st_mtime:
+        diffs.append(f"the model {paths.model(v)} was written after the recording")
+    if diffs:
+        raise ConfigError([f"{out} is a recording with other settings or inputs; delete it to record again:"]
+                          + diffs)
+    return Stage(f"record {v.name}", argv, "done")
+
+
+def mas_config(config: ToxicityRecipeConfig, paths: Paths):
+    """The ``MASConfig`` of the joint n-model run (models in ``variants`` order)."""
+    from llm_mas.config import from_dict
+    from llm_mas.mas import MASConfig
+
+    models = [{**config.model, "name": str(paths.model(v)), "kind": "hf", "recording": str(paths.recording(v))}
+              for v in variants(config)]
+    fields = {"progress": _progress(), **config.mas, "models": models, "name": paths.mas.name,
+              "out_dir": str(paths.run)}
+    return from_dict(MASConfig, fields)
+
+
+def mas_stage(config: ToxicityRecipeConfig, paths: Paths) -> Stage:
+    """Done when ``RUN/mas/results.json`` exists for this config and is newer than every recording."""
+    from llm_mas.recipes_common import same_config
+
+    cfg = mas_config(config, paths)
+    if config.processes > 1:
+        argv = _launcher(config, "no") + ["-m", "llm_mas.llm.distributed", str(paths.mas_yaml)]
+    else:
+        argv = ["llm-mas", "mas", str(paths.mas_yaml)]
+    started = (paths.mas / "config.yaml").is_file()
+    if not started:
+        return Stage("mas", argv, "run")
+    if not same_config(paths.mas, cfg):
+        raise ConfigError(f"{paths.mas} holds a MAS run of another config (compare {paths.mas / 'config.yaml'} "
+                          f"with {paths.mas_yaml}); delete it (or choose another name=) to run MAS again")
+    results = paths.mas / "results.json"
+    if not results.is_file():
+        return Stage("mas", argv, "resume", "continues from its checkpoint" if (paths.mas / "checkpoint.pt").exists()
+                     else "")
+    newer = [str(paths.recording(v)) for v in variants(config)
+             if (paths.recording(v) / "recording.safetensors").is_file()
+             and (paths.recording(v) / "recording.safetensors").stat().st_mtime > results.stat().st_mtime]
+    if newer:
+        raise ConfigError(f"{paths.mas} predates the recordings {', '.join(newer)}; delete it to run MAS again")
+    return Stage("mas", argv, "done")
+
+
+# ============================================================================================ inputs
+def _read_prompts(path: Path) -> list[str]:
+    from llm_mas.commands.llm import read_texts
+
+    return read_texts(path)
+
+
+def prompt_texts(config: ToxicityRecipeConfig) -> list[str]:
+    """The recording prompts: the data's test role, tiny_corpus, or a file (module docstring, step 3)."""
+    r = config.record
+    if r.texts == TINY:
+        from llm_mas.llm.tiny import tiny_corpus
+
+        return tiny_corpus(max(300, 2 * r.n), seed=2024)
+    if r.texts == "test":
+        from llm_mas.toxicity.data import toxicity_corpus
+
+        ft = config.finetune
+        return list(toxicity_corpus("both", None, ft.get("n_splits", 3), sources=ft.get("sources"),
+                                    data=ft.get("data", "hub"), seed=ft.get("seed", 42), balance=False,
+                                    role="test"))
+    return _read_prompts(Path(r.texts))
+
+
+def prepare_inputs(config: ToxicityRecipeConfig, paths: Paths, log=print) -> None:
+    """The tiny base model (``base_model: tiny``) and ``prompts.jsonl`` (rewritten only when it changes)."""
+    if config.base_model == TINY and not (paths.base / "config.json").is_file():
+        from llm_mas.llm.tiny import build_tiny_qwen2
+
+        build_tiny_qwen2(paths.base, seed=config.tiny_seed)
+        log(f"built a tiny random-weight Qwen2 (seed {config.tiny_seed}) in {paths.base}")
+    text = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in prompt_texts(config))
+    if not paths.prompts.is_file() or paths.prompts.read_text(encoding="utf-8") != text:
+        paths.prompts.parent.mkdir(parents=True, exist_ok=True)
+        paths.prompts.write_text(text, encoding="utf-8")
+        log(f"wrote {paths.prompts} ({text.count(chr(10))} texts)")
+
+
+# ============================================================================================ running
+def execute(stage: Stage, config: ToxicityRecipeConfig) -> None:
+    """Run one stage: in this process (``llm-mas`` commands, ``in_process: true``) or as a subprocess."""
+    if config.in_process and stage.argv[0] == "llm-mas":
+        from llm_mas.cli import app
+
+        try:
+            app(stage.argv[1:], prog_name="llm-mas", standalone_mode=False)
+        except SystemExit as e:  # run_command turns a MASError into exit status 2 after printing it
+            if e.code not in (0, None):
+                raise MASError(f"{stage.name} failed (exit {e.code}; message above). Fix it and rerun the recipe: "
+                               f"finished stages are skipped") from None
+        return
+    prefix = {"llm-mas": [sys.executable, "-m", "llm_mas.cli"],
+              "accelerate": [sys.executable, "-m", "accelerate.commands.accelerate_cli"]}[stage.argv[0]]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    code = subprocess.run(prefix + stage.argv[1:], env=env).returncode
+    if code != 0:
+        raise MASError(f"{stage.name} failed (exit {code}; message above). Fix it and rerun the recipe: finished "
+                       f"stages are skipped")
+
+
+def plan(config: ToxicityRecipeConfig, paths: Paths) -> list[Stage]:
+    """Every stage in order with its status (raises ConfigError for finished stages with other settings)."""
+    stages = [finetune_stage(config, paths, v) for v in variants(config)]
+    stages += [record_stage(config, paths, v) for v in variants(config)]
+    stages.append(mas_stage(config, paths))
+    return stages
+
+
+def write_commands(config: ToxicityRecipeConfig, stages: list[Stage], paths: Paths, command: str) -> None:
+    """``RUN/commands.sh`` (every stage's command) and ``RUN/mas.yaml`` (the MAS stage's config)."""
+    from llm_mas.config import save_config
+
+    save_config(mas_config(config, paths), paths.mas_yaml, header=stages[-1].shell)
+    lines = ["#!/usr/bin/env bash", f"# every stage of: {command}", "# (a stage marked done is skipped by the recipe)",
+             "set -euo pipefail", ""]
+    for stage in stages:
+        lines += [f"# {stage.name} [{stage.status}]", stage.shell, ""]
+    (paths.run / "commands.sh").write_text("\n".join(lines))
+
+
+def run_stages(config: ToxicityRecipeConfig, paths: Paths, log=print) -> dict[str, float]:
+    """Run the stages not done yet, re-planning before each (a stage's check reads the previous outputs)."""
+    timings: dict[str, float] = {}
+    names = [s.name for s in plan(config, paths)]
+    for i, name in enumerate(names):
+        stage = stage_named(config, paths, name)
+        if stage.status == "done":
+            log(f"[{i + 1}/{len(names)}] {name}: done, skipped")
+            continue
+        log(f"[{i + 1}/{len(names)}] {name}{' (resuming)' if stage.status == 'resume' else ''}\n$ {stage.shell}")
+        t0 = time.perf_counter()
+        execute(stage, config)
+        timings[name] = round(time.perf_counter() - t0, 1)
+        log(f"[{i + 1}/{len(names)}] {name}: finished in {timings[name]:.1f}s")
+    return timings
+
+
+def stage_named(config: ToxicityRecipeConfig, paths: Paths, name: str) -> Stage:
+    """The stage called `name`, planned now (its check sees what the earlier stages wrote)."""
+    if name == "mas":
+        return mas_stage(config, paths)
+    for v in variants(config):
+        if name == f"finetune {v.name}":
+            return finetune_stage(config, paths, v)
+        if name == f"record {v.name}":
+            return record_stage(config, paths, v)
+    raise ConfigError(f"no stage called {name!r}")
+
+
+# ============================================================================================ report
+SMOKE_BANNER = ("**SMOKE RUN**: tiny random-weight Qwen2 models fine-tuned for a few steps on the 120-line bundled "
+                "sample (whose texts are also the prompts), MAS for a few steps. The toxic and nontoxic variants "
+                "barely differ from their common base; every number below checks the plumbing and means nothing.")
+
+
+def _setup_markdown(config: ToxicityRecipeConfig, paths: Paths, mas_info: dict, timings: dict) -> str:
+    rows = ["## Setup", "",
+            f"- Base model: `{config.base_model}`" + (f" (built offline, seed {config.tiny_seed})"
+                                                     if config.base_model == TINY else ""),
+            f"- Fine-tuning: {'full' if config.finetune.get('full') else 'LoRA'}; settings "
+            f"`{json.dumps(config.finetune, sort_keys=True)}`; one run per (mode, split), splits {config.splits}",
+            f"- Recordings: {config.record.n} prompts of {config.record.prompt_len} tokens (texts: "
+            f"{config.record.texts}), greedy to {config.record.total_len} tokens",
+            f"- MAS: one joint run over all {2 * len(config.splits)} models (one alignment per model, every ordered "
+            f"direction including s = t trained); settings `{json.dumps(config.mas, sort_keys=True)}`, "
+            f"models `{json.dumps(config.model, sort_keys=True)}`; k = "
+            f"{config.mas.get('k') or 'd/2 (default)'}; stopped: {mas_info.get('stopped', '?')} after "
+            f"{mas_info.get('steps', '?')} steps (best step {mas_info.get('best_step', '?')})",
+            "", "| model | group | split | fine-tuning texts | loss first → last | recorded sequences | "
+            "greedy agreement |", "|---|---|---|---|---|---|---|"]
+    for v in variants(config):
+        result = _json(paths.finetune(v) / "result.json")
+        meta = _json(paths.recording(v) / "recording.json")
+        loss = (f"{result['first_loss']:.3f} → {result['final_loss']:.3f}"
+                if result.get("first_loss") is not None and result.get("final_loss") is not None else "–")
+        rows.append(f"| {v.name} | {v.mode} | {v.split} | {result.get('n_texts', '–')} | {loss} | "
+                    f"{meta.get('n', '–')} | {meta.get('greedy_agreement', float('nan')):.4f} |")
+    if timings:
+        rows += ["", "Stage times this invocation (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
+    return "\n".join(rows)
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_report(config: ToxicityRecipeConfig, paths: Paths, command: str, timings: dict | None = None,
+                 log=print) -> dict:
+    """Analyse ``RUN/mas/results.json`` and write the report files into the run directory; returns the analysis."""
+    import csv
+
+    from llm_mas.results import MASResult
+    from llm_mas.toxicity.report import analyze_iia, plot_report, report_markdown
+
+    if not (paths.mas / "results.json").is_file():
+        raise DataError(f"no MAS results in {paths.mas}; run the recipe without --report-only first")
+    result = MASResult.load(paths.mas)
+    names = [v.name for v in variants(config)]
+    if len(result.models) != len(names):
+        raise DataError(f"{paths.mas} has {len(result.models)} models but this config names {len(names)} "
+                        f"({', '.join(names)}); point name= at the matching run")
+    groups = [v.mode for v in variants(config)]
+    matrices = {metric: result.matrix(metric=metric) for metric in ("token_iia", "trial_iia")}
+    r = config.report
+    analysis = analyze_iia(matrices, names, groups, n_boot=r.n_boot, level=r.level, seed=r.seed, n_perm=r.n_perm,
+                           alpha=r.alpha)
+    plots = plot_report(analysis, paths.run)
+    info = _json(paths.mas / "summary.json")
+    notes = [SMOKE_BANNER] if config.smoke else []
+    text = report_markdown(analysis, command=command, notes=notes, plots=plots,
+                           setup=_setup_markdown(config, paths, info, timings or {}),
+                           title="Toxicity case study: stepwise MAS between toxic and nontoxic fine-tunes")
+    (paths.run / "report.md").write_text(text, encoding="utf-8")
+    (paths.run / "report.json").write_text(json.dumps({"command": command, "smoke": config.smoke, "mas": info,
+                                                       **analysis}, indent=1, ensure_ascii=False))
+    for metric, short in (("token_iia", "token"), ("trial_iia", "trial")):
+        with open(paths.run / f"iia_{short}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["source \\ target", *names])
+            for name, row in zip(names, analysis["metrics"][metric]["matrix"], strict=True):
+                writer.writerow([name, *row])
+    log(f"wrote {paths.run / 'report.md'}")
+    return analysis
+
+
+def summary_lines(analysis: dict) -> list[str]:
+    """A few lines for the terminal: group means and p-values of the primary metric."""
+    entry = analysis["metrics"]["token_iia"]
+    lines = ["token IIA group means: " + ", ".join(f"{g['label']} {g['mean']:.3f} [{g['lo']:.3f}, {g['hi']:.3f}]"
+                                                  for g in entry["group_means"])]
+    lines += [f"{t['name']} ({t['alternative']}): {t['plus_mean']:.3f} vs {t['minus_mean']:.3f}, "
+              f"p = {t['p_value']:.3g} (smallest attainable {t['min_p']:.3g})" for t in entry["tests"]]
+    return lines
+
+
+# ============================================================================================ main
+def main(argv: list[str] | None = None) -> int:
+    """Command line (module docstring). Exit 0: report written; 1: a stage failed; 2: configuration error."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("config", nargs="?", default=None, help="recipe preset (default configs/deepseek.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. finetune.steps=100 processes=4")
+    parser.add_argument("--smoke", action="store_true", help="use configs/smoke.yaml (tiny offline models, CPU)")
+    parser.add_argument("--dry-run", action="store_true", help="write RUN/commands.sh, show the plan, run nothing")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from RUN/mas")
+    args = parser.parse_intermixed_args(argv)
+    if args.config is not None and "=" in args.config and not Path(args.config).exists():
+        args.overrides.insert(0, args.config)   # a first key=value is an override of the default preset
+        args.config = None
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    command = "python recipes/toxicity/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    t0 = time.perf_counter()
+    try:
+        if args.smoke and args.config is not None:
+            raise ConfigError(f"pass either --smoke or a preset ({args.config}), not both; --smoke means "
+                              f"{SMOKE_PRESET.relative_to(REPO)}")
+        preset = SMOKE_PRESET if args.smoke else Path(args.config) if args.config else DEFAULT_PRESET
+        config = load_recipe_config(preset, args.overrides)
+        if config.in_process:
+            import torch
+
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        paths = Paths(config)
+        paths.run.mkdir(parents=True, exist_ok=True)
+        from llm_mas.config import save_config
+
+        save_config(config, paths.run / "config.yaml", header=command)
+        if args.report_only:
+            analysis = write_report(config, paths, command)
+        else:
+            if not args.dry_run:
+                prepare_inputs(config, paths)
+            stages = plan(config, paths)
+            write_commands(config, stages, paths, command)
+            if args.dry_run:
+                for stage in stages:
+                    print(f"[{stage.status}] {stage.shell}")
+                print(f"wrote {paths.run / 'commands.sh'}")
+                return 0
+            timings = run_stages(config, paths)
+            analysis = write_report(config, paths, command, timings)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except MASError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for line in summary_lines(analysis):
+        print(line)
+    print(f"done in {time.perf_counter() - t0:.0f}s; report: {paths.run / 'report.md'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
