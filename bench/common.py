@@ -113,3 +113,27 @@ def _json_default(x: object) -> object:
     if hasattr(x, "tolist"):
         return x.tolist()
     return str(x)
+
+
+def alignment_cost(d: int, k: int, repeats: int = 5, maps=("matrix_exp", "cayley")) -> dict:
+    """ms to materialize one orthogonal alignment of width d and back-propagate through it, per map kind.
+
+    This is the per-alignment, per-step price of the parametrisation (a MAS step pays it once per model).
+    """
+    import torch
+
+    from llm_mas.alignments import make_alignment
+
+    alignments = {m: make_alignment("orthogonal", d, k=k, seed=0, orthogonal_map=m) for m in maps}
+    probe = torch.randn(d, d)
+
+    def run(alignment):
+        def call():
+            weight = alignment.materialize().weight  # (d, d)
+            (weight * probe).sum().backward()
+            alignment.zero_grad(set_to_none=True)
+
+        return call
+
+    times = interleaved({m: run(a) for m, a in alignments.items()}, repeats=repeats, warmup=1)
+    return {m: 1e3 * median(ts) for m, ts in times.items()}

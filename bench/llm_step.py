@@ -17,6 +17,8 @@ Variants, interleaved round by round:
 - tlens:   ``TLensBackend.patch`` on a ``HookedTransformer`` converted offline from the same weights
            (TransformerLens' own attention/MLP code, so TL/hooks measures the model code as well as hooks);
 - raw-hook: one hand-written ``register_forward_hook`` doing the same edit (what the Edit machinery costs);
+- hooks-cayley: as hooks, with the alignments' orthogonal map switched from the matrix exponential (default)
+           to the Cayley transform (what the parametrisation costs; ``alignment_ms`` times it alone);
 - bare:    plain HF ``model(ids)`` + the same CE + backward into the embedding table (no edit, no Adam):
            the floor that any MAS step pays.
 Models: the tiny Qwen2 (d 64, 2 layers) and a random-weight mid-size Qwen2 from ``mid_size_qwen2_config()``
@@ -39,6 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import (  # noqa: E402
+    alignment_cost,
     interleaved,
     machine_info,
     print_table,
@@ -58,7 +61,7 @@ SIZES = {
     "tiny": {"batch": 16, "length": 96},
     "mid": {"batch": 8, "length": 96},
 }
-VARIANTS = ("hooks", "nnsight", "tlens", "raw-hook", "bare")
+VARIANTS = ("hooks", "nnsight", "tlens", "raw-hook", "hooks-cayley", "bare")
 
 
 def build_model(size: str, seed: int, root: Path):
@@ -104,7 +107,9 @@ class LLMStep:
         del source
         self.block = slice(0, self.k)
         self.backends = {"hooks": hooks}
-        self.models = {"hooks": self.target, "raw-hook": self.target, "bare": self.target}
+        self.backends["hooks-cayley"] = hooks
+        self.models = {"hooks": self.target, "raw-hook": self.target, "hooks-cayley": self.target,
+                       "bare": self.target}
         if "nnsight" in variants:
             self.backends["nnsight"] = get_backend("nnsight")
             self.models["nnsight"] = self.target
@@ -118,7 +123,9 @@ class LLMStep:
         for name in variants:
             if name == "bare":
                 continue
-            alignments = torch.nn.ModuleList([make_alignment("orthogonal", d, k=self.k, seed=i) for i in range(2)])
+            options = {"orthogonal_map": "cayley"} if name == "hooks-cayley" else {}
+            alignments = torch.nn.ModuleList(
+                [make_alignment("orthogonal", d, k=self.k, seed=i, **options) for i in range(2)])
             self.alignments[name] = alignments  # [source, target]
             self.optimizers[name] = torch.optim.Adam(alignments.parameters(), lr=1e-3)
         self.first_loss: dict[str, float] = {}
@@ -183,7 +190,8 @@ def bench_size(size: str, threads_list, repeats: int, variants=VARIANTS) -> dict
     try:
         for threads in threads_list:
             set_threads(threads)
-            times = interleaved({v: (lambda v=v: bench.step(v)) for v in variants}, repeats=repeats, warmup=1)
+            rounds = repeats if threads == 1 else max(2, repeats // 2)  # 2 threads on 2 loaded cores is slow
+            times = interleaved({v: (lambda v=v: bench.step(v)) for v in variants}, repeats=rounds, warmup=1)
             r = {"times_s": times, "loadavg_after": list(os.getloadavg())}
             for v, ts in times.items():
                 r[v] = timing_summary(ts)
@@ -197,7 +205,11 @@ def bench_size(size: str, threads_list, repeats: int, variants=VARIANTS) -> dict
                 + f"; nnsight/hooks x{r.get('nnsight/hooks', {}).get('median', float('nan')):.3f}"
                 + f", tlens/hooks x{r.get('tlens/hooks', {}).get('median', float('nan')):.3f}"
                 + f"; load {r['loadavg_after'][0]:.1f}")
-        losses = bench.first_loss
+        set_threads(1)
+        out["alignment_ms_1thread"] = alignment_cost(bench.d, bench.k, repeats=5)
+        print(f"[llm step] {size}: one orthogonal alignment, materialize + backward, 1 thread: "
+              + ", ".join(f"{m} {v:.1f}ms" for m, v in out["alignment_ms_1thread"].items()))
+        losses = {k: v for k, v in bench.first_loss.items() if k != "hooks-cayley"}
         out["first_step_loss"] = losses
         out["first_step_loss_max_diff"] = max(losses.values()) - min(losses.values()) if losses else None
     finally:
@@ -209,22 +221,24 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch thread counts (default 1 and 2; --quick: 1)")
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
     result = {"machine_start": machine_info(), "sizes": {}}
+    threads_list = args.threads or ([1] if args.quick else [1, 2])
     for size in args.sizes:
         repeats = args.repeats or (2 if args.quick else (7 if size == "mid" else 15))
-        result["sizes"][size] = bench_size(size, args.threads, repeats)
+        result["sizes"][size] = bench_size(size, threads_list, repeats)
     rows = []
     for size, r in result["sizes"].items():
         for threads, t in r["threads"].items():
             rows.append([size, threads] + [1e3 * t[v]["median_s"] for v in VARIANTS]
                         + [t["nnsight/hooks"]["median"], t["tlens/hooks"]["median"], t["raw-hook/hooks"]["median"],
-                           t["hooks/bare"]["median"], t["loadavg_after"][0]])
+                           t["hooks-cayley/hooks"]["median"], t["hooks/bare"]["median"], t["loadavg_after"][0]])
     print_table("Stepwise LLM MAS step, ms (medians; ratios = medians of interleaved per-round ratios)",
                 ["model", "threads"] + [f"{v} ms" for v in VARIANTS]
-                + ["nnsight/hooks", "TL/hooks", "raw/hooks", "hooks/bare", "load1"], rows)
+                + ["nnsight/hooks", "TL/hooks", "raw/hooks", "cayley/hooks", "hooks/bare", "load1"], rows)
     write_result("llm_step", result)
     return result
 

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from common import (
+    alignment_cost,
     interleaved,
     machine_info,
     median,
@@ -295,20 +296,26 @@ def profile_step(problem: NumericProblem, batch: int, steps: int) -> dict:
     stream = io.StringIO()
     pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(12)
     return {"batch": batch, "steps": steps, "top_ops": ops, "op_table": table, "phase_ms": phase_ms,
-            "head_forward_backward_ms": head_ms, "cprofile_top": stream.getvalue()}
+            "head_forward_backward_ms": head_ms, "cprofile_top": stream.getvalue(),
+            "alignment_ms": alignment_cost(problem.models[0].width, K, repeats=steps)}
 
 
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small data and few repeats (smoke test)")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch thread counts (default 1 and 2; --quick: 1)")
+    parser.add_argument("--multi-thread-configs", nargs="+", default=["gru-gru-hidden-indywise"],
+                        choices=list(CONFIGS),
+                        help="configs also run with more than 1 thread (2 threads on 2 loaded cores is slow)")
     parser.add_argument("--batches", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison")
     parser.add_argument("--no-profile", action="store_true")
     args = parser.parse_args(argv)
     n_train, n_valid = (1000, 200) if args.quick else (10_000, 1000)
+    threads_list = args.threads or ([1] if args.quick else [1, 2])
     repeats = args.repeats or (2 if args.quick else 7)
     print(f"numeric MAS bench: n_train {n_train}, n_valid {n_valid}, k {K}, repeats {repeats}, "
           f"load {os.getloadavg()}")
@@ -334,16 +341,18 @@ def main(argv=None) -> dict:
             full = build_problem(entries, cfg["stepwise"], n_train, n_valid, fast_path=False)
         problems[name] = (problem, full)
 
-    for threads in args.threads:
+    for threads in threads_list:
         set_threads(threads)
         key = f"threads={threads}"
         result["steps"][key] = {}
         result["eval"][key] = {}
-        for name in args.configs:
+        configs = args.configs if threads == 1 else [c for c in args.configs if c in args.multi_thread_configs]
+        rounds = repeats if threads == 1 else max(2, repeats // 2)
+        for name in configs:
             problem, full = problems[name]
             result["steps"][key][name] = {}
             for batch in args.batches:
-                r = bench_steps(problem, full, batch, repeats)
+                r = bench_steps(problem, full, batch, rounds)
                 result["steps"][key][name][str(batch)] = r
                 extra = (f", full run {r['mas-full-run']['median_s']:.3f}s "
                          f"(x{r['full_run_overhead_ratio']['median']:.2f} bare)" if "mas-full-run" in r else "")
@@ -363,7 +372,9 @@ def main(argv=None) -> dict:
             print(f"\n[profile] {name}, batch 128, 1 thread: phases (ms) "
                   + ", ".join(f"{k} {v:.1f}" for k, v in prof["phase_ms"].items())
                   + "; head fwd+bwd alone (ms) " + ", ".join(f"{k} {v:.1f}" for k, v in
-                                                            prof["head_forward_backward_ms"].items()))
+                                                            prof["head_forward_backward_ms"].items())
+                  + "; one alignment materialize+backward (ms) "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in prof["alignment_ms"].items()))
             print(prof["op_table"])
 
     report(result)
@@ -390,10 +401,11 @@ def report(result: dict) -> None:
     print_table("Evaluation (teacher forced + rollout, validation split)",
                 ["threads", "config", "s", "pairs/s"], rows)
     rows = []
+    full_size = result["n_train"] == 10_000 and result["n_valid"] == 1000
     for name, s in result["setup"].items():
         per_direction = (s["sample_s"] + s["make_pairs_s"]) / 4
         rows.append([name, s["n_pairs"], s["sample_s"], s["make_pairs_s"], s["problem_setup_s"],
-                     REFERENCE_PAIRS_PER_DIRECTION_S / per_direction])
+                     REFERENCE_PAIRS_PER_DIRECTION_S / per_direction if full_size else "-"])
     print_table("Set-up, 4 directions x (n_train + n_valid), 1 thread",
                 ["config", "pairs", "sample s", "make_pairs s", "NumericProblem s", "x faster than ref (pairs)"],
                 rows)
