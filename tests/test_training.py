@@ -177,3 +177,14 @@ def test_cli_reports_a_bad_choice_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["train-model", "--arch", "rnn", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2
     assert "unknown arch 'rnn'" in result.output and "transformer" in result.output
+
+
+@pytest.mark.parametrize("name", registry.shipped_names())
+def test_shipped_checkpoints_load_and_are_as_accurate_as_recorded(name):
+    entry = registry.read_manifest()["models"][name]
+    assert entry["command"].startswith("llm-mas train-model ") and f"--seed {entry['seed']}" in entry["command"]
+    model = registry.load_task_model(name)
+    assert model.arch == entry["arch"] and model.task_name == entry["task"]
+    result = evaluate(model, make_eval_set(get_task(model.task_name), 5, np.random.default_rng(0)))
+    if entry["passes_bar"]:
+        assert entry["min_accuracy"] >= 0.99 and result.min_accuracy >= 0.8  # 5 sequences per N here
