@@ -198,13 +198,17 @@ def plot_heat_table(rows: list[dict], path: Path, title: str) -> None:
     values = np.array([[float(r[c]) if isinstance(r.get(c), (int, float)) else math.nan for c in columns]
                        for r in rows])  # (n_comparisons, n_columns)
     fig, ax = plt.subplots(figsize=(1.0 * len(columns) + 2.6, 0.55 * len(rows) + 1.8))
-    ax.imshow(np.clip(values, 0, 1), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("0.88")  # not computed yet (pending / blocked): light grey
+    ax.imshow(np.ma.masked_invalid(np.clip(values, 0, 1)), vmin=0, vmax=1, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(columns)), [LABELS[c] for c in columns], fontsize=8)
-    ax.set_yticks(range(len(rows)), [r["comparison"].replace("_", " ") for r in rows], fontsize=9)
+    status = {"pending": " (MAS pending)", "blocked": " (blocked)", "failed": " (MAS failed)"}
+    ax.set_yticks(range(len(rows)), [r["comparison"].replace("_", " ") + status.get(r.get("mas_status"), "")
+                                     for r in rows], fontsize=9)
     ax.xaxis.tick_top()
     for (i, j), v in np.ndenumerate(values):
         ax.text(j, i, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
-                color="k" if not np.isnan(v) and v > 0.6 else "w")
+                color="w" if not np.isnan(v) and v <= 0.6 else "k")
     ax.axvline(len(CORRELATIVE) - 0.5, color="w", linewidth=3)  # correlative | causal
     ax.set_title(title, fontsize=10, pad=34)
     ax.set_xlabel("RSA/CKA: mean over row subsamples. MAS: validation trial IIA, A = first model, B = second",
