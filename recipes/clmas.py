@@ -226,10 +226,10 @@ def write_outputs(rows: list[dict], run_dir: Path, command: str, config: RecipeC
         markdown_table(table, columns),
         notes(rows),
     ]
-    not_done = sorted({f"{r['run']} ({r['status']})" for r in rows
-                       if r["status"] not in ("reused", "trained")})
+    not_done = list(dict.fromkeys(f"{r['run']} ({r['status']})" for r in rows
+                                  if r["status"] not in ("reused", "trained")))
     if not_done:
-        sections.append("Not finished: " + ", ".join(not_done))
+        sections.append(f"Not finished ({len(not_done)}, in run order): " + ", ".join(not_done))
     write_summary(run_dir / "summary.md", "CLMAS with a causally inaccessible model", command, sections,
                   claims(rows, config.epsilons if "clmas" in config.methods else []))
 

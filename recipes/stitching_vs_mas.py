@@ -203,10 +203,10 @@ def write_outputs(rows: list[dict], run_dir: Path, command: str, models: list[st
         markdown_table(table, ["k", *[f"{m} {d}" for m, d in present]],
                        ["k", *[f"{HEADERS[m]} {d}" for m, d in present]]),
     ]
-    not_done = sorted({f"{r['run']} ({r['status']})" for r in rows
-                       if r["status"] not in ("reused", "trained")})
+    not_done = list(dict.fromkeys(f"{r['run']} ({r['status']})" for r in rows
+                                  if r["status"] not in ("reused", "trained")))
     if not_done:
-        sections.append("Not finished: " + ", ".join(not_done))
+        sections.append(f"Not finished ({len(not_done)}, in run order): " + ", ".join(not_done))
     write_summary(run_dir / "summary.md", "Model stitching vs MAS vs DAS across k", command, sections,
                   claims(rows))
 
