@@ -128,6 +128,13 @@ def test_training_is_seeded(tiny_run):
         assert torch.equal(value, again.model.state_dict()[key]), key
 
 
+def test_training_stops_when_the_evaluation_stops_improving():
+    cfg = make_config(task="multiobject", arch="gru", seed=0, **{**TINY, "steps": 40, "eval_every": 1,
+                                                                  "patience_evals": 1})
+    result = train_task_model(cfg, None, progress=False, log=lambda m: None)
+    assert result.metrics["stopped_because"] == "no improvement" and result.metrics["steps_run"] < 40
+
+
 @pytest.mark.parametrize("arch", ["lstm", "transformer"])
 def test_other_architectures_train_a_few_steps(arch):
     cfg = make_config(task="sameobject", arch=arch, seed=0, **{**TINY, "steps": 3, "eval_every": 3})

@@ -70,6 +70,7 @@ class TrainConfig:
     eval_every: int = 250
     eval_per_count: int = 200          # periodic free-running evaluation: sequences per N (fresh each time)
     confirm_evals: int = 2             # stop after this many consecutive periodic evaluations reach the target
+    patience_evals: int = 16           # ... or after this many evaluations without a better (min, overall)
     final_per_count: int = 200         # final evaluation: sequences per N
     eval_seed: int = 12345
     target_accuracy: float = 0.995     # stop once every N reaches this trial accuracy
@@ -85,7 +86,8 @@ class TrainConfig:
             problems.append(f"unknown task {self.task!r}; valid choices: {', '.join(TASK_NAMES)}")
         if self.arch not in ARCHS:
             problems.append(f"unknown arch {self.arch!r}; valid choices: {', '.join(ARCHS)}")
-        for name in ("steps", "batch_size", "eval_every", "eval_per_count", "final_per_count", "confirm_evals"):
+        for name in ("steps", "batch_size", "eval_every", "eval_per_count", "final_per_count", "confirm_evals",
+                     "patience_evals"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} {getattr(self, name)} must be at least 1")
         for name in ("warmup_steps", "threads"):
@@ -280,7 +282,7 @@ def train_task_model(cfg: TrainConfig, out_dir: str | Path | None = None, comman
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
     bar = _progress_bar(cfg.steps, progress, f"{cfg.task}-{cfg.arch}-s{cfg.seed}")
-    step, loss_avg, acc_avg, passes = 0, None, None, 0
+    step, loss_avg, acc_avg, passes, stale = 0, None, None, 0, 0
     model.train()
     try:
         for step in range(1, cfg.steps + 1):
@@ -308,6 +310,7 @@ def train_task_model(cfg: TrainConfig, out_dir: str | Path | None = None, comman
                 history.append({"step": step, "loss": round(loss_avg, 6), "train_token_acc": round(acc_avg, 6),
                                 "eval_min": result.min_accuracy, "eval_overall": result.overall,
                                 "seconds": round(time.perf_counter() - started, 1)})
+                stale = stale + 1 if score <= best["score"] else 0
                 if score >= best["score"]:  # ties: the later (longer trained) weights
                     best.update(score=score, state=copy.deepcopy(model.state_dict()), step=step, eval=result)
                     if out is not None:  # an interrupted run still leaves its best weights
@@ -316,7 +319,7 @@ def train_task_model(cfg: TrainConfig, out_dir: str | Path | None = None, comman
                     log(f"step {step}: loss {loss_avg:.4f} eval min {result.min_accuracy:.4f} "
                         f"overall {result.overall:.4f}")
                 passes = passes + 1 if result.min_accuracy >= cfg.target_accuracy else 0
-                if passes >= cfg.confirm_evals:
+                if passes >= cfg.confirm_evals or stale >= cfg.patience_evals:
                     break
     finally:
         if bar is not None:
@@ -332,7 +335,9 @@ def train_task_model(cfg: TrainConfig, out_dir: str | Path | None = None, comman
         "held_out": list(cfg.hold_outs),
         "held_out_counts_name": task.quantity_name,
         "eval_seed": cfg.eval_seed, "n_per_count": cfg.final_per_count,
-        "best_step": best["step"], "steps_run": step, "stopped_early": passes >= cfg.confirm_evals,
+        "best_step": best["step"], "steps_run": step,
+        "stopped_because": ("target reached" if passes >= cfg.confirm_evals else
+                            "no improvement" if stale >= cfg.patience_evals else "step budget"),
         "train_seconds": round(seconds, 1),
         "target_accuracy": cfg.target_accuracy, "passes_bar": final.min_accuracy >= BAR,
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
