@@ -228,9 +228,9 @@ class MASTrainer:
                 bar.update(1)
                 if self.step % self.eval_every == 0 or self.step == self.total_steps:
                     records = self.evaluate()
+                    # target / patience stops are kept in the checkpoint; a step-budget stop is not (a larger
+                    # budget on resume continues the run)
                     stopped = self.stopped = self._after_eval(records, time.perf_counter() - t0)
-                    if stopped is None and self.step >= self.total_steps:
-                        stopped = self.stopped = f"step budget reached ({self.total_steps} steps)"
                     self.save_checkpoint()
                     bar.set_postfix_str(_postfix(total, records))
                     if not self.progress:
