@@ -94,7 +94,7 @@ class RecipeConfig:
 
 def plan(config: RecipeConfig, models: list[str], overrides: list[str], mas_dir: Path,
          progress: bool = True) -> list[PlannedRun]:
-    """The MAS runs in order (claim-relevant first, controls last), each with its four direction rows."""
+    """The MAS runs in order (cheap stitches, MAS, CLMAS, then controls), each with its four direction rows."""
     def cfg(name, extra_overrides=(), untrained_1=False, **fields):
         entries = [{"name": m, "site": config.site, "untrained": untrained_1 and i == 1}
                    for i, m in enumerate(models)]
@@ -111,18 +111,19 @@ def plan(config: RecipeConfig, models: list[str], overrides: list[str], mas_dir:
 
     k, sk = config.k, config.stitch_k
     runs = []
-    if "mas" in config.methods:
-        runs.append(PlannedRun(cfg(f"mas_k{k}", k=k, directions="all"), rows("mas")))
-    if "clmas" in config.methods:
-        for eps in config.epsilons:
-            runs.append(PlannedRun(cfg(f"clmas_eps{eps:g}_k{k}", k=k, directions="all",
-                                       cl={"inaccessible": [1], "epsilon": eps}), rows("clmas", eps)))
+    # cheap one-direction stitches first, then the four-direction runs, controls last
     if "latent_stitch" in config.methods:
         runs.append(PlannedRun(cfg(f"latent_stitch_k{sk}", k=sk, directions=[[0, 1]], intervention="stitch",
                                    cl={"inaccessible": [1], "epsilon": 1.0}), rows("latent_stitch")))
     if "behavioural_stitch" in config.methods:
         runs.append(PlannedRun(cfg(f"behavioural_stitch_k{sk}", k=sk, directions=[[0, 1]],
                                    intervention="stitch"), rows("behavioural_stitch")))
+    if "mas" in config.methods:
+        runs.append(PlannedRun(cfg(f"mas_k{k}", k=k, directions="all"), rows("mas")))
+    if "clmas" in config.methods:
+        for eps in config.epsilons:
+            runs.append(PlannedRun(cfg(f"clmas_eps{eps:g}_k{k}", k=k, directions="all",
+                                       cl={"inaccessible": [1], "epsilon": eps}), rows("clmas", eps)))
     if "random_alignment" in config.methods:
         runs.append(PlannedRun(cfg(f"random_alignment_k{k}", ["train.max_steps=0"], k=k, directions="all"),
                                rows("random_alignment")))
