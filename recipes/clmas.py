@@ -94,7 +94,7 @@ class RecipeConfig:
 
 def plan(config: RecipeConfig, models: list[str], overrides: list[str], mas_dir: Path,
          progress: bool = True) -> list[PlannedRun]:
-    """The MAS runs in order (cheap stitches, MAS, CLMAS, then controls), each with its four direction rows."""
+    """The MAS runs in order (cheap stitches, MAS, CLMAS, then controls), each with its 4 direction rows."""
     def cfg(name, extra_overrides=(), untrained_1=False, **fields):
         entries = [{"name": m, "site": config.site, "untrained": untrained_1 and i == 1}
                    for i, m in enumerate(models)]
