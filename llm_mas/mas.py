@@ -121,6 +121,8 @@ class MASConfig:
             p.append("variables: list at least one variable (e.g. full, count, phase)")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             p.append(f"device {self.device!r} must be cpu or cuda[:i]")
+        if self.models and not any(m.kind == "hf" for m in self.models):
+            p.extend(model_problems(self))
         return p
 
     def _directions(self) -> list[tuple[int, int]]:
@@ -142,9 +144,21 @@ class MASConfig:
 
 
 def check_models(config: MASConfig) -> list:
-    """Resolve model names, tasks, sites and variables before loading any weights; all problems at once."""
+    """Manifest entries of the task models (names, tasks and variables were checked by validate())."""
     if any(m.kind == "hf" for m in config.models):
         return [None] * len(config.models)
+    problems, infos = _model_infos(config)
+    if problems:
+        raise ConfigError(problems)
+    return infos
+
+
+def model_problems(config: MASConfig) -> list[str]:
+    """Unknown task-model names and variables the models' tasks do not have (no weights are loaded)."""
+    return _model_infos(config)[0]
+
+
+def _model_infos(config: MASConfig) -> tuple[list[str], list]:
     from .models.registry import resolve_model_dir
     from .models.training import read_run_config
     from .tasks import get_task
@@ -165,9 +179,7 @@ def check_models(config: MASConfig) -> list:
             if own not in ("full", "null", *task.variables):
                 problems.append(f"variables: {own!r} is not a variable of task {task.name!r} (models.{i}); valid: "
                                 f"full, {', '.join(task.variables)}")
-    if problems:
-        raise ConfigError(problems)
-    return infos
+    return problems, infos
 
 
 def build_problem(config: MASConfig, log=None):
