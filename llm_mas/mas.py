@@ -251,13 +251,13 @@ def build_alignments(config: MASConfig, problem):
 
 def run_mas(config: MASConfig, log=print):
     """Train and evaluate; write the run directory; return a `MASResult`."""
+    import os
+
     import torch
     from safetensors.torch import save_file
 
     from .results import MASResult
     from .trainer import MASTrainer
-
-    import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("run_mas was started in several processes (WORLD_SIZE > 1); every copy would write the "
