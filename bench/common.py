@@ -41,24 +41,32 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def interleaved(variants: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1
-                ) -> dict[str, list[float]]:
-    """Seconds per call of every variant: `warmup` untimed rounds, then `repeats` timed rounds.
+def interleaved(variants: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Wall seconds per call of every variant: `warmup` untimed rounds, then `repeats` timed rounds.
 
     Each round calls every variant once; the order rotates from round to round so no variant always runs
     right after the same neighbour (caches, turbo, a burst of load from another process).
+    cpu: if given, filled with the process CPU seconds of every call (all threads). With one torch thread
+    this is close to what the call would take on an idle core, whatever the load: the load stretches wall
+    time (the process waits for a core) far more than CPU time.
     """
     names = list(variants)
     for _ in range(warmup):
         for name in names:
             variants[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    if cpu is not None:
+        cpu.update({name: [] for name in names})
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
+            c0 = time.process_time()
             t0 = time.perf_counter()
             variants[name]()
             times[name].append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu[name].append(time.process_time() - c0)
     return times
 
 
@@ -85,6 +93,13 @@ def print_table(title: str, header: list[str], rows: list[list[object]]) -> None
     print("  ".join("-" * w for w in widths))
     for r in cells:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    """The same table as GitHub markdown."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(x: object) -> str:

@@ -44,6 +44,7 @@ from common import (  # noqa: E402
     alignment_cost,
     interleaved,
     machine_info,
+    median,
     print_table,
     ratio,
     set_threads,
@@ -191,14 +192,19 @@ def bench_size(size: str, threads_list, repeats: int, variants=VARIANTS) -> dict
         for threads in threads_list:
             set_threads(threads)
             rounds = repeats if threads == 1 else max(2, repeats // 2)  # 2 threads on 2 loaded cores is slow
-            times = interleaved({v: (lambda v=v: bench.step(v)) for v in variants}, repeats=rounds, warmup=1)
-            r = {"times_s": times, "loadavg_after": list(os.getloadavg())}
+            load_before = os.getloadavg()[0]
+            cpu: dict[str, list[float]] = {}
+            times = interleaved({v: (lambda v=v: bench.step(v)) for v in variants}, repeats=rounds, warmup=1,
+                                cpu=cpu)
+            r = {"times_s": times, "cpu_times_s": cpu, "loadavg_before": load_before,
+                 "loadavg_after": list(os.getloadavg())}
             for v, ts in times.items():
-                r[v] = timing_summary(ts)
+                r[v] = {**timing_summary(ts), "cpu_median_s": median(cpu[v])}
             for v in variants:
                 if v != "hooks":
                     r[f"{v}/hooks"] = ratio(times, v, "hooks")
             r["hooks/bare"] = ratio(times, "hooks", "bare")
+            r["nnsight/hooks_cpu"] = ratio(cpu, "nnsight", "hooks") if "nnsight" in cpu else None
             out["threads"][str(threads)] = r
             print(f"[llm step] {size} threads {threads}: " + ", ".join(
                 f"{v} {r[v]['median_s'] * 1e3:.1f}ms" for v in variants)
@@ -233,11 +239,12 @@ def main(argv=None) -> dict:
     rows = []
     for size, r in result["sizes"].items():
         for threads, t in r["threads"].items():
-            rows.append([size, threads] + [1e3 * t[v]["median_s"] for v in VARIANTS]
+            rows.append([size, threads] + [1e3 * t[v]["median_s"] for v in VARIANTS] + [1e3 * t["hooks"]["cpu_median_s"]]
                         + [t["nnsight/hooks"]["median"], t["tlens/hooks"]["median"], t["raw-hook/hooks"]["median"],
-                           t["hooks-cayley/hooks"]["median"], t["hooks/bare"]["median"], t["loadavg_after"][0]])
+                           t["hooks-cayley/hooks"]["median"], t["hooks/bare"]["median"],
+                           f"{t['loadavg_before']:.1f}-{t['loadavg_after'][0]:.1f}"])
     print_table("Stepwise LLM MAS step, ms (medians; ratios = medians of interleaved per-round ratios)",
-                ["model", "threads"] + [f"{v} ms" for v in VARIANTS]
+                ["model", "threads"] + [f"{v} ms" for v in VARIANTS] + ["hooks CPU ms"]
                 + ["nnsight/hooks", "TL/hooks", "raw/hooks", "cayley/hooks", "hooks/bare", "load1"], rows)
     write_result("llm_step", result)
     return result

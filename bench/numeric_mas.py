@@ -15,12 +15,12 @@ the weights (sequence lengths are fixed by the data), so shipped checkpoints are
 Figures (all ratios are medians of per-round ratios, variants interleaved round by round):
 - setup: task.sample + make_pairs only for 4 directions x (n_train + n_valid), and the whole NumericProblem
   construction (sampling, latent collection, pairs, chunk tensors), timed separately;
-- s/step and pairs/s of one MAS training step (the MASTrainer loop body: materialize the alignments, problem
+- s/step (wall and process CPU time) and pairs/s of one MAS training step (the MASTrainer loop body: materialize the alignments, problem
   loss, backward, Adam step); pairs/s counts (direction, row) pairs, i.e. batch x 4 directions per step;
 - the overhead ratio = MAS step / "bare" step. The bare step runs each target model, with no hooks and no
   alignment, as plain ``model(ids)`` on the same rows of the same full counterfactual sequences (the 2 x batch
-  sequences of its two incoming directions concatenated, as MAS batches them), takes the same cross-entropy on
-  the scored tokens, and back-propagates into the embedding table (its ``requires_grad`` switched on for the
+  sequences of its two incoming directions concatenated, as MAS batches them, padded to the batch's longest
+  sequence), takes the same cross-entropy on the scored tokens, and back-propagates into the embedding table (its ``requires_grad`` switched on for the
   bare step only). Gradient w.r.t. the embedding table, not the weights: a MAS backward computes no weight
   gradients of the frozen models, only activation gradients from the loss down to the intervened latent;
   asking for the embedding table's gradient runs exactly that chain (head, recurrence / attention, down to
@@ -61,7 +61,7 @@ from llm_mas.alignments import make_alignment
 from llm_mas.models.task_models import build_task_model
 from llm_mas.numeric import IGNORE, ModelEntry, NumericProblem
 from llm_mas.sites import resolve_site
-from llm_mas.tasks import get_task, make_pairs
+from llm_mas.tasks import PAD, get_task, make_pairs
 from llm_mas.trainer import MASTrainer, TrainerConfig
 
 TASK_NAME = "multiobject"
@@ -98,20 +98,21 @@ def time_pairs(stepwise: bool, n_models: int, n_train: int, n_valid: int) -> dic
     """task.sample and make_pairs only, as NumericProblem does them: per split, one base batch per model,
     then one pair set per (source, target) direction ("full" variable)."""
     task = get_task(TASK_NAME)
-    t_sample = t_pairs = 0.0
+    t_sample = t_pairs = c_pairs = 0.0
     n_pairs = 0
     for split_id, n in ((0, n_train), (1, n_valid)):
         rng = np.random.default_rng([0, split_id])
         t0 = time.perf_counter()
         bases = [task.sample(n, rng) for _ in range(n_models)]
         t_sample += time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for s in range(n_models):
             for t in range(n_models):
                 pairs = make_pairs(task, bases[t], task, bases[s], "full", n, rng, stepwise=stepwise)
                 n_pairs += len(pairs)
         t_pairs += time.perf_counter() - t0
-    return {"sample_s": t_sample, "make_pairs_s": t_pairs, "n_pairs": n_pairs}
+        c_pairs += time.process_time() - c0
+    return {"sample_s": t_sample, "make_pairs_s": t_pairs, "make_pairs_cpu_s": c_pairs, "n_pairs": n_pairs}
 
 
 def time_setup(config: dict, n_train: int, n_valid: int, repeats: int) -> dict:
@@ -119,15 +120,18 @@ def time_setup(config: dict, n_train: int, n_valid: int, repeats: int) -> dict:
     for _ in range(repeats):  # alternate the two measurements
         pair_runs.append(time_pairs(config["stepwise"], len(config["archs"]), n_train, n_valid))
         entries = make_entries(config["archs"], config["site"])
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         build_problem(entries, config["stepwise"], n_train, n_valid)
-        problem_runs.append(time.perf_counter() - t0)
+        problem_runs.append((time.perf_counter() - t0, time.process_time() - c0))
     return {
         "sample_s": median([r["sample_s"] for r in pair_runs]),
         "make_pairs_s": median([r["make_pairs_s"] for r in pair_runs]),
+        "make_pairs_cpu_s": median([r["make_pairs_cpu_s"] for r in pair_runs]),
         "n_pairs": pair_runs[0]["n_pairs"],
-        "problem_setup_s": median(problem_runs),
+        "problem_setup_s": median([wall for wall, _ in problem_runs]),
+        "problem_setup_cpu_s": median([cpu for _, cpu in problem_runs]),
         "problem_setup_runs_s": problem_runs,
+        "loadavg_after": list(os.getloadavg()),
     }
 
 
@@ -161,10 +165,13 @@ def bare_step(full_problem: NumericProblem, rows: torch.Tensor) -> float:
             model.embed.weight.requires_grad_(True)  # the only thing with a gradient: see the module doc
             embeddings.append(model.embed.weight)
             width = max(c.input_ids.shape[1] for c in chunks)     # chunks differ in padded width
-            ids = torch.cat([F.pad(c.input_ids[rows], (0, width - c.input_ids.shape[1]), value=0)
+            ids = torch.cat([F.pad(c.input_ids[rows], (0, width - c.input_ids.shape[1]), value=PAD)
                              for c in chunks])                         # (2B, L)
             labels = torch.cat([F.pad(c.labels[rows], (0, width - c.labels.shape[1]), value=IGNORE)
                                 for c in chunks])                      # (2B, L)
+            # Padded to this batch's longest sequence, as any plain training loop would, not to the data set's.
+            longest = int((ids != PAD).sum(1).max())
+            ids, labels = ids[:, :longest], labels[:, :longest]        # (2B, L_batch)
             logits = model(ids)                                        # (2B, L, V)
             total = total + F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
         total.backward()
@@ -209,13 +216,17 @@ def bench_steps(problem: NumericProblem, full_problem: NumericProblem, batch: in
         full_trainer = make_trainer(full_problem, batch)
         variants["mas-full-run"] = cycling(lambda r: mas_step(full_trainer, r))
     variants["bare"] = cycling(lambda r: bare_step(full_problem, r))
-    times = interleaved(variants, repeats=repeats, warmup=1)
+    load_before = os.getloadavg()[0]
+    cpu: dict[str, list[float]] = {}
+    times = interleaved(variants, repeats=repeats, warmup=1, cpu=cpu)
     n_directions = sum(1 for c in problem.splits["train"] if c.trained)
-    out = {"batch": batch, "directions": n_directions, "times_s": times,
-           "loadavg_after": list(os.getloadavg())}
+    out = {"batch": batch, "directions": n_directions, "times_s": times, "cpu_times_s": cpu,
+           "loadavg_before": load_before, "loadavg_after": list(os.getloadavg())}
     for v, ts in times.items():
-        out[v] = {**timing_summary(ts), "pairs_per_s": batch * n_directions / median(ts)}
+        out[v] = {**timing_summary(ts), "pairs_per_s": batch * n_directions / median(ts),
+                  "cpu_median_s": median(cpu[v]), "cpu_pairs_per_s": batch * n_directions / median(cpu[v])}
     out["overhead_ratio"] = ratio(times, "mas", "bare")
+    out["overhead_ratio_cpu"] = ratio(cpu, "mas", "bare")
     if "mas-full-run" in times:
         out["full_run_overhead_ratio"] = ratio(times, "mas-full-run", "bare")
         out["fast_path_speedup"] = ratio(times, "mas-full-run", "mas")
@@ -228,10 +239,13 @@ def bench_eval(problem: NumericProblem, repeats: int) -> dict:
     alignments = [make_alignment("orthogonal", e.width, k=K, seed=i) for i, e in enumerate(problem.models)]
     with torch.no_grad():
         maps = [a.materialize() for a in alignments]
+        cpu: dict[str, list[float]] = {}
         times = interleaved({"evaluate": lambda: problem.evaluate(maps, split="valid")}, repeats=repeats,
-                            warmup=0)["evaluate"]
+                            warmup=0, cpu=cpu)["evaluate"]
     n_pairs = sum(len(c) for c in problem.splits["valid"])
-    return {**timing_summary(times), "n_pairs": n_pairs, "pairs_per_s": n_pairs / median(times)}
+    return {**timing_summary(times), "n_pairs": n_pairs, "pairs_per_s": n_pairs / median(times),
+            "cpu_median_s": median(cpu["evaluate"]), "cpu_pairs_per_s": n_pairs / median(cpu["evaluate"]),
+            "loadavg_after": list(os.getloadavg())}
 
 
 # ---------------------------------------------------------------------------------------------- profiling
@@ -269,8 +283,9 @@ def profile_step(problem: NumericProblem, batch: int, steps: int) -> dict:
             phases[key].append(dt)
     phase_ms = {k: 1e3 * median(v) for k, v in phases.items()}
 
-    # The readout head alone (Linear -> GELU -> Linear on every position), forward + backward, at the sizes
-    # of this step: how much of the step it costs.
+    # The RNN readout head alone (Linear -> GELU -> Linear), forward + backward, on every cell of this step's
+    # padded (rows, positions) grid (what a plain run pays) and on its scored cells only (the least a loss
+    # needs): how much of the step the head can cost.
     head_ms = {}
     for t_index, entry in enumerate(problem.models):
         model = entry.model
@@ -279,14 +294,16 @@ def profile_step(problem: NumericProblem, batch: int, steps: int) -> dict:
             continue
         chunks = [c for c in problem.splits["train"] if c.trained and c.target == t_index]
         width = max(c.input_ids.shape[1] for c in chunks)
-        x = torch.randn(len(chunks) * batch, width, model.d_model, requires_grad=True)
-        samples = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            head(x).sum().backward()
-            samples.append(time.perf_counter() - t0)
-            x.grad = None
-        head_ms[entry.name] = 1e3 * median(samples)
+        scored = sum(int((c.labels[rows[2]] != IGNORE).sum()) for c in chunks)
+        for label, n_cells in (("all_cells", len(chunks) * batch * width), ("scored_cells", scored)):
+            x = torch.randn(n_cells, model.d_model, requires_grad=True)
+            samples = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                head(x).sum().backward()
+                samples.append(time.perf_counter() - t0)
+                x.grad = None
+            head_ms[f"{entry.name}:{label}({n_cells})"] = 1e3 * median(samples)
 
     profiler = cProfile.Profile()
     profiler.enable()
@@ -387,28 +404,32 @@ def report(result: dict) -> None:
     for key, per_config in result["steps"].items():
         for name, per_batch in per_config.items():
             for batch, r in per_batch.items():
-                rows.append([key, name, batch, r["mas"]["median_s"], r["mas"]["pairs_per_s"],
-                             r["bare"]["median_s"], r["overhead_ratio"]["median"],
+                headline = name == "gru-gru-hidden-indywise" and batch == "128"
+                rows.append([key, name, batch, r["mas"]["median_s"], r["mas"]["cpu_median_s"],
+                             r["mas"]["pairs_per_s"], r["bare"]["median_s"], r["overhead_ratio"]["median"],
+                             r["overhead_ratio_cpu"]["median"],
                              r.get("full_run_overhead_ratio", {}).get("median", "-"),
-                             REFERENCE_STEP_S / r["mas"]["median_s"]
-                             if name == "gru-gru-hidden-indywise" and batch == "128" else "-",
-                             r["loadavg_after"][0]])
+                             REFERENCE_STEP_S / r["mas"]["median_s"] if headline else "-",
+                             REFERENCE_STEP_S / r["mas"]["cpu_median_s"] if headline else "-",
+                             f"{r['loadavg_before']:.1f}-{r['loadavg_after'][0]:.1f}"])
     print_table("MAS training step (medians; ratios = medians of interleaved per-round ratios)",
-                ["threads", "config", "batch", "s/step", "pairs/s", "bare s", "MAS/bare", "full-run/bare",
-                 "x faster than ref 7.5s", "load1"], rows)
-    rows = [[key, name, r["median_s"], r["pairs_per_s"]] for key, per in result["eval"].items()
-            for name, r in per.items()]
+                ["threads", "config", "batch", "wall s/step", "CPU s/step", "pairs/s", "bare s", "MAS/bare",
+                 "MAS/bare CPU", "full-run/bare", "ref 7.5s / wall", "ref 7.5s / CPU", "load1"], rows)
+    rows = [[key, name, r["median_s"], r["cpu_median_s"], r["pairs_per_s"], r["loadavg_after"][0]]
+            for key, per in result["eval"].items() for name, r in per.items()]
     print_table("Evaluation (teacher forced + rollout, validation split)",
-                ["threads", "config", "s", "pairs/s"], rows)
+                ["threads", "config", "wall s", "CPU s", "pairs/s (wall)", "load1"], rows)
     rows = []
     full_size = result["n_train"] == 10_000 and result["n_valid"] == 1000
     for name, s in result["setup"].items():
         per_direction = (s["sample_s"] + s["make_pairs_s"]) / 4
-        rows.append([name, s["n_pairs"], s["sample_s"], s["make_pairs_s"], s["problem_setup_s"],
-                     REFERENCE_PAIRS_PER_DIRECTION_S / per_direction if full_size else "-"])
+        rows.append([name, s["n_pairs"], s["sample_s"], s["make_pairs_s"], s["make_pairs_cpu_s"],
+                     s["problem_setup_s"], s["problem_setup_cpu_s"],
+                     REFERENCE_PAIRS_PER_DIRECTION_S / per_direction if full_size else "-",
+                     s["loadavg_after"][0]])
     print_table("Set-up, 4 directions x (n_train + n_valid), 1 thread",
-                ["config", "pairs", "sample s", "make_pairs s", "NumericProblem s", "x faster than ref (pairs)"],
-                rows)
+                ["config", "pairs", "sample s", "make_pairs s", "make_pairs CPU s", "NumericProblem s",
+                 "NumericProblem CPU s", "x faster than ref (pairs)", "load1"], rows)
 
 
 if __name__ == "__main__":

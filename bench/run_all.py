@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, machine_info, print_table
+from common import RESULTS, machine_info, markdown_table, print_table
 
 HERE = Path(__file__).resolve().parent
 BENCHES = ("numeric_mas", "llm_step", "memory")
@@ -96,7 +96,9 @@ def summarize() -> dict:
         size = memory.get("size", "mid")
         for backend, r in memory.get("llm_step", {}).items():
             rows.append([f"one LLM step ({size}), {backend}: peak RSS MiB", r["peak_rss_mib"], "-", "-"])
-    print_table("Summary against the targets", ["figure", "value", "target", "met"], rows)
+    header = ["figure", "value", "target", "met"]
+    print_table("Summary against the targets", header, rows)
+    (RESULTS / "summary.md").write_text(markdown_table(header, rows))
     return {"figures": out, "rows": rows}
 
 
