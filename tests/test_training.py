@@ -135,6 +135,21 @@ def test_training_stops_when_the_evaluation_stops_improving():
     assert result.metrics["stopped_because"] == "no improvement" and result.metrics["steps_run"] < 40
 
 
+def test_ctrl_c_keeps_the_best_weights_and_writes_metrics(tmp_path):
+    calls = []
+
+    def interrupt(message):  # the first progress line arrives as if the user pressed Ctrl-C
+        calls.append(message)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    cfg = make_config(task="multiobject", arch="gru", seed=0, **{**TINY, "steps": 40, "eval_every": 2})
+    result = train_task_model(cfg, tmp_path, progress=False, log=interrupt)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["stopped_because"] == "interrupted" and metrics["steps_run"] == 2 == metrics["best_step"]
+    assert result.metrics["accuracy"]["n"] == 3 * len(COUNTS)
+
+
 @pytest.mark.parametrize("arch", ["lstm", "transformer"])
 def test_other_architectures_train_a_few_steps(arch):
     cfg = make_config(task="sameobject", arch=arch, seed=0, **{**TINY, "steps": 3, "eval_every": 3})

@@ -13,7 +13,8 @@ Every ``eval_every`` steps the model is rolled out *free running* (task tokens f
 rest given) on a freshly drawn evaluation set covering every N in 1..20, hold-outs included; training
 stops once ``confirm_evals`` consecutive evaluations reach ``target_accuracy`` on every N (one pass at
 0.995 on 200 sequences per N is too lucky a stop: the true accuracy can still be below 0.99), and the
-best evaluated weights are kept. The final metrics come from a separate set drawn from ``eval_seed``.
+best evaluated weights are kept (also on Ctrl-C, which ends training early). The final metrics come from a
+separate set drawn from ``eval_seed``.
 
 A run directory holds ``config.yaml`` (first line: the exact command), ``model.safetensors`` and
 ``metrics.json``.
@@ -282,7 +283,7 @@ def train_task_model(cfg: TrainConfig, out_dir: str | Path | None = None, comman
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
     bar = _progress_bar(cfg.steps, progress, f"{cfg.task}-{cfg.arch}-s{cfg.seed}")
-    step, loss_avg, acc_avg, passes, stale = 0, None, None, 0, 0
+    step, loss_avg, acc_avg, passes, stale, interrupted = 0, None, None, 0, 0, False
     model.train()
     try:
         for step in range(1, cfg.steps + 1):
@@ -321,10 +322,16 @@ def train_task_model(cfg: TrainConfig, out_dir: str | Path | None = None, comman
                 passes = passes + 1 if result.min_accuracy >= cfg.target_accuracy else 0
                 if passes >= cfg.confirm_evals or stale >= cfg.patience_evals:
                     break
+    except KeyboardInterrupt:  # Ctrl-C: stop, but keep and evaluate the best weights found so far
+        interrupted = True
+        log(f"interrupted at step {step}; finishing with the best weights (step {best['step']})")
     finally:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - started
+    if best["state"] is None:
+        raise DataError(f"training stopped at step {step} before its first evaluation; nothing to keep "
+                        f"(evaluations run every {cfg.eval_every} steps)")
     model.load_state_dict(best["state"])
     model.eval()
     final_set = make_eval_set(task, cfg.final_per_count, np.random.default_rng(cfg.eval_seed))
@@ -336,7 +343,8 @@ def train_task_model(cfg: TrainConfig, out_dir: str | Path | None = None, comman
         "held_out_counts_name": task.quantity_name,
         "eval_seed": cfg.eval_seed, "n_per_count": cfg.final_per_count,
         "best_step": best["step"], "steps_run": step,
-        "stopped_because": ("target reached" if passes >= cfg.confirm_evals else
+        "stopped_because": ("interrupted" if interrupted else
+                            "target reached" if passes >= cfg.confirm_evals else
                             "no improvement" if stale >= cfg.patience_evals else "step budget"),
         "train_seconds": round(seconds, 1),
         "target_accuracy": cfg.target_accuracy, "passes_bar": final.min_accuracy >= BAR,
