@@ -57,7 +57,7 @@ def resolve_model_dir(name_or_path: str | Path) -> tuple[Path, dict[str, Any] | 
     from ..errors import closest
 
     names = sorted(manifest)
-    hint = f"did you mean {', '.join(closest(key, names, n=3))}? " if names else ""
+    hint = f"Did you mean {', '.join(closest(key, names, n=3))}? " if names else ""
     raise ConfigError(
         f"unknown task model {key!r}: not a shipped name and not a run directory with config.yaml. {hint}"
         f"Shipped names: {', '.join(names) or '(none yet)'}; a directory written by `llm-mas train-model` "
