@@ -46,8 +46,10 @@ def wrap(command: list[str]) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak = usage.ru_maxrss / 1024
     return {"command": command, "returncode": proc.returncode, "wall_s": wall, "peak_rss_mib": peak,
+            "cpu_s": usage.ru_utime + usage.ru_stime, "loadavg_after": list(os.getloadavg()),
             "stdout_tail": proc.stdout[-3000:], "stderr_tail": proc.stderr[-3000:]}
 
 
@@ -119,7 +121,8 @@ def run_demo(quick: bool, threads: int | None, checkpoints: str) -> dict:
         shutil.rmtree(out_dir, ignore_errors=True)
     r.update({"quick": quick, "omp_num_threads": threads, "checkpoints": checkpoints})
     print(f"[memory] llm-mas demo{' --quick' if quick else ''} (OMP_NUM_THREADS={threads or 'unset'}): "
-          f"peak {r['peak_rss_mib']:.0f} MiB, {r['wall_s']:.0f}s, exit {r['returncode']}")
+          f"peak {r['peak_rss_mib']:.0f} MiB, {r['wall_s']:.0f}s wall, {r['cpu_s']:.0f}s CPU, exit {r['returncode']}, "
+          f"load {r['loadavg_after'][0]:.1f}")
     return r
 
 
@@ -167,11 +170,12 @@ def main(argv=None) -> dict:
     rows = []
     for d in result["demo_runs"]:
         rows.append([f"llm-mas demo{' --quick' if d['quick'] else ''} (OMP_NUM_THREADS={d['omp_num_threads'] or 'unset'})",
-                     d["peak_rss_mib"], "-", d["wall_s"]])
+                     d["peak_rss_mib"], "-", d["wall_s"], d["cpu_s"]])
     for backend, r in result["llm_step"].items():
         after = r["child"]["rss_after_imports_mib"] if r["child"] else "-"
-        rows.append([f"LLM step ({args.size}, {backend}, {args.steps} steps)", r["peak_rss_mib"], after, r["wall_s"]])
-    print_table("Peak RSS (MiB)", ["what", "peak RSS MiB", "RSS after imports MiB", "wall s"], rows)
+        rows.append([f"LLM step ({args.size}, {backend}, {args.steps} steps)", r["peak_rss_mib"], after, r["wall_s"],
+                     r["cpu_s"]])
+    print_table("Peak RSS (MiB)", ["what", "peak RSS MiB", "RSS after imports MiB", "wall s", "CPU s"], rows)
     if result["demo"] and "skipped" in result["demo"]:
         print(f"llm-mas demo skipped: {result['demo']['skipped']}")
     write_result("memory", result)

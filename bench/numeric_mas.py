@@ -317,6 +317,35 @@ def profile_step(problem: NumericProblem, batch: int, steps: int) -> dict:
             "alignment_ms": alignment_cost(problem.models[0].width, K, repeats=steps)}
 
 
+def profile_setup(config: dict, n_train: int, n_valid: int) -> dict:
+    """cProfile of one NumericProblem construction: the shares of latent collection, pair building, the
+    standardisation statistics and the rest (by cumulative time of the functions that do them)."""
+    entries = make_entries(config["archs"], config["site"])
+    profiler = cProfile.Profile()
+    profiler.enable()
+    build_problem(entries, config["stepwise"], n_train, n_valid)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    total = max(v[3] for v in stats.stats.values())
+
+    def cumulative(funcname: str, file_part: str = "") -> float:
+        return sum(v[3] for (file, _, name), v in stats.stats.items() if name == funcname and file_part in file)
+
+    parts = {
+        "latent collection (_collect: model forward at every position)": cumulative("_collect", "numeric"),
+        "  of which the GRU kernel (torch.gru)": cumulative("<built-in method torch.gru>"),
+        "  of which Linear layers (RNN head / Transformer)": cumulative("<built-in method torch._C._nn.linear>"),
+        "  of which GELU": cumulative("<built-in method torch._C._nn.gelu>"),
+        "make_pairs": cumulative("make_pairs", "pairs"),
+        "latent std for standardisation (Tensor.std)": cumulative("<method 'std' of 'torch._C.TensorBase' objects>"),
+    }
+    stream = io.StringIO()
+    stats.stream = stream
+    stats.sort_stats("cumulative").print_stats(20)
+    return {"total_s": total, "seconds": parts, "shares": {k: v / total for k, v in parts.items()},
+            "cprofile_top": stream.getvalue()}
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -393,6 +422,14 @@ def main(argv=None) -> dict:
                   + "; one alignment materialize+backward (ms) "
                   + ", ".join(f"{k} {v:.1f}" for k, v in prof["alignment_ms"].items()))
             print(prof["op_table"])
+
+        for name in args.configs:
+            if name == "gru-gru-embeddings-stepwise":
+                continue  # same models and collection as the indywise GRU pair
+            prof = profile_setup(CONFIGS[name], n_train, n_valid)
+            result["profile"][f"setup:{name}"] = prof
+            print(f"\n[profile] NumericProblem set-up, {name}: {prof['total_s']:.1f}s; "
+                  + "; ".join(f"{k} {100 * v:.0f}%" for k, v in prof["shares"].items()))
 
     report(result)
     write_result("numeric_mas", result)
