@@ -121,8 +121,6 @@ class MASConfig:
             p.append("variables: list at least one variable (e.g. full, count, phase)")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             p.append(f"device {self.device!r} must be cpu or cuda[:i]")
-        if self.models and not any(m.kind == "hf" for m in self.models):
-            p.extend(model_problems(self))
         return p
 
     def _directions(self) -> list[tuple[int, int]]:
@@ -303,9 +301,35 @@ def _write_history(history: list[dict], path: Path) -> None:
 
 
 def load_mas_config(path: str | Path | None, overrides=(), base: dict | None = None) -> MASConfig:
-    from .config import load_config
+    """Preset + overrides -> MASConfig. Every problem — unknown keys, bad values, unknown model names,
+    variables a model's task does not have — is reported in one ConfigError, before anything loads."""
+    from .config import apply_overrides, load_yaml
 
-    return load_config(MASConfig, path, overrides, base=base)
+    data = dict(base or {})
+    if path is not None:
+        data.update(load_yaml(path))
+    data = apply_overrides(data, overrides)
+    problems: list[str] = []
+    try:
+        cfg = from_dict(MASConfig, data)
+    except ConfigError as e:
+        problems.extend(e.problems)
+        cfg = None
+    if cfg is not None:
+        if not any(m.kind == "hf" for m in cfg.models):
+            problems.extend(model_problems(cfg))
+    else:  # the config did not build: still check the task-model names it gives
+        from .models.registry import resolve_model_dir
+
+        for i, m in enumerate(data.get("models") or []):
+            if isinstance(m, dict) and m.get("kind", "task") == "task" and isinstance(m.get("name"), str):
+                try:
+                    resolve_model_dir(m["name"])
+                except ConfigError as e:
+                    problems.append(f"models.{i}.name: {e}")
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
 
 def config_from_kwargs(**kwargs) -> MASConfig:
