@@ -167,7 +167,8 @@ def test_registry_names_and_errors(tiny_run, tmp_path, monkeypatch):
     entry = manifest["models"]["multiobject-gru-s3"]
     assert entry["command"] == "llm-mas train-model --seed 3" and entry["eval_seed"] == 12345
     assert registry.shipped_names() == ["multiobject-gru-s3"]
-    model = registry.load_task_model("multiobject-gru-s3")
+    with pytest.warns(UserWarning, match="below the 0.99 accuracy bar"):  # 6 training steps
+        model = registry.load_task_model("multiobject-gru-s3")
     assert model.arch == "gru" and not any(p.requires_grad for p in model.parameters())
     with pytest.raises(ConfigError, match="multiobject-gru-s3.*directory"):
         registry.load_task_model("multiobject-gru-s9")
@@ -205,7 +206,11 @@ def test_cli_reports_a_bad_choice_in_one_line(tmp_path):
 def test_shipped_checkpoints_load_and_are_as_accurate_as_recorded(name):
     entry = registry.read_manifest()["models"][name]
     assert entry["command"].startswith("llm-mas train-model ") and f"--seed {entry['seed']}" in entry["command"]
-    model = registry.load_task_model(name)
+    if entry["passes_bar"]:
+        model = registry.load_task_model(name)
+    else:
+        with pytest.warns(UserWarning, match="below the 0.99 accuracy bar"):
+            model = registry.load_task_model(name)
     assert model.arch == entry["arch"] and model.task_name == entry["task"]
     result = evaluate(model, make_eval_set(get_task(model.task_name), 5, np.random.default_rng(0)))
     if entry["passes_bar"]:

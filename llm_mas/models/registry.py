@@ -65,10 +65,19 @@ def resolve_model_dir(name_or_path: str | Path) -> tuple[Path, dict[str, Any] | 
 
 
 def load_task_model(name_or_path: str | Path, device: str = "cpu") -> TaskModel:
-    """A task model by shipped name or run directory: eval mode, frozen (``requires_grad=False``)."""
+    """A task model by shipped name or run directory: eval mode, frozen (``requires_grad=False``).
+
+    Loading a shipped model that is below the accuracy bar warns, naming the failing values.
+    """
     from .training import load_run
 
-    run_dir, _ = resolve_model_dir(name_or_path)
+    run_dir, entry = resolve_model_dir(name_or_path)
+    if entry is not None and not entry["passes_bar"]:
+        import warnings
+
+        warnings.warn(f"task model {str(name_or_path)!r} is below the 0.99 accuracy bar on "
+                      f"{entry['below_bar']} (see {models_dir() / MANIFEST}); MAS results on it are not "
+                      "comparable", stacklevel=2)
     return load_run(run_dir, device=device)
 
 
@@ -96,6 +105,11 @@ def manifest_entry(run_dir: Path, root: Path) -> dict[str, Any]:
     }
     if "initial_value" in accuracy:
         entry["accuracy_per_initial_value"] = accuracy["initial_value"]
+    from .training import BAR
+
+    below = {group: [value for value, acc in accuracy[group].items() if acc < BAR]
+             for group in ("count", "initial_value") if group in accuracy}
+    entry["below_bar"] = {group: values for group, values in below.items() if values}
     return entry
 
 
