@@ -114,7 +114,8 @@ def test_clmas_plan_marks_model_1_inaccessible(tmp_path):
     cfg = recipe.RecipeConfig()
     by = {p.name: p.config for p in recipe.plan(cfg, ["a", "b"], [], tmp_path)}
     assert sorted(by) == sorted(["mas_k64", "clmas_eps0.5_k64", "clmas_eps0.89_k64", "clmas_eps0.94_k64",
-                                 "latent_stitch_k128", "behavioural_stitch_k128", "random_alignment_k64",
+                                 "latent_stitch_k128", "behavioural_stitch_k128",
+                                 "reverse_behavioural_stitch_k128", "random_alignment_k64",
                                  "untrained_model_k64"])
     cl = by["clmas_eps0.89_k64"]
     assert cl.cl.inaccessible == [1] and cl.cl.epsilon == 0.89 and cl.directions == "all"
@@ -124,6 +125,8 @@ def test_clmas_plan_marks_model_1_inaccessible(tmp_path):
     assert latent.train_directions() == [] and latent.cl_directions() == [(0, 1)]
     behav = by["behavioural_stitch_k128"]
     assert behav.train_directions() == [(0, 1)] and behav.cl_directions() == []
+    reverse = by["reverse_behavioural_stitch_k128"]
+    assert reverse.intervention == "stitch" and reverse.train_directions() == [(1, 0)]
     assert by["random_alignment_k64"].train.max_steps == 0
     assert [m.untrained for m in by["untrained_model_k64"].models] == [False, True]
     assert [m.untrained for m in by["mas_k64"].models] == [False, False]
@@ -174,16 +177,19 @@ def test_clmas_claims_follow_the_numbers():
         return _row(method, 0, direction, iia, epsilon=eps, trained_0to1_by="x")
 
     rows = [cell("mas", "accessible 1→0", 0.9), cell("latent_stitch", "inaccessible 0→1", 0.3),
-            cell("behavioural_stitch", "inaccessible 0→1", 0.5)]
+            cell("behavioural_stitch", "inaccessible 0→1", 0.5),
+            cell("reverse_behavioural_stitch", "inaccessible 0→1", 0.2)]
     for eps, inacc, acc in ((0.5, 0.6, 0.88), (0.89, 0.7, 0.93)):
         rows += [cell("clmas", "inaccessible 0→1", inacc, eps), cell("clmas", "accessible 1→0", acc, eps)]
-    assert [c.holds for c in recipe.claims(rows, [0.5, 0.89])] == [True, True]
-    rows[3]["trial_iia"] = 0.4  # ε = 0.5 below behavioural stitching
-    rows[4]["trial_iia"] = 0.7  # ε = 0.5 far from MAS in the accessible direction
-    first, second = recipe.claims(rows, [0.5, 0.89])
-    assert (first.holds, second.holds) == (False, False)
-    assert "ε=0.89" in first.evidence and "CIs disjoint" in first.evidence
-    assert [c.holds for c in recipe.claims(rows, [0.94])] == [None, None]
+    assert [c.holds for c in recipe.claims(rows, [0.5, 0.89])] == [True, True, True]
+    rows[4]["trial_iia"] = 0.4  # ε = 0.5: above the stitches without access, below the one with access
+    rows[5]["trial_iia"] = 0.7  # ε = 0.5 far from MAS in the accessible direction
+    no_access, with_access, accessible = recipe.claims(rows, [0.5, 0.89])
+    assert (no_access.holds, with_access.holds, accessible.holds) == (True, False, False)
+    assert "ε=0.89" in with_access.evidence and "CIs disjoint" in with_access.evidence
+    rows[4]["trial_iia"] = 0.25  # now below latent stitching too
+    assert recipe.claims(rows, [0.5, 0.89])[0].holds is False
+    assert [c.holds for c in recipe.claims(rows, [0.94])] == [None, None, None]
 
 
 def test_cross_task_claims_follow_the_numbers():
@@ -299,16 +305,18 @@ def test_stitching_vs_mas_smoke_end_to_end_and_restart(tmp_path, capsys):
 @pytest.mark.slow
 def test_clmas_smoke_end_to_end(tmp_path):
     run = smoke("clmas", tmp_path, "epsilons=[0.89]", "methods=[mas,clmas,latent_stitch,behavioural_stitch,"
-                                                        "random_alignment]")
+                                                        "reverse_behavioural_stitch,random_alignment]")
     rows = read_csv(run / "results.csv")
     cells = {(r["method"], r["epsilon"], r["direction"]): r for r in rows}
     assert {m for m, _, _ in cells} == {"mas", "clmas", "latent_stitch", "behavioural_stitch",
-                                        "random_alignment"}
+                                        "reverse_behavioural_stitch", "random_alignment"}
     assert cells[("clmas", "0.89", "inaccessible 0→1")]["trained_by"] == "cl"
     assert cells[("clmas", "0.89", "accessible 1→0")]["trained_by"] == "behaviour"
     assert cells[("latent_stitch", "", "inaccessible 0→1")]["trained_by"] == "cl"
     assert cells[("latent_stitch", "", "inaccessible 0→1")]["cl_unmatched"] != ""
     assert cells[("behavioural_stitch", "", "inaccessible 0→1")]["trained_by"] == "behaviour"
+    assert cells[("reverse_behavioural_stitch", "", "inaccessible 0→1")]["trained_by"] == "none"
+    assert cells[("reverse_behavioural_stitch", "", "accessible 1→0")]["trained_by"] == "behaviour"
     assert cells[("random_alignment", "", "accessible 1→0")]["steps"] == "0"
     summary = (run / "summary.md").read_text()
     for needle in ("| clmas ε=0.89 |", "| latent_stitch |", "needs access", "Controls (chance level)",
