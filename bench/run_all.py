@@ -21,7 +21,7 @@ from pathlib import Path
 from common import RESULTS, machine_info, markdown_table, print_table
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("numeric_mas", "llm_step", "memory")
+BENCHES = ("numeric_mas", "llm_step", "alignment_cost", "memory")
 # The full demo with 1 torch thread (on 2 loaded cores, 2 threads is many times slower), then the quick demo
 # with torch's default threads and with 1, to show that difference.
 MEMORY_ARGS = {False: ["--demo", "full:1", "quick:default", "quick:1"],
