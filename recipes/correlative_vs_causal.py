@@ -186,6 +186,11 @@ def table_rows(config: RecipeConfig, similarities: dict, outcomes: dict) -> list
     return rows
 
 
+def _short(model: str) -> str:
+    """``multiobject-gru-s0`` -> ``gru-s0`` (directory paths: their last part)."""
+    return Path(model).name.split("-", 1)[-1]
+
+
 def plot_heat_table(rows: list[dict], path: Path, title: str) -> None:
     """Rows = comparisons, columns = correlative measures | MAS trial IIA; colour 0..1, values written in."""
     import matplotlib
@@ -203,8 +208,9 @@ def plot_heat_table(rows: list[dict], path: Path, title: str) -> None:
     ax.imshow(np.ma.masked_invalid(np.clip(values, 0, 1)), vmin=0, vmax=1, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(columns)), [LABELS[c] for c in columns], fontsize=8)
     status = {"pending": " (MAS pending)", "blocked": " (blocked)", "failed": " (MAS failed)"}
-    ax.set_yticks(range(len(rows)), [r["comparison"].replace("_", " ") + status.get(r.get("mas_status"), "")
-                                     for r in rows], fontsize=9)
+    labels = [f"{r['comparison']}: {_short(r['model_a'])} vs {_short(r['model_b'])}"
+              + status.get(r.get("mas_status"), "") for r in rows]
+    ax.set_yticks(range(len(rows)), labels, fontsize=9)
     ax.xaxis.tick_top()
     for (i, j), v in np.ndenumerate(values):
         ax.text(j, i, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
@@ -218,27 +224,27 @@ def plot_heat_table(rows: list[dict], path: Path, title: str) -> None:
 
 
 def claims(rows: list[dict]) -> list[Claim]:
-    """The paper's two contrasts between correlative and causal similarity, judged on the table."""
-    by_name = {r["comparison"]: r for r in rows}
+    """The paper's two contrasts between correlative and causal similarity, judged on every matching row:
+    GRU–GRU at the embeddings (RSA low, MAS high) and GRU–Transformer at the hidden state (CKA/RSA high,
+    MAS low)."""
     out = []
-    emb = by_name.get("gru_gru_embeddings")
-    if emb is not None:
-        rsa = [emb.get("rsa_cosine_spearman"), emb.get("rsa_euclidean_spearman")]
-        iia = emb.get("mas_trial_iia_cross_mean")
-        holds = (max(rsa) < LOW_SIMILARITY and iia >= HIGH_IIA) if all_known(*rsa, iia) else None
-        out.append(Claim("GRU–GRU embeddings: RSA is low although MAS IIA is high", holds,
-                         f"RSA Spearman cos {fmt(rsa[0])}, L2 {fmt(rsa[1])} (Pearson cos "
-                         f"{fmt(emb.get('rsa_cosine_pearson'))}, L2 {fmt(emb.get('rsa_euclidean_pearson'))}); "
-                         f"MAS cross IIA {fmt(iia)}."))
-    hid = by_name.get("gru_transformer_hidden")
-    if hid is not None:
-        corr = [hid.get("cka_biased"), hid.get("cka_unbiased"), hid.get("rsa_cosine_spearman"),
-                hid.get("rsa_euclidean_spearman")]
-        iia = hid.get("mas_trial_iia_cross_mean")
-        holds = (min(corr) >= HIGH_SIMILARITY and iia < LOW_IIA) if all_known(*corr, iia) else None
-        out.append(Claim("GRU–Transformer hidden states: CKA/RSA look high while MAS IIA is low", holds,
-                         f"CKA biased {fmt(corr[0])}, unbiased {fmt(corr[1])}; RSA Spearman cos {fmt(corr[2])}, "
-                         f"L2 {fmt(corr[3])}; MAS cross IIA {fmt(iia)}."))
+    for row in rows:
+        pair = f"{row['comparison']} ({_short(row['model_a'])} vs {_short(row['model_b'])})"
+        iia = row.get("mas_trial_iia_cross_mean")
+        if row["comparison"].startswith("gru_gru") and row["site"] == "embeddings":
+            rsa = [row.get("rsa_cosine_spearman"), row.get("rsa_euclidean_spearman")]
+            holds = (max(rsa) < LOW_SIMILARITY and iia >= HIGH_IIA) if all_known(*rsa, iia) else None
+            out.append(Claim(f"{pair}: RSA is low although MAS IIA is high", holds,
+                             f"RSA Spearman cos {fmt(rsa[0])}, L2 {fmt(rsa[1])} (Pearson cos "
+                             f"{fmt(row.get('rsa_cosine_pearson'))}, L2 {fmt(row.get('rsa_euclidean_pearson'))}); "
+                             f"MAS cross IIA {fmt(iia)}."))
+        if row["comparison"].startswith("gru_transformer") and row["site"] == "hidden":
+            corr = [row.get("cka_biased"), row.get("cka_unbiased"), row.get("rsa_cosine_spearman"),
+                    row.get("rsa_euclidean_spearman")]
+            holds = (min(corr) >= HIGH_SIMILARITY and iia < LOW_IIA) if all_known(*corr, iia) else None
+            out.append(Claim(f"{pair}: CKA/RSA look high while MAS IIA is low", holds,
+                             f"CKA biased {fmt(corr[0])}, unbiased {fmt(corr[1])}; RSA Spearman cos "
+                             f"{fmt(corr[2])}, L2 {fmt(corr[3])}; MAS cross IIA {fmt(iia)}."))
     return out
 
 

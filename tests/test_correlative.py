@@ -234,36 +234,46 @@ def test_mas_direction_summary():
 
 
 # ----------------------------------------------------------------------------------- recipe
+SMOKE_COMPARISONS = ("gru_gru_embeddings", "gru_lstm_s1_hidden", "gru_transformer_embeddings",
+                     "gru_transformer_hidden")
+
+
 @pytest.mark.slow
 def test_recipe_smoke_runs_end_to_end_and_reuses_finished_runs(tmp_path):
-    command = [sys.executable, str(REPO / "recipes/correlative_vs_causal.py"),
-               str(REPO / "recipes/configs/correlative_vs_causal.yaml"), "--smoke", "--models-from-scratch",
-               f"out_dir={tmp_path}", "reuse_dirs=[]"]
+    """--smoke on random-weight stand-ins, a subset of the preset's comparisons (every architecture, both
+    sites, stepwise and indywise MAS); a second call reuses every finished run."""
+    preset = yaml.safe_load((REPO / "recipes/configs/correlative_vs_causal.yaml").read_text())
+    preset["comparisons"] = [c for c in preset["comparisons"] if c["name"] in SMOKE_COMPARISONS]
+    preset.update(out_dir=str(tmp_path), reuse_dirs=[])
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(preset))
+    command = [sys.executable, str(REPO / "recipes/correlative_vs_causal.py"), str(config), "--smoke",
+               "--models-from-scratch"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     first = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run = tmp_path / "correlative_vs_causal-smoke"
     with open(run / "comparison.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["comparison"] for r in rows] == ["gru_gru_embeddings", "gru_gru_hidden", "gru_lstm_embeddings",
-                                                "gru_lstm_hidden", "gru_transformer_embeddings",
-                                                "gru_transformer_hidden"]
+    assert [r["comparison"] for r in rows] == list(SMOKE_COMPARISONS)
     for r in rows:
         for key in (*MEASURES, "mas_trial_iia_cross_mean", "mas_trial_iia_a_to_b", "mas_trial_iia_b_to_a"):
             assert np.isfinite(float(r[key])), (r["comparison"], key)
         assert float(r["mas_trial_iia_cross_mean"]) == pytest.approx(
             (float(r["mas_trial_iia_a_to_b"]) + float(r["mas_trial_iia_b_to_a"])) / 2)
-    stepwise = yaml.safe_load((run / "mas/gru_lstm_embeddings/config.yaml").read_text())
+    stepwise = yaml.safe_load((run / "mas/gru_transformer_embeddings/config.yaml").read_text())
     assert stepwise["data"]["stepwise"] and [m["site"] for m in stepwise["models"]] == ["embeddings"] * 2
-    assert stepwise["models"][1]["name"].endswith("multiobject-lstm-s0")
+    assert stepwise["models"][1]["name"].endswith("multiobject-transformer-s0")
+    indywise = yaml.safe_load((run / "mas/gru_lstm_s1_hidden/config.yaml").read_text())
+    assert not indywise["data"]["stepwise"] and indywise["models"][1]["name"].endswith("multiobject-lstm-s1")
     assert (run / "comparison.png").stat().st_size > 1000
     summary = (run / "summary.md").read_text()
     assert "| gru_transformer_hidden |" in summary and "Smoke run" in summary
-    assert "RSA is low although MAS IIA is high" in summary and "CKA/RSA look high" in summary
+    assert summary.count("RSA is low although MAS IIA is high") == 1 and summary.count("CKA/RSA look high") == 1
     second = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("reusing finished run") == 6
-    assert second.stdout.count("similarity: reusing") == 6
+    assert second.stdout.count("reusing finished run") == len(SMOKE_COMPARISONS)
+    assert second.stdout.count("similarity: reusing") == len(SMOKE_COMPARISONS)
 
 
 def test_recipe_config_errors_are_reported_at_once(tmp_path):
