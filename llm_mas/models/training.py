@@ -18,6 +18,11 @@ separate set drawn from ``eval_seed``.
 
 A run directory holds ``config.yaml`` (first line: the exact command), ``model.safetensors`` and
 ``metrics.json``.
+
+Held-out values that a smooth interpolation of the trained ones gets wrong need regularisation: on Modulo
+the default GRU answers N=4 with two responses (between 3 -> 3 and 5 -> 1) and never reaches N=4; with
+``--lr 1e-3 --set weight_decay=1.0`` it learns the periodic answer for every N (data/models/manifest.json
+holds every shipped model's exact command).
 """
 
 from __future__ import annotations
