@@ -50,14 +50,20 @@ def preset_path(path: str | Path) -> Path:
 # ================================================================================== MAS configs
 def mas_config_from_preset(preset: str | Path, overrides: Sequence[str] = (), **fields: Any):
     """A `MASConfig`: the preset's settings (data sizes, trainer), `overrides` (``key.sub=value``) applied,
-    then the top-level `fields` (models, k, directions, intervention, cl, name, out_dir, ...) replaced."""
-    from .config import from_dict, to_dict
-    from .mas import MASConfig, load_mas_config
+    then the top-level `fields` (models, k, directions, intervention, cl, name, out_dir, ...) replaced.
 
-    data = to_dict(load_mas_config(preset_path(preset), list(overrides)))
+    The preset's own model names are replaced, so they are not resolved; the final models are checked by
+    ``run_mas`` before anything loads (a recipe may plan runs for models that are not trained yet)."""
+    import dataclasses
+
+    from .config import apply_overrides, from_dict, load_yaml, to_dict
+    from .mas import MASConfig
+
+    data = apply_overrides(load_yaml(preset_path(preset)), list(overrides))
+    valid = [f.name for f in dataclasses.fields(MASConfig)]
     for key, value in fields.items():
-        if key not in data:
-            raise ConfigError(f"MASConfig has no field {key!r}; valid: {', '.join(data)}")
+        if key not in valid:
+            raise ConfigError(f"MASConfig has no field {key!r}; valid: {', '.join(valid)}")
         data[key] = to_dict(value)
     return from_dict(MASConfig, data)
 
@@ -107,9 +113,29 @@ def find_finished_run(config, search_dirs: Sequence[str | Path] = ()) -> Path | 
         if d.is_dir():
             candidates.extend(sorted(p for p in d.iterdir() if p.is_dir()))
     for run in candidates:
-        if (run / "results.json").exists() and same_config(run, config):
+        if (run / "results.json").exists() and same_config(run, config) \
+                and not models_newer_than(config, run / "results.json"):
             return run
     return None
+
+
+def models_newer_than(config, path: str | Path) -> list[str]:
+    """Task models of `config` whose weights were written after `path` (a result or checkpoint): a run on
+    an older checkpoint of the same name must not be reused or resumed (the config only names the model)."""
+    from .models.registry import resolve_model_dir
+
+    when = Path(path).stat().st_mtime
+    newer = []
+    for m in config.models:
+        if getattr(m, "kind", "task") != "task":
+            continue
+        try:
+            weights = resolve_model_dir(m.name)[0] / "model.safetensors"
+        except ConfigError:
+            continue
+        if weights.exists() and weights.stat().st_mtime > when:
+            newer.append(m.name)
+    return newer
 
 
 @dataclass
@@ -142,7 +168,11 @@ def run_or_reuse(config, search_dirs: Sequence[str | Path] = (), log: Callable[[
         return RunOutcome(config.name, "pending", message="not finished and not selected")
     own = Path(config.out_dir) / config.name
     if (own / "checkpoint.pt").exists():
-        if same_config(own, config):
+        newer = models_newer_than(config, own / "checkpoint.pt")
+        if newer:
+            log(f"  {own} holds a checkpoint made before {', '.join(newer)} was retrained; starting afresh")
+            config.resume = False
+        elif same_config(own, config):
             log(f"  resuming {own} from its checkpoint")
         else:
             log(f"  {own} holds a checkpoint of another config; starting afresh")
@@ -190,6 +220,12 @@ def execute_plan(plans: Sequence[PlannedRun], search_dirs: Sequence[str | Path] 
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"run names must be unique within a recipe; repeated: {', '.join(dupes)}")
+    for p in plans:  # results on a model that fails the accuracy bar are not comparable (method.md §5)
+        failing = {m.name: below_bar(m.name) for m in p.config.models if getattr(m, "kind", "task") == "task"}
+        failing = {name: why for name, why in failing.items() if why}
+        if failing and not p.blocked:
+            p.blocked = "; ".join(f"{name} is below the 0.99 accuracy bar on {why}: retrain it or pass a "
+                                  "checkpoint directory" for name, why in failing.items())
     outcomes = {p.name: RunOutcome(p.name, "blocked" if p.blocked else "pending", message=p.blocked)
                 for p in plans}
     t0 = time.perf_counter()
@@ -207,6 +243,19 @@ def execute_plan(plans: Sequence[PlannedRun], search_dirs: Sequence[str | Path] 
         if after_each is not None:
             after_each(outcomes)
     return outcomes
+
+
+def below_bar(name: str) -> str:
+    """Where a shipped task model fails the accuracy bar (its manifest's ``below_bar``, e.g. ``count 4, 9``),
+    or "" when it passes or is not a shipped name (a checkpoint directory is the caller's responsibility)."""
+    from .models.registry import read_manifest
+
+    entry = read_manifest()["models"].get(str(name))
+    if entry is None or entry.get("passes_bar", True):
+        return ""
+    detail = entry.get("below_bar") or {"N": f"min accuracy {entry.get('min_accuracy')}"}
+    return "; ".join(f"{group} {', '.join(map(str, values)) if isinstance(values, list) else values}"
+                     for group, values in detail.items())
 
 
 def plan_rows(plans: Sequence[PlannedRun], outcomes: dict[str, RunOutcome]) -> list[dict]:
@@ -530,8 +579,8 @@ def recipe_main(argv: Sequence[str] | None, *, script: str, doc: str, config_cls
 
 
 __all__ = ["COMPARABLE", "MAS_IGNORED_KEYS", "NEAR_PERFECT", "SMOKE_MAS_OVERRIDES", "SMOKE_NOTE", "Claim",
-           "PlannedRun", "RunOutcome", "all_known", "compare", "direction_row", "execute_plan",
+           "PlannedRun", "RunOutcome", "all_known", "below_bar", "compare", "direction_row", "execute_plan",
            "find_finished_run", "find_record", "fmt", "fmt_ci", "is_number", "markdown_table",
-           "mas_config_from_preset", "mas_supports", "missing_models", "plan_rows", "plot_grouped_bars",
-           "plot_lines", "preset_path", "recipe_main", "resolve_models", "run_or_reuse", "same_config",
-           "scratch_checkpoints", "write_csv", "write_summary"]
+           "mas_config_from_preset", "mas_supports", "missing_models", "models_newer_than", "plan_rows",
+           "plot_grouped_bars", "plot_lines", "preset_path", "recipe_main", "resolve_models", "run_or_reuse",
+           "same_config", "scratch_checkpoints", "write_csv", "write_summary"]

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from llm_mas.errors import ConfigError, DataError
 from llm_mas.recipes_common import (
     PlannedRun,
     RunOutcome,
+    below_bar,
     compare,
     direction_row,
     execute_plan,
@@ -245,6 +248,24 @@ def test_direction_row_of_pending_and_unknown_directions():
         direction_row(RunOutcome("r", "trained", Result(), Path("somewhere")), 0, 1)
 
 
+def test_runs_on_models_below_the_accuracy_bar_are_blocked(tmp_path, monkeypatch):
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "manifest.json").write_text(json.dumps({"models": {
+        "weak-gru-s0": {"path": "weak", "passes_bar": False, "below_bar": {"count": ["4", "9"]}},
+        "good-gru-s0": {"path": "good", "passes_bar": True}}}))
+    monkeypatch.setenv("LLM_MAS_MODELS_DIR", str(shipped))
+    assert below_bar("weak-gru-s0") == "count 4, 9"
+    assert below_bar("good-gru-s0") == "" and below_bar("some/directory") == ""
+    cfg = mas_config_from_preset("recipes/configs/das_gru.yaml", [], name="weak", out_dir=str(tmp_path),
+                                 models=[{"name": "weak-gru-s0"}])
+    logged = []
+    outcome = execute_plan([PlannedRun(cfg, [({}, 0, 0)])], log=logged.append)["weak"]
+    assert outcome.status == "blocked"
+    assert "weak-gru-s0 is below the 0.99 accuracy bar on count 4, 9" in outcome.message
+    assert not (tmp_path / "weak").exists()      # nothing was run
+
+
 @pytest.mark.slow
 def test_runs_are_reused_by_config_and_failures_do_not_stop_the_plan(tmp_path):
     models = scratch_checkpoints(["multiobject-gru-s0"], tmp_path / "models")
@@ -273,6 +294,11 @@ def test_runs_are_reused_by_config_and_failures_do_not_stop_the_plan(tmp_path):
     assert not same_config(tmp_path / "elsewhere" / "das_k2", cfg("das_k2", tmp_path, k=3))
     outcomes = execute_plan([PlannedRun(again, first.rows)], [tmp_path / "elsewhere"], log=logged.append)
     assert outcomes["renamed"].status == "reused"
+    # a model retrained after the run finished makes the run stale: not reused
+    weights = Path(models["multiobject-gru-s0"]) / "model.safetensors"
+    later = (tmp_path / "elsewhere" / "das_k2" / "results.json").stat().st_mtime + 10
+    os.utime(weights, (later, later))
+    assert find_finished_run(again, [tmp_path / "elsewhere"]) is None
     with pytest.raises(ConfigError, match="unique"):
         execute_plan([first, first], log=logged.append)
 
