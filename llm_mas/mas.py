@@ -45,6 +45,9 @@ class DataConfig:
     n_train: int = 10_000               # intervention pairs per direction and variable
     n_valid: int = 1_000
     stepwise: bool = False              # stepwise (positions 0..i) instead of indywise (one position)
+    # [lo, hi]: swap only where the swapped variable's value lies in lo..hi in both the source and the
+    # target (named variables only; e.g. Arithmetic cumulative_value restricted to 1..10)
+    value_range: list[int] | None = None
 
     def validate(self) -> list[str]:
         p = []
@@ -52,6 +55,13 @@ class DataConfig:
             p.append(f"data.n_train must be >= 1, got {self.n_train}")
         if self.n_valid < 1:
             p.append(f"data.n_valid must be >= 1, got {self.n_valid}")
+        if self.value_range is not None:
+            vr = self.value_range
+            if not isinstance(vr, (list, tuple)) or len(vr) != 2 or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in vr):
+                p.append(f"data.value_range must be two integers [lo, hi], got {vr!r}")
+            elif vr[0] > vr[1]:
+                p.append(f"data.value_range {list(vr)} is empty: need lo <= hi, e.g. [{vr[1]}, {vr[0]}]")
         return p
 
 
@@ -119,6 +129,12 @@ class MASConfig:
             p.append(f"k must be >= 1, got {self.k}")
         if not self.variables:
             p.append("variables: list at least one variable (e.g. full, count, phase)")
+        if self.data.value_range is not None:
+            whole = [v for v in self.variables if v in ("full", "null")] + (["null"] if self.null_subspace else [])
+            if whole:
+                p.append(f"data.value_range restricts one named variable's values; it cannot apply to "
+                         f"{sorted(set(whole))}: list named variables only (e.g. variables: [count]) and set "
+                         "null_subspace: false")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             p.append(f"device {self.device!r} must be cpu or cuda[:i]")
         return p
@@ -222,7 +238,8 @@ def build_problem(config: MASConfig, log=None):
                              n_train=config.data.n_train, n_valid=config.data.n_valid, seed=config.seed,
                              intervention=config.intervention, eval_batch_size=config.eval.batch_size,
                              device=config.device, progress=config.progress,
-                             cl_directions=config.cl_directions(), cl_epsilon=config.cl.epsilon)
+                             cl_directions=config.cl_directions(), cl_epsilon=config.cl.epsilon,
+                             value_range=config.data.value_range)
     return problem
 
 

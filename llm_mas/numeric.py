@@ -91,7 +91,8 @@ class NumericProblem:
                  n_train: int = 10_000, n_valid: int = 1_000, seed: int = 0,
                  intervention: str = "interchange", eval_batch_size: int = 1000,
                  fast_path: bool = True, device: str = "cpu", progress: bool = True,
-                 cl_directions: Sequence[tuple[int, int]] = (), cl_epsilon: float = 0.0):
+                 cl_directions: Sequence[tuple[int, int]] = (), cl_epsilon: float = 0.0,
+                 value_range: Sequence[int] | None = None):
         if intervention not in ("interchange", "stitch", "linear_stitch"):
             raise ConfigError(f"intervention {intervention!r} must be 'interchange', 'stitch' or 'linear_stitch'")
         self.models = list(models)
@@ -121,6 +122,12 @@ class NumericProblem:
         if not 0.0 <= cl_epsilon <= 1.0:
             raise ConfigError(f"cl epsilon {cl_epsilon} must be in [0, 1]")
         self.cl_epsilon = cl_epsilon
+        self.value_range = tuple(int(v) for v in value_range) if value_range is not None else None
+        if self.value_range is not None and (len(self.value_range) != 2 or self.value_range[0] > self.value_range[1]):
+            raise ConfigError(f"value_range {value_range!r} must be [lo, hi] with lo <= hi")
+        if self.value_range is not None and ({"full", "null"} & set(self.variables) or null_subspace):
+            raise ConfigError("value_range restricts one named variable's values; it cannot apply to full or null "
+                              "(list named variables only and turn null_subspace off)")
         d_min = min(m.width for m in self.models)
         all_vars = self.variables + (["null"] if null_subspace else [])
         self.blocks = variable_blocks(self.variables, k, d_min, null=null_subspace)
@@ -166,7 +173,8 @@ class NumericProblem:
                 if v == "null" and s != t:
                     continue
                 pairs = make_pairs(self.models[t].task, bases[t], self.models[s].task, bases[s],
-                                   self._variable_spec(s, t, v), n, rng, stepwise=self.stepwise)
+                                   self._variable_spec(s, t, v), n, rng, stepwise=self.stepwise,
+                                   value_range=self.value_range)
                 chunk = self._make_chunk(s, t, v, pairs, bases[t], caches[s], caches[t])
                 if (s, t) in self.cl_directions:
                     self._attach_cl(chunk, pairs, bases[t], caches[t], rng)

@@ -14,8 +14,7 @@ from ``mas_preset``; every MAS run trains all four directions):
 - ``count_vs_remops`` / ``count_vs_cumuval``: MultiObject `count` against the Arithmetic GRU's
   ``remaining_ops`` / ``cumulative_value`` (``variable_map`` of the Arithmetic model);
 - ``count_vs_cumuval_{lo}to{hi}``: the same, with the swapped values restricted to lo..hi (both the source's
-  value and the target's current value) — needs ``data.value_range`` in the core's MAS config; until it
-  exists this row is reported as blocked.
+  value and the target's current value; ``data.value_range`` of the MAS config).
 Outputs in ``runs/<name>/``: ``results.csv`` (one row per run and direction, trial IIA with 95% bootstrap
 CI), ``iia_by_comparison.png``, ``summary.md`` (table + paper claims); rewritten after every run.
 Restartable (finished runs with the same resolved config are reused, unfinished ones resume).
@@ -39,7 +38,6 @@ from llm_mas.recipes_common import (
     fmt_ci,
     markdown_table,
     mas_config_from_preset,
-    mas_supports,
     plan_rows,
     plot_grouped_bars,
     preset_path,
@@ -102,7 +100,7 @@ def _rows(group: str, comparison: str, names: list[str], two: bool) -> list[tupl
 
 def plan(config: RecipeConfig, mapping: dict[str, str], overrides: list[str], mas_dir: Path,
          progress: bool = True) -> list[PlannedRun]:
-    """Within-task, DAS, cross-task, then Arithmetic runs (last: the restricted one may be blocked)."""
+    """Within-task, DAS, cross-task, then the Arithmetic runs."""
     def cfg(name, entries, extra=(), **fields):
         return mas_config_from_preset(
             config.mas_preset, [*overrides, *extra], name=name, out_dir=str(mas_dir), seed=config.seed,
@@ -130,15 +128,9 @@ def plan(config: RecipeConfig, mapping: dict[str, str], overrides: list[str], ma
         entries = [{"name": count}, {"name": arith, "variable_map": {"count": variable}}]
         suffix = f"_{lo}to{hi}" if value_range else ""
         label = f"count vs {variable}" + (f" ({lo}..{hi})" if value_range else "")
-        blocked, extra = "", []
-        if value_range:
-            if mas_supports("data.value_range"):
-                extra = [f"data.value_range=[{lo}, {hi}]"]
-            else:
-                blocked = ("the core's MAS config has no data.value_range (make_pairs supports value_range "
-                           "but MASConfig does not expose it)")
+        extra = [f"data.value_range=[{lo}, {hi}]"] if value_range else []
         runs.append(PlannedRun(cfg(f"count_vs_{short}{suffix}", entries, extra),
-                               _rows("arithmetic", label, [count, arith], True), blocked=blocked))
+                               _rows("arithmetic", label, [count, arith], True)))
     return runs
 
 

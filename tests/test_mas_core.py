@@ -8,6 +8,7 @@ import torch
 
 from llm_mas.alignments import make_alignment
 from llm_mas.backends import Edit, TorchHookBackend
+from llm_mas.errors import ConfigError
 from llm_mas.interchange import intervene
 from llm_mas.models.task_models import build_task_model
 from llm_mas.numeric import ModelEntry, NumericProblem
@@ -227,3 +228,47 @@ def test_length_buckets_change_no_number(monkeypatch, archs, stepwise, site):
     assert float(prob.loss(maps, rows)[0]) == pytest.approx(bucketed, rel=1e-5)
     for a, b in zip(recs, prob.evaluate(maps, rollout=True)):
         assert a["trial_iia"] == b["trial_iia"] and a["token_iia"] == pytest.approx(b["token_iia"])
+
+
+def test_value_range_restricts_every_split_and_is_validated(monkeypatch):
+    """data.value_range reaches make_pairs for every direction and split: each swapped value lies in lo..hi."""
+    import llm_mas.tasks as tasks_pkg
+
+    seen = []
+    real = tasks_pkg.make_pairs
+
+    def spy(target_task, target_base, source_task, source_base, variable, n, rng, **kw):
+        pairs = real(target_task, target_base, source_task, source_base, variable, n, rng, **kw)
+        seen.append((target_task.states(target_base), source_task.states(source_base), pairs, kw))
+        return pairs
+
+    monkeypatch.setattr(tasks_pkg, "make_pairs", spy)
+    problem = _problem(variables=("count",), value_range=[3, 5])
+    assert len(seen) == 2 * 4  # train + valid, four directions
+    for t_states, s_states, p, kw in seen:
+        assert kw["value_range"] == (3, 5)
+        src = s_states["count"][p.source_index, p.source_pos]
+        tgt = t_states["count"][p.target_index, p.target_pos]
+        assert ((src >= 3) & (src <= 5)).all() and ((tgt >= 3) & (tgt <= 5)).all()
+        assert set(src.tolist()) == {3, 4, 5}
+    assert problem.value_range == (3, 5)
+    with pytest.raises(ConfigError, match="cannot apply to full or null"):
+        _problem(variables=("full",), value_range=[1, 10])
+    with pytest.raises(ConfigError, match="lo <= hi"):
+        _problem(variables=("count",), value_range=[5, 3])
+
+
+def test_mas_config_value_range_validation():
+    from llm_mas.recipes_common import mas_config_from_preset
+
+    ok = mas_config_from_preset("recipes/configs/gru_gru_hidden.yaml", ["data.value_range=[1, 10]",
+                                                                        "variables=[count]"])
+    assert ok.data.value_range == [1, 10] and ok.validate() == []
+    with pytest.raises(ConfigError, match=r"empty: need lo <= hi"):
+        mas_config_from_preset("recipes/configs/gru_gru_hidden.yaml", ["data.value_range=[10, 1]",
+                                                                      "variables=[count]"])
+    with pytest.raises(ConfigError, match=r"cannot apply to \['full'\]"):
+        mas_config_from_preset("recipes/configs/gru_gru_hidden.yaml", ["data.value_range=[1, 10]"])
+    with pytest.raises(ConfigError, match=r"two integers \[lo, hi\], got \[1\]"):
+        mas_config_from_preset("recipes/configs/gru_gru_hidden.yaml", ["data.value_range=[1]",
+                                                                      "variables=[count]"])

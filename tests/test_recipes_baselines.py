@@ -25,7 +25,6 @@ from llm_mas.recipes_common import (
     find_finished_run,
     markdown_table,
     mas_config_from_preset,
-    mas_supports,
     plan_rows,
     resolve_models,
     same_config,
@@ -147,10 +146,9 @@ def test_cross_task_plan_maps_count_onto_arithmetic_variables(tmp_path):
     assert remops.variables == ["count"] and remops.models[1].variable_map == {"count": "remaining_ops"}
     assert plans["count_vs_cumuval"].config.models[1].variable_map == {"count": "cumulative_value"}
     restricted = plans["count_vs_cumuval_1to10"]
-    if mas_supports("data.value_range"):
-        assert not restricted.blocked and list(restricted.config.data.value_range) == [1, 10]
-    else:
-        assert "data.value_range" in restricted.blocked
+    assert not restricted.blocked and list(restricted.config.data.value_range) == [1, 10]
+    assert restricted.config.models[1].variable_map == {"count": "cumulative_value"}
+    assert plans["count_vs_cumuval"].config.data.value_range is None
 
 
 # ----------------------------------------------------------------------------------- claims on hand-made rows
@@ -361,9 +359,7 @@ def test_cross_task_smoke_end_to_end(tmp_path):
                            "count vs remaining_ops", "count vs cumulative_value",
                            "count vs cumulative_value (1..10)"]
     status = {r["comparison"]: r["status"] for r in rows}
-    assert status["count vs cumulative_value (1..10)"] == ("trained" if mas_supports("data.value_range")
-                                                           else "blocked")
-    assert all(s == "trained" for c, s in status.items() if "(1..10)" not in c)
+    assert all(s == "trained" for s in status.values()), status
     variables = {r["comparison"]: r["variable"] for r in rows if r["status"] == "trained"}
     assert set(variables.values()) == {"count"}
     summary = (run / "summary.md").read_text()
