@@ -68,24 +68,6 @@ def mas_config_from_preset(preset: str | Path, overrides: Sequence[str] = (), **
     return from_dict(MASConfig, data)
 
 
-def mas_supports(dotted_key: str) -> bool:
-    """Whether MASConfig has the (nested) field `dotted_key`, e.g. ``data.value_range``."""
-    import dataclasses
-    import typing
-
-    from .mas import MASConfig
-
-    cls: Any = MASConfig
-    for part in dotted_key.split("."):
-        if not dataclasses.is_dataclass(cls):
-            return False
-        hints = typing.get_type_hints(cls)
-        if part not in hints:
-            return False
-        cls = hints[part]
-    return True
-
-
 def _comparable(data: dict, ignored: Iterable[str]) -> dict:
     return {k: v for k, v in data.items() if k not in set(ignored)}
 
@@ -581,6 +563,6 @@ def recipe_main(argv: Sequence[str] | None, *, script: str, doc: str, config_cls
 __all__ = ["COMPARABLE", "MAS_IGNORED_KEYS", "NEAR_PERFECT", "SMOKE_MAS_OVERRIDES", "SMOKE_NOTE", "Claim",
            "PlannedRun", "RunOutcome", "all_known", "below_bar", "compare", "direction_row", "execute_plan",
            "find_finished_run", "find_record", "fmt", "fmt_ci", "is_number", "markdown_table",
-           "mas_config_from_preset", "mas_supports", "missing_models", "models_newer_than", "plan_rows",
+           "mas_config_from_preset", "missing_models", "models_newer_than", "plan_rows",
            "plot_grouped_bars", "plot_lines", "preset_path", "recipe_main", "resolve_models", "run_or_reuse",
            "same_config", "scratch_checkpoints", "write_csv", "write_summary"]
