@@ -71,13 +71,22 @@ class CLConfig:
 
     Directions *into* them are trained only by the counterfactual-latent loss, the others by behaviour;
     total = (1 − epsilon)·L_behaviour + epsilon·L_CL. Every direction is still evaluated behaviourally.
+    match_on: the target-task state variables a counterfactual latent is matched on (default: every state
+    variable of the intended state, e.g. obj_count, phase and count for MultiObject). Matching on fewer (e.g.
+    [phase, count], what the rest of the sequence depends on) finds a natural latent for intended states
+    that never occur naturally (a count above the target's own obj_count) at the price of noise in the
+    variables left out.
     """
 
     inaccessible: list[int] = field(default_factory=list)
     epsilon: float = 0.0
+    match_on: list[str] | None = None
 
     def validate(self) -> list[str]:
-        return [] if 0.0 <= self.epsilon <= 1.0 else [f"cl.epsilon must be in [0, 1], got {self.epsilon}"]
+        p = [] if 0.0 <= self.epsilon <= 1.0 else [f"cl.epsilon must be in [0, 1], got {self.epsilon}"]
+        if self.match_on is not None and not self.match_on:
+            p.append("cl.match_on: list at least one state variable, or leave it unset (null) to match on all")
+        return p
 
 
 @dataclass
@@ -239,7 +248,7 @@ def build_problem(config: MASConfig, log=None):
                              intervention=config.intervention, eval_batch_size=config.eval.batch_size,
                              device=config.device, progress=config.progress,
                              cl_directions=config.cl_directions(), cl_epsilon=config.cl.epsilon,
-                             value_range=config.data.value_range)
+                             cl_match_on=config.cl.match_on, value_range=config.data.value_range)
     return problem
 
 

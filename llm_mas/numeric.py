@@ -92,7 +92,7 @@ class NumericProblem:
                  intervention: str = "interchange", eval_batch_size: int = 1000,
                  fast_path: bool = True, device: str = "cpu", progress: bool = True,
                  cl_directions: Sequence[tuple[int, int]] = (), cl_epsilon: float = 0.0,
-                 value_range: Sequence[int] | None = None):
+                 cl_match_on: Sequence[str] | None = None, value_range: Sequence[int] | None = None):
         if intervention not in ("interchange", "stitch", "linear_stitch"):
             raise ConfigError(f"intervention {intervention!r} must be 'interchange', 'stitch' or 'linear_stitch'")
         self.models = list(models)
@@ -122,6 +122,13 @@ class NumericProblem:
         if not 0.0 <= cl_epsilon <= 1.0:
             raise ConfigError(f"cl epsilon {cl_epsilon} must be in [0, 1]")
         self.cl_epsilon = cl_epsilon
+        self.cl_match_on = list(cl_match_on) if cl_match_on is not None else None
+        for t_ in sorted({t for _, t in self.cl_directions}) if self.cl_match_on is not None else ():
+            states = self.models[t_].task.state_variables
+            bad = [v for v in self.cl_match_on if v not in states]
+            if bad or not self.cl_match_on:
+                raise ConfigError(f"cl match_on {self.cl_match_on}: {bad or 'empty list'} not state variables of "
+                                  f"task {self.models[t_].task.name!r} (model {t_}); valid: {', '.join(states)}")
         self.value_range = tuple(int(v) for v in value_range) if value_range is not None else None
         if self.value_range is not None and (len(self.value_range) != 2 or self.value_range[0] > self.value_range[1]):
             raise ConfigError(f"value_range {value_range!r} must be [lo, hi] with lo <= hi")
@@ -185,7 +192,8 @@ class NumericProblem:
         """Counterfactual latents: for each pair, a natural latent of the target (its own runs on this split)
         whose causal state equals the state the intervention intends; unmatched pairs are masked."""
         task = self.models[chunk.target].task
-        keys = [v for v in task.state_variables if v in pairs.intended]
+        keys = [v for v in task.state_variables if v in pairs.intended
+                and (self.cl_match_on is None or v in self.cl_match_on)]
         states = task.states(target_base)                                   # {var: (N, L)}
         valid = task.valid_positions(target_base)                           # (N, L)
         rows, cols = np.nonzero(valid)

@@ -197,6 +197,26 @@ def test_clmas_matches_intended_states_masks_unmatched_and_mixes_losses():
                [(1, 0), (0, 0)])
 
 
+def test_clmas_match_on_fewer_variables_matches_more_and_only_on_those():
+    full = _problem(("gru", "gru"), variables=("full",), n_train=96, n_valid=32,
+                    train_directions=[(1, 0), (0, 0)], cl_directions=[(0, 1)], cl_epsilon=0.5)
+    loose = _problem(("gru", "gru"), variables=("full",), n_train=96, n_valid=32,
+                     train_directions=[(1, 0), (0, 0)], cl_directions=[(0, 1)], cl_epsilon=0.5,
+                     cl_match_on=["phase", "count"])
+    rng = np.random.default_rng([3, 0])
+    bases = [TASK.sample(96, rng) for _ in range(2)]  # the train split's draws
+    states = TASK.states(bases[1])
+    (cf,), (cl,) = ([c for c in p.splits["train"] if c.cl] for p in (full, loose))
+    assert cf.cl_matched.float().mean() < 1.0  # a full swap can intend a count above the target's obj_count
+    assert bool(cl.cl_matched.all())           # (phase, count) always occurs naturally for some N in 1..20
+    rows, cols = cl.cl_where
+    for var in ("phase", "count"):
+        np.testing.assert_array_equal(states[var][rows, cols], cl.intended[var])
+    assert set(cl.intended) == {"phase", "count"}
+    with pytest.raises(ConfigError, match=r"\['stage'\] not state variables of task 'multiobject'"):
+        _problem(("gru", "gru"), variables=("full",), cl_directions=[(0, 1)], cl_match_on=["stage"])
+
+
 @pytest.mark.parametrize("intervention", ["stitch", "linear_stitch"])
 def test_stitching_baselines_train_and_evaluate_only_their_directions(intervention):
     from llm_mas.baselines import LinearStitch
