@@ -359,6 +359,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--name", default="numeric_mas",
+                        help="result file bench/results/<name>.json (e.g. numeric_mas_headline_quiet for a re-run "
+                             "of the headline figure on an idle machine, which run_all reports beside the main one)")
     args = parser.parse_args(argv)
     n_train, n_valid = (1000, 200) if args.quick else (10_000, 1000)
     threads_list = args.threads or ([1] if args.quick else [1, 2])
@@ -432,7 +435,7 @@ def main(argv=None) -> dict:
                   + "; ".join(f"{k} {100 * v:.0f}%" for k, v in prof["shares"].items()))
 
     report(result)
-    write_result("numeric_mas", result)
+    write_result(args.name, result)
     return result
 
 
