@@ -9,7 +9,9 @@ For every k the recipe trains (``llm_mas.mas.run_mas``; settings from ``mas_pres
 - ``das_m{i}_k{k}``: DAS, each model alone;
 - ``stitch_{s}to{t}_k{k}``: rank-k isometric stitching h_s Q_s P_k Q_tᵀ (target latent discarded), trained on
   s→t only, one run per direction;
-- ``linear_{s}to{t}_k{k}``: an unconstrained affine stitch of rank ≤ k, trained on s→t only.
+- ``linear_{s}to{t}_k{k}``: an unconstrained affine stitch of rank ≤ k, trained on s→t only;
+- ``unimas_{s}to{t}_k{k}`` (k in ``unimas_ks``): UniMAS, one cross direction s→t plus the target's own t→t
+  trained (every direction evaluated) — MAS without the constraint from the other direction.
 The runs the paper's claims need go first (stitching and MAS at k = 2, MAS and DAS at k = 4; the cheaper
 one-direction runs before MAS), then the rest of k = 2 and 4, then the other ks. Outputs in ``runs/<name>/``:
 ``results.csv`` (one row per method, k and direction: trial IIA with its 95% bootstrap CI, token IIA, the
@@ -49,7 +51,7 @@ from llm_mas.recipes_common import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("mas", "das", "stitch", "linear_stitch")
+METHODS = ("mas", "das", "stitch", "linear_stitch", "unimas")
 CLAIM_KS = (2, 4)
 
 
@@ -60,6 +62,7 @@ class RecipeConfig:
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 16, 32, 128])
     smoke_ks: list[int] = field(default_factory=lambda: [2, 4])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    unimas_ks: list[int] = field(default_factory=lambda: [2, 4, 16])  # UniMAS only at these (those in ks)
     mas_preset: str = "recipes/configs/gru_gru_hidden.yaml"   # data sizes and trainer settings
     mas_overrides: list[str] = field(default_factory=list)    # key=value applied to the preset
     name: str = "stitching_vs_mas"
@@ -72,6 +75,8 @@ class RecipeConfig:
         p = []
         if len(self.models) != 2:
             p.append(f"models: list exactly two models, got {self.models}")
+        if any(k < 1 for k in self.unimas_ks):
+            p.append(f"unimas_ks: list subspace sizes >= 1, got {self.unimas_ks}")
         for key in ("ks", "smoke_ks"):
             bad = [k for k in getattr(self, key) if k < 1]
             if bad or not getattr(self, key):
@@ -112,6 +117,10 @@ def plan(config: RecipeConfig, models: list[str], ks: list[int], overrides: list
                         cfg(f"{prefix}_{s}to{t}_k{k}", models, k=k, directions=[[s, t]],
                             intervention=intervention),
                         [({"method": method, "k": k, "direction": f"{s}→{t}"}, s, t)]))
+        if "unimas" in config.methods and k in config.unimas_ks:
+            for s, t in ((0, 1), (1, 0)):
+                runs.append(PlannedRun(cfg(f"unimas_{s}to{t}_k{k}", models, k=k, directions=[[s, t], [t, t]]),
+                                       [({"method": "unimas", "k": k, "direction": f"{s}→{t}"}, s, t)]))
     return sorted(runs, key=_priority)  # stable: config order within a priority
 
 
@@ -128,8 +137,10 @@ def _priority(run: PlannedRun) -> tuple[int, bool]:
 
 # ================================================================================== table and claims
 COLUMNS = [("mas", "0→1"), ("mas", "1→0"), ("mas", "0→0"), ("mas", "1→1"), ("das", "0→0"), ("das", "1→1"),
-           ("stitch", "0→1"), ("stitch", "1→0"), ("linear_stitch", "0→1"), ("linear_stitch", "1→0")]
-HEADERS = {"mas": "MAS", "das": "DAS", "stitch": "isometric stitch", "linear_stitch": "linear stitch"}
+           ("stitch", "0→1"), ("stitch", "1→0"), ("linear_stitch", "0→1"), ("linear_stitch", "1→0"),
+           ("unimas", "0→1"), ("unimas", "1→0")]
+HEADERS = {"mas": "MAS", "das": "DAS", "stitch": "isometric stitch", "linear_stitch": "linear stitch",
+           "unimas": "UniMAS"}
 
 
 def pivot(rows: list[dict]) -> list[dict]:
@@ -197,7 +208,8 @@ def write_outputs(rows: list[dict], run_dir: Path, command: str, models: list[st
     present = [(m, d) for m, d in COLUMNS if any(f"{m} {d}" in line for line in table)]
     sections = [
         f"Models: 0 = `{models[0]}`, 1 = `{models[1]}` (hidden state). Validation trial IIA of the best "
-        f"checkpoint; DAS i→i is model i alone; stitching rows are trained on that direction only "
+        f"checkpoint; DAS i→i is model i alone; stitching rows are trained on that direction only, UniMAS "
+        f"s→t rows on s→t and t→t "
         f"({seconds:.0f} s this call; full rows with 95% bootstrap CIs in results.csv).",
         *([SMOKE_NOTE] if smoke else []),
         markdown_table(table, ["k", *[f"{m} {d}" for m, d in present]],

@@ -101,7 +101,7 @@ def test_stitching_plan_covers_every_method_and_k_with_claim_runs_first(tmp_path
     plans = recipe.plan(cfg, ["a-dir", "b-dir"], cfg.ks, [], tmp_path)
     names = [p.name for p in plans]
     assert names[:6] == ["stitch_0to1_k2", "stitch_1to0_k2", "das_m0_k4", "das_m1_k4", "mas_k2", "mas_k4"]
-    assert len(names) == len(set(names)) == 4 * 7
+    assert len(names) == len(set(names)) == 4 * 7 + 2 * 3  # UniMAS at unimas_ks = 2, 4, 16
     by = {p.name: p.config for p in plans}
     assert by["mas_k16"].directions == "all" and by["mas_k16"].k == 16 and len(by["mas_k16"].models) == 2
     assert [m.name for m in by["das_m1_k1"].models] == ["b-dir"]
@@ -109,6 +109,9 @@ def test_stitching_plan_covers_every_method_and_k_with_claim_runs_first(tmp_path
     assert by["linear_0to1_k2"].intervention == "linear_stitch"
     assert by["linear_0to1_k2"].directions == [[0, 1]]
     assert by["mas_k2"].data.n_train == 10_000  # from the preset
+    uni = by["unimas_1to0_k16"]
+    assert uni.intervention == "interchange" and uni.directions == [[1, 0], [0, 0]] and uni.k == 16
+    assert uni.train_directions() == [(1, 0), (0, 0)] and "unimas_0to1_k1" not in by
 
 
 def test_clmas_plan_marks_model_1_inaccessible(tmp_path):
@@ -309,7 +312,8 @@ def test_stitching_vs_mas_smoke_end_to_end_and_restart(tmp_path, capsys):
     got = {(r["method"], r["k"], r["direction"]) for r in rows}
     want = {(m, k, d) for k in ("2",) for m, d in
             [("mas", "0→1"), ("mas", "1→0"), ("mas", "0→0"), ("mas", "1→1"), ("das", "0→0"), ("das", "1→1"),
-             ("stitch", "0→1"), ("stitch", "1→0"), ("linear_stitch", "0→1"), ("linear_stitch", "1→0")]}
+             ("stitch", "0→1"), ("stitch", "1→0"), ("linear_stitch", "0→1"), ("linear_stitch", "1→0"),
+             ("unimas", "0→1"), ("unimas", "1→0")]}
     assert got == want and len(rows) == len(want)
     for r in rows:
         assert 0.0 <= float(r["trial_iia_lo"]) <= float(r["trial_iia"]) <= float(r["trial_iia_hi"]) <= 1.0
@@ -323,7 +327,7 @@ def test_stitching_vs_mas_smoke_end_to_end_and_restart(tmp_path, capsys):
     capsys.readouterr()
     smoke("stitching_vs_mas", tmp_path, "smoke_ks=[2]")     # restart: every run reused, nothing retrained
     out = capsys.readouterr().out
-    assert out.count("reusing finished run") == 7 and "finished mas_k2" not in out
+    assert out.count("reusing finished run") == 9 and "finished mas_k2" not in out
 
 
 @pytest.mark.slow
