@@ -9,7 +9,12 @@ Two MultiObject GRU seeds at the hidden state; model 0 is accessible, model 1 in
 (``llm_mas.mas.run_mas``; data and trainer settings from ``mas_preset``):
 - ``mas``: MAS with full access (every direction trained by behaviour) — the reference point;
 - ``clmas_eps{ε}``: CLMAS, ``cl.inaccessible=[1]``: directions into model 1 (0→1, 1→1) trained only by the
-  counterfactual-latent loss, the others by behaviour; loss (1 − ε)·L_behaviour + ε·L_CL;
+  counterfactual-latent loss, the others by behaviour; loss (1 − ε)·L_behaviour + ε·L_CL; CL targets are
+  natural latents of model 1 matched on every variable of the intended causal state (obj_count, phase, count);
+- ``clmas_eps{ε}_k{k}_match-{vars}`` (method ``clmas_partial_match``): the same with CL targets matched only on
+  ``partial_match`` (default phase and count, what the rest of the sequence depends on): a full swap can
+  intend a count above the target's own obj_count, a state no natural run has, so matching on everything
+  leaves those pairs without a CL target (their count is in the table);
 - ``latent_stitch``: rank-``stitch_k`` isometric stitch 0→1 trained by the CL loss alone (no behaviour);
 - ``behavioural_stitch``: the same stitch trained on 0→1 by behaviour — this *uses model 1's behaviour*,
   i.e. it is not available when model 1 is truly inaccessible;
@@ -54,10 +59,11 @@ from llm_mas.recipes_common import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("mas", "clmas", "latent_stitch", "behavioural_stitch", "reverse_behavioural_stitch",
+METHODS = ("mas", "clmas", "clmas_partial_match", "latent_stitch", "behavioural_stitch", "reverse_behavioural_stitch",
            "random_alignment", "untrained_model")
 ACCESSIBLE, INACCESSIBLE = (1, 0), (0, 1)   # (source, target): the target is the model intervened upon
-HOW = {"mas": "behaviour (full access)", "clmas": "CL loss only", "latent_stitch": "CL loss only",
+HOW = {"mas": "behaviour (full access)", "clmas": "CL loss only",
+       "clmas_partial_match": "CL loss only (targets matched on partial_match)", "latent_stitch": "CL loss only",
        "behavioural_stitch": "behaviour of model 1 (needs access)",
        "reverse_behavioural_stitch": "transpose of a 1→0 stitch (model 0's behaviour)",
        "random_alignment": "untrained",
@@ -71,6 +77,7 @@ class RecipeConfig:
     k: int = 64                       # MAS / CLMAS subspace size (reference CLMAS dispatch: 64, 128)
     stitch_k: int = 128               # latent / behavioural stitch rank (reference: the full width)
     epsilons: list[float] = field(default_factory=lambda: [0.5, 0.89, 0.94])
+    partial_match: list[str] = field(default_factory=lambda: ["phase", "count"])  # clmas_partial_match's CL keys
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     mas_preset: str = "recipes/configs/gru_gru_hidden.yaml"
     mas_overrides: list[str] = field(default_factory=list)
@@ -92,6 +99,8 @@ class RecipeConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             p.append(f"methods: unknown {unknown}; valid: {', '.join(METHODS)}")
+        if "clmas_partial_match" in self.methods and not self.partial_match:
+            p.append("partial_match: list the state variables clmas_partial_match matches CL targets on")
         if not preset_path(self.mas_preset).exists():
             p.append(f"mas_preset {self.mas_preset!r} does not exist (tried the working directory and "
                      f"{REPO})")
@@ -109,8 +118,9 @@ def plan(config: RecipeConfig, models: list[str], overrides: list[str], mas_dir:
             seed=config.seed, device=config.device, progress=progress, models=entries, variables=["full"],
             **fields)
 
-    def rows(method, epsilon=None):
-        label = {"method": method, "epsilon": epsilon, "trained_0to1_by": HOW[method]}
+    def rows(method, epsilon=None, match_on=None):
+        label = {"method": method, "epsilon": epsilon, "trained_0to1_by": HOW[method],
+                 "cl_match_on": ",".join(match_on) if match_on else ""}
         return [({**label, "direction": "accessible 1→0"}, *ACCESSIBLE),
                 ({**label, "direction": "inaccessible 0→1"}, *INACCESSIBLE),
                 ({**label, "direction": "0→0"}, 0, 0), ({**label, "direction": "1→1"}, 1, 1)]
@@ -133,6 +143,12 @@ def plan(config: RecipeConfig, models: list[str], overrides: list[str], mas_dir:
         for eps in config.epsilons:
             runs.append(PlannedRun(cfg(f"clmas_eps{eps:g}_k{k}", k=k, directions="all",
                                        cl={"inaccessible": [1], "epsilon": eps}), rows("clmas", eps)))
+    if "clmas_partial_match" in config.methods:
+        pm = list(config.partial_match)
+        for eps in config.epsilons:
+            runs.append(PlannedRun(cfg(f"clmas_eps{eps:g}_k{k}_match-{'-'.join(pm)}", k=k, directions="all",
+                                       cl={"inaccessible": [1], "epsilon": eps, "match_on": pm}),
+                                   rows("clmas_partial_match", eps, pm)))
     if "random_alignment" in config.methods:
         runs.append(PlannedRun(cfg(f"random_alignment_k{k}", ["train.max_steps=0"], k=k, directions="all"),
                                rows("random_alignment")))
@@ -144,7 +160,8 @@ def plan(config: RecipeConfig, models: list[str], overrides: list[str], mas_dir:
 
 # ================================================================================== table and claims
 def _label(r: dict) -> str:
-    return r["method"] + (f" ε={r['epsilon']:g}" if r.get("epsilon") is not None else "")
+    method = f"clmas matched on {r['cl_match_on']}" if r["method"] == "clmas_partial_match" else r["method"]
+    return method + (f" ε={r['epsilon']:g}" if r.get("epsilon") is not None else "")
 
 
 def pivot(rows: list[dict]) -> list[dict]:
@@ -165,12 +182,13 @@ def _cell(rows: list[dict], method: str, direction: str, epsilon=None) -> dict:
     return {}
 
 
-def _beats_all(rows: list[dict], epsilons: list[float],
-               baselines: list[tuple[str, str]]) -> tuple[bool | None, str]:
-    """Whether CLMAS at every ε is above every baseline ``(method, label)`` in the inaccessible direction."""
+def _beats_all(rows: list[dict], epsilons: list[float], baselines: list[tuple[str, str]],
+               clmas: str = "clmas") -> tuple[bool | None, str]:
+    """Whether CLMAS (method `clmas`) at every ε is above every baseline ``(method, label)`` in the
+    inaccessible direction."""
     verdicts, evidence = [], []
     for eps in epsilons:
-        cl = _cell(rows, "clmas", "inacc", eps)
+        cl = _cell(rows, clmas, "inacc", eps)
         cells = [(label, _cell(rows, method, "inacc")) for method, label in baselines]
         if not all_known(cl.get("trial_iia"), *(c.get("trial_iia") for _, c in cells)):
             verdicts.append(None)
@@ -183,27 +201,40 @@ def _beats_all(rows: list[dict], epsilons: list[float],
 
 
 def claims(rows: list[dict], epsilons: list[float]) -> list[Claim]:
+    """The paper's claims for CLMAS and, when it ran, for CLMAS with partially matched CL targets."""
+    out = []
+    partial = next((r for r in rows if r["method"] == "clmas_partial_match"), None)
+    variants = [("clmas", "CLMAS")] if partial is None or any(r["method"] == "clmas" for r in rows) else []
+    if partial is not None:
+        variants.append(("clmas_partial_match", f"CLMAS with CL targets matched on {partial['cl_match_on']}"))
+    for method, name in variants:
+        out.extend(_claims_for(rows, epsilons, method, name))
+    return out
+
+
+def _claims_for(rows: list[dict], epsilons: list[float], method: str, name: str) -> list[Claim]:
     out = []
     baselines = [("latent_stitch", "latent stitch"), ("reverse_behavioural_stitch", "1→0-trained stitch")]
-    holds, evidence = _beats_all(rows, epsilons, baselines)
-    out.append(Claim("CLMAS is best in the inaccessible direction 0→1 among methods that never use model 1's "
+    holds, evidence = _beats_all(rows, epsilons, baselines, method)
+    out.append(Claim(f"{name} is best in the inaccessible direction 0→1 among methods that never use model 1's "
                      "behaviour (above latent stitching and the transposed 1→0 behavioural stitch), for "
                      "every tested ε", holds, evidence))
-    holds, evidence = _beats_all(rows, epsilons, [("behavioural_stitch", "0→1-trained behavioural stitch")])
-    out.append(Claim("CLMAS is above behavioural stitching trained on 0→1 — a baseline that uses model 1's "
+    holds, evidence = _beats_all(rows, epsilons, [("behavioural_stitch", "0→1-trained behavioural stitch")],
+                                 method)
+    out.append(Claim(f"{name} is above behavioural stitching trained on 0→1 — a baseline that uses model 1's "
                      "behaviour, i.e. more access than CLMAS has — for every tested ε", holds, evidence))
     mas = _cell(rows, "mas", "acc")
     verdicts, evidence = [], []
     for eps in epsilons:
-        cl = _cell(rows, "clmas", "acc", eps)
+        cl = _cell(rows, method, "acc", eps)
         if not all_known(cl.get("trial_iia"), mas.get("trial_iia")):
             verdicts.append(None)
             evidence.append(f"ε={eps:g}: pending")
             continue
         verdicts.append(abs(cl["trial_iia"] - mas["trial_iia"]) <= COMPARABLE)
-        evidence.append(f"ε={eps:g}: CLMAS vs MAS {compare(cl, mas)}")
+        evidence.append(f"ε={eps:g}: {name} vs MAS {compare(cl, mas)}")
     holds = None if not verdicts or None in verdicts else all(verdicts)
-    out.append(Claim(f"CLMAS matches MAS in the accessible direction 1→0 (|difference| ≤ {COMPARABLE}), for "
+    out.append(Claim(f"{name} matches MAS in the accessible direction 1→0 (|difference| ≤ {COMPARABLE}), for "
                      "every tested ε", holds, "; ".join(evidence) + "."))
     return out
 
@@ -253,7 +284,7 @@ def write_outputs(rows: list[dict], run_dir: Path, command: str, config: RecipeC
     if not_done:
         sections.append(f"Not finished ({len(not_done)}, in run order): " + ", ".join(not_done))
     write_summary(run_dir / "summary.md", "CLMAS with a causally inaccessible model", command, sections,
-                  claims(rows, config.epsilons if "clmas" in config.methods else []))
+                  claims(rows, config.epsilons if {"clmas", "clmas_partial_match"} & set(config.methods) else []))
 
 
 def build(config: RecipeConfig, run_dir: Path, smoke: bool, scratch_dir: Path | None) -> list[PlannedRun]:
