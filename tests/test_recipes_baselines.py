@@ -122,7 +122,8 @@ def test_clmas_plan_marks_model_1_inaccessible(tmp_path):
                                  "latent_stitch_k128", "behavioural_stitch_k128",
                                  "reverse_behavioural_stitch_k128", "random_alignment_k64",
                                  "untrained_model_k64", "clmas_eps0.5_k64_match-phase-count",
-                                 "clmas_eps0.89_k64_match-phase-count", "clmas_eps0.94_k64_match-phase-count"])
+                                 "clmas_eps0.89_k64_match-phase-count", "clmas_eps0.94_k64_match-phase-count",
+                                 "latent_stitch_k128_match-phase-count"])
     partial = by["clmas_eps0.89_k64_match-phase-count"]
     assert partial.cl.match_on == ["phase", "count"] and partial.cl.inaccessible == [1]
     assert partial.cl.epsilon == 0.89 and by["clmas_eps0.89_k64"].cl.match_on is None
@@ -199,16 +200,20 @@ def test_clmas_claims_follow_the_numbers():
     assert recipe.claims(rows, [0.5, 0.89])[0].holds is False
     assert [c.holds for c in recipe.claims(rows, [0.94])] == [None, None, None]
     # CLMAS with partially matched CL targets gets its own three verdicts, judged on its own rows
+    rows.append(cell("latent_stitch_partial_match", "inaccessible 0→1", 0.33))
     for eps, inacc, acc in ((0.5, 0.45, 0.9), (0.89, 0.35, 0.9)):
         rows += [cell("clmas_partial_match", "inaccessible 0→1", inacc, eps),
                  cell("clmas_partial_match", "accessible 1→0", acc, eps)]
     for r in rows:
-        r["cl_match_on"] = "phase,count" if r["method"] == "clmas_partial_match" else ""
+        r["cl_match_on"] = "phase,count" if r["method"].endswith("_partial_match") else ""
     verdicts = recipe.claims(rows, [0.5, 0.89])
     assert len(verdicts) == 6 and "matched on phase,count" in verdicts[3].text
     assert [c.holds for c in verdicts[3:]] == [True, False, True]
     assert [c.holds for c in recipe.claims([r for r in rows if r["method"] != "clmas"], [0.5, 0.89])] == \
         [True, False, True]
+    assert "same CL targets" in verdicts[3].evidence and "0.35" in verdicts[3].evidence
+    rows[-4]["trial_iia"] = 0.32  # ε = 0.5 now below the latent stitch with the same targets (0.33)
+    assert recipe.claims(rows, [0.5, 0.89])[3].holds is False
 
 
 def test_cross_task_claims_follow_the_numbers():
