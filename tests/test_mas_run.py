@@ -80,3 +80,24 @@ def test_cli_reports_a_bad_override_with_one_line_and_exit_2(tmp_path):
                           "train.lr=abc", "nosuchkey=1", f"out_dir={tmp_path}"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "train.lr" in out.stderr and "nosuchkey" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_alignment_options_reach_the_alignments_and_bad_ones_are_reported_before_loading():
+    from types import SimpleNamespace
+
+    from llm_mas.mas import build_alignments
+
+    models = [{"name": "multiobject-gru-s0", "alignment_options": {"orthogonal_map": "cayley"}},
+              {"name": "multiobject-gru-s1"}]
+    config = from_dict(MASConfig, {"models": models, "k": 4})
+    problem = SimpleNamespace(models=[SimpleNamespace(width=8)] * 2, k=4, all_variables=["full"],
+                              latent_stats=[None, None])
+    maps = [{str(m.orthogonal_map).split(".")[-1] for m in a.modules() if hasattr(m, "orthogonal_map")}
+            for a in build_alignments(config, problem)]
+    assert "cayley" in maps[0] and "cayley" not in maps[1] and "matrix_exp" in maps[1]
+    bad = [{"name": "multiobject-gru-s0", "alignment_options": {"orthogonal_map": "expm"}},
+           {"name": "multiobject-gru-s1", "alignment": "gram_schmidt", "alignment_options": {"bias": True}}]
+    with pytest.raises(ConfigError) as err:
+        from_dict(MASConfig, {"models": bad})
+    assert "models.0.alignment_options: unknown orthogonal_map 'expm'" in str(err.value)
+    assert "models.1.alignment_options: unknown option(s) 'bias'" in str(err.value)
