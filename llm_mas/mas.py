@@ -4,7 +4,8 @@
 
 A run writes ``runs/<name>/``: the resolved ``config.yaml``, ``alignments.safetensors``, ``results.json``
 (one record per source, target, variable), ``history.csv`` and ``iia_matrix.png``; ``checkpoint.pt`` makes
-a killed run resumable (run the same command again).
+a killed run resumable (run the same command again). Creating ``runs/<name>/STOP`` ends training early: the best
+checkpoint is evaluated and every output written (the stop reason in ``summary.json``).
 """
 
 from __future__ import annotations
@@ -310,7 +311,7 @@ def run_mas(config: MASConfig, log=print):
     alignments = build_alignments(config, problem)
     train_cfg = TrainerConfig(**{**to_dict(config.train), "seed": config.seed})
     trainer = MASTrainer(alignments, problem, train_cfg, checkpoint_path=run_dir / "checkpoint.pt",
-                         progress=config.progress, log=log)
+                         progress=config.progress, log=log, stop_file=run_dir / "STOP")
     fit = trainer.fit(resume=config.resume)
     with torch.no_grad():
         records = problem.evaluate(trainer.materialize(), split="valid", with_ci=True)

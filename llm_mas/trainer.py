@@ -86,8 +86,13 @@ def _score(records: list[dict]) -> float:
 class MASTrainer:
     def __init__(self, alignments: nn.ModuleList, problem: InterventionProblem, config: TrainerConfig,
                  checkpoint_path: str | Path | None = None, progress: bool = True,
-                 log: Callable[[str], None] | None = None, sync_gradients: Callable[[nn.Module], None] | None = None):
+                 log: Callable[[str], None] | None = None, sync_gradients: Callable[[nn.Module], None] | None = None,
+                 stop_file: str | Path | None = None):
         self.alignments = alignments
+        # creating this file ends training early (checked before every step): the best checkpoint is kept and
+        # evaluated as after any other stop; the file is removed and the stop is not recorded in the checkpoint,
+        # so running again continues the run. Single-process only (ranks could see it at different steps).
+        self.stop_file = Path(stop_file) if stop_file else None
         self.problem = problem
         self.config = config
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
@@ -207,6 +212,10 @@ class MASTrainer:
             while stopped is None and self.step < self.total_steps:
                 if stop_after is not None and steps_this_call >= stop_after:
                     raise KeyboardInterrupt("stop_after reached")
+                if self.stop_file is not None and self.stop_file.exists():
+                    stopped = f"stopped early at step {self.step}: {self.stop_file} was created"
+                    self.stop_file.unlink(missing_ok=True)
+                    break
                 rows = self._batch(self.step)
                 if self.optimizer is not None:
                     self.optimizer.zero_grad(set_to_none=True)

@@ -157,6 +157,29 @@ def test_trainer_keeps_rotations_orthogonal_and_is_deterministic_and_resumable(t
     assert [h["valid_score"] for h in res3.history] == [h["valid_score"] for h in res.history]
 
 
+def test_stop_file_ends_training_early_keeps_the_best_and_a_rerun_continues(tmp_path):
+    def trainer():
+        prob = _problem(n_train=96, n_valid=32, k=8)
+        aligns = torch.nn.ModuleList([make_alignment("orthogonal", 128, seed=s) for s in (0, 1)])
+        cfg = TrainerConfig(lr=1e-2, batch_size=32, max_steps=9, eval_every=3, patience=100, seed=4)
+        return MASTrainer(aligns, prob, cfg, checkpoint_path=tmp_path / "c.pt", progress=False,
+                          stop_file=tmp_path / "STOP"), aligns
+
+    first, _ = trainer()
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(stop_after=4)            # killed after step 4: checkpoint at step 3
+    (tmp_path / "STOP").touch()
+    stopped, aligns = trainer()
+    res = stopped.fit()                     # resumes at step 3 and stops before training further
+    assert res.steps == 3 and "STOP was created" in res.stopped and not (tmp_path / "STOP").exists()
+    best = {k: v.clone() for k, v in stopped.best_state.items()}
+    for k, v in aligns.state_dict().items():  # the best weights are loaded after the stop
+        torch.testing.assert_close(v, best[k], atol=0, rtol=0)
+    again, _ = trainer()
+    res2 = again.fit()                      # the stop was not recorded: the run continues to its budget
+    assert res2.steps == 9 and "step budget" in res2.stopped
+
+
 def test_clmas_matches_intended_states_masks_unmatched_and_mixes_losses():
     prob = _problem(("gru", "gru"), variables=("count",), n_train=64, n_valid=32,
                     train_directions=[(1, 0), (0, 0)], cl_directions=[(0, 1), (1, 1)], cl_epsilon=0.5)
