@@ -240,6 +240,22 @@ def below_bar(name: str) -> str:
                      for group, values in detail.items())
 
 
+EARLY_STOP = "stopped early"  # the trainer's stop reason when a STOP file ended a run (llm_mas.trainer)
+
+
+def early_stop_note(rows: Sequence[dict], run_key: str = "run", stopped_key: str = "stopped",
+                    best_key: str = "best_step", steps_key: str = "steps") -> str | None:
+    """A summary line naming the runs ended early by a STOP file (e.g. a time budget), or None.
+
+    Their numbers come from the best checkpoint so far; a longer run could still improve them."""
+    runs = dict.fromkeys(f"{r[run_key]} (best step {r.get(best_key)} of {r.get(steps_key)})" for r in rows
+                         if str(r.get(stopped_key) or "").startswith(EARLY_STOP))
+    if not runs:
+        return None
+    return ("Stopped early by a STOP file (time budget); the best checkpoint so far is reported and a longer "
+            "run could still improve it: " + ", ".join(runs) + ".")
+
+
 def plan_rows(plans: Sequence[PlannedRun], outcomes: dict[str, RunOutcome]) -> list[dict]:
     """Every plan's table rows (labels + `direction_row`), in plan order; NaN for runs not finished."""
     rows = []
@@ -561,7 +577,8 @@ def recipe_main(argv: Sequence[str] | None, *, script: str, doc: str, config_cls
 
 
 __all__ = ["COMPARABLE", "MAS_IGNORED_KEYS", "NEAR_PERFECT", "SMOKE_MAS_OVERRIDES", "SMOKE_NOTE", "Claim",
-           "PlannedRun", "RunOutcome", "all_known", "below_bar", "compare", "direction_row", "execute_plan",
+           "PlannedRun", "RunOutcome", "all_known", "below_bar", "compare", "direction_row", "early_stop_note",
+           "execute_plan",
            "find_finished_run", "find_record", "fmt", "fmt_ci", "is_number", "markdown_table",
            "mas_config_from_preset", "missing_models", "models_newer_than", "plan_rows",
            "plot_grouped_bars", "plot_lines", "preset_path", "recipe_main", "resolve_models", "run_or_reuse",

@@ -43,6 +43,7 @@ from llm_mas.recipes_common import (
     PlannedRun,
     all_known,
     direction_row,
+    early_stop_note,
     execute_plan,
     fmt,
     markdown_table,
@@ -259,6 +260,8 @@ def write_outputs(config: RecipeConfig, run_dir: Path, similarities: dict, outco
         "positions in both models; MAS: validation trial IIA of the best checkpoint, A = first model, "
         "B = second, mean = mean of the two cross directions.",
         markdown_table(rows, columns),
+        *([early] if (early := early_stop_note(rows, run_key="comparison", stopped_key="mas_stopped",
+                                               best_key="mas_best_step", steps_key="mas_steps")) else []),
         f"Verdict thresholds: similarity low < {LOW_SIMILARITY}, high ≥ {HIGH_SIMILARITY}; "
         f"IIA low < {LOW_IIA}, high ≥ {HIGH_IIA}.",
     ]

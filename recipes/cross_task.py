@@ -35,6 +35,7 @@ from llm_mas.recipes_common import (
     Claim,
     PlannedRun,
     all_known,
+    early_stop_note,
     fmt_ci,
     markdown_table,
     mas_config_from_preset,
@@ -220,6 +221,7 @@ def write_outputs(rows: list[dict], run_dir: Path, command: str, config: RecipeC
         *([SMOKE_NOTE] if smoke else []),
         markdown_table(lines, columns, headers),
         *(["Blocked runs:\n" + "\n".join(blocked)] if blocked else []),
+        *([early] if (early := early_stop_note(rows)) else []),
     ]
     write_summary(run_dir / "summary.md", "Cross-task numeric alignment", command, sections,
                   claims(lines, config))

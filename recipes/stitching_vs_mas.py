@@ -38,6 +38,7 @@ from llm_mas.recipes_common import (
     PlannedRun,
     all_known,
     compare,
+    early_stop_note,
     fmt_ci,
     markdown_table,
     mas_config_from_preset,
@@ -219,6 +220,9 @@ def write_outputs(rows: list[dict], run_dir: Path, command: str, models: list[st
                                   if r["status"] not in ("reused", "trained")))
     if not_done:
         sections.append(f"Not finished ({len(not_done)}, in run order): " + ", ".join(not_done))
+    early = early_stop_note(rows)
+    if early:
+        sections.append(early)
     write_summary(run_dir / "summary.md", "Model stitching vs MAS vs DAS across k", command, sections,
                   claims(rows))
 

@@ -389,3 +389,20 @@ def test_cross_task_smoke_end_to_end(tmp_path):
     summary = (run / "summary.md").read_text()
     assert "| count vs remaining_ops |" in summary and "DAS on the model itself" in summary
     assert (run / "iia_by_comparison.png").stat().st_size > 1000
+
+
+def test_early_stop_note_names_each_run_stopped_by_a_stop_file_once():
+    from llm_mas.recipes_common import early_stop_note
+
+    early = "stopped early at step 40: runs/x/a/STOP was created"
+    rows = [{"run": "a", "stopped": early, "best_step": 20, "steps": 40},
+            {"run": "a", "stopped": early, "best_step": 20, "steps": 40},       # a second direction of run a
+            {"run": "b", "stopped": "no improvement in 10 validations", "best_step": 3, "steps": 5},
+            {"run": "c", "stopped": None}]
+    note = early_stop_note(rows)
+    assert note.count("a (best step 20 of 40)") == 1 and "b (" not in note and "c (" not in note
+    assert early_stop_note(rows[2:]) is None
+    assert "x (best step 1 of 2)" in early_stop_note([{"comparison": "x", "mas_stopped": early, "mas_best_step": 1,
+                                                        "mas_steps": 2}], run_key="comparison",
+                                                       stopped_key="mas_stopped", best_key="mas_best_step",
+                                                       steps_key="mas_steps")
