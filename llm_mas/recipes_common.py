@@ -516,7 +516,7 @@ def recipe_main(argv: Sequence[str] | None, *, script: str, doc: str, config_cls
                 outputs: str) -> int:
     """The command line every comparison recipe shares.
 
-    ``python recipes/<script> CONFIG [key=value ...] [--smoke] [--models-from-scratch] [--only a,b]``:
+    ``python recipes/<script> CONFIG [key=value ...] [--smoke] [--models-from-scratch] [--only a,b] [--report]``:
     loads the recipe config (`config_cls`, every problem at once), makes ``<out_dir>/<name>[-smoke]``, asks
     ``build(config, run_dir, smoke, scratch_dir)`` for the runs, executes them (reusing / resuming) and calls
     ``write(config, plans, outcomes, run_dir, command, seconds, smoke)`` after every run. Exit 0 when every
@@ -538,7 +538,11 @@ def recipe_main(argv: Sequence[str] | None, *, script: str, doc: str, config_cls
                         help="random-weight checkpoints of the same architectures instead of the models")
     parser.add_argument("--only", default="", help="comma list of run names to train (others are only reused "
                                                    "when finished)")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: rewrite the table, plot and summary from the finished runs")
     args = parser.parse_intermixed_args(argv)
+    if args.report and args.only:
+        parser.error("--report trains nothing; drop --only")
     if args.config and "=" in args.config and not Path(args.config).exists():  # an override, default config
         args.overrides.insert(0, args.config)
         args.config = default_config
@@ -564,8 +568,8 @@ def recipe_main(argv: Sequence[str] | None, *, script: str, doc: str, config_cls
         def refresh(outcomes):
             write(config, plans, outcomes, run_dir, command, time.perf_counter() - t0, args.smoke)
 
-        outcomes = execute_plan(plans, config.reuse_dirs, after_each=refresh,
-                                selected=(lambda p: p.name in only) if only else None)
+        selected = (lambda p: False) if args.report else (lambda p: p.name in only) if only else None
+        outcomes = execute_plan(plans, config.reuse_dirs, after_each=refresh, selected=selected)
         refresh(outcomes)
     except MASError as e:
         print(f"error: {e}", file=sys.stderr)

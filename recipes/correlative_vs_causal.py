@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", default=str(REPO / "recipes/configs/correlative_vs_causal.yaml"))
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe config")
     parser.add_argument("--smoke", action="store_true", help="tiny settings (seconds), run dir <name>-smoke")
+    parser.add_argument("--report", action="store_true",
+                        help="train no MAS run: rewrite the table, figure and summary from the finished ones")
     parser.add_argument("--only", default="", help="comma list of comparisons whose MAS runs are trained "
                                                    "(the others are tabulated when already finished)")
     parser.add_argument("--skip-missing", action="store_true",
@@ -327,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
 
         log(f"MAS runs ({time.perf_counter() - t0:.0f}s)")
         outcomes = execute_plan(plans, config.reuse_dirs, log=log, after_each=after_each,
-                                selected=lambda plan: not only or plan.name in only)
+                                selected=lambda plan: not args.report and (not only or plan.name in only))
         rows = write_outputs(config, run_dir, similarities, outcomes, command, args.smoke, time.perf_counter() - t0)
     except MASError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -348,6 +348,13 @@ def test_stitching_vs_mas_smoke_end_to_end_and_restart(tmp_path, capsys):
     smoke("stitching_vs_mas", tmp_path, "smoke_ks=[2]")     # restart: every run reused, nothing retrained
     out = capsys.readouterr().out
     assert out.count("reusing finished run") == 9 and "finished mas_k2" not in out
+    # --report trains nothing, even with a k never run: its runs stay pending in the rewritten summary
+    smoke("stitching_vs_mas", tmp_path, "smoke_ks=[2, 4]", "--report")
+    out = capsys.readouterr().out
+    assert out.count("reusing finished run") == 9 and "finished " not in out.replace("finished run", "")
+    summary = (run / "summary.md").read_text()
+    assert "mas_k4 (pending)" in summary and "| 4 |" in summary
+    assert not (run / "mas" / "mas_k4").exists()
 
 
 @pytest.mark.slow
