@@ -207,7 +207,7 @@ def test_clmas_matches_intended_states_masks_unmatched_and_mixes_losses():
     c = cl_chunks[0]
     c.cl_matched[:] = False
     c.cl_matched[0] = True
-    before = float(prob.cl_loss(maps, c, torch.arange(8)))
+    before = float(prob.cl_loss(maps, c, torch.arange(8)).detach())
     c.cl_latents[1:] = 1e6
     assert float(prob.cl_loss(maps, c, torch.arange(8))) == pytest.approx(before)
     # a perfect prediction of the matched latent gives zero loss
