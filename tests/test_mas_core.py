@@ -209,10 +209,10 @@ def test_clmas_matches_intended_states_masks_unmatched_and_mixes_losses():
     c.cl_matched[0] = True
     before = float(prob.cl_loss(maps, c, torch.arange(8)).detach())
     c.cl_latents[1:] = 1e6
-    assert float(prob.cl_loss(maps, c, torch.arange(8))) == pytest.approx(before)
+    assert float(prob.cl_loss(maps, c, torch.arange(8)).detach()) == pytest.approx(before)
     # a perfect prediction of the matched latent gives zero loss
     c.cl_latents[0] = prob.intervened_latents(maps, c, torch.arange(1))[0].detach()
-    assert float(prob.cl_loss(maps, c, torch.arange(1))) == pytest.approx(0.0, abs=1e-6)
+    assert float(prob.cl_loss(maps, c, torch.arange(1)).detach()) == pytest.approx(0.0, abs=1e-6)
     recs = prob.evaluate(maps)
     cl_recs = [r for r in recs if r["trained_by"] == "cl"]
     assert len(cl_recs) == 2 and all("cl_unmatched" in r for r in cl_recs)
