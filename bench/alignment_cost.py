@@ -14,30 +14,15 @@ import argparse
 import os
 import sys
 
-import torch
-from common import interleaved, median, print_table, set_threads, write_result
-
-from llm_mas.alignments import make_alignment
+from common import alignment_cost, print_table, set_threads, write_result
 
 MAPS = ("matrix_exp", "cayley")
 
 
 def measure(d: int, repeats: int) -> dict:
-    alignments = {m: make_alignment("orthogonal", d, k=d // 2, seed=0, orthogonal_map=m) for m in MAPS}
-    probe = torch.randn(d, d)
-
-    def run(alignment):
-        def call():
-            weight = alignment.materialize().weight  # (d, d)
-            (weight * probe).sum().backward()
-            alignment.zero_grad(set_to_none=True)
-
-        return call
-
-    cpu: dict[str, list[float]] = {}
-    wall = interleaved({m: run(a) for m, a in alignments.items()}, repeats=repeats, warmup=1, cpu=cpu)
-    return {"wall_ms": {m: 1e3 * median(v) for m, v in wall.items()},
-            "cpu_ms": {m: 1e3 * median(v) for m, v in cpu.items()}, "loadavg_after": os.getloadavg()[0]}
+    cpu: dict[str, float] = {}
+    wall = alignment_cost(d, d // 2, repeats=repeats, maps=MAPS, cpu_ms=cpu)
+    return {"wall_ms": wall, "cpu_ms": cpu, "loadavg_after": os.getloadavg()[0]}
 
 
 def main(argv=None) -> dict:

@@ -130,10 +130,12 @@ def _json_default(x: object) -> object:
     return str(x)
 
 
-def alignment_cost(d: int, k: int, repeats: int = 5, maps=("matrix_exp", "cayley")) -> dict:
+def alignment_cost(d: int, k: int, repeats: int = 5, maps=("matrix_exp", "cayley"),
+                   cpu_ms: dict[str, float] | None = None) -> dict:
     """ms to materialize one orthogonal alignment of width d and back-propagate through it, per map kind.
 
     This is the per-alignment, per-step price of the parametrisation (a MAS step pays it once per model).
+    cpu_ms: if given, filled with the median process CPU ms per map kind.
     """
     import torch
 
@@ -150,5 +152,8 @@ def alignment_cost(d: int, k: int, repeats: int = 5, maps=("matrix_exp", "cayley
 
         return call
 
-    times = interleaved({m: run(a) for m, a in alignments.items()}, repeats=repeats, warmup=1)
+    cpu: dict[str, list[float]] = {}
+    times = interleaved({m: run(a) for m, a in alignments.items()}, repeats=repeats, warmup=1, cpu=cpu)
+    if cpu_ms is not None:
+        cpu_ms.update({m: 1e3 * median(v) for m, v in cpu.items()})
     return {m: 1e3 * median(ts) for m, ts in times.items()}
