@@ -30,8 +30,9 @@ class ModelConfig:
                                         # hf: hub id or local directory
     site: str = "hidden"                # "embeddings", "hidden", "layer{l}" or a module/hook path
     alignment: str = "orthogonal"       # orthogonal | low_rank | gram_schmidt | linear | identity
-    # kind-specific options: orthogonal_map (matrix_exp | cayley | householder; cayley's backward is ~10x
-    # cheaper at d = 1536), method (gram_schmidt: qr | cgs2), bias (linear)
+    # kind-specific options: orthogonal_map (matrix_exp | cayley | householder; cayley's materialize +
+    # backward is ~12x cheaper at d = 1024, bench/alignment_cost.py), method (gram_schmidt: qr | cgs2),
+    # bias (linear)
     alignment_options: dict[str, Any] = field(default_factory=dict)
     standardize: bool = False           # z-score latents (per feature) inside the alignment
     variable_map: dict[str, str] = field(default_factory=dict)  # shared variable -> this model's variable

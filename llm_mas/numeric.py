@@ -129,9 +129,8 @@ class NumericProblem:
             if bad or not self.cl_match_on:
                 raise ConfigError(f"cl match_on {self.cl_match_on}: {bad or 'empty list'} not state variables of "
                                   f"task {self.models[t_].task.name!r} (model {t_}); valid: {', '.join(states)}")
+        # (lo, hi) is checked by make_pairs; full/null are refused here, before any latent is collected
         self.value_range = tuple(int(v) for v in value_range) if value_range is not None else None
-        if self.value_range is not None and (len(self.value_range) != 2 or self.value_range[0] > self.value_range[1]):
-            raise ConfigError(f"value_range {value_range!r} must be [lo, hi] with lo <= hi")
         if self.value_range is not None and ({"full", "null"} & set(self.variables) or null_subspace):
             raise ConfigError("value_range restricts one named variable's values; it cannot apply to full or null "
                               "(list named variables only and turn null_subspace off)")

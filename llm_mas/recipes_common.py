@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError
+from .models.registry import below_bar, below_bar_text
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -202,12 +203,15 @@ def execute_plan(plans: Sequence[PlannedRun], search_dirs: Sequence[str | Path] 
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"run names must be unique within a recipe; repeated: {', '.join(dupes)}")
+    from .models.registry import read_manifest
+
+    manifest = read_manifest()["models"]
     for p in plans:  # results on a model that fails the accuracy bar are not comparable (method.md §5)
-        failing = {m.name: below_bar(m.name) for m in p.config.models if getattr(m, "kind", "task") == "task"}
-        failing = {name: why for name, why in failing.items() if why}
+        failing = [m.name for m in p.config.models if getattr(m, "kind", "task") == "task"
+                   and not manifest.get(str(m.name), {}).get("passes_bar", True)]
         if failing and not p.blocked:
-            p.blocked = "; ".join(f"{name} is below the 0.99 accuracy bar on {why}: retrain it or pass a "
-                                  "checkpoint directory" for name, why in failing.items())
+            p.blocked = "; ".join(f"{name} {below_bar_text(manifest[name])}: retrain it or pass a checkpoint "
+                                  "directory" for name in failing)
     outcomes = {p.name: RunOutcome(p.name, "blocked" if p.blocked else "pending", message=p.blocked)
                 for p in plans}
     t0 = time.perf_counter()
@@ -227,19 +231,6 @@ def execute_plan(plans: Sequence[PlannedRun], search_dirs: Sequence[str | Path] 
     return outcomes
 
 
-def below_bar(name: str) -> str:
-    """Where a shipped task model fails the accuracy bar (its manifest's ``below_bar``, e.g. ``count 4, 9``),
-    or "" when it passes or is not a shipped name (a checkpoint directory is the caller's responsibility)."""
-    from .models.registry import read_manifest
-
-    entry = read_manifest()["models"].get(str(name))
-    if entry is None or entry.get("passes_bar", True):
-        return ""
-    detail = entry.get("below_bar") or {"N": f"min accuracy {entry.get('min_accuracy')}"}
-    return "; ".join(f"{group} {', '.join(map(str, values)) if isinstance(values, list) else values}"
-                     for group, values in detail.items())
-
-
 EARLY_STOP = "stopped early"  # the trainer's stop reason when a STOP file ended a run (llm_mas.trainer)
 
 
@@ -254,6 +245,15 @@ def early_stop_note(rows: Sequence[dict], run_key: str = "run", stopped_key: str
         return None
     return ("Stopped early by a STOP file (time budget); the best checkpoint so far is reported and a longer "
             "run could still improve it: " + ", ".join(runs) + ".")
+
+
+def run_status_sections(rows: Sequence[dict]) -> list[str]:
+    """Summary lines for runs that are not finished (in run order) and runs ended early by a STOP file."""
+    not_done = list(dict.fromkeys(f"{r['run']} ({r['status']})" for r in rows
+                                  if r["status"] not in ("reused", "trained")))
+    out = [f"Not finished ({len(not_done)}, in run order): " + ", ".join(not_done)] if not_done else []
+    early = early_stop_note(rows)
+    return out + ([early] if early else [])
 
 
 def plan_rows(plans: Sequence[PlannedRun], outcomes: dict[str, RunOutcome]) -> list[dict]:
@@ -586,4 +586,5 @@ __all__ = ["COMPARABLE", "MAS_IGNORED_KEYS", "NEAR_PERFECT", "SMOKE_MAS_OVERRIDE
            "find_finished_run", "find_record", "fmt", "fmt_ci", "is_number", "markdown_table",
            "mas_config_from_preset", "missing_models", "models_newer_than", "plan_rows",
            "plot_grouped_bars", "plot_lines", "preset_path", "recipe_main", "resolve_models", "run_or_reuse",
+           "run_status_sections",
            "same_config", "scratch_checkpoints", "write_csv", "write_summary"]

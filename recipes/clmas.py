@@ -47,7 +47,6 @@ from llm_mas.recipes_common import (
     PlannedRun,
     all_known,
     compare,
-    early_stop_note,
     fmt_ci,
     markdown_table,
     mas_config_from_preset,
@@ -56,6 +55,7 @@ from llm_mas.recipes_common import (
     preset_path,
     recipe_main,
     resolve_models,
+    run_status_sections,
     write_csv,
     write_summary,
 )
@@ -288,13 +288,7 @@ def write_outputs(rows: list[dict], run_dir: Path, command: str, config: RecipeC
         markdown_table(table, columns),
         notes(rows),
     ]
-    not_done = list(dict.fromkeys(f"{r['run']} ({r['status']})" for r in rows
-                                  if r["status"] not in ("reused", "trained")))
-    if not_done:
-        sections.append(f"Not finished ({len(not_done)}, in run order): " + ", ".join(not_done))
-    early = early_stop_note(rows)
-    if early:
-        sections.append(early)
+    sections.extend(run_status_sections(rows))
     write_summary(run_dir / "summary.md", "CLMAS with a causally inaccessible model", command, sections,
                   claims(rows, config.epsilons if {"clmas", "clmas_partial_match"} & set(config.methods) else []))
 

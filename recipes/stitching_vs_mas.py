@@ -38,7 +38,6 @@ from llm_mas.recipes_common import (
     PlannedRun,
     all_known,
     compare,
-    early_stop_note,
     fmt_ci,
     markdown_table,
     mas_config_from_preset,
@@ -47,6 +46,7 @@ from llm_mas.recipes_common import (
     preset_path,
     recipe_main,
     resolve_models,
+    run_status_sections,
     write_csv,
     write_summary,
 )
@@ -216,13 +216,7 @@ def write_outputs(rows: list[dict], run_dir: Path, command: str, models: list[st
         markdown_table(table, ["k", *[f"{m} {d}" for m, d in present]],
                        ["k", *[f"{HEADERS[m]} {d}" for m, d in present]]),
     ]
-    not_done = list(dict.fromkeys(f"{r['run']} ({r['status']})" for r in rows
-                                  if r["status"] not in ("reused", "trained")))
-    if not_done:
-        sections.append(f"Not finished ({len(not_done)}, in run order): " + ", ".join(not_done))
-    early = early_stop_note(rows)
-    if early:
-        sections.append(early)
+    sections.extend(run_status_sections(rows))
     write_summary(run_dir / "summary.md", "Model stitching vs MAS vs DAS across k", command, sections,
                   claims(rows))
 

@@ -75,10 +75,29 @@ def load_task_model(name_or_path: str | Path, device: str = "cpu") -> TaskModel:
     if entry is not None and not entry["passes_bar"]:
         import warnings
 
-        warnings.warn(f"task model {str(name_or_path)!r} is below the 0.99 accuracy bar on "
-                      f"{entry['below_bar']} (see {models_dir() / MANIFEST}); MAS results on it are not "
-                      "comparable", stacklevel=2)
+        warnings.warn(f"task model {str(name_or_path)!r} {below_bar_text(entry)} (see {models_dir() / MANIFEST}); "
+                      "MAS results on it are not comparable", stacklevel=2)
     return load_run(run_dir, device=device)
+
+
+def below_bar(name: str) -> str:
+    """Where a shipped task model fails the accuracy bar (its manifest's ``below_bar``, e.g. ``count 4, 9``),
+    or "" when it passes or is not a shipped name (a checkpoint directory is the caller's responsibility)."""
+    entry = read_manifest()["models"].get(str(name))
+    return "" if entry is None or entry.get("passes_bar", True) else _failing_values(entry)
+
+
+def below_bar_text(entry: dict[str, Any]) -> str:
+    """``is below the 0.99 accuracy bar on count 4, 9`` for a failing manifest entry."""
+    from .training import BAR
+
+    return f"is below the {BAR} accuracy bar on {_failing_values(entry)}"
+
+
+def _failing_values(entry: dict[str, Any]) -> str:
+    detail = entry.get("below_bar") or {"N": f"min accuracy {entry.get('min_accuracy')}"}
+    return "; ".join(f"{group} {', '.join(map(str, values)) if isinstance(values, list) else values}"
+                     for group, values in detail.items())
 
 
 def manifest_entry(run_dir: Path, root: Path) -> dict[str, Any]:
