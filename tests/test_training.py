@@ -215,3 +215,31 @@ def test_shipped_checkpoints_load_and_are_as_accurate_as_recorded(name):
     result = evaluate(model, make_eval_set(get_task(model.task_name), 5, np.random.default_rng(0)))
     if entry["passes_bar"]:
         assert entry["min_accuracy"] >= 0.99 and result.min_accuracy >= 0.8  # 5 sequences per N here
+
+
+def test_derived_initial_seed_separates_architectures_and_legacy_seed_reproduces_shared_init():
+    """New models draw their initial weights from (task, arch, seed): a GRU and a Transformer of one seed no
+    longer start from the same embedding matrix; init_seed=seed (the first shipped models) still does."""
+    from llm_mas.models.task_models import build_task_model
+    from llm_mas.models.training import TrainConfig, initial_weight_seed
+
+    def embedding(arch, init_seed, seed=3, task="multiobject"):
+        cfg = TrainConfig(task=task, arch=arch, seed=seed, init_seed=init_seed)
+        return build_task_model(arch, task, 8, seed=initial_weight_seed(cfg)).embed.weight.detach()
+
+    assert torch.equal(embedding("gru", "seed"), embedding("transformer", "seed"))      # the old coupling
+    assert not torch.allclose(embedding("gru", "derived"), embedding("transformer", "derived"))
+    assert not torch.allclose(embedding("gru", "derived"), embedding("lstm", "derived"))
+    assert torch.equal(embedding("gru", "derived"), embedding("gru", "derived"))        # deterministic
+    assert not torch.allclose(embedding("gru", "derived", seed=3), embedding("gru", "derived", seed=4))
+    assert initial_weight_seed(TrainConfig(seed=7, init_seed="seed")) == 7
+    assert initial_weight_seed(TrainConfig(task="multiobject", arch="gru", seed=7)) != initial_weight_seed(
+        TrainConfig(task="sameobject", arch="gru", seed=7))
+
+
+def test_shipped_models_record_how_their_weights_were_seeded():
+    from llm_mas.models.registry import models_dir, shipped_names
+    from llm_mas.models.training import read_run_config
+
+    for name in shipped_names():
+        assert read_run_config(models_dir() / name)["train"]["init_seed"] in ("seed", "derived"), name

@@ -35,10 +35,11 @@ import math
 import random
 import sys
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -87,6 +88,11 @@ class TrainConfig:
     target_accuracy: float = 0.995     # stop once every N reaches this trial accuracy
     threads: int = 0                   # torch threads (0: leave torch's default)
     device: str = "cpu"
+    # Where the initial weights come from. "derived": a seed derived from (task, arch, seed), so models of
+    # different architectures (or tasks) with the same seed never share initial weights (e.g. the same
+    # embedding matrix, drawn first). "seed": the plain seed (how the first shipped models were made; their
+    # config.yaml says so).
+    init_seed: Literal["derived", "seed"] = "derived"
 
     def __post_init__(self) -> None:
         if self.hold_outs is None:  # written out explicitly into the run's config.yaml
@@ -124,6 +130,14 @@ class TrainConfig:
         if self.device != "cpu" and not self.device.startswith("cuda"):
             problems.append(f"device {self.device!r} must be 'cpu' or 'cuda[:i]'")
         return problems
+
+
+def initial_weight_seed(cfg: TrainConfig) -> int:
+    """The seed the initial weights are drawn from (see ``TrainConfig.init_seed``)."""
+    if cfg.init_seed == "seed":
+        return int(cfg.seed)
+    names = [zlib.crc32(name.encode()) for name in (cfg.task, cfg.arch)]
+    return int(np.random.SeedSequence([int(cfg.seed), *names]).generate_state(1)[0])
 
 
 def make_config(**values: Any) -> TrainConfig:
@@ -282,7 +296,8 @@ def train_task_model(cfg: TrainConfig, out_dir: str | Path | None = None, comman
     device = torch.device(cfg.device)
     task = get_task(cfg.task)
     overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
-    model = build_task_model(cfg.arch, cfg.task, len(task.vocab), seed=cfg.seed, **overrides).to(device)
+    model = build_task_model(cfg.arch, cfg.task, len(task.vocab), seed=initial_weight_seed(cfg),
+                             **overrides).to(device)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
