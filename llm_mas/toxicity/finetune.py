@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from ..files import load_torch_state
 from .data import MODES, SOURCES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -310,12 +311,12 @@ def _load_checkpoint(acc, model, optimizer, scheduler, path: Path) -> int:
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-    # our own files: weights_only=False is needed for the optimizer's and RNG's python objects
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+    # plain tensors and numbers only (weights_only=True): a planted file cannot run code
+    optimizer.load_state_dict(load_torch_state(path / "optimizer.pt"))
+    scheduler.load_state_dict(load_torch_state(path / "scheduler.pt"))
     if acc.scaler is not None and (path / "scaler.pt").is_file():
-        acc.scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=False))
-    _set_rng_state(torch.load(path / f"rng-{acc.process_index}.pt", map_location="cpu", weights_only=False))
+        acc.scaler.load_state_dict(load_torch_state(path / "scaler.pt"))
+    _set_rng_state(load_torch_state(path / f"rng-{acc.process_index}.pt"))
     return int(state["step"])
 
 
@@ -325,7 +326,11 @@ def _rng_state() -> dict[str, Any]:
     import numpy as np
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's state as a tensor and numbers, so the file loads with weights_only=True
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                    int(has_gauss), float(gauss)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -337,8 +342,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
     import torch
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
