@@ -152,13 +152,13 @@ class DirectoryLock:
                 pid, host = int(holder.get("pid", -1)), holder.get("host")
                 if pid == me["pid"] and host == me["host"]:
                     raise ConfigError(f"run directory {str(self.directory)!r} is already locked by this process "
-                                      f"(pid {pid}); one run per directory at a time")
+                                      f"(pid {pid}); one run per directory at a time") from None
                 if host == me["host"] and (pid < 0 or not self._alive(pid)):
                     self.path.unlink(missing_ok=True)  # left by a dead process: take it over
                     continue
                 raise ConfigError(f"run directory {str(self.directory)!r} is in use by process {pid} on {host} "
                                   f"(lock file {str(self.path)!r}); wait for it to finish, stop it, or choose "
-                                  "another name")
+                                  "another name") from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
