@@ -203,7 +203,8 @@ def _beats_all(rows: list[dict], epsilons: list[float], baselines: list[tuple[st
             evidence.append(f"ε={eps:g}: pending")
             continue
         verdicts.append(all(cl["trial_iia"] > c["trial_iia"] for _, c in cells))
-        evidence.append(f"ε={eps:g}: " + ", ".join(f"vs {label} {format_ci_comparison(cl, c)}" for label, c in cells))
+        evidence.append(f"ε={eps:g}: " + ", ".join(f"vs {label} {format_ci_comparison(cl, c)}"
+                                                   for label, c in cells))
     holds = None if not verdicts or None in verdicts else all(verdicts)
     return holds, "; ".join(evidence) + "."
 

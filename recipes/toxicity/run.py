@@ -562,7 +562,8 @@ def summary_lines(analysis: dict) -> list[str]:
 # ============================================================================================ main
 def main(argv: list[str] | None = None) -> int:
     """Command line (module docstring). Exit 0: report written; 1: a stage failed; 2: configuration error."""
-    parser = argparse.ArgumentParser(prog="python -m recipes.toxicity.run", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m recipes.toxicity.run",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("config", nargs="?", default=None, help="recipe preset (default configs/deepseek.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. finetune.steps=100 processes=4")
     parser.add_argument("--smoke", action="store_true", help="use configs/smoke.yaml (tiny offline models, CPU)")
