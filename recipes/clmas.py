@@ -1,9 +1,9 @@
 """CLMAS: MAS when model 1 is causally inaccessible (its latents can be recorded, its behaviour under
 intervention may not be used), against MAS with full access, latent and behavioural stitching and controls.
 
-    python recipes/clmas.py recipes/configs/clmas.yaml
-    python recipes/clmas.py recipes/configs/clmas.yaml --smoke                     # seconds
-    python recipes/clmas.py recipes/configs/clmas.yaml epsilons=[0.89] methods=[mas,clmas]
+    python -m recipes.clmas recipes/configs/clmas.yaml
+    python -m recipes.clmas recipes/configs/clmas.yaml --smoke                     # seconds
+    python -m recipes.clmas recipes/configs/clmas.yaml epsilons=[0.89] methods=[mas,clmas]
 
 Two MultiObject GRU seeds at the hidden state; model 0 is accessible, model 1 inaccessible. Runs
 (``llm_mas.mas.run_mas``; data and trainer settings from ``mas_preset``):
@@ -39,22 +39,23 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llm_mas.recipes_common import (
-    COMPARABLE,
+import torch
+
+from recipes.common.claims import COMPARABLE, Claim, all_known, format_ci_comparison
+from recipes.common.cli import recipe_main
+from recipes.common.models import resolve_models
+from recipes.common.plans import (
     SMOKE_MAS_OVERRIDES,
-    SMOKE_NOTE,
-    Claim,
     PlannedRun,
-    all_known,
-    compare,
-    fmt_ci,
-    markdown_table,
     mas_config_from_preset,
     plan_rows,
-    plot_grouped_bars,
     preset_path,
-    recipe_main,
-    resolve_models,
+)
+from recipes.common.plots import plot_grouped_bars
+from recipes.common.report import (
+    SMOKE_NOTE,
+    fmt_ci,
+    markdown_table,
     run_status_sections,
     write_csv,
     write_summary,
@@ -77,8 +78,8 @@ HOW = {"mas": "behaviour (full access)", "clmas": "CL loss only",
 class RecipeConfig:
     models: list[str] = field(default_factory=lambda: ["multiobject-gru-s0", "multiobject-gru-s1"])
     site: str = "hidden"
-    k: int = 64                       # MAS / CLMAS subspace size (reference CLMAS dispatch: 64, 128)
-    stitch_k: int = 128               # latent / behavioural stitch rank (reference: the full width)
+    k: int = 64                       # MAS / CLMAS subspace size (the paper's CLMAS runs used 64 and 128)
+    stitch_k: int = 128               # latent / behavioural stitch rank (the paper: the full width)
     epsilons: list[float] = field(default_factory=lambda: [0.5, 0.89, 0.94])
     partial_match: list[str] = field(default_factory=lambda: ["phase", "count"])  # clmas_partial_match's CL keys
     methods: list[str] = field(default_factory=lambda: list(METHODS))
@@ -202,7 +203,8 @@ def _beats_all(rows: list[dict], epsilons: list[float], baselines: list[tuple[st
             evidence.append(f"ε={eps:g}: pending")
             continue
         verdicts.append(all(cl["trial_iia"] > c["trial_iia"] for _, c in cells))
-        evidence.append(f"ε={eps:g}: " + ", ".join(f"vs {label} {compare(cl, c)}" for label, c in cells))
+        evidence.append(f"ε={eps:g}: " + ", ".join(f"vs {label} {format_ci_comparison(cl, c)}"
+                                                   for label, c in cells))
     holds = None if not verdicts or None in verdicts else all(verdicts)
     return holds, "; ".join(evidence) + "."
 
@@ -241,7 +243,7 @@ def _claims_for(rows: list[dict], epsilons: list[float], method: str, name: str)
             evidence.append(f"ε={eps:g}: pending")
             continue
         verdicts.append(abs(cl["trial_iia"] - mas["trial_iia"]) <= COMPARABLE)
-        evidence.append(f"ε={eps:g}: {name} vs MAS {compare(cl, mas)}")
+        evidence.append(f"ε={eps:g}: {name} vs MAS {format_ci_comparison(cl, mas)}")
     holds = None if not verdicts or None in verdicts else all(verdicts)
     out.append(Claim(f"{name} matches MAS in the accessible direction 1→0 (|difference| ≤ {COMPARABLE}), for "
                      "every tested ε", holds, "; ".join(evidence) + "."))
@@ -307,7 +309,8 @@ def write(config: RecipeConfig, plans: list[PlannedRun], outcomes: dict, run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    return recipe_main(argv, script="clmas.py", doc=__doc__, config_cls=RecipeConfig, build=build,
+    torch.set_num_threads(1)  # small task models: more threads only add overhead
+    return recipe_main(argv, name="clmas", doc=__doc__, config_cls=RecipeConfig, build=build,
                        write=write, outputs="results.csv, iia_by_method.png, summary.md")
 
 

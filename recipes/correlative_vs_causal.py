@@ -1,8 +1,8 @@
 """Correlative vs causal similarity: RSA and CKA against MAS trial IIA on the same pairs of models.
 
-    python recipes/correlative_vs_causal.py recipes/configs/correlative_vs_causal.yaml
-    python recipes/correlative_vs_causal.py recipes/configs/correlative_vs_causal.yaml --smoke   # seconds
-    python recipes/correlative_vs_causal.py recipes/configs/correlative_vs_causal.yaml --only gru_gru_hidden
+    python -m recipes.correlative_vs_causal recipes/configs/correlative_vs_causal.yaml
+    python -m recipes.correlative_vs_causal recipes/configs/correlative_vs_causal.yaml --smoke   # seconds
+    python -m recipes.correlative_vs_causal recipes/configs/correlative_vs_causal.yaml --only gru_gru_hidden
 
 For every comparison (two models at one site: GRU–GRU seeds, GRU–LSTM, GRU–Transformer, each at the input
 embeddings and at the hidden state) the recipe
@@ -36,25 +36,26 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llm_mas.recipes_common import (
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from llm_mas.config import load_config, save_config, to_dict
+from llm_mas.correlative import flatten_metrics, mas_direction_summary, run_similarity, similarity_config
+from llm_mas.errors import ConfigError, MASError
+from recipes.common.claims import Claim, all_known
+from recipes.common.models import missing_models, resolve_models
+from recipes.common.plans import (
     SMOKE_MAS_OVERRIDES,
-    SMOKE_NOTE,
-    Claim,
     PlannedRun,
-    all_known,
     direction_row,
-    early_stop_note,
     execute_plan,
-    fmt,
-    markdown_table,
     mas_config_from_preset,
-    missing_models,
     preset_path,
-    resolve_models,
     same_config,
-    write_csv,
-    write_summary,
 )
+from recipes.common.report import SMOKE_NOTE, early_stop_note, fmt, markdown_table, write_csv, write_summary
 
 REPO = Path(__file__).resolve().parent.parent
 SIMILARITY_IGNORED_KEYS = ("name", "out_dir", "device", "batch_size")  # do not change the numbers
@@ -121,8 +122,6 @@ class RecipeConfig:
 # ================================================================================== the two halves
 def similarity_for(comparison: Comparison, config: RecipeConfig, run_dir: Path, smoke: bool, log) -> dict:
     """RSA/CKA of the comparison's two models (reused from run_dir/similarity/<name> when identical)."""
-    from llm_mas.correlative import run_similarity, similarity_config
-
     settings = SMOKE_SIMILARITY if smoke else vars(config.similarity)
     cfg = similarity_config(
         name=comparison.name, out_dir=str(run_dir / "similarity"), seed=config.seed, device=config.device,
@@ -138,9 +137,6 @@ def similarity_for(comparison: Comparison, config: RecipeConfig, run_dir: Path, 
 
 def mas_plan(comparison: Comparison, run_dir: Path, smoke: bool, device: str) -> PlannedRun:
     """MAS between the comparison's models at its site, with its preset's settings (both cross directions)."""
-    from llm_mas.config import to_dict
-    from llm_mas.errors import ConfigError
-
     base = mas_config_from_preset(comparison.mas_preset, [*comparison.mas_overrides,
                                                           *(SMOKE_MAS_OVERRIDES if smoke else ())])
     models = to_dict(base.models)
@@ -159,8 +155,6 @@ def mas_plan(comparison: Comparison, run_dir: Path, smoke: bool, device: str) ->
 # ================================================================================== outputs
 def table_rows(config: RecipeConfig, similarities: dict, outcomes: dict) -> list[dict]:
     """One row per comparison: the six correlative measures (mean, std) and MAS trial IIA per direction."""
-    from llm_mas.correlative import flatten_metrics, mas_direction_summary
-
     rows = []
     for comp in config.comparisons:
         row = {"comparison": comp.name, "site": comp.site, "model_a": comp.models[0], "model_b": comp.models[1]}
@@ -194,17 +188,12 @@ def _short(model: str) -> str:
 
 def plot_heat_table(rows: list[dict], path: Path, title: str) -> None:
     """Rows = comparisons, columns = correlative measures | MAS trial IIA; colour 0..1, values written in."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     columns = [*CORRELATIVE, *CAUSAL]
     values = np.array([[float(r[c]) if isinstance(r.get(c), (int, float)) else math.nan for c in columns]
                        for r in rows])  # (n_comparisons, n_columns)
-    fig, ax = plt.subplots(figsize=(1.0 * len(columns) + 2.6, 0.55 * len(rows) + 1.8))
-    cmap = plt.get_cmap("viridis").copy()
+    fig = Figure(figsize=(1.0 * len(columns) + 2.6, 0.55 * len(rows) + 1.8))  # object API: no pyplot state
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["viridis"].copy()
     cmap.set_bad("0.88")  # not computed yet (pending / blocked): light grey
     ax.imshow(np.ma.masked_invalid(np.clip(values, 0, 1)), vmin=0, vmax=1, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(columns)), [LABELS[c] for c in columns], fontsize=8)
@@ -221,7 +210,6 @@ def plot_heat_table(rows: list[dict], path: Path, title: str) -> None:
     ax.set_xlabel("RSA/CKA: mean over row subsamples. MAS: validation trial IIA, A = first model, B = second",
                   fontsize=8)
     fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
 
 
 def claims(rows: list[dict]) -> list[Claim]:
@@ -271,7 +259,8 @@ def write_outputs(config: RecipeConfig, run_dir: Path, similarities: dict, outco
 
 # ================================================================================== main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m recipes.correlative_vs_causal",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("config", nargs="?", default=str(REPO / "recipes/configs/correlative_vs_causal.yaml"))
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe config")
     parser.add_argument("--smoke", action="store_true", help="tiny settings (seconds), run dir <name>-smoke")
@@ -288,14 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.insert(0, args.config)
         args.config = parser.get_default("config")
 
-    import torch
-
-    from llm_mas.config import load_config, save_config
-    from llm_mas.errors import ConfigError, MASError
-
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # small task models: more threads only add overhead
     t0 = time.perf_counter()
-    command = "python recipes/correlative_vs_causal.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m recipes.correlative_vs_causal " + " ".join(sys.argv[1:] if argv is None else argv)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     try:
         config = load_config(RecipeConfig, args.config, args.overrides)

@@ -1,9 +1,9 @@
 """Cross-task numeric alignment: the `count` subspace of GRUs trained on different counting tasks, and
 MultiObject `count` against the Arithmetic GRU's `remaining_ops` and `cumulative_value`.
 
-    python recipes/cross_task.py recipes/configs/cross_task.yaml
-    python recipes/cross_task.py recipes/configs/cross_task.yaml --smoke                  # seconds
-    python recipes/cross_task.py recipes/configs/cross_task.yaml k=8
+    python -m recipes.cross_task recipes/configs/cross_task.yaml
+    python -m recipes.cross_task recipes/configs/cross_task.yaml --smoke                  # seconds
+    python -m recipes.cross_task recipes/configs/cross_task.yaml k=8
 
 Runs (``llm_mas.mas.run_mas``, variable ``count``, hidden state, k coordinates; data and trainer settings
 from ``mas_preset``; every MAS run trains all four directions):
@@ -29,21 +29,24 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llm_mas.recipes_common import (
+import torch
+
+from recipes.common.claims import Claim, all_known
+from recipes.common.cli import recipe_main
+from recipes.common.models import resolve_models
+from recipes.common.plans import (
     SMOKE_MAS_OVERRIDES,
-    SMOKE_NOTE,
-    Claim,
     PlannedRun,
-    all_known,
+    mas_config_from_preset,
+    plan_rows,
+    preset_path,
+)
+from recipes.common.plots import plot_grouped_bars
+from recipes.common.report import (
+    SMOKE_NOTE,
     early_stop_note,
     fmt_ci,
     markdown_table,
-    mas_config_from_preset,
-    plan_rows,
-    plot_grouped_bars,
-    preset_path,
-    recipe_main,
-    resolve_models,
     write_csv,
     write_summary,
 )
@@ -239,7 +242,8 @@ def write(config: RecipeConfig, plans: list[PlannedRun], outcomes: dict, run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    return recipe_main(argv, script="cross_task.py", doc=__doc__, config_cls=RecipeConfig, build=build,
+    torch.set_num_threads(1)  # small task models: more threads only add overhead
+    return recipe_main(argv, name="cross_task", doc=__doc__, config_cls=RecipeConfig, build=build,
                        write=write, outputs="results.csv, iia_by_comparison.png, summary.md")
 
 

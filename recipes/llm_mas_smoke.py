@@ -1,8 +1,8 @@
 """Tiny LLM MAS end to end, offline, on CPU: build two tiny Qwen2s, record them, run stepwise MAS.
 
-    python recipes/llm_mas_smoke.py                         # inputs in runs/tiny_llms/, the run in runs/llm_tiny/
-    python recipes/llm_mas_smoke.py --prepare-only          # only the models and recordings
-    python recipes/llm_mas_smoke.py train.max_steps=2       # overrides go to `llm-mas mas`
+    python -m recipes.llm_mas_smoke                         # inputs in runs/tiny_llms/, the run in runs/llm_tiny/
+    python -m recipes.llm_mas_smoke --prepare-only          # only the models and recordings
+    python -m recipes.llm_mas_smoke train.max_steps=2       # overrides go to `llm-mas mas`
 
 Steps (each is an ordinary command; run them yourself to change anything):
 1. ``build_tiny_qwen2(runs/tiny_llms/models/tiny-a, seed=0)`` and ``tiny-b`` with ``seed=1`` (random weights,
@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llm_mas.llm.tiny import build_tiny_qwen2, tiny_corpus
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path("runs/tiny_llms")         # inputs (relative to the repository root, as in the preset)
 MODELS = {"tiny-a": 0, "tiny-b": 1}   # name -> weight seed
@@ -41,8 +43,6 @@ def _cli(*args: str) -> None:
 
 def prepare() -> None:
     """Build the tiny models, the prompt texts and one recording per model (skipping what exists)."""
-    from llm_mas.llm.tiny import build_tiny_qwen2, tiny_corpus
-
     texts = WORK / "texts.txt"
     if not texts.exists():
         texts.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +59,7 @@ def prepare() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m recipes.llm_mas_smoke", description=__doc__.splitlines()[0])
     parser.add_argument("--prepare-only", action="store_true", help="build models and recordings, skip MAS")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides for `llm-mas mas`")
     args = parser.parse_args(argv)

@@ -1,8 +1,8 @@
 """Model stitching vs MAS vs DAS across the subspace size k (two MultiObject GRU seeds, hidden state).
 
-    python recipes/stitching_vs_mas.py recipes/configs/stitching_vs_mas.yaml
-    python recipes/stitching_vs_mas.py recipes/configs/stitching_vs_mas.yaml --smoke          # seconds
-    python recipes/stitching_vs_mas.py recipes/configs/stitching_vs_mas.yaml ks=[2,4] methods=[mas,das]
+    python -m recipes.stitching_vs_mas recipes/configs/stitching_vs_mas.yaml
+    python -m recipes.stitching_vs_mas recipes/configs/stitching_vs_mas.yaml --smoke          # seconds
+    python -m recipes.stitching_vs_mas recipes/configs/stitching_vs_mas.yaml ks=[2,4] methods=[mas,das]
 
 For every k the recipe trains (``llm_mas.mas.run_mas``; settings from ``mas_preset``):
 - ``mas_k{k}``: MAS, both models, every direction (0→0, 0→1, 1→0, 1→1) trained jointly;
@@ -29,23 +29,23 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llm_mas.recipes_common import (
-    COMPARABLE,
-    NEAR_PERFECT,
+import torch
+
+from recipes.common.claims import COMPARABLE, NEAR_PERFECT, Claim, all_known, format_ci_comparison
+from recipes.common.cli import recipe_main
+from recipes.common.models import resolve_models
+from recipes.common.plans import (
     SMOKE_MAS_OVERRIDES,
-    SMOKE_NOTE,
-    Claim,
     PlannedRun,
-    all_known,
-    compare,
-    fmt_ci,
-    markdown_table,
     mas_config_from_preset,
     plan_rows,
-    plot_lines,
     preset_path,
-    recipe_main,
-    resolve_models,
+)
+from recipes.common.plots import plot_lines
+from recipes.common.report import (
+    SMOKE_NOTE,
+    fmt_ci,
+    markdown_table,
     run_status_sections,
     write_csv,
     write_summary,
@@ -180,7 +180,7 @@ def claims(rows: list[dict]) -> list[Claim]:
     out.append(Claim(
         "MAS at k = 2 is lower than stitching at rank 2 (each cross direction)",
         all(m["trial_iia"] < s["trial_iia"] for m, s in pairs) if known else None,
-        "; ".join(f"{d}: MAS vs stitch {compare(m, s)}"
+        "; ".join(f"{d}: MAS vs stitch {format_ci_comparison(m, s)}"
                   for d, (m, s) in zip(("0→1", "1→0"), pairs, strict=True)) + "."))
     mas4 = [_cell(rows, "mas", 4, d) for d in ("0→1", "1→0")]
     das4 = [_cell(rows, "das", 4, d) for d in ("0→0", "1→1")]
@@ -237,7 +237,8 @@ def write(config: RecipeConfig, plans: list[PlannedRun], outcomes: dict, run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    return recipe_main(argv, script="stitching_vs_mas.py", doc=__doc__, config_cls=RecipeConfig, build=build,
+    torch.set_num_threads(1)  # small task models: more threads only add overhead
+    return recipe_main(argv, name="stitching_vs_mas", doc=__doc__, config_cls=RecipeConfig, build=build,
                        write=write, outputs="results.csv, iia_vs_k.png, summary.md")
 
 

@@ -238,6 +238,12 @@ SMOKE_COMPARISONS = ("gru_gru_embeddings", "gru_lstm_s1_hidden", "gru_transforme
                      "gru_transformer_hidden")
 
 
+def recipe_env() -> dict[str, str]:
+    """The environment of a ``python -m recipes.<name>`` subprocess started outside the repository root."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
 @pytest.mark.slow
 def test_recipe_smoke_runs_end_to_end_and_reuses_finished_runs(tmp_path):
     """--smoke on random-weight stand-ins, a subset of the preset's comparisons (every architecture, both
@@ -247,9 +253,9 @@ def test_recipe_smoke_runs_end_to_end_and_reuses_finished_runs(tmp_path):
     preset.update(out_dir=str(tmp_path), reuse_dirs=[])
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump(preset))
-    command = [sys.executable, str(REPO / "recipes/correlative_vs_causal.py"), str(config), "--smoke",
+    command = [sys.executable, "-m", "recipes.correlative_vs_causal", str(config), "--smoke",
                "--models-from-scratch"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    env = {**recipe_env(), "MPLBACKEND": "Agg"}
     first = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run = tmp_path / "correlative_vs_causal-smoke"
@@ -277,13 +283,13 @@ def test_recipe_smoke_runs_end_to_end_and_reuses_finished_runs(tmp_path):
 
 
 def test_recipe_config_errors_are_reported_at_once(tmp_path):
-    command = [sys.executable, str(REPO / "recipes/correlative_vs_causal.py"),
+    command = [sys.executable, "-m", "recipes.correlative_vs_causal",
                str(REPO / "recipes/configs/correlative_vs_causal.yaml"), f"out_dir={tmp_path}",
                "comparisons.0.mas_preset=nope.yaml", "comparisons.1.models=[a]", "similarity.n_rowz=3"]
     out = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env=recipe_env(), cwd=tmp_path)
     assert out.returncode == 2
     for needle in ("nope.yaml", "two models", "n_rowz"):
         assert needle in out.stderr, out.stderr
     first = (REPO / "recipes/configs/correlative_vs_causal.yaml").read_text().splitlines()[0]
-    assert first == "# python recipes/correlative_vs_causal.py recipes/configs/correlative_vs_causal.yaml"
+    assert first == "# python -m recipes.correlative_vs_causal recipes/configs/correlative_vs_causal.yaml"

@@ -302,7 +302,7 @@ def test_value_range_restricts_every_split_and_is_validated(monkeypatch):
 
 
 def test_mas_config_value_range_validation():
-    from llm_mas.recipes_common import mas_config_from_preset
+    from recipes.common.plans import mas_config_from_preset
 
     ok = mas_config_from_preset("recipes/configs/gru_gru_hidden.yaml", ["data.value_range=[1, 10]",
                                                                         "variables=[count]"])

@@ -1,48 +1,36 @@
 """The comparison recipes (stitching_vs_mas, clmas, cross_task) and their shared orchestration
-(llm_mas.recipes_common): smoke runs end to end on random-weight stand-in checkpoints, restart/reuse,
+(recipes.common): smoke runs end to end on random-weight stand-in checkpoints, restart/reuse,
 claim verdicts on hand-made rows, config errors."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from llm_mas.errors import ConfigError, DataError
-from llm_mas.recipes_common import (
+from llm_mas.models.registry import below_bar
+from recipes import clmas, cross_task, stitching_vs_mas
+from recipes.common.claims import format_ci_comparison
+from recipes.common.models import resolve_models, scratch_checkpoints
+from recipes.common.plans import (
     PlannedRun,
     RunOutcome,
-    below_bar,
-    compare,
     direction_row,
     execute_plan,
     find_finished_run,
-    markdown_table,
     mas_config_from_preset,
     plan_rows,
-    resolve_models,
     same_config,
-    scratch_checkpoints,
 )
+from recipes.common.report import early_stop_note, markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def load_recipe(name: str):
-    """Import recipes/<name>.py as a module (recipes are scripts, not a package)."""
-    key = f"_recipe_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, REPO / "recipes" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module  # dataclasses need the module registered
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+RECIPES = {"stitching_vs_mas": stitching_vs_mas, "clmas": clmas, "cross_task": cross_task}
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -51,7 +39,7 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def smoke(name: str, tmp_path: Path, *extra: str) -> Path:
-    recipe = load_recipe(name)
+    recipe = RECIPES[name]
     code = recipe.main([str(REPO / f"recipes/configs/{name}.yaml"), "--smoke", "--models-from-scratch",
                         f"out_dir={tmp_path}", "reuse_dirs=[]", *extra])
     assert code == 0
@@ -64,22 +52,22 @@ def test_preset_first_line_is_the_command_and_it_loads(name):
     from llm_mas.config import load_config
 
     path = REPO / f"recipes/configs/{name}.yaml"
-    assert path.read_text().splitlines()[0] == f"# python recipes/{name}.py recipes/configs/{name}.yaml"
-    load_config(load_recipe(name).RecipeConfig, path)
+    assert path.read_text().splitlines()[0] == f"# python -m recipes.{name} recipes/configs/{name}.yaml"
+    load_config(RECIPES[name].RecipeConfig, path)
 
 
 def test_recipe_config_errors_are_reported_at_once(tmp_path, capsys):
-    recipe = load_recipe("stitching_vs_mas")
+    recipe = stitching_vs_mas
     code = recipe.main([str(REPO / "recipes/configs/stitching_vs_mas.yaml"), f"out_dir={tmp_path}",
                         "methods=[mas,stiching]", "ks=[0]", "models=[a]", "mas_preset=nope.yaml"])
     assert code == 2
     err = capsys.readouterr().err
     for needle in ("stiching", "ks", "exactly two models", "nope.yaml"):
         assert needle in err, err
-    code = load_recipe("clmas").main([str(REPO / "recipes/configs/clmas.yaml"), f"out_dir={tmp_path}",
+    code = clmas.main([str(REPO / "recipes/configs/clmas.yaml"), f"out_dir={tmp_path}",
                                       "epsilons=[1.5]"])
     assert code == 2 and "1.5" in capsys.readouterr().err
-    code = load_recipe("clmas").main([f"out_dir={tmp_path}", "--models-from-scratch",
+    code = clmas.main([f"out_dir={tmp_path}", "--models-from-scratch",
                                       "--only", "mas_k64,nope"])
     err = capsys.readouterr().err
     assert code == 2 and "nope" in err and "clmas_eps0.89_k64" in err   # default config; valid names listed
@@ -96,7 +84,7 @@ def test_missing_models_name_the_way_out(tmp_path):
 
 # ----------------------------------------------------------------------------------- plans
 def test_stitching_plan_covers_every_method_and_k_with_claim_runs_first(tmp_path):
-    recipe = load_recipe("stitching_vs_mas")
+    recipe = stitching_vs_mas
     cfg = recipe.RecipeConfig(ks=[1, 2, 4, 16])
     plans = recipe.plan(cfg, ["a-dir", "b-dir"], cfg.ks, [], tmp_path)
     names = [p.name for p in plans]
@@ -115,7 +103,7 @@ def test_stitching_plan_covers_every_method_and_k_with_claim_runs_first(tmp_path
 
 
 def test_clmas_plan_marks_model_1_inaccessible(tmp_path):
-    recipe = load_recipe("clmas")
+    recipe = clmas
     cfg = recipe.RecipeConfig()
     by = {p.name: p.config for p in recipe.plan(cfg, ["a", "b"], [], tmp_path)}
     assert sorted(by) == sorted(["mas_k64", "clmas_eps0.5_k64", "clmas_eps0.89_k64", "clmas_eps0.94_k64",
@@ -143,7 +131,7 @@ def test_clmas_plan_marks_model_1_inaccessible(tmp_path):
 
 
 def test_cross_task_plan_maps_count_onto_arithmetic_variables(tmp_path):
-    recipe = load_recipe("cross_task")
+    recipe = cross_task
     cfg = recipe.RecipeConfig()
     mapping = {m: m for m in cfg.all_models()}
     plans = {p.name: p for p in recipe.plan(cfg, mapping, [], tmp_path)}
@@ -166,7 +154,7 @@ def _row(method, k, direction, iia, half=0.01, **extra):
 
 
 def test_stitching_claims_follow_the_numbers():
-    recipe = load_recipe("stitching_vs_mas")
+    recipe = stitching_vs_mas
     rows = [_row("stitch", 2, "0→1", 0.99), _row("stitch", 2, "1→0", 0.97), _row("mas", 2, "0→1", 0.6),
             _row("mas", 2, "1→0", 0.5), _row("mas", 4, "0→1", 0.95), _row("mas", 4, "1→0", 0.93),
             _row("das", 4, "0→0", 0.97), _row("das", 4, "1→1", 0.95)]
@@ -180,7 +168,7 @@ def test_stitching_claims_follow_the_numbers():
 
 
 def test_clmas_claims_follow_the_numbers():
-    recipe = load_recipe("clmas")
+    recipe = clmas
 
     def cell(method, direction, iia, eps=None):
         return _row(method, 0, direction, iia, epsilon=eps, trained_0to1_by="x")
@@ -217,7 +205,7 @@ def test_clmas_claims_follow_the_numbers():
 
 
 def test_cross_task_claims_follow_the_numbers():
-    recipe = load_recipe("cross_task")
+    recipe = cross_task
     cfg = recipe.RecipeConfig()
 
     def rows_of(comparison, group, **iia):
@@ -244,11 +232,11 @@ def test_cross_task_claims_follow_the_numbers():
 
 
 # ----------------------------------------------------------------------------------- common helpers
-def test_compare_and_table_formatting():
+def test_ci_comparison_and_table_formatting():
     a, b = {"trial_iia": 0.9, "trial_iia_lo": 0.85, "trial_iia_hi": 0.95}, {"trial_iia": 0.5}
-    assert compare(a, {**b, "trial_iia_lo": 0.4, "trial_iia_hi": 0.6}).endswith("(CIs disjoint)")
-    assert compare(a, {**b, "trial_iia_lo": 0.4, "trial_iia_hi": 0.88}).endswith("(CIs overlap)")
-    assert compare(a, {"trial_iia": math.nan}) == "pending"
+    assert format_ci_comparison(a, {**b, "trial_iia_lo": 0.4, "trial_iia_hi": 0.6}).endswith("(CIs disjoint)")
+    assert format_ci_comparison(a, {**b, "trial_iia_lo": 0.4, "trial_iia_hi": 0.88}).endswith("(CIs overlap)")
+    assert format_ci_comparison(a, {"trial_iia": math.nan}) == "pending"
     table = markdown_table([{"x": 0.12345, "y": math.nan}], ["x", "y"])
     assert table.splitlines()[-1] == "| 0.123 | – |"
 
@@ -399,8 +387,6 @@ def test_cross_task_smoke_end_to_end(tmp_path):
 
 
 def test_early_stop_note_names_each_run_stopped_by_a_stop_file_once():
-    from llm_mas.recipes_common import early_stop_note
-
     early = "stopped early at step 40: runs/x/a/STOP was created"
     rows = [{"run": "a", "stopped": early, "best_step": 20, "steps": 40},
             {"run": "a", "stopped": early, "best_step": 20, "steps": 40},       # a second direction of run a

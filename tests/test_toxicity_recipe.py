@@ -4,17 +4,16 @@ rules, and the whole smoke chain (tiny offline models) ending with a report."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import recipes.toxicity.run as recipe
 from llm_mas.errors import ConfigError, DataError
-from llm_mas.toxicity.report import (
+from recipes.toxicity.report import (
     analyze_iia,
     conclusions,
     count_labelings,
@@ -36,16 +35,6 @@ def block_matrix(within_toxic=1.0, within_nontoxic=0.5, between=0.0, diagonal=0.
     m[3:, 3:] = within_nontoxic
     np.fill_diagonal(m, diagonal)
     return m
-
-
-def load_recipe():
-    key = "_recipe_toxicity_run"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, REPO / "recipes" / "toxicity" / "run.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module  # dataclasses need the module registered
-        spec.loader.exec_module(module)
-    return sys.modules[key]
 
 
 # ------------------------------------------------------------------------------ group means
@@ -195,7 +184,7 @@ def test_bad_inputs_name_the_problem():
 def test_report_states_null_unit_floor_and_does_not_overclaim(tmp_path):
     analysis = analyze_iia({"token_iia": block_matrix(), "trial_iia": block_matrix() * 0.8}, NAMES, GROUPS,
                            n_boot=200)
-    text = report_markdown(analysis, command="python recipes/toxicity/run.py", notes=["SMOKE"],
+    text = report_markdown(analysis, command="python -m recipes.toxicity.run", notes=["SMOKE"],
                            plots=plot_report(analysis, tmp_path))
     for phrase in ("H0: the labels are exchangeable", "Unit of permutation: the model label", "all 20 relabellings",
                    "smallest attainable p", "| toxic→nontoxic | 9 |", "> SMOKE", "![IIA matrices](iia_matrices.png)"):
@@ -210,7 +199,6 @@ def test_report_states_null_unit_floor_and_does_not_overclaim(tmp_path):
 
 # ------------------------------------------------------------------------------ the recipe
 def test_recipe_config_problems_are_reported_together(tmp_path, capsys):
-    recipe = load_recipe()
     code = recipe.main(["--smoke", f"out_dir={tmp_path}", "processes=3", "finetune.batch_size=8",
                         "finetune.mode=toxic", "mas.foo=1", "model.dtype=fp8", "splits=[0,0]", "--dry-run"])
     err = capsys.readouterr().err
@@ -221,7 +209,6 @@ def test_recipe_config_problems_are_reported_together(tmp_path, capsys):
 
 
 def test_dry_run_lists_every_command(tmp_path):
-    recipe = load_recipe()
     assert recipe.main(["--smoke", f"out_dir={tmp_path}", "--dry-run"]) == 0
     run = tmp_path / "toxicity-smoke"
     commands = [line for line in (run / "commands.sh").read_text().splitlines() if line.startswith("llm-mas")]
@@ -236,7 +223,6 @@ def test_dry_run_lists_every_command(tmp_path):
 
 
 def test_several_processes_use_accelerate_with_the_batch_split(tmp_path):
-    recipe = load_recipe()
     assert recipe.main([str(REPO / "recipes/toxicity/configs/deepseek.yaml"), f"out_dir={tmp_path}", "processes=4",
                         "--dry-run"]) == 0
     text = (tmp_path / "toxicity-deepseek" / "commands.sh").read_text()
@@ -252,7 +238,6 @@ def test_finished_interrupted_and_changed_stages(tmp_path):
 
     from llm_mas.config import save_config
 
-    recipe = load_recipe()
     config = recipe.load_recipe_config(recipe.SMOKE_PRESET, [f"out_dir={tmp_path}"])
     paths = recipe.Paths(config)
     variant = recipe.variants(config)[0]
@@ -309,7 +294,6 @@ SMOKE_ARGS = ("finetune.steps=2", "record.n=40", "mas.train.max_steps=2", "mas.t
 @pytest.mark.llm
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 def test_smoke_chain_from_scratch_ends_with_a_report_and_skips_everything_on_rerun(tmp_path, capsys):
-    recipe = load_recipe()
     args = ["--smoke", f"out_dir={tmp_path}", *SMOKE_ARGS]
     assert recipe.main(args) == 0
     run = tmp_path / "toxicity-smoke"

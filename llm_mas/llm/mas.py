@@ -1,6 +1,6 @@
 """Stepwise MAS between Hugging Face causal LMs (method.md §2-3, §6-7, §10).
 
-    llm-mas mas recipes/configs/llm_tiny.yaml                  # after `python recipes/llm_mas_smoke.py --prepare-only`
+    llm-mas mas recipes/configs/llm_tiny.yaml                  # after `python -m recipes.llm_mas_smoke --prepare-only`
     llm-mas mas recipes/configs/llm_deepseek.yaml              # one GPU (see the preset's first line)
     accelerate launch --multi_gpu --num_processes N ... -m llm_mas.llm.distributed CONFIG.yaml   # N GPUs
 

@@ -1,13 +1,13 @@
-"""Toxicity case study (method.md §10): six LoRA fine-tunes (toxic / nontoxic × 3 disjoint data splits) →
+"""Toxicity case study (docs/method.md): six LoRA fine-tunes (toxic / nontoxic × 3 disjoint data splits) →
 recorded generations → one stepwise MAS run over all six models (36 directions) → a report with group means,
 bootstrap CIs and permutation tests over model labels.
 
-    python recipes/toxicity/run.py --smoke              # tiny offline models + bundled sample, CPU, a few minutes
-    python recipes/toxicity/run.py                      # DeepSeek-R1-Distill-Qwen-1.5B, one GPU (configs/deepseek.yaml)
-    python recipes/toxicity/run.py processes=4          # 4 GPUs: fine-tuning and MAS through `accelerate launch`
-    python recipes/toxicity/run.py CONFIG.yaml key.sub=value ...   # another preset and/or overrides
-    python recipes/toxicity/run.py --dry-run            # write RUN/commands.sh and show what would run
-    python recipes/toxicity/run.py --report-only        # rewrite the report from the finished MAS run
+    python -m recipes.toxicity.run --smoke              # tiny offline models + bundled sample, CPU, a few minutes
+    python -m recipes.toxicity.run                      # DeepSeek-R1-Distill-Qwen-1.5B, one GPU (configs/deepseek.yaml)
+    python -m recipes.toxicity.run processes=4          # 4 GPUs: fine-tuning and MAS through `accelerate launch`
+    python -m recipes.toxicity.run CONFIG.yaml key.sub=value ...   # another preset and/or overrides
+    python -m recipes.toxicity.run --dry-run            # write RUN/commands.sh and show what would run
+    python -m recipes.toxicity.run --report-only        # rewrite the report from the finished MAS run
 
 Every stage is an ordinary ``llm-mas`` command (listed in ``RUN/commands.sh``; run them yourself to change
 anything), and every finished stage is skipped on the next call, so after a kill the same command continues:
@@ -23,7 +23,7 @@ anything), and every finished stage is skipped on the next call, so after a kill
 4. ``llm-mas mas RUN/mas.yaml``: stepwise MAS at the embeddings between all six models (one alignment per
    model, all 36 directions trained jointly; ``k`` defaults to d/2) into ``RUN/mas/``;
 5. ``RUN/report.md`` (+ ``report.json``, ``iia_token.csv``, ``iia_trial.csv``, ``iia_matrices.png``,
-   ``group_means.png``, ``label_permutation.png``), computed by ``llm_mas.toxicity.report``.
+   ``group_means.png``, ``label_permutation.png``), computed by ``recipes.toxicity.report``.
 
 A finished stage whose saved settings differ from the config (or whose inputs are newer than it) is an error
 that names the directory: delete it, or choose another ``name=``, to redo that stage. Run directory:
@@ -33,6 +33,7 @@ that names the directory: delete it, or choose another ``name=``, to redo that s
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shlex
@@ -43,7 +44,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+
+from llm_mas.cli import app
+from llm_mas.commands.llm import read_texts
+from llm_mas.config import from_dict, load_config, save_config, to_dict
 from llm_mas.errors import ConfigError, DataError, MASError
+from llm_mas.llm.tiny import build_tiny_qwen2, tiny_corpus
+from llm_mas.mas import MASConfig, ModelConfig
+from llm_mas.results import MASResult
+from llm_mas.toxicity.data import toxicity_corpus
+from llm_mas.toxicity.finetune import RESUME_MAY_DIFFER, FinetuneConfig
+from recipes.common.plans import same_config
+from recipes.toxicity.report import analyze_iia, plot_report, report_markdown
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -90,7 +104,7 @@ class RecordSettings:
 
 @dataclass
 class ReportSettings:
-    """Statistics of the report (``llm_mas.toxicity.report.analyze_iia``)."""
+    """Statistics of the report (``recipes.toxicity.report.analyze_iia``)."""
 
     n_boot: int = 2000
     level: float = 0.95
@@ -126,10 +140,6 @@ class ToxicityRecipeConfig:
     report: ReportSettings = field(default_factory=ReportSettings)
 
     def validate(self) -> list[str]:
-        from llm_mas.config import from_dict
-        from llm_mas.mas import MASConfig, ModelConfig
-        from llm_mas.toxicity.finetune import FinetuneConfig
-
         p = []
         if not self.name or "/" in self.name:
             p.append(f"name={self.name!r} must be a non-empty directory name without '/'")
@@ -185,8 +195,6 @@ class ToxicityRecipeConfig:
 
 def load_recipe_config(path: str | Path, overrides: list[str]) -> ToxicityRecipeConfig:
     """Preset + overrides → validated config (every problem at once)."""
-    from llm_mas.config import load_config
-
     return load_config(ToxicityRecipeConfig, path, overrides)
 
 
@@ -259,9 +267,6 @@ def base_model_path(config: ToxicityRecipeConfig, paths: Paths) -> str:
 
 def finetune_config(config: ToxicityRecipeConfig, paths: Paths, v: Variant, *, resume: bool = False):
     """The ``FinetuneConfig`` of one variant (batch_size per process)."""
-    from llm_mas.config import from_dict
-    from llm_mas.toxicity.finetune import FinetuneConfig
-
     return from_dict(FinetuneConfig, {**config._finetune_fields(), "model": base_model_path(config, paths),
                                       "out": str(paths.finetune(v)), "mode": v.mode, "split": v.split,
                                       "merge": not config.finetune.get("full", False), "resume": resume,
@@ -269,8 +274,6 @@ def finetune_config(config: ToxicityRecipeConfig, paths: Paths, v: Variant, *, r
 
 
 def _saved_differences(saved_yaml: Path, now: dict[str, Any], ignore: tuple[str, ...]) -> list[str]:
-    import yaml
-
     saved = yaml.safe_load(saved_yaml.read_text()) or {}
     return [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items()
             if k not in ignore and saved.get(k) != v]
@@ -278,9 +281,6 @@ def _saved_differences(saved_yaml: Path, now: dict[str, Any], ignore: tuple[str,
 
 def finetune_stage(config: ToxicityRecipeConfig, paths: Paths, v: Variant) -> Stage:
     """Done when ``result.json`` exists (with the same settings); resumed when a run was started."""
-    from llm_mas.config import to_dict
-    from llm_mas.toxicity.finetune import RESUME_MAY_DIFFER
-
     out = paths.finetune(v)
     started = (out / "config.yaml").is_file() or (out / "checkpoints").is_dir()
     cfg = finetune_config(config, paths, v, resume=started)
@@ -348,9 +348,6 @@ def record_stage(config: ToxicityRecipeConfig, paths: Paths, v: Variant) -> Stag
 
 def mas_config(config: ToxicityRecipeConfig, paths: Paths):
     """The ``MASConfig`` of the joint n-model run (models in ``variants`` order)."""
-    from llm_mas.config import from_dict
-    from llm_mas.mas import MASConfig
-
     models = [{**config.model, "name": str(paths.model(v)), "kind": "hf", "recording": str(paths.recording(v))}
               for v in variants(config)]
     fields = {"progress": _progress(), **config.mas, "models": models, "name": paths.mas.name,
@@ -360,8 +357,6 @@ def mas_config(config: ToxicityRecipeConfig, paths: Paths):
 
 def mas_stage(config: ToxicityRecipeConfig, paths: Paths) -> Stage:
     """Done when ``RUN/mas/results.json`` exists for this config and is newer than every recording."""
-    from llm_mas.recipes_common import same_config
-
     cfg = mas_config(config, paths)
     if config.processes > 1:
         argv = _launcher(config, "no") + ["-m", "llm_mas.llm.distributed", str(paths.mas_yaml)]
@@ -387,8 +382,6 @@ def mas_stage(config: ToxicityRecipeConfig, paths: Paths) -> Stage:
 
 # ============================================================================================ inputs
 def _read_prompts(path: Path) -> list[str]:
-    from llm_mas.commands.llm import read_texts
-
     return read_texts(path)
 
 
@@ -396,12 +389,8 @@ def prompt_texts(config: ToxicityRecipeConfig) -> list[str]:
     """The recording prompts: the data's test role, tiny_corpus, or a file (module docstring, step 3)."""
     r = config.record
     if r.texts == TINY:
-        from llm_mas.llm.tiny import tiny_corpus
-
         return tiny_corpus(max(300, 2 * r.n), seed=2024)
     if r.texts == "test":
-        from llm_mas.toxicity.data import toxicity_corpus
-
         ft = config.finetune
         return list(toxicity_corpus("both", None, ft.get("n_splits", 3), sources=ft.get("sources"),
                                     data=ft.get("data", "hub"), seed=ft.get("seed", 42), balance=False,
@@ -412,8 +401,6 @@ def prompt_texts(config: ToxicityRecipeConfig) -> list[str]:
 def prepare_inputs(config: ToxicityRecipeConfig, paths: Paths, log=print) -> None:
     """The tiny base model (``base_model: tiny``) and ``prompts.jsonl`` (rewritten only when it changes)."""
     if config.base_model == TINY and not (paths.base / "config.json").is_file():
-        from llm_mas.llm.tiny import build_tiny_qwen2
-
         build_tiny_qwen2(paths.base, seed=config.tiny_seed)
         log(f"built a tiny random-weight Qwen2 (seed {config.tiny_seed}) in {paths.base}")
     text = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in prompt_texts(config))
@@ -427,8 +414,6 @@ def prepare_inputs(config: ToxicityRecipeConfig, paths: Paths, log=print) -> Non
 def execute(stage: Stage, config: ToxicityRecipeConfig) -> None:
     """Run one stage: in this process (``llm-mas`` commands, ``in_process: true``) or as a subprocess."""
     if config.in_process and stage.argv[0] == "llm-mas":
-        from llm_mas.cli import app
-
         try:
             app(stage.argv[1:], prog_name="llm-mas", standalone_mode=False)
         except SystemExit as e:  # run_command turns a MASError into exit status 2 after printing it
@@ -456,8 +441,6 @@ def plan(config: ToxicityRecipeConfig, paths: Paths) -> list[Stage]:
 
 def write_commands(config: ToxicityRecipeConfig, stages: list[Stage], paths: Paths, command: str) -> None:
     """``RUN/commands.sh`` (every stage's command) and ``RUN/mas.yaml`` (the MAS stage's config)."""
-    from llm_mas.config import save_config
-
     save_config(mas_config(config, paths), paths.mas_yaml, header=stages[-1].shell)
     lines = ["#!/usr/bin/env bash", f"# every stage of: {command}", "# (a stage marked done is skipped by the recipe)",
              "set -euo pipefail", ""]
@@ -535,11 +518,6 @@ def _json(path: Path) -> dict:
 def write_report(config: ToxicityRecipeConfig, paths: Paths, command: str, timings: dict | None = None,
                  log=print) -> dict:
     """Analyse ``RUN/mas/results.json`` and write the report files into the run directory; returns the analysis."""
-    import csv
-
-    from llm_mas.results import MASResult
-    from llm_mas.toxicity.report import analyze_iia, plot_report, report_markdown
-
     if not (paths.mas / "results.json").is_file():
         raise DataError(f"no MAS results in {paths.mas}; run the recipe without --report-only first")
     result = MASResult.load(paths.mas)
@@ -584,7 +562,8 @@ def summary_lines(analysis: dict) -> list[str]:
 # ============================================================================================ main
 def main(argv: list[str] | None = None) -> int:
     """Command line (module docstring). Exit 0: report written; 1: a stage failed; 2: configuration error."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m recipes.toxicity.run",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("config", nargs="?", default=None, help="recipe preset (default configs/deepseek.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. finetune.steps=100 processes=4")
     parser.add_argument("--smoke", action="store_true", help="use configs/smoke.yaml (tiny offline models, CPU)")
@@ -596,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    command = "python recipes/toxicity/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m recipes.toxicity.run " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
     try:
         if args.smoke and args.config is not None:
@@ -605,13 +584,9 @@ def main(argv: list[str] | None = None) -> int:
         preset = SMOKE_PRESET if args.smoke else Path(args.config) if args.config else DEFAULT_PRESET
         config = load_recipe_config(preset, args.overrides)
         if config.in_process:
-            import torch
-
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         paths = Paths(config)
         paths.run.mkdir(parents=True, exist_ok=True)
-        from llm_mas.config import save_config
-
         save_config(config, paths.run / "config.yaml", header=command)
         if args.report_only:
             analysis = write_report(config, paths, command)

@@ -1,13 +1,13 @@
-"""Statistics and the written report of the toxicity case study (method.md §10).
+"""Statistics and the written report of the toxicity case study (docs/method.md).
 
 Input: an n×n IIA matrix per metric (rows = source model, columns = target model) between fine-tunes that
 carry a group label (``toxic`` / ``nontoxic``). Output: per-group means with bootstrap CIs, permutation
 tests over *model labels*, a markdown report, plots::
 
-    from llm_mas.toxicity.report import analyze_iia, label_permutation_test, report_markdown, plot_report
+    from recipes.toxicity.report import analyze_iia, label_permutation_test, report_markdown, plot_report
     groups = ["toxic"] * 3 + ["nontoxic"] * 3
     analysis = analyze_iia({"token_iia": token, "trial_iia": trial}, names, groups)   # JSON-ready dict
-    Path("report.md").write_text(report_markdown(analysis, command="python recipes/toxicity/run.py"))
+    Path("report.md").write_text(report_markdown(analysis, command="python -m recipes.toxicity.run"))
     plot_report(analysis, "run_dir/")
 
 Contrasts (what is compared)
@@ -48,9 +48,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
-from ..errors import ConfigError, DataError, choice_error
-from ..stats import ALTERNATIVES, group_means, permutation_test
+from llm_mas.errors import ConfigError, DataError, choice_error
+from llm_mas.stats import ALTERNATIVES, group_means, permutation_test
 
 METRICS = ("token_iia", "trial_iia")
 METRIC_TITLES = {"token_iia": "token IIA", "trial_iia": "trial IIA"}
@@ -476,11 +477,6 @@ def plot_report(analysis: Mapping[str, Any], out_dir: str | Path) -> dict[str, s
     """Write ``iia_matrices.png`` (heat maps with group borders), ``group_means.png`` (bars with CIs) and
     ``label_permutation.png`` (each test's null distribution with the observed statistic) into `out_dir`.
     Returns ``{caption: file name}``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names, groups = analysis["models"], analysis["groups"]
@@ -488,7 +484,8 @@ def plot_report(analysis: Mapping[str, Any], out_dir: str | Path) -> dict[str, s
     n = len(names)
     boundaries = [i - 0.5 for i in range(1, n) if groups[i] != groups[i - 1]]
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(1.0 + 5.0 * len(metrics), 4.2), squeeze=False)
+    fig = Figure(figsize=(1.0 + 5.0 * len(metrics), 4.2))  # object API: no pyplot state, no backend switch
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     fig.subplots_adjust(wspace=0.45)
     for ax, metric in zip(axes[0], metrics, strict=True):
         m = np.array([[np.nan if v is None else v for v in row] for row in analysis["metrics"][metric]["matrix"]])
@@ -506,9 +503,9 @@ def plot_report(analysis: Mapping[str, Any], out_dir: str | Path) -> dict[str, s
         ax.set_title(METRIC_TITLES.get(metric, metric), fontsize=9)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     fig.savefig(out / "iia_matrices.png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig = Figure(figsize=(6.5, 3.8))
+    ax = fig.subplots()
     labels = [g["label"] for g in analysis["metrics"][metrics[0]]["group_means"]]
     x = np.arange(len(labels))
     width = 0.8 / len(metrics)
@@ -525,12 +522,12 @@ def plot_report(analysis: Mapping[str, Any], out_dir: str | Path) -> dict[str, s
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(out / "group_means.png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
 
     tests = [(metric, t) for metric in metrics for t in analysis["metrics"][metric]["tests"]]
     columns = max(1, len(analysis["metrics"][metrics[0]]["tests"]))
     rows_n = math.ceil(len(tests) / columns)
-    fig, axes = plt.subplots(rows_n, columns, figsize=(3.6 * columns, 2.9 * rows_n), squeeze=False)
+    fig = Figure(figsize=(3.6 * columns, 2.9 * rows_n))
+    axes = fig.subplots(rows_n, columns, squeeze=False)
     for ax, (metric, test) in zip(axes.flat, tests, strict=False):
         null = np.array(test["null"])
         ax.hist(null, bins=min(30, max(5, len(null) // 2)), color="0.6")
@@ -542,7 +539,6 @@ def plot_report(analysis: Mapping[str, Any], out_dir: str | Path) -> dict[str, s
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out / "label_permutation.png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
     return {"IIA matrices": "iia_matrices.png", "group means": "group_means.png",
             "label permutation null distributions": "label_permutation.png"}
 
