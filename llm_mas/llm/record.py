@@ -1,4 +1,4 @@
-"""Recorded generations for stepwise LLM MAS (method.md §10): prompts, greedy continuations, predictions.
+"""Recorded generations for stepwise LLM MAS (docs/method.md): prompts, greedy continuations, predictions.
 
     rec = record_generations(model, tokenizer, texts, prompt_len=32, total_len=64, n=1000, cache_dir="cache/")
     rec.ids        # (n, total_len) long: the first prompt_len tokens of a text, then the model's greedy continuation
@@ -398,7 +398,7 @@ def load_recording(path: str | os.PathLike, model: Any = None, tokenizer: Any = 
 # ---------------------------------------------------------------------------------------------- pairs
 @dataclass
 class StepwisePairs:
-    """Stepwise LLM MAS pairs (method.md §10), P pairs of length L.
+    """Stepwise LLM MAS pairs (docs/method.md), P pairs of length L.
 
     source_ids: (P, L) the source recording's sequence (the source model runs on it).
     target_ids: (P, L) the target recording's sequence up to index i, the source's tokens after i.
