@@ -99,7 +99,12 @@ def register_site_aliases(model: Any, aliases: Mapping[str, str] | None = None) 
     The table lives in llm_mas, keyed weakly by the model object: the model itself is not changed, and a copy
     of it (``copy.deepcopy``, pickling) has no registered aliases until it is registered too.
     """
-    _REGISTERED_ALIASES[model] = dict(aliases if aliases is not None else llm_site_aliases(model))
+    table = dict(aliases if aliases is not None else llm_site_aliases(model))
+    try:
+        _REGISTERED_ALIASES[model] = table
+    except TypeError as e:  # e.g. "cannot create weak reference to 'X' object"
+        raise ConfigError(f"cannot register site aliases for a {type(model).__name__}: {e}; give its class a "
+                          "site_aliases() method instead") from None
     return model
 
 
