@@ -40,7 +40,6 @@ DEFAULT_QUANTITIES = tuple(range(1, 21))
 # Display order of the measures in tables (keys of llm_mas.similarity.compare_representations).
 MEASURES = ("rsa_cosine_spearman", "rsa_cosine_pearson", "rsa_euclidean_spearman", "rsa_euclidean_pearson",
             "cka_biased", "cka_unbiased")
-BACKENDS = ("torch", "nnsight", "tlens")
 
 
 # ============================================================================================ sequences
@@ -208,6 +207,8 @@ class SimilarityModelConfig:
     backend: str = "torch"             # torch | nnsight | tlens
 
     def validate(self) -> list[str]:
+        from .backends import BACKENDS  # the one backend registry (imports torch: not at module import)
+
         if self.backend not in BACKENDS:
             return [f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}"]
         return []

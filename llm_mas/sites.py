@@ -6,12 +6,20 @@
 
 Positions: ``given`` (per-example positions supplied with the batch: the default),
 ``all`` (every position) or an explicit comma list such as ``0,3,5``.
+
+Aliases (``embeddings``, ``layer{l}``, ``hidden`` ...) map short names to module paths. A model gets them
+from its own ``site_aliases()`` method (the task models) or from a table the library keeps beside the model
+(``register_site_aliases``: what ``load_causal_lm`` and ``to_hooked_transformer`` do); no attribute is ever
+set on the model. ``llm_site_aliases`` derives them for any Hugging Face causal LM.
 """
 
 from __future__ import annotations
 
 import re
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConfigError
 
@@ -81,12 +89,99 @@ class Site:
         return [int(p) for p in self.positions.split(",")]
 
 
-def resolve_site(model, site: str | Site) -> Site:
-    """Resolve aliases through the model's ``site_aliases()`` (if it has one)."""
+# model -> {alias: module path}, held beside the model (weakly: an entry dies with its model).
+_REGISTERED_ALIASES: weakref.WeakKeyDictionary[Any, dict[str, str]] = weakref.WeakKeyDictionary()
+
+
+def register_site_aliases(model: Any, aliases: Mapping[str, str] | None = None) -> Any:
+    """Record ``aliases`` (default: ``llm_site_aliases(model)``) for ``model``; returns the model.
+
+    The table lives in llm_mas, keyed weakly by the model object: the model itself is not changed, and a copy
+    of it (``copy.deepcopy``, pickling) has no registered aliases until it is registered too.
+    """
+    table = dict(aliases if aliases is not None else llm_site_aliases(model))
+    try:
+        _REGISTERED_ALIASES[model] = table
+    except TypeError as e:  # e.g. "cannot create weak reference to 'X' object"
+        raise ConfigError(f"cannot register site aliases for a {type(model).__name__}: {e}; give its class a "
+                          "site_aliases() method instead") from None
+    return model
+
+
+def registered_site_aliases(model: Any) -> dict[str, str] | None:
+    """The aliases registered for exactly this object (a copy), or None."""
+    try:
+        aliases = _REGISTERED_ALIASES.get(model)
+    except TypeError:  # not weak-referenceable or not hashable: nothing can be registered for it
+        return None
+    return None if aliases is None else dict(aliases)
+
+
+def site_aliases(model: Any) -> dict[str, str]:
+    """Aliases of ``model``: registered ones, else its own ``site_aliases()`` method, else none."""
+    registered = registered_site_aliases(model)
+    if registered is not None:
+        return registered
+    own = getattr(model, "site_aliases", None)
+    return dict(own()) if callable(own) else {}
+
+
+def resolve_alias(site: str | Site, aliases: Mapping[str, str]) -> Site:
+    """``site`` with an alias module replaced by its target; the site's own io/index override the alias's."""
     site = Site.parse(site)
-    aliases = model.site_aliases() if hasattr(model, "site_aliases") else {}
     if site.module in aliases:
         target = Site.parse(aliases[site.module])
         return Site(target.module, site.io if site.io != "output" else target.io,
                     site.index if site.index is not None else target.index, site.positions)
     return site
+
+
+def resolve_site(model: Any, site: str | Site) -> Site:
+    """Resolve aliases of ``model`` (``site_aliases(model)``)."""
+    return resolve_alias(site, site_aliases(model))
+
+
+# ------------------------------------------------------------------ Hugging Face causal LMs
+def _module_name(model: Any, target: Any) -> str | None:
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    return None
+
+
+def decoder_layers_path(model: Any) -> str | None:
+    """Dotted path of the ModuleList holding the decoder blocks (``model.layers``, ``transformer.h``, ...)."""
+    from torch import nn
+
+    config = getattr(model, "config", None)
+    n_layers = None
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        if config is not None and isinstance(getattr(config, key, None), int):
+            n_layers = getattr(config, key)
+            break
+    candidates = [(name, m) for name, m in model.named_modules()
+                  if isinstance(m, nn.ModuleList) and len(m) > 0 and (n_layers is None or len(m) == n_layers)]
+    if not candidates:
+        return None
+    preferred = [name for name, _ in candidates if re.search(r"(^|\.)(layers|h|blocks|layer)$", name)]
+    return preferred[0] if preferred else candidates[0][0]
+
+
+def llm_site_aliases(model: Any) -> dict[str, str]:
+    """Aliases for a HF causal LM: ``embeddings`` -> input embedding module, ``layer{l}`` -> decoder block l.
+
+    The embedding module is found through ``get_input_embeddings()`` (``model.embed_tokens`` for Qwen2/Llama,
+    ``transformer.wte`` for GPT-2, ``gpt_neox.embed_in`` for Pythia), also under a PEFT wrapper.
+    """
+    aliases: dict[str, str] = {}
+    get_emb = getattr(model, "get_input_embeddings", None)
+    if callable(get_emb):
+        emb = get_emb()
+        name = _module_name(model, emb) if emb is not None else None
+        if name:
+            aliases["embeddings"] = name
+    layers = decoder_layers_path(model)
+    if layers is not None:
+        for i in range(len(model.get_submodule(layers))):
+            aliases[f"layer{i}"] = f"{layers}.{i}"
+    return aliases

@@ -65,14 +65,25 @@ def test_mid_size_config():
 
 # ------------------------------------------------------------------------------------------------ loading
 def test_load_causal_lm_frozen_eval_with_aliases():
+    import copy
+
     import torch
 
     from llm_mas.backends import TorchHookBackend
+    from llm_mas.llm.loading import model_source
+    from llm_mas.sites import registered_site_aliases, site_aliases
 
     model, tokenizer = load_tiny()
     assert not model.training and all(not p.requires_grad for p in model.parameters())
-    assert model.site_aliases() == {"embeddings": "model.embed_tokens", "layer0": "model.layers.0",
-                                    "layer1": "model.layers.1"}
+    assert site_aliases(model) == {"embeddings": "model.embed_tokens", "layer0": "model.layers.0",
+                                   "layer1": "model.layers.1"}
+    # Aliases and source live in llm_mas's tables, not as attributes on the user's model.
+    assert not hasattr(model, "site_aliases") and not hasattr(model, "llm_mas_source")
+    assert not [key for key in vars(model) if "llm_mas" in key or "alias" in key]
+    site_aliases(model).clear()  # a copy: the table is unchanged
+    assert site_aliases(model)["layer1"] == "model.layers.1"
+    clone = copy.deepcopy(model)
+    assert registered_site_aliases(clone) is None and model_source(clone) is None
     backend = TorchHookBackend()
     assert str(backend.resolve(model, "embeddings")) == "model.embed_tokens:output@given"
     assert str(backend.resolve(model, "layer1@all")) == "model.layers.1:output@all"
@@ -80,7 +91,8 @@ def test_load_causal_lm_frozen_eval_with_aliases():
         backend.resolve(model, "model.layer.1")
     ids = torch.tensor([tokenizer("The cat sees a red ball.")["input_ids"]])
     assert model(input_ids=ids).logits.shape == (1, ids.shape[1], 512)
-    assert model.llm_mas_source["model"] == str(tiny_qwen2_dir())
+    assert model_source(model) == {"model": str(tiny_qwen2_dir()), "adapter": None, "merged": False,
+                                   "dtype": "float32"}
 
 
 def test_load_dtype_and_device_choices():
@@ -165,8 +177,10 @@ def test_peft_adapter_on_top_and_merged(tmp_path):
     torch.testing.assert_close(with_adapter(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
     # Aliases follow the PEFT wrapper's module paths.
-    assert with_adapter.site_aliases()["embeddings"] == "base_model.model.model.embed_tokens"
-    assert with_adapter.site_aliases()["layer1"] == "base_model.model.model.layers.1"
+    from llm_mas.sites import site_aliases
+
+    assert site_aliases(with_adapter)["embeddings"] == "base_model.model.model.embed_tokens"
+    assert site_aliases(with_adapter)["layer1"] == "base_model.model.model.layers.1"
     TorchHookBackend().resolve(with_adapter, "layer1")
 
 
@@ -174,7 +188,7 @@ def test_peft_adapter_on_top_and_merged(tmp_path):
 def test_site_aliases_other_architectures(arch):
     import transformers
 
-    from llm_mas.llm.loading import llm_site_aliases
+    from llm_mas.sites import llm_site_aliases
 
     if arch == "gpt2":
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2,

@@ -1,4 +1,10 @@
-"""The backend protocol and the `Edit` value shared by every backend."""
+"""The backend protocol, the `Edit` value and the helpers every backend shares.
+
+Shared helpers: `edit_entry_index` / `apply_edit_to_chunk` (apply an edit to a chunk of latents),
+`check_edits_fired` (every edit must have fired on every entry of its mask: no silent no-op),
+`pick_latent` / `replace_latent` / `as_3d` (find the (B, T, d) tensor in a module's output or inputs) and
+`model_output_logits`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..errors import InterventionError, SiteError
 from ..sites import Site
 
 # fn(latents (n, d), which (n,)) -> new latents (n, d).
@@ -45,13 +52,9 @@ def apply_edit_to_chunk(edit: Edit, x: torch.Tensor, positions: torch.Tensor | N
     """
     B, Tc = x.shape[0], x.shape[1]
     if B != edit.mask.shape[0]:
-        from ..errors import InterventionError
-
         raise InterventionError(f"edit at {edit.site} has batch {edit.mask.shape[0]} but the latent has batch {B}")
     if positions is None:
         if Tc != edit.mask.shape[1]:
-            from ..errors import InterventionError
-
             raise InterventionError(
                 f"edit at {edit.site}: latent covers {Tc} positions but the edit mask has {edit.mask.shape[1]}; "
                 "the module does not report positions, so the mask width must equal the sequence length")
@@ -68,14 +71,68 @@ def apply_edit_to_chunk(edit: Edit, x: torch.Tensor, positions: torch.Tensor | N
     which = entry_index[rows, positions[cols]]
     new_vals = edit.fn(x[rows, cols], which)  # (n, d)
     if new_vals.shape[-1] != x.shape[-1]:
-        from ..errors import InterventionError
-
         raise InterventionError(
             f"edit at {edit.site} returned width {new_vals.shape[-1]} but the latent has width {x.shape[-1]}")
     edit.fired += rows.numel()
     out = x.clone()
     out[rows, cols] = new_vals.to(out.dtype)
     return out
+
+
+def check_edits_fired(edits: Sequence[Edit]) -> None:
+    """Raise InterventionError unless every edit fired on every entry of its mask (call after the run)."""
+    for edit in edits:
+        n = edit.n_entries
+        if edit.fired == 0 and n > 0:
+            raise InterventionError(
+                f"the edit at {edit.site} never fired: {edit.site.module!r} was not reached during the forward "
+                "pass (check the site path and that the model's forward reaches it)")
+        if edit.fired != n:
+            raise InterventionError(
+                f"the edit at {edit.site} fired on {edit.fired} of {n} entries; the mask covers positions beyond "
+                "the sequence length, or the module ran on fewer positions than the mask covers")
+
+
+def pick_latent(value: Any, index: int | None, site: Site) -> torch.Tensor:
+    """The tensor at ``site`` in a module's output (or positional inputs): ``value`` itself or ``value[index]``."""
+    if index is None:
+        if isinstance(value, torch.Tensor):
+            return value
+        if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+            raise SiteError(f"site {site} returns a tuple; add a tuple index, e.g. '{site.module}:{site.io}[0]'")
+        raise SiteError(f"site {site} does not hold a tensor (got {type(value).__name__})")
+    if not isinstance(value, (tuple, list)) or index >= len(value):
+        raise SiteError(f"site {site}: tuple index [{index}] does not exist in {type(value).__name__}")
+    return value[index]
+
+
+def replace_latent(value: Any, index: int | None, new: torch.Tensor) -> Any:
+    """``value`` with the tensor `pick_latent` found replaced by ``new`` (a new tuple/list; nothing in place)."""
+    if index is None:
+        return new
+    items = list(value)
+    items[index] = new
+    return type(value)(items) if isinstance(value, tuple) else items
+
+
+def as_3d(x: torch.Tensor, site: Site) -> tuple[torch.Tensor, bool]:
+    """(x as (B, T, d), whether a step axis was added to a (B, d) latent)."""
+    if x.dim() == 3:
+        return x, False
+    if x.dim() == 2:  # (B, d): one step -> (B, 1, d)
+        return x.unsqueeze(1), True
+    raise SiteError(f"site {site} holds a tensor of shape {tuple(x.shape)}; expected (B, T, d) or (B, d)")
+
+
+def model_output_logits(out: Any) -> torch.Tensor:
+    """The logits (B, T, V) in a model's output: the tensor itself, ``.logits`` or the first tuple item."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise InterventionError(f"cannot find logits in a model output of type {type(out).__name__}")
 
 
 class Backend(Protocol):

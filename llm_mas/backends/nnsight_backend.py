@@ -5,8 +5,10 @@
     logits = backend.patch(model, {"input_ids": ids}, [Edit(site, mask, fn)])       # (B, T, V), with grads
 
 Numbers equal the plain-torch backend (``TorchHookBackend``); gradients reach whatever the ``Edit.fn``
-closes over (the alignment parameters). Every model is wrapped once in ``nnsight.NNsight`` and the wrapper
-is kept on the model itself (so it dies with the model).
+closes over (the alignment parameters). Every model is wrapped once per backend in ``nnsight.NNsight``; the
+backend keeps the wrapper (and any module order it learned) in its own tables, never on the model. A wrapper
+holds its model, so a backend keeps alive the models it has run: use one backend per model or per run (as
+``get_backend`` callers do), not one for a whole session of loading and dropping models.
 
 nnsight facts this module relies on (nnsight 0.8.1, transformers 5):
 - decoder layers return a plain tensor (B, T, d): ``.output`` is the hidden state, ``.output[0]`` a batch row;
@@ -20,6 +22,7 @@ nnsight facts this module relies on (nnsight 0.8.1, transformers 5):
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,12 +31,20 @@ import torch
 from torch import nn
 
 from ..errors import InterventionError, SiteError, closest
-from ..sites import Site, resolve_site
-from .base import Edit, apply_edit_to_chunk, edit_entry_index
-from .torch_hooks import _as_3d, _pick, _replace, model_output_logits
+from ..sites import Site, llm_site_aliases, resolve_alias, site_aliases
+from .base import (
+    Edit,
+    apply_edit_to_chunk,
+    as_3d,
+    check_edits_fired,
+    edit_entry_index,
+    model_output_logits,
+    pick_latent,
+    replace_latent,
+)
 
-_WRAPPER_ATTR = "_llm_mas_nnsight_wrapper"
-_ORDER_ATTR = "_llm_mas_observed_module_order"
+# (module path, "input" | "output") -> rank of that event in the forward pass.
+ForwardOrder = dict[tuple[str, str], int]
 
 
 def unwrap_model(model: Any) -> nn.Module:
@@ -46,61 +57,14 @@ def unwrap_model(model: Any) -> nn.Module:
     return model
 
 
-class _WrapperSlot:
-    """Holds a model's nnsight wrapper; copies and pickles of the model get an empty slot.
-
-    A deep-copied wrapper would route nothing: nnsight registers each wrapper on the modules it wraps, and
-    a copied module starts with no registrations (it belongs to whatever wraps it next).
-    """
-
-    def __init__(self, wrapper: Any = None):
-        self.wrapper = wrapper
-
-    def __deepcopy__(self, memo: dict) -> _WrapperSlot:
-        return _WrapperSlot()
-
-    def __copy__(self) -> _WrapperSlot:
-        return _WrapperSlot()
-
-    def __reduce__(self):
-        return (_WrapperSlot, ())
+def _aliases(module: nn.Module) -> dict[str, str]:
+    """Registered or own aliases of the model; for any other HF model, those derived from its layout."""
+    return site_aliases(module) or llm_site_aliases(module)
 
 
-def nnsight_wrapper(model: Any):
-    """The cached ``nnsight.NNsight`` wrapper of ``model`` (created on first use, kept on the model)."""
-    if not isinstance(model, nn.Module):
-        return model  # already an nnsight model / envoy
-    slot = model.__dict__.get(_WRAPPER_ATTR)
-    if slot is None or slot.wrapper is None or slot.wrapper._module is not model:
-        from nnsight import NNsight
-
-        slot = _WrapperSlot(NNsight(model))
-        object.__setattr__(model, _WRAPPER_ATTR, slot)
-    return slot.wrapper
-
-
-def _aliases(model: nn.Module) -> dict[str, str]:
-    if hasattr(model, "site_aliases"):
-        return dict(model.site_aliases())
-    from ..llm.loading import llm_site_aliases
-
-    return llm_site_aliases(model)
-
-
-class _AliasView:
-    def __init__(self, aliases: dict[str, str]):
-        self._aliases = aliases
-
-    def site_aliases(self) -> dict[str, str]:
-        return self._aliases
-
-
-def _forward_order(model: nn.Module) -> dict[tuple[str, str], int]:
+def _static_forward_order(model: nn.Module) -> ForwardOrder:
     """Static forward order of module events: (path, "input") at entry, (path, "output") at exit (DFS)."""
-    observed = model.__dict__.get(_ORDER_ATTR)
-    if observed is not None:
-        return observed
-    order: dict[tuple[str, str], int] = {}
+    order: ForwardOrder = {}
     clock = 0
 
     def visit(prefix: str, module: nn.Module) -> None:
@@ -132,11 +96,11 @@ class _Step:
             index = edit.site.index
             if self.io == "input":
                 index = 0 if index is None else index
-            x = _pick(new_value, index, edit.site)
-            x3, squeezed = _as_3d(x, edit.site)  # (B, T, d)
+            x = pick_latent(new_value, index, edit.site)
+            x3, squeezed = as_3d(x, edit.site)  # (B, T, d)
             y3 = apply_edit_to_chunk(edit, x3, None, entry_index)
             if y3 is not x3:
-                new_value = _replace(new_value, index, y3.squeeze(1) if squeezed else y3)
+                new_value = replace_latent(new_value, index, y3.squeeze(1) if squeezed else y3)
         return new_value
 
     def read(self, value: Any) -> dict[str, torch.Tensor]:
@@ -144,7 +108,7 @@ class _Step:
         for key, index, site in self.reads:
             if self.io == "input":
                 index = 0 if index is None else index
-            x3, _ = _as_3d(_pick(value, index, site), site)
+            x3, _ = as_3d(pick_latent(value, index, site), site)
             out[key] = x3.detach()  # (B, T, d)
         return out
 
@@ -190,11 +154,37 @@ class NNsightBackend:
 
     name = "nnsight"
 
+    def __init__(self) -> None:
+        # Both tables are keyed weakly by the model. A wrapper holds its model, so a wrapped model lives as long
+        # as this backend; a learned order is plain data and dies with its model.
+        self._wrappers: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+        self.observed_orders: weakref.WeakKeyDictionary[nn.Module, ForwardOrder] = weakref.WeakKeyDictionary()
+
+    def wrapper(self, model: Any):
+        """This backend's ``nnsight.NNsight`` wrapper of ``model`` (created on first use, then reused).
+
+        A copy of a model (``copy.deepcopy``) is another key and gets its own wrapper: a copied wrapper would
+        route nothing, because nnsight registers each wrapper on the very modules it wraps.
+        """
+        if not isinstance(model, nn.Module):
+            return model  # already an nnsight model / envoy
+        wrapper = self._wrappers.get(model)
+        if wrapper is None:
+            from nnsight import NNsight
+
+            wrapper = self._wrappers[model] = NNsight(model)
+        return wrapper
+
+    def _forward_order(self, module: nn.Module) -> ForwardOrder:
+        """The order learned for this model by a probe run, else its static (declaration) order."""
+        observed = self.observed_orders.get(module)
+        return observed if observed is not None else _static_forward_order(module)
+
     def resolve(self, model: Any, site: Site | str) -> Site:
         """Resolve aliases (``embeddings``, ``layer{l}``) and check the module exists."""
         module = unwrap_model(model)
         aliases = _aliases(module)
-        resolved = resolve_site(_AliasView(aliases), site)
+        resolved = resolve_alias(site, aliases)
         if resolved.module == "":
             raise SiteError(f"site {site} names the whole model; name a submodule such as 'layer0'")
         try:
@@ -208,14 +198,14 @@ class NNsightBackend:
 
     # ------------------------------------------------------------ planning
     def _steps(self, module: nn.Module, sites: Sequence[Site]) -> list[_Step]:
-        order = _forward_order(module)
+        order = self._forward_order(module)
         steps: dict[tuple[str, str], _Step] = {}
         for site in sites:
             steps.setdefault((site.module, site.io), _Step(site.module, site.io))
         missing = [k for k in steps if k not in order]
         if missing:  # an order observed on another run lacks a module: fall back to the static one
-            module.__dict__.pop(_ORDER_ATTR, None)
-            order = _forward_order(module)
+            self.observed_orders.pop(module, None)
+            order = self._forward_order(module)
         return sorted(steps.values(), key=lambda s: order[(s.path, s.io)])
 
     def _edit_plan(self, module: nn.Module, edits: Sequence[Edit]) -> list[_Step]:
@@ -237,7 +227,7 @@ class NNsightBackend:
         from nnsight.intervention.interleaver import OutOfOrderError
 
         module = unwrap_model(model)
-        wrapper = nnsight_wrapper(model)
+        wrapper = self.wrapper(model)
         args, kwargs = _trace_args(inputs)
         steps = self._edit_plan(module, edits)
         try:
@@ -248,7 +238,7 @@ class NNsightBackend:
                 raise
             steps = self._edit_plan(module, edits)
             logits = _traced_patch(wrapper, steps, args, kwargs)
-        self._check_fired(edits)
+        check_edits_fired(edits)
         return logits
 
     def collect(self, model: Any, inputs: Mapping[str, torch.Tensor] | torch.Tensor,
@@ -257,7 +247,7 @@ class NNsightBackend:
         from nnsight.intervention.interleaver import OutOfOrderError
 
         module = unwrap_model(model)
-        wrapper = nnsight_wrapper(model)
+        wrapper = self.wrapper(model)
         args, kwargs = _trace_args(inputs)
         resolved = [self.resolve(module, s) for s in sites]
 
@@ -282,24 +272,10 @@ class NNsightBackend:
         return store
 
     # ------------------------------------------------------------ checks
-    @staticmethod
-    def _check_fired(edits: Sequence[Edit]) -> None:
-        for edit in edits:
-            n = edit.n_entries
-            if edit.fired == 0 and n > 0:
-                raise InterventionError(
-                    f"the edit at {edit.site} never fired: the module was not called during the forward pass "
-                    "(check the site path and that the model's forward reaches it)")
-            if edit.fired != n:
-                raise InterventionError(
-                    f"the edit at {edit.site} fired on {edit.fired} of {n} entries; the mask covers positions "
-                    "beyond the sequence length")
-
-    @staticmethod
-    def _learn_order(module: nn.Module, events: list[tuple[str, str]], args: tuple, kwargs: dict,
+    def _learn_order(self, module: nn.Module, events: list[tuple[str, str]], args: tuple, kwargs: dict,
                      nnsight_message: str) -> bool:
         """Probe run with plain hooks: raise InterventionError for a module that never runs, else record the
-        observed module order on the model and return True (the caller retries)."""
+        observed module order in ``observed_orders`` and return True (the caller retries)."""
         observed: dict[tuple[str, str], int] = {}
         handles = []
 
@@ -329,7 +305,7 @@ class NNsightBackend:
                 f"the site(s) {', '.join(never)} never fired: the module is not called during the forward "
                 f"pass (check the site path and that the model's forward reaches it); nnsight: {nnsight_message}"
             ) from None
-        static = _forward_order(module)
+        static = self._forward_order(module)
         if sorted(events, key=lambda e: observed[e]) == sorted(events, key=lambda e: static[e]):
             return False  # the order was right: the nnsight error has another cause
         # Observed events first (in their order), then the static order for everything else.
@@ -337,5 +313,5 @@ class NNsightBackend:
         base = len(merged)
         for e, i in static.items():
             merged.setdefault(e, base + i)
-        object.__setattr__(module, _ORDER_ATTR, merged)
+        self.observed_orders[module] = merged
         return True

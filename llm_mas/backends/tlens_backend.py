@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, InterventionError, SiteError, closest
-from ..sites import Site, resolve_site
-from .base import Edit, apply_edit_to_chunk, edit_entry_index
+from ..sites import Site, register_site_aliases, registered_site_aliases, resolve_alias
+from .base import Edit, apply_edit_to_chunk, check_edits_fired, edit_entry_index
 
 
 def tlens_site_aliases(model: Any) -> dict[str, str]:
@@ -33,14 +33,6 @@ def tlens_site_aliases(model: Any) -> dict[str, str]:
     for layer in range(n_layers):
         aliases[f"layer{layer}"] = f"blocks.{layer}.hook_resid_post"
     return aliases
-
-
-class _AliasView:
-    def __init__(self, aliases: dict[str, str]):
-        self._aliases = aliases
-
-    def site_aliases(self) -> dict[str, str]:
-        return self._aliases
 
 
 def _hook_names(model: Any) -> list[str]:
@@ -70,11 +62,13 @@ class TLensBackend:
 
     def resolve(self, model: Any, site: Site | str) -> Site:
         """Resolve aliases; the site must be a hook point (hook points hold one tensor: no tuple index)."""
-        # Only aliases attached to this object count: a TransformerBridge forwards unknown attributes to the
-        # HF model it wraps, whose aliases name HF modules.
-        own = vars(model).get("site_aliases") if hasattr(model, "__dict__") else None
-        aliases = dict(own()) if callable(own) else tlens_site_aliases(model)
-        resolved = resolve_site(_AliasView(aliases), site)
+        # Only aliases registered for this very object count (never a `site_aliases` attribute looked up through
+        # it): a TransformerBridge forwards unknown attributes to the HF model it wraps, whose aliases name HF
+        # modules.
+        aliases = registered_site_aliases(model)
+        if aliases is None:
+            aliases = tlens_site_aliases(model)
+        resolved = resolve_alias(site, aliases)
         names = _hook_names(model)
         if resolved.module not in model.hook_dict:
             raise SiteError(f"no hook point {resolved.module!r} in {type(model).__name__}; closest valid names: "
@@ -97,14 +91,7 @@ class TLensBackend:
             hooks.append((edit.site.module, self._edit_hook(edit, edit_entry_index(edit.mask))))
         tokens, kwargs = _tokens_and_kwargs(inputs)
         logits = model.run_with_hooks(tokens, fwd_hooks=hooks, **kwargs)
-        for edit in edits:
-            n = edit.n_entries
-            if edit.fired == 0 and n > 0:
-                raise InterventionError(f"the edit at {edit.site} never fired: hook point {edit.site.module!r} was "
-                                        "not reached during the forward pass")
-            if edit.fired != n:
-                raise InterventionError(f"the edit at {edit.site} fired on {edit.fired} of {n} entries; the mask "
-                                        "covers positions beyond the sequence length")
+        check_edits_fired(edits)
         return logits
 
     @staticmethod
@@ -174,6 +161,4 @@ def to_hooked_transformer(hf_model: Any, tokenizer: Any = None, *, device: str |
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    from ..llm.loading import attach_site_aliases
-
-    return attach_site_aliases(model, tlens_site_aliases(model))
+    return register_site_aliases(model, tlens_site_aliases(model))

@@ -16,8 +16,17 @@ from torch import nn
 
 from ..errors import InterventionError, SiteError, closest
 from ..hooks import HookPoint
-from ..sites import Site, resolve_site
-from .base import Edit, apply_edit_to_chunk, edit_entry_index
+from ..sites import Site, resolve_site, site_aliases
+from .base import (
+    Edit,
+    apply_edit_to_chunk,
+    as_3d,
+    check_edits_fired,
+    edit_entry_index,
+    model_output_logits,
+    pick_latent,
+    replace_latent,
+)
 
 
 def get_module(model: nn.Module, site: Site) -> nn.Module:
@@ -26,48 +35,10 @@ def get_module(model: nn.Module, site: Site) -> nn.Module:
         return model.get_submodule(site.module)
     except AttributeError:
         names = [n for n, _ in model.named_modules() if n]
-        aliases = list(model.site_aliases()) if hasattr(model, "site_aliases") else []
+        aliases = list(site_aliases(model))
         raise SiteError(
             f"no module {site.module!r} in {type(model).__name__}; closest valid names: "
             f"{', '.join(closest(site.module, names + aliases))}") from None
-
-
-def _pick(value: Any, index: int | None, site: Site) -> torch.Tensor:
-    if index is None:
-        if isinstance(value, torch.Tensor):
-            return value
-        if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-            raise SiteError(f"site {site} returns a tuple; add a tuple index, e.g. '{site.module}:{site.io}[0]'")
-        raise SiteError(f"site {site} does not hold a tensor (got {type(value).__name__})")
-    if not isinstance(value, (tuple, list)) or index >= len(value):
-        raise SiteError(f"site {site}: tuple index [{index}] does not exist in {type(value).__name__}")
-    return value[index]
-
-
-def _replace(value: Any, index: int | None, new: torch.Tensor) -> Any:
-    if index is None:
-        return new
-    items = list(value)
-    items[index] = new
-    return type(value)(items) if isinstance(value, tuple) else items
-
-
-def _as_3d(x: torch.Tensor, site: Site) -> tuple[torch.Tensor, bool]:
-    if x.dim() == 3:
-        return x, False
-    if x.dim() == 2:  # (B, d): one step
-        return x.unsqueeze(1), True
-    raise SiteError(f"site {site} holds a tensor of shape {tuple(x.shape)}; expected (B, T, d) or (B, d)")
-
-
-def model_output_logits(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)) and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise InterventionError(f"cannot find logits in a model output of type {type(out).__name__}")
 
 
 def _call(model: nn.Module, inputs: Mapping[str, torch.Tensor] | torch.Tensor) -> Any:
@@ -109,39 +80,30 @@ class TorchHookBackend:
                 h.remove()
             for hp in hook_points:
                 hp.edit_steps = None
-        for edit in edits:
-            n = edit.n_entries
-            if edit.fired == 0 and n > 0:
-                raise InterventionError(
-                    f"the edit at {edit.site} never fired: the module was not called during the forward pass "
-                    "(check the site path and that the model's forward reaches it)")
-            if edit.fired != n:
-                raise InterventionError(
-                    f"the edit at {edit.site} fired on {edit.fired} of {n} entries; positions beyond the "
-                    "sequence length or a module called with fewer positions than the mask covers")
+        check_edits_fired(edits)
 
     def _register_edit(self, module: nn.Module, edit: Edit, entry_index: torch.Tensor):
         site = edit.site
         if site.io == "output":
             def hook(mod, args, output):
-                x = _pick(output, site.index, site)
-                x3, squeezed = _as_3d(x, site)
+                x = pick_latent(output, site.index, site)
+                x3, squeezed = as_3d(x, site)
                 positions = args[1] if isinstance(mod, HookPoint) and len(args) > 1 else None
                 new = apply_edit_to_chunk(edit, x3, positions, entry_index)
                 if new is x3:
                     return None
-                return _replace(output, site.index, new.squeeze(1) if squeezed else new)
+                return replace_latent(output, site.index, new.squeeze(1) if squeezed else new)
 
             return module.register_forward_hook(hook)
 
         def pre_hook(mod, args):
-            x = _pick(args, site.index if site.index is not None else 0, site)
-            x3, squeezed = _as_3d(x, site)
+            x = pick_latent(args, site.index if site.index is not None else 0, site)
+            x3, squeezed = as_3d(x, site)
             positions = args[1] if isinstance(mod, HookPoint) and len(args) > 1 else None
             new = apply_edit_to_chunk(edit, x3, positions, entry_index)
             if new is x3:
                 return None
-            return _replace(tuple(args), site.index if site.index is not None else 0,
+            return replace_latent(tuple(args), site.index if site.index is not None else 0,
                             new.squeeze(1) if squeezed else new)
 
         return module.register_forward_pre_hook(pre_hook)
@@ -194,14 +156,14 @@ class _Recorder:
         self.chunks[key] = []
 
         def record(x: torch.Tensor, args) -> None:
-            x3, _ = _as_3d(x, site)
+            x3, _ = as_3d(x, site)
             positions = args[1] if isinstance(module, HookPoint) and len(args) > 1 else None
             self.chunks[key].append((positions, x3.detach()))
 
         if site.io == "output":
-            return module.register_forward_hook(lambda mod, args, out: record(_pick(out, site.index, site), args))
+            return module.register_forward_hook(lambda mod, args, out: record(pick_latent(out, site.index, site), args))
         return module.register_forward_pre_hook(
-            lambda mod, args: record(_pick(args, site.index if site.index is not None else 0, site), args))
+            lambda mod, args: record(pick_latent(args, site.index if site.index is not None else 0, site), args))
 
     def result(self) -> dict[str, torch.Tensor]:
         out = {}

@@ -13,7 +13,8 @@ from typing import Any
 _EXPORTS = {
     "load_causal_lm": "loading",
     "llm_site_aliases": "loading",
-    "attach_site_aliases": "loading",
+    "register_site_aliases": "loading",
+    "model_source": "loading",
     "build_tiny_qwen2": "tiny",
     "mid_size_qwen2_config": "tiny",
     "tiny_corpus": "tiny",

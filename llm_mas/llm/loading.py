@@ -1,8 +1,13 @@
 """Load a Hugging Face causal LM (hub id or local directory), frozen, with llm_mas site aliases.
 
     from llm_mas.llm import load_causal_lm
+    from llm_mas.sites import site_aliases
     model, tokenizer = load_causal_lm("path/to/model_dir", dtype="bfloat16", device="cuda")
-    model.site_aliases()  # {"embeddings": "model.embed_tokens", "layer0": "model.layers.0", ...}
+    site_aliases(model)   # {"embeddings": "model.embed_tokens", "layer0": "model.layers.0", ...}
+    model_source(model)   # {"model": "path/to/model_dir", "adapter": None, "merged": False, "dtype": "bfloat16"}
+
+Aliases and source are kept in tables beside the model (``llm_mas.sites.register_site_aliases``), never as
+attributes on it.
 
 No network is needed for a local directory (``huggingface-cli download`` on a connected machine, or
 ``llm_mas.llm.tiny.build_tiny_qwen2`` for tests). A hub id that is not a local directory and cannot be
@@ -13,87 +18,27 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, HubUnavailableError, choice_error
+from ..dtypes import DTYPES, parse_dtype  # noqa: F401  (DTYPES re-exported for existing importers)
+from ..errors import ConfigError, HubUnavailableError
+from ..sites import llm_site_aliases, register_site_aliases  # noqa: F401  (llm_mas.llm.llm_site_aliases)
 
-DTYPES = ("float32", "bfloat16", "float16", "auto")
 DEVICE_CHOICES = ("cpu", "cuda", "cuda:N", "auto")
 
-
-class SiteAliases:
-    """Callable ``model.site_aliases()``: alias -> module path (a copy each call, picklable)."""
-
-    def __init__(self, aliases: dict[str, str]):
-        self.aliases = dict(aliases)
-
-    def __call__(self) -> dict[str, str]:
-        return dict(self.aliases)
-
-    def __repr__(self) -> str:
-        return f"SiteAliases({self.aliases})"
+# model -> where its weights came from (written into recordings and results); an entry dies with its model.
+_SOURCES: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
-def _module_name(model, target) -> str | None:
-    for name, module in model.named_modules():
-        if module is target:
-            return name
-    return None
-
-
-def decoder_layers_path(model) -> str | None:
-    """Dotted path of the ModuleList holding the decoder blocks (``model.layers``, ``transformer.h``, ...)."""
-    from torch import nn
-
-    config = getattr(model, "config", None)
-    n_layers = None
-    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
-        if config is not None and isinstance(getattr(config, key, None), int):
-            n_layers = getattr(config, key)
-            break
-    candidates = [(name, m) for name, m in model.named_modules()
-                  if isinstance(m, nn.ModuleList) and len(m) > 0 and (n_layers is None or len(m) == n_layers)]
-    if not candidates:
+def model_source(model: Any) -> dict[str, Any] | None:
+    """Where ``load_causal_lm`` loaded ``model`` from ({model, adapter, merged, dtype}, a copy), or None."""
+    try:
+        source = _SOURCES.get(model)
+    except TypeError:  # not weak-referenceable or not hashable: not a model load_causal_lm returned
         return None
-    preferred = [name for name, _ in candidates if re.search(r"(^|\.)(layers|h|blocks|layer)$", name)]
-    return preferred[0] if preferred else candidates[0][0]
-
-
-def llm_site_aliases(model) -> dict[str, str]:
-    """Aliases for a HF causal LM: ``embeddings`` -> input embedding module, ``layer{l}`` -> decoder block l.
-
-    The embedding module is found through ``get_input_embeddings()`` (``model.embed_tokens`` for Qwen2/Llama,
-    ``transformer.wte`` for GPT-2, ``gpt_neox.embed_in`` for Pythia), also under a PEFT wrapper.
-    """
-    aliases: dict[str, str] = {}
-    get_emb = getattr(model, "get_input_embeddings", None)
-    if callable(get_emb):
-        emb = get_emb()
-        name = _module_name(model, emb) if emb is not None else None
-        if name:
-            aliases["embeddings"] = name
-    layers = decoder_layers_path(model)
-    if layers is not None:
-        for i in range(len(model.get_submodule(layers))):
-            aliases[f"layer{i}"] = f"{layers}.{i}"
-    return aliases
-
-
-def attach_site_aliases(model, aliases: dict[str, str] | None = None):
-    """Give ``model`` a ``site_aliases()`` method (default: ``llm_site_aliases(model)``); returns the model."""
-    # object.__setattr__: a plain attribute, never a submodule or parameter.
-    object.__setattr__(model, "site_aliases", SiteAliases(aliases if aliases is not None else llm_site_aliases(model)))
-    return model
-
-
-def parse_dtype(dtype: str):
-    """``"float32" | "bfloat16" | "float16" | "auto"`` -> torch dtype (or the string ``"auto"``)."""
-    import torch
-
-    if dtype not in DTYPES:
-        raise choice_error("dtype", dtype, DTYPES)
-    return "auto" if dtype == "auto" else getattr(torch, dtype)
+    return None if source is None else dict(source)
 
 
 def parse_device(device: str) -> str:
@@ -178,7 +123,7 @@ def freeze(model):
 def load_causal_lm(id_or_path: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu",
                    adapter: str | os.PathLike | None = None, merge_adapter: bool = False,
                    attn_implementation: str | None = None) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer, frozen, in eval mode, with ``model.site_aliases()``.
+    """Load a causal LM and its tokenizer, frozen, in eval mode, with site aliases registered.
 
     id_or_path:    local directory (preferred; works offline) or hub id.
     dtype:         float32 | bfloat16 | float16 | auto (the checkpoint's own dtype).
@@ -216,11 +161,9 @@ def load_causal_lm(id_or_path: str | os.PathLike, *, dtype: str = "float32", dev
     if adapter is not None:
         model = load_adapter(model, adapter, merge=merge_adapter)
     freeze(model)
-    attach_site_aliases(model)
-    # Where the weights came from (written into recordings and results).
-    object.__setattr__(model, "llm_mas_source", {
-        "model": str(id_or_path), "adapter": None if adapter is None else str(adapter),
-        "merged": bool(merge_adapter), "dtype": dtype})
+    register_site_aliases(model)
+    _SOURCES[model] = {"model": str(id_or_path), "adapter": None if adapter is None else str(adapter),
+                       "merged": bool(merge_adapter), "dtype": dtype}
     return model, tokenizer
 
 

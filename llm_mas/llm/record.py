@@ -1,4 +1,4 @@
-"""Recorded generations for stepwise LLM MAS (method.md §10): prompts, greedy continuations, predictions.
+"""Recorded generations for stepwise LLM MAS (docs/method.md): prompts, greedy continuations, predictions.
 
     rec = record_generations(model, tokenizer, texts, prompt_len=32, total_len=64, n=1000, cache_dir="cache/")
     rec.ids        # (n, total_len) long: the first prompt_len tokens of a text, then the model's greedy continuation
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from .loading import model_source
 
 TENSORS_FILE = "recording.safetensors"
 META_FILE = "recording.json"
@@ -83,7 +84,7 @@ def _texts_hash(texts: Sequence[str]) -> str:
 
 
 def _model_id(model: Any) -> str:
-    source = getattr(model, "llm_mas_source", None)
+    source = model_source(model)
     if isinstance(source, dict) and source.get("model"):
         return str(source["model"])
     return str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
@@ -301,7 +302,7 @@ def record_generations(model: Any, tokenizer: Any, texts: Sequence[str], *, prom
     meta = {
         "format": FORMAT, "version": FORMAT_VERSION,
         "model": model_id or _model_id(model),
-        "source": getattr(model, "llm_mas_source", None),
+        "source": model_source(model),
         "fingerprint": fingerprint, "tokenizer_fingerprint": tok_fp,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "prompt_len": prompt_len, "total_len": total_len, "n": len(used), "n_requested": n, "seed": seed,
@@ -397,7 +398,7 @@ def load_recording(path: str | os.PathLike, model: Any = None, tokenizer: Any = 
 # ---------------------------------------------------------------------------------------------- pairs
 @dataclass
 class StepwisePairs:
-    """Stepwise LLM MAS pairs (method.md §10), P pairs of length L.
+    """Stepwise LLM MAS pairs (docs/method.md), P pairs of length L.
 
     source_ids: (P, L) the source recording's sequence (the source model runs on it).
     target_ids: (P, L) the target recording's sequence up to index i, the source's tokens after i.

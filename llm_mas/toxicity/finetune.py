@@ -60,11 +60,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import WEIGHT_DTYPES
 from ..errors import ConfigError, DataError
 from ..files import load_torch_state
 from .data import MODES, SOURCES
 
-DTYPES = ("float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 # config keys that may differ between a run and its --resume (they do not change the numbers)
 RESUME_MAY_DIFFER = ("resume", "merge", "save_every", "keep_checkpoints", "progress", "out")
@@ -140,8 +140,8 @@ class FinetuneConfig:
             p.append(f"warmup_steps={self.warmup_steps} must be in 0..steps-1 ({self.steps - 1})")
         if self.weight_decay < 0:
             p.append(f"weight_decay={self.weight_decay} must be >= 0")
-        if self.dtype not in DTYPES:
-            p.append(f"unknown dtype {self.dtype!r}; valid choices: {', '.join(DTYPES)}")
+        if self.dtype not in WEIGHT_DTYPES:  # fine-tuning needs a concrete dtype (no "auto")
+            p.append(f"unknown dtype {self.dtype!r}; valid choices: {', '.join(WEIGHT_DTYPES)}")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             p.append(f"unknown mixed_precision {self.mixed_precision!r}; valid choices: {', '.join(MIXED_PRECISION)}")
         if self.merge and self.full:

@@ -50,6 +50,7 @@ import yaml
 from llm_mas.cli import app
 from llm_mas.commands.llm import read_texts
 from llm_mas.config import from_dict, load_config, save_config, to_dict
+from llm_mas.dtypes import DTYPES, WEIGHT_DTYPES
 from llm_mas.errors import ConfigError, DataError, MASError
 from llm_mas.llm.tiny import build_tiny_qwen2, tiny_corpus
 from llm_mas.mas import MASConfig, ModelConfig
@@ -70,7 +71,6 @@ FINETUNE_OWN = ("model", "out", "mode", "split", "merge", "resume", "progress")
 MODEL_OWN = ("name", "kind", "recording", "adapter", "untrained")
 MAS_OWN = ("models", "name", "out_dir")
 RECORD_META_KEYS = ("prompt_len", "total_len", "n_requested", "seed")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ============================================================================================ config
@@ -169,10 +169,10 @@ class ToxicityRecipeConfig:
             if isinstance(total, int) and total % self.processes:
                 p.append(f"finetune.batch_size={total} (rows per micro-batch over all processes) must be a multiple "
                          f"of processes={self.processes}, e.g. {max(1, total // self.processes) * self.processes}")
-        if self.model.get("dtype", "float32") not in DTYPES:
-            p.append(f"model.dtype={self.model['dtype']!r} is not one of {', '.join(DTYPES)}")
-        if self.record.dtype not in (*DTYPES, "auto"):
-            p.append(f"record.dtype={self.record.dtype!r} is not one of {', '.join(DTYPES)}, auto")
+        if self.model.get("dtype", "float32") not in WEIGHT_DTYPES:
+            p.append(f"model.dtype={self.model['dtype']!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+        if self.record.dtype not in DTYPES:
+            p.append(f"record.dtype={self.record.dtype!r} is not one of {', '.join(DTYPES)}")
         model_fields = {**self.model, "name": "m", "kind": "hf", "recording": "r"}
         try:
             from_dict(ModelConfig, model_fields)
