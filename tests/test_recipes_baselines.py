@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from llm_mas.errors import ConfigError, DataError
+from llm_mas.presets import resolve_preset
 from llm_mas.recipes_common import (
     PlannedRun,
     RunOutcome,
@@ -278,7 +279,7 @@ def test_runs_on_models_below_the_accuracy_bar_are_blocked(tmp_path, monkeypatch
     monkeypatch.setenv("LLM_MAS_MODELS_DIR", str(shipped))
     assert below_bar("weak-gru-s0") == "count 4, 9"
     assert below_bar("good-gru-s0") == "" and below_bar("some/directory") == ""
-    cfg = mas_config_from_preset("recipes/configs/das_gru.yaml", [], name="weak", out_dir=str(tmp_path),
+    cfg = mas_config_from_preset(resolve_preset("das_gru"), [], name="weak", out_dir=str(tmp_path),
                                  models=[{"name": "weak-gru-s0"}])
     logged = []
     outcome = execute_plan([PlannedRun(cfg, [({}, 0, 0)])], log=logged.append)["weak"]
@@ -294,7 +295,7 @@ def test_runs_are_reused_by_config_and_failures_do_not_stop_the_plan(tmp_path):
             "eval.batch_size=32"]
 
     def cfg(name, out, site="hidden", **fields):
-        return mas_config_from_preset("recipes/configs/das_gru.yaml", tiny, name=name, out_dir=str(out),
+        return mas_config_from_preset(resolve_preset("das_gru"), tiny, name=name, out_dir=str(out),
                                       progress=False, **fields,
                                       models=[{"name": models["multiobject-gru-s0"], "site": site}])
 
