@@ -13,7 +13,7 @@ from llm_mas.cli import app
 from llm_mas.correlative import load_similarity_config
 from llm_mas.errors import ConfigError
 from llm_mas.mas import load_mas_config
-from llm_mas.models.registry import models_dir, shipped_models_dir
+from llm_mas.models.registry import models_dir, shipped_models_dir, update_manifest
 from llm_mas.presets import list_presets, preset_command, presets_dir, resolve_preset
 from llm_mas.recipes_common import preset_path
 from llm_mas.toxicity.data import SAMPLE_PATH
@@ -42,6 +42,18 @@ def test_shipped_data_lives_in_the_package():
 def test_models_dir_follows_the_environment_variable(monkeypatch, tmp_path):
     monkeypatch.setenv("LLM_MAS_MODELS_DIR", str(tmp_path))
     assert models_dir() == tmp_path and shipped_models_dir() == PACKAGE / "data" / "models"
+
+
+def test_the_manifest_writer_writes_only_where_it_is_told(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLM_MAS_MODELS_DIR", str(tmp_path / "mine"))
+    with pytest.raises(ConfigError, match="does not exist"):      # never falls back to the package's directory
+        update_manifest()
+    (tmp_path / "mine").mkdir()
+    assert update_manifest()["models"] == {} and (tmp_path / "mine" / "manifest.json").is_file()
+    other = tmp_path / "other"
+    other.mkdir()
+    update_manifest(other)
+    assert (other / "manifest.json").is_file()
 
 
 @pytest.mark.parametrize("given", ["gru_gru_hidden", "gru_gru_hidden.yaml", "gru_gru_hidden.yml"])
