@@ -17,10 +17,12 @@ export MPLBACKEND := Agg
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# Re-installs only when the dependency lists change (stamp file).
+# Re-installs only when the dependency lists change (stamp file). Everything: the core (task-model MAS),
+# [llm] (Hugging Face models) and [dev] (tests, lint, notebook runner). A user who only needs task models:
+# pip install -c constraints.txt .
 $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(PIP) install -q -c constraints.txt -e ".[llm,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "eval-model": "models:eval_model",
     "list-models": "models:list_models",
     "mas": "mas:mas",
+    "list-presets": "mas:list_presets",
     "demo": "mas:demo",
     "finetune": "toxicity:finetune",
     "record": "llm:record",

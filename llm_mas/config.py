@@ -2,7 +2,7 @@
 ``key.sub=value`` overrides. Unknown keys and bad values are collected and reported all at once
 (one ``ConfigError``) before anything heavy loads.
 
-    cfg = load_config(MASConfig, "recipes/configs/gru_gru_hidden.yaml", ["train.lr=2e-3", "models.1.site=embeddings"])
+    cfg = load_config(MASConfig, resolve_preset("gru_gru_hidden"), ["train.lr=2e-3", "models.1.site=embeddings"])
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Correlative similarity between models (RSA, CKA), collected through the same sites and backends as MAS.
 
-    llm-mas similarity recipes/configs/similarity_gru_gru.yaml n_rows=1000 models.1.site=embeddings
+    llm-mas similarity similarity_gru_gru n_rows=1000 models.1.site=embeddings
 
     from llm_mas.correlative import collect_rows, default_sequences
     rows = collect_rows([gru, transformer], "hidden")           # 300 MultiObject sequences, 15 per N

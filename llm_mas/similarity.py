@@ -33,9 +33,10 @@ rsatoolbox or torchmetrics) and the closed forms above are a few lines; the test
 naive n×n implementations, a brute-force U-statistic, and scipy's ``cdist``/``pdist``. The
 correlations are computed here rather than by ``scipy.stats.spearmanr`` / ``pearsonr``, to which
 the tests compare them to 1e-12: ranking is the cost of RSA (a 1 000-row subsample has 499 500
-distances) and scipy's ``rankdata`` uses a stable merge sort that is ≈2× slower than the
-quicksort-plus-tie-averaging used here; ``compare_representations`` also ranks each triangle once
-for all its correlations.
+distances) and scipy's ``rankdata`` uses a stable merge sort, slower than the quicksort-plus-tie-averaging
+used here (measured on a 1 000-row triangle: ranks 1.2× faster, Spearman 1.5× and Pearson ~14× faster
+than ``spearmanr`` / ``pearsonr``, identical values); ``compare_representations`` also ranks each triangle
+once for all its correlations. scipy is therefore only a test dependency.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def condensed_rdm(X: Any, metric: str = "cosine") -> np.ndarray:
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties averaged, as ``scipy.stats.rankdata(values)`` but ≈2× faster.
+    """1-based ranks with ties averaged, as ``scipy.stats.rankdata(values)`` but faster (see the module docstring).
 
     scipy sorts stably (merge sort); tie groups are averaged anyway, so an unstable sort suffices.
     """

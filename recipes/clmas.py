@@ -83,7 +83,7 @@ class RecipeConfig:
     epsilons: list[float] = field(default_factory=lambda: [0.5, 0.89, 0.94])
     partial_match: list[str] = field(default_factory=lambda: ["phase", "count"])  # clmas_partial_match's CL keys
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    mas_preset: str = "recipes/configs/gru_gru_hidden.yaml"
+    mas_preset: str = "llm_mas/presets/gru_gru_hidden.yaml"
     mas_overrides: list[str] = field(default_factory=list)
     name: str = "clmas"
     out_dir: str = "runs"

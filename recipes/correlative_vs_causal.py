@@ -16,7 +16,7 @@ embeddings and at the hidden state) the recipe
 
 Restartable: a finished MAS run (``results.json`` present, same resolved config) is reused, in the
 recipe's own ``mas/`` folder or any run directory under ``reuse_dirs`` (e.g. ``runs/gru_gru_hidden`` from
-``llm-mas mas recipes/configs/gru_gru_hidden.yaml``); an unfinished one resumes from its checkpoint.
+``llm-mas mas gru_gru_hidden``); an unfinished one resumes from its checkpoint.
 The table and figure are rewritten after every MAS run, so a partial run already has them (pending rows
 show NaN). ``--only a,b`` trains only those comparisons and still tabulates every finished one;
 ``--skip-missing`` leaves out (as blocked) the comparisons whose models are not shipped yet.

@@ -65,7 +65,7 @@ class RecipeConfig:
     restricted_range: list[int] = field(default_factory=lambda: [1, 10])
     site: str = "hidden"
     k: int = 16
-    mas_preset: str = "recipes/configs/gru_gru_hidden.yaml"
+    mas_preset: str = "llm_mas/presets/gru_gru_hidden.yaml"
     mas_overrides: list[str] = field(default_factory=list)
     name: str = "cross_task"
     out_dir: str = "runs"

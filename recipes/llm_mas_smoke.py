@@ -10,7 +10,7 @@ Steps (each is an ordinary command; run them yourself to change anything):
 2. ``runs/tiny_llms/texts.txt``: 300 paragraphs of that corpus (prompt texts);
 3. ``llm-mas record --model runs/tiny_llms/models/tiny-X --texts runs/tiny_llms/texts.txt
    --out runs/tiny_llms/recordings/tiny-X --n 200 --prompt-len 16 --total-len 40 --device cpu``;
-4. ``llm-mas mas recipes/configs/llm_tiny.yaml [overrides]`` → ``runs/llm_tiny/`` (results.json,
+4. ``llm-mas mas llm_tiny [overrides]`` (a shipped preset) → ``runs/llm_tiny/`` (results.json,
    iia_matrix.png, ...).
 Models and recordings that already exist are reused (delete ``runs/tiny_llms/`` to rebuild them).
 """
@@ -28,7 +28,7 @@ from llm_mas.llm.tiny import build_tiny_qwen2, tiny_corpus
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path("runs/tiny_llms")         # inputs (relative to the repository root, as in the preset)
 MODELS = {"tiny-a": 0, "tiny-b": 1}   # name -> weight seed
-PRESET = "recipes/configs/llm_tiny.yaml"
+PRESET = "llm_tiny"                    # the shipped preset llm_mas/presets/llm_tiny.yaml
 
 
 def _cli(*args: str) -> None:

@@ -64,7 +64,7 @@ class RecipeConfig:
     smoke_ks: list[int] = field(default_factory=lambda: [2, 4])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     unimas_ks: list[int] = field(default_factory=lambda: [2, 4, 16])  # UniMAS only at these (those in ks)
-    mas_preset: str = "recipes/configs/gru_gru_hidden.yaml"   # data sizes and trainer settings
+    mas_preset: str = "llm_mas/presets/gru_gru_hidden.yaml"   # data sizes and trainer settings
     mas_overrides: list[str] = field(default_factory=list)    # key=value applied to the preset
     name: str = "stitching_vs_mas"
     out_dir: str = "runs"

@@ -28,6 +28,7 @@ from llm_mas.correlative import (
 )
 from llm_mas.errors import ConfigError, DataError, SiteError
 from llm_mas.models import build_task_model
+from llm_mas.presets import resolve_preset
 from llm_mas.similarity import compare_representations
 from llm_mas.tasks import PAD, get_task
 
@@ -161,15 +162,15 @@ def test_similarity_config_reports_every_problem_at_once():
 
 
 def test_similarity_config_pairs_and_preset(tmp_path):
-    cfg = load_similarity_config(REPO / "recipes/configs/similarity_architectures.yaml")
+    cfg = load_similarity_config(resolve_preset("similarity_architectures"))
     assert cfg.model_pairs() == [(0, 1), (0, 2), (0, 3)]
-    cfg = load_similarity_config(REPO / "recipes/configs/similarity_gru_gru.yaml", ["models.1.site=embeddings"])
+    cfg = load_similarity_config(resolve_preset("similarity_gru_gru"), ["models.1.site=embeddings"])
     assert [m.site for m in cfg.models] == ["hidden", "embeddings"] and cfg.model_pairs() == [(0, 1)]
     assert (cfg.n_rows, cfg.n_repeats, cfg.sequences.per_quantity) == (1000, 10, 15)
     three = similarity_config(models=[{"name": "a"}, {"name": "b"}, {"name": "c"}])
     assert three.model_pairs() == [(0, 1), (0, 2), (1, 2)]
-    first = (REPO / "recipes/configs/similarity_gru_gru.yaml").read_text().splitlines()[0]
-    assert first == "# llm-mas similarity recipes/configs/similarity_gru_gru.yaml"
+    first = resolve_preset("similarity_gru_gru").read_text().splitlines()[0]
+    assert first == "# llm-mas similarity similarity_gru_gru"
 
 
 def test_unknown_model_name_is_a_config_error(tmp_path):

@@ -302,16 +302,17 @@ def test_value_range_restricts_every_split_and_is_validated(monkeypatch):
 
 
 def test_mas_config_value_range_validation():
+    from llm_mas.presets import resolve_preset
     from recipes.common.plans import mas_config_from_preset
 
-    ok = mas_config_from_preset("recipes/configs/gru_gru_hidden.yaml", ["data.value_range=[1, 10]",
-                                                                        "variables=[count]"])
+    ok = mas_config_from_preset(resolve_preset("gru_gru_hidden"), ["data.value_range=[1, 10]",
+                                                                   "variables=[count]"])
     assert ok.data.value_range == [1, 10] and ok.validate() == []
     with pytest.raises(ConfigError, match=r"empty: need lo <= hi"):
-        mas_config_from_preset("recipes/configs/gru_gru_hidden.yaml", ["data.value_range=[10, 1]",
-                                                                      "variables=[count]"])
+        mas_config_from_preset(resolve_preset("gru_gru_hidden"), ["data.value_range=[10, 1]",
+                                                                 "variables=[count]"])
     with pytest.raises(ConfigError, match=r"cannot apply to \['full'\]"):
-        mas_config_from_preset("recipes/configs/gru_gru_hidden.yaml", ["data.value_range=[1, 10]"])
+        mas_config_from_preset(resolve_preset("gru_gru_hidden"), ["data.value_range=[1, 10]"])
     with pytest.raises(ConfigError, match=r"two integers \[lo, hi\], got \[1\]"):
-        mas_config_from_preset("recipes/configs/gru_gru_hidden.yaml", ["data.value_range=[1]",
-                                                                      "variables=[count]"])
+        mas_config_from_preset(resolve_preset("gru_gru_hidden"), ["data.value_range=[1]",
+                                                                 "variables=[count]"])

@@ -76,7 +76,7 @@ def test_unknown_model_name_lists_the_shipped_ones(tmp_path):
 
 
 def test_cli_reports_a_bad_override_with_one_line_and_exit_2(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "llm_mas.cli", "mas", "recipes/configs/gru_gru_hidden.yaml",
+    out = subprocess.run([sys.executable, "-m", "llm_mas.cli", "mas", "gru_gru_hidden",
                           "train.lr=abc", "nosuchkey=1", f"out_dir={tmp_path}"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "train.lr" in out.stderr and "nosuchkey" in out.stderr and "Traceback" not in out.stderr

@@ -1,4 +1,4 @@
-"""Golden checks on the shipped MultiObject GRU (the trained checkpoint in data/models)."""
+"""Golden checks on the shipped MultiObject GRU (the trained checkpoint in llm_mas/data/models)."""
 
 from __future__ import annotations
 

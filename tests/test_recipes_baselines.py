@@ -14,6 +14,7 @@ import pytest
 
 from llm_mas.errors import ConfigError, DataError
 from llm_mas.models.registry import below_bar
+from llm_mas.presets import resolve_preset
 from recipes import clmas, cross_task, stitching_vs_mas
 from recipes.common.claims import format_ci_comparison
 from recipes.common.models import resolve_models, scratch_checkpoints
@@ -266,7 +267,7 @@ def test_runs_on_models_below_the_accuracy_bar_are_blocked(tmp_path, monkeypatch
     monkeypatch.setenv("LLM_MAS_MODELS_DIR", str(shipped))
     assert below_bar("weak-gru-s0") == "count 4, 9"
     assert below_bar("good-gru-s0") == "" and below_bar("some/directory") == ""
-    cfg = mas_config_from_preset("recipes/configs/das_gru.yaml", [], name="weak", out_dir=str(tmp_path),
+    cfg = mas_config_from_preset(resolve_preset("das_gru"), [], name="weak", out_dir=str(tmp_path),
                                  models=[{"name": "weak-gru-s0"}])
     logged = []
     outcome = execute_plan([PlannedRun(cfg, [({}, 0, 0)])], log=logged.append)["weak"]
@@ -282,7 +283,7 @@ def test_runs_are_reused_by_config_and_failures_do_not_stop_the_plan(tmp_path):
             "eval.batch_size=32"]
 
     def cfg(name, out, site="hidden", **fields):
-        return mas_config_from_preset("recipes/configs/das_gru.yaml", tiny, name=name, out_dir=str(out),
+        return mas_config_from_preset(resolve_preset("das_gru"), tiny, name=name, out_dir=str(out),
                                       progress=False, **fields,
                                       models=[{"name": models["multiobject-gru-s0"], "site": site}])
 

@@ -1,6 +1,6 @@
 """Task-model commands: ``train-model``, ``eval-model``, ``list-models``.
 
-    llm-mas train-model --task multiobject --arch gru --seed 0 --out data/models/multiobject-gru-s0
+    llm-mas train-model --task multiobject --arch gru --seed 0 --out runs/multiobject-gru-s0
     llm-mas eval-model multiobject-gru-s0 --n-per-count 200
     llm-mas list-models
 """
@@ -34,7 +34,9 @@ def train_model(
                                                  "arithmetic"),
     arch: str = typer.Option("gru", help="gru | lstm | transformer"),
     seed: int = typer.Option(0, help="seed of the weights, the training data and the periodic evaluation"),
-    out: Path = typer.Option(None, help="run directory (default: runs/<task>-<arch>-s<seed>)"),
+    out: Path = typer.Option(None, help="run directory (default: runs/<task>-<arch>-s<seed>); it loads by path. "
+                                        "To ship a model from a source checkout: llm_mas/data/models/<name>, then "
+                                        "`python -m llm_mas.models.registry` updates the manifest"),
     steps: int = typer.Option(None, help="budget of optimizer steps (default 10000; stops early at the target)"),
     batch_size: int = typer.Option(None, help="sequences per step (default 64)"),
     lr: float = typer.Option(None, help="peak learning rate (default 3e-3 RNNs, 1e-3 Transformer)"),
@@ -121,7 +123,7 @@ def eval_model(
 
 
 def list_models() -> None:
-    """The shipped task models (data/models/manifest.json) as a table."""
+    """The shipped task models (manifest.json of llm_mas/data/models, or of $LLM_MAS_MODELS_DIR) as a table."""
 
     def body() -> None:
         from ..models.registry import models_dir, read_manifest

@@ -1,15 +1,14 @@
-"""`llm-mas similarity CONFIG.yaml key.sub=value ...`: RSA and CKA between task models (method.md §9)."""
+"""`llm-mas similarity PRESET|CONFIG.yaml key.sub=value ...`: RSA and CKA between task models (method.md §9)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import typer
 
 from . import run_command
 
 
-def similarity(config: Path = typer.Argument(..., help="A preset YAML (see recipes/configs/similarity_*.yaml)."),
+def similarity(config: str = typer.Argument(..., help="A shipped preset name (similarity_*, see `llm-mas "
+                                                       "list-presets`) or a YAML file."),
                overrides: list[str] = typer.Argument(None, help="key.sub=value overrides, e.g. n_rows=500 "
                                                                "models.1.site=embeddings"),
                ) -> None:
@@ -18,8 +17,9 @@ def similarity(config: Path = typer.Argument(..., help="A preset YAML (see recip
 
     def body():
         from ..correlative import format_similarity_table, load_similarity_config, run_similarity
+        from ..presets import resolve_preset
 
-        cfg = load_similarity_config(config, overrides or [])
+        cfg = load_similarity_config(resolve_preset(config), overrides or [])
         result = run_similarity(cfg, log=typer.echo)
         typer.echo("\n" + format_similarity_table(result))
         typer.echo(f"\nwrote {result['run_dir']}/")

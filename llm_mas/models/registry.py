@@ -1,4 +1,5 @@
-"""Shipped task-model checkpoints: ``data/models/<name>/`` and ``data/models/manifest.json``.
+"""Shipped task-model checkpoints: ``llm_mas/data/models/<name>/`` and ``llm_mas/data/models/manifest.json``
+(package data, so a wheel carries them).
 
     from llm_mas import load_task_model
     model = load_task_model("multiobject-gru-s0")    # by shipped name
@@ -6,26 +7,45 @@
 
 Each entry of the manifest records the exact training command, the free-running trial accuracy per N
 (Arithmetic: per number of operations and per initial-value range), the evaluation seed and the date.
-Rebuild it from the checkpoint directories with ``python -m llm_mas.models.registry``.
+Rebuild it from the checkpoint directories with ``python -m llm_mas.models.registry [DIR]``.
+
+Where models are read and written:
+
+- ``models_dir()`` is ``$LLM_MAS_MODELS_DIR`` when set, else the package's own ``llm_mas/data/models``.
+  Every shipped-name lookup (``load_task_model``, ``llm-mas list-models``, MAS configs) reads there.
+- ``llm-mas train-model`` writes only where ``--out`` says (default ``runs/<task>-<arch>-s<seed>``); such a
+  directory loads by path. To use several of your own models by name, put them under one directory, run
+  ``python -m llm_mas.models.registry DIR`` (writes ``DIR/manifest.json``) and set
+  ``LLM_MAS_MODELS_DIR=DIR`` (that directory then replaces the shipped models).
+- Shipping a new model (in a source checkout, whose ``llm_mas/data/models`` is the working tree):
+  ``llm-mas train-model ... --out llm_mas/data/models/NAME`` then ``python -m llm_mas.models.registry``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from ..resources import package_path
 from .task_models import TaskModel, count_parameters
 
 MANIFEST = "manifest.json"
+MODELS_DIR_ENV = "LLM_MAS_MODELS_DIR"
+
+
+def shipped_models_dir() -> Path:
+    """The package's own checkpoint directory, ``llm_mas/data/models``."""
+    return package_path("data", "models")
 
 
 def models_dir() -> Path:
-    """Where the shipped checkpoints live (``$LLM_MAS_MODELS_DIR`` overrides ``<repo>/data/models``)."""
-    env = os.environ.get("LLM_MAS_MODELS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "data" / "models"
+    """Where shipped names are looked up: ``$LLM_MAS_MODELS_DIR`` if set, else :func:`shipped_models_dir`."""
+    env = os.environ.get(MODELS_DIR_ENV)
+    return Path(env) if env else shipped_models_dir()
 
 
 def read_manifest(directory: Path | None = None) -> dict[str, Any]:
@@ -133,13 +153,17 @@ def manifest_entry(run_dir: Path, root: Path) -> dict[str, Any]:
 
 
 def update_manifest(directory: Path | None = None) -> dict[str, Any]:
-    """Rebuild the manifest from every finished checkpoint directory under `directory`; returns it.
+    """Rebuild ``manifest.json`` from every finished checkpoint directory under `directory` (default
+    :func:`models_dir`: ``$LLM_MAS_MODELS_DIR`` or the package's ``llm_mas/data/models``); returns it.
 
     Directories still training (no metrics.json yet) are left out and listed under ``"unfinished"``.
     """
     from .training import BAR
 
-    root = directory or models_dir()
+    root = Path(directory) if directory is not None else models_dir()
+    if not root.is_dir():
+        raise ConfigError(f"models directory {str(root)!r} does not exist; pass a directory holding run "
+                          "directories written by `llm-mas train-model`")
     models, unfinished = {}, []
     for run_dir in sorted(p for p in root.iterdir() if (p / "config.yaml").exists()):
         if not (run_dir / "metrics.json").exists():
@@ -161,7 +185,10 @@ def update_manifest(directory: Path | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":  # pragma: no cover - maintenance entry point
-    result = update_manifest()
+    # python -m llm_mas.models.registry [DIR]: DIR defaults to models_dir() ($LLM_MAS_MODELS_DIR or the package's)
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else models_dir()
+    result = update_manifest(target)
+    print(f"wrote {target / MANIFEST}")
     for name, item in result["models"].items():
         flag = "ok" if item["passes_bar"] else "FAILS THE BAR"
         print(f"{name}: min {item['min_accuracy']:.4f} overall {item['overall_accuracy']:.4f} {flag}")

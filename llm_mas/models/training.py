@@ -22,7 +22,7 @@ A run directory holds ``config.yaml`` (first line: the exact command), ``model.s
 
 Held-out values that a smooth interpolation of the trained ones gets wrong need regularisation: on Modulo
 the default GRU answers N=4 with two responses (between 3 -> 3 and 5 -> 1) and never reaches N=4; with
-``--lr 1e-3 --set weight_decay=1.0`` it learns the periodic answer for every N (data/models/manifest.json
+``--lr 1e-3 --set weight_decay=1.0`` it learns the periodic answer for every N (llm_mas/data/models/manifest.json
 holds every shipped model's exact command).
 """
 

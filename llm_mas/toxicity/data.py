@@ -33,8 +33,8 @@ toxicchat  ``lmsys/toxic-chat`` (toxicchat0124)   ``user_input``, ``model_output
   toxic and the nontoxic fine-tunes; here the labels are exclusive.)
 
 A *labelled* local file is the other accepted layout: columns ``text`` (already formatted, used as is),
-``label`` (``toxic``/``nontoxic`` or 1/0) and optionally ``source``. ``data/toxicity/sample.jsonl`` is one
-(``data="sample"``; see ``data/toxicity/README.md``).
+``label`` (``toxic``/``nontoxic`` or 1/0) and optionally ``source``. The shipped offline sample
+``llm_mas/data/toxicity/sample.jsonl`` is one (``data="sample"``; see ``llm_mas/data/toxicity/README.md``).
 
 Splits: within every (source, label) stratum the texts are shuffled with a seed derived from
 ``(seed, source, label)`` and cut into ``n_splits`` contiguous near-equal chunks; split k is the union of
@@ -57,10 +57,11 @@ from pathlib import Path
 from typing import Any, Union
 
 from ..errors import ConfigError, DataError, HubUnavailableError, choice_error
+from ..resources import package_path
 
 LABELS = ("toxic", "nontoxic")
 MODES = ("toxic", "nontoxic", "both")
-SAMPLE_PATH = Path(__file__).resolve().parents[2] / "data" / "toxicity" / "sample.jsonl"
+SAMPLE_PATH = package_path("data", "toxicity", "sample.jsonl")  # the shipped offline sample (package data)
 LABELLED_COLUMNS = ("text", "label")  # + optional "source"
 LOCAL_SOURCE = "local"  # source name of labelled-file rows without a `source` column
 FILE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}

@@ -5,7 +5,7 @@ CL match counts) comes from ``llm_mas.mas.run_mas`` / ``MASResult`` records. Thi
 run to execute and picks records out of finished runs::
 
     from recipes.common.plans import PlannedRun, execute_plan, mas_config_from_preset, plan_rows
-    cfg = mas_config_from_preset("recipes/configs/gru_gru_hidden.yaml", [], name="mas_k4", k=4,
+    cfg = mas_config_from_preset("gru_gru_hidden", [], name="mas_k4", k=4,
                                  out_dir="runs/x/mas")
     plans = [PlannedRun(cfg, rows=[({"method": "mas"}, 0, 1)])]   # one row: direction 0 -> 1
     outcomes = execute_plan(plans, search_dirs=["runs"])           # reuse / resume / train
@@ -27,6 +27,7 @@ from llm_mas.config import apply_overrides, from_dict, load_yaml, to_dict
 from llm_mas.errors import ConfigError, DataError, MASError
 from llm_mas.mas import MASConfig, run_mas
 from llm_mas.models.registry import below_bar_text, read_manifest, resolve_model_dir
+from llm_mas.presets import resolve_preset
 from llm_mas.results import MASResult
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,9 +41,17 @@ SMOKE_MAS_OVERRIDES = ("data.n_train=32", "data.n_valid=16", "train.max_steps=2"
 
 
 def preset_path(path: str | Path) -> Path:
-    """A preset path as given, else relative to the repository root (presets name repository paths)."""
+    """A preset by name (``gru_gru_hidden``, see ``llm-mas list-presets``) or a file: as given, else relative
+    to the repository root."""
     p = Path(path)
-    return p if p.is_absolute() or p.exists() else REPO / p
+    if p.is_absolute() or p.exists():
+        return p
+    if (REPO / p).exists():
+        return REPO / p
+    try:
+        return resolve_preset(str(path))
+    except ConfigError:
+        return REPO / p  # callers report the missing file
 
 
 # ================================================================================== MAS configs
