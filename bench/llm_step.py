@@ -54,7 +54,7 @@ from common import (  # noqa: E402
 
 from llm_mas.alignments import make_alignment  # noqa: E402
 from llm_mas.backends import Edit, TorchHookBackend, get_backend  # noqa: E402
-from llm_mas.interchange import intervene  # noqa: E402
+from llm_mas.interventions import intervene  # noqa: E402
 from llm_mas.sites import Site  # noqa: E402
 
 IGNORE = -100

@@ -58,7 +58,7 @@ def mas_config_from_preset(preset: str | Path, overrides: Sequence[str] = (), **
     import dataclasses
 
     from .config import apply_overrides, from_dict, load_yaml, to_dict
-    from .mas import MASConfig
+    from .run_config import MASConfig
 
     data = apply_overrides(load_yaml(preset_path(preset)), list(overrides))
     valid = [f.name for f in dataclasses.fields(MASConfig)]
@@ -140,7 +140,7 @@ def run_or_reuse(config, search_dirs: Sequence[str | Path] = (), log: Callable[[
     A checkpoint in ``<out_dir>/<name>`` written for another config is not resumed (that run starts afresh).
     With ``train=False`` an unfinished run is reported as pending instead of trained.
     """
-    from .mas import run_mas
+    from .run import run as run_mas
     from .results import MASResult
 
     found = find_finished_run(config, search_dirs)

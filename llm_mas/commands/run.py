@@ -19,11 +19,12 @@ def mas(config: Path = typer.Argument(..., help="A preset YAML (see recipes/conf
     def body():
         import torch
 
-        from ..mas import load_mas_config, run_mas
+        from ..run import run
+        from ..run_config import load_mas_config
 
         torch.set_num_threads(max(1, threads))
         cfg = load_mas_config(config, overrides or [])
-        result = run_mas(cfg)
+        result = run(cfg)
         for var in result.variables:
             typer.echo(f"\ntrial IIA ({var}), rows = source, columns = target:\n{result.table(var)}")
         typer.echo(f"\nwrote {result.run_dir}/")

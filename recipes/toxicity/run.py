@@ -127,7 +127,7 @@ class ToxicityRecipeConfig:
 
     def validate(self) -> list[str]:
         from llm_mas.config import from_dict
-        from llm_mas.mas import MASConfig, ModelConfig
+        from llm_mas.run_config import MASConfig, ModelConfig
         from llm_mas.toxicity.finetune import FinetuneConfig
 
         p = []
@@ -349,7 +349,7 @@ def record_stage(config: ToxicityRecipeConfig, paths: Paths, v: Variant) -> Stag
 def mas_config(config: ToxicityRecipeConfig, paths: Paths):
     """The ``MASConfig`` of the joint n-model run (models in ``variants`` order)."""
     from llm_mas.config import from_dict
-    from llm_mas.mas import MASConfig
+    from llm_mas.run_config import MASConfig
 
     models = [{**config.model, "name": str(paths.model(v)), "kind": "hf", "recording": str(paths.recording(v))}
               for v in variants(config)]
@@ -364,7 +364,7 @@ def mas_stage(config: ToxicityRecipeConfig, paths: Paths) -> Stage:
 
     cfg = mas_config(config, paths)
     if config.processes > 1:
-        argv = _launcher(config, "no") + ["-m", "llm_mas.llm.distributed", str(paths.mas_yaml)]
+        argv = _launcher(config, "no") + ["-m", "llm_mas.distributed", str(paths.mas_yaml)]
     else:
         argv = ["llm-mas", "mas", str(paths.mas_yaml)]
     started = (paths.mas / "config.yaml").is_file()
