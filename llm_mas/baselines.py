@@ -1,6 +1,6 @@
 """Model-stitching baselines (docs/method.md): maps h_s -> h_t that discard the target's own latent.
 
-- `IsometricStitch`: the reference's rank-k partial isometry h_s Q_s P_k Q_tᵀ built from two
+- `IsometricStitch`: the paper's rank-k partial isometry h_s Q_s P_k Q_tᵀ built from two
   alignments (orthogonal by default; P_k keeps the first k aligned coordinates).
 - `LinearStitch`: an unconstrained affine map of rank <= k, h_s A B + b (A: d_s×k, B: k×d_t); one dense
   d_s×d_t matrix when k >= min(d_s, d_t) (full rank). A strictly stronger method than MAS's stitch, so
@@ -94,7 +94,7 @@ class IsometricStitch(nn.Module):
     @classmethod
     def create(cls, d_source: int, d_target: int, k: int, *, kind: str = "orthogonal",
                seed: int | None = None, dtype: torch.dtype = torch.float32) -> IsometricStitch:
-        """Two fresh alignments of `kind` (orthogonal: the reference's stitching baseline); `seed` seeds the
+        """Two fresh alignments of `kind` (orthogonal: the paper's stitching baseline); `seed` seeds the
         source alignment and seed + 1 the target's."""
         if kind not in ISOMETRIC_KINDS:
             raise choice_error("isometric stitch alignment kind", kind, ISOMETRIC_KINDS)

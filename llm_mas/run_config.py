@@ -171,18 +171,22 @@ class MASConfig:
     @property
     def kind(self) -> str:
         """The kind of every model (``task`` or ``hf``): the kind of problem the run builds."""
-        return self.models[0].kind if self.models else "task"
+        kinds = [m.kind for m in self.models if isinstance(m, ModelConfigBase)]
+        return kinds[0] if kinds else "task"
 
     def validate(self) -> list[str]:
         p = []
         if not self.models:
             p.append("models: list at least one model (shipped names: see `llm-mas list-models`)")
-        kinds = sorted({m.kind for m in self.models})
+        built = [m for m in self.models if isinstance(m, ModelConfigBase)]  # entries with problems are reported
+        kinds = sorted({m.kind for m in built})
         if len(kinds) > 1:
             p.append(f"models: mixing kinds {' and '.join(map(repr, kinds))} in one run is not supported")
         elif kinds == ["hf"]:
             p.extend(self._hf_problems())
         for i, m in enumerate(self.models):
+            if not isinstance(m, ModelConfigBase):
+                continue
             if m.alignment not in ALIGNMENTS:
                 p.append(f"models.{i}.alignment: unknown kind {m.alignment!r}; valid: {', '.join(sorted(ALIGNMENTS))}")
             elif m.alignment_options:
@@ -224,7 +228,8 @@ class MASConfig:
             p.append("data.stepwise: LLM MAS is stepwise (positions 0..i receive the source's subspace); "
                      "set data.stepwise: true")
         for i, m in enumerate(self.models):
-            p.extend(m.problems(f"models.{i}"))
+            if isinstance(m, HFModelConfig):
+                p.extend(m.problems(f"models.{i}"))
         return p
 
     def _directions(self) -> list[tuple[int, int]]:

@@ -78,6 +78,9 @@ class Record:
             raise KeyError(key)
         return value
 
+    def __contains__(self, key: object) -> bool:
+        return key in _RECORD_FIELDS and getattr(self, key) is not None
+
     def get(self, key: str, default: Any = None) -> Any:
         try:
             return self[key]
