@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from llm_mas.alignments import Alignment, AlignmentMap, make_alignment
 from llm_mas.errors import ConfigError, choice_error
+
 # LinearStitch is the linear-stitch intervention's own map, defined with it; re-exported here with the baselines
 from llm_mas.interventions import LinearStitch, LowRankAffineMap, check_positive_int, stitch
 

@@ -32,33 +32,7 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        kinds = _discriminated(args)
-        if kinds:  # a union of dataclasses told apart by their `kind` field
-            if isinstance(value, tuple(kinds.values())):
-                return value
-            if not isinstance(value, dict):
-                problems.append(f"{path}: expected a mapping, got {value!r}")
-                return value
-            kind = value.get("kind", next(iter(kinds)))
-            if kind not in kinds:
-                problems.append(f"{path + '.' if path else ''}kind: {kind!r} is not one of "
-                                f"{', '.join(map(repr, kinds))}")
-                return value
-            return _build(kinds[kind], value, path, problems)
-        errs: list[str] = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            trial: list[str] = []
-            out = _coerce(value, arg, path, trial)
-            if not trial:
-                return out
-            errs.extend(trial)
-        problems.append(errs[0] if len(errs) == 1 else f"{path}: {value!r} does not fit {_type_name(tp)}")
-        return value
+        return _coerce_union(value, tp, path, problems)
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
@@ -114,6 +88,38 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         if not isinstance(value, str):
             problems.append(f"{path}: expected a string, got {value!r}")
         return value
+    return value
+
+
+def _coerce_union(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    """The first arm of a union that `value` fits; a union of dataclasses with a ``kind`` field is told apart
+    by the mapping's ``kind`` (the first arm's when it gives none)."""
+    args = get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    kinds = _discriminated(args)
+    if kinds:  # a union of dataclasses told apart by their `kind` field
+        if isinstance(value, tuple(kinds.values())):
+            return value
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {value!r}")
+            return value
+        kind = value.get("kind", next(iter(kinds)))
+        if kind not in kinds:
+            problems.append(f"{path + '.' if path else ''}kind: {kind!r} is not one of "
+                            f"{', '.join(map(repr, kinds))}")
+            return value
+        return _build(kinds[kind], value, path, problems)
+    errs: list[str] = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        trial: list[str] = []
+        out = _coerce(value, arg, path, trial)
+        if not trial:
+            return out
+        errs.extend(trial)
+    problems.append(errs[0] if len(errs) == 1 else f"{path}: {value!r} does not fit {_type_name(tp)}")
     return value
 
 

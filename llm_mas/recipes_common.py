@@ -140,8 +140,8 @@ def run_or_reuse(config, search_dirs: Sequence[str | Path] = (), log: Callable[[
     A checkpoint in ``<out_dir>/<name>`` written for another config is not resumed (that run starts afresh).
     With ``train=False`` an unfinished run is reported as pending instead of trained.
     """
-    from .run import run as run_mas
     from .results import MASResult
+    from .run import run as run_mas
 
     found = find_finished_run(config, search_dirs)
     if found is not None:

@@ -64,7 +64,8 @@ class HFModelConfig(ModelConfigBase):
     backend: str = "torch"              # torch | nnsight | tlens
 
     def problems(self, where: str) -> list[str]:
-        """What is wrong with this entry (``where``: its config path, e.g. ``models.0``)."""
+        """What is wrong with this entry (``where``: its config path, e.g. ``models.0``). Whether the recording
+        exists is checked when the run builds its problem (a recipe may plan runs before recording)."""
         p = []
         if self.backend not in HF_BACKENDS:
             p.append(f"{where}.backend: unknown backend {self.backend!r}; valid choices: {', '.join(HF_BACKENDS)}")
@@ -73,9 +74,6 @@ class HFModelConfig(ModelConfigBase):
         if self.recording is None:
             p.append(f"{where}.recording: an HF model needs a recording directory; make one with "
                      f"`llm-mas record --model {self.name} --texts TEXTS --out DIR`")
-        elif not (Path(self.recording) / "recording.safetensors").is_file():
-            p.append(f"{where}.recording: {self.recording!r} holds no recording.safetensors; make it with "
-                     f"`llm-mas record --model {self.name} --texts TEXTS --out {self.recording}`")
         if self.adapter is not None and self.backend == "tlens":
             p.append(f"{where}.adapter: the tlens backend needs merged weights; point name at the merged model "
                      "(`llm-mas finetune ... --merge` writes OUT/merged) and record that model")

@@ -300,6 +300,7 @@ def test_bfloat16_models_cache_bf16_latents_and_intervene_in_float32(tmp_path):
 # ---------------------------------------------------------------------------------------------- errors
 def test_config_problems_are_reported_together(trained, tmp_path):
     """Every problem of an HF run config is reported at once when the config is built, before any load."""
+    from llm_mas.run import build_problem
     from llm_mas.run_config import config_from_kwargs
 
     model, _ = trained
@@ -310,10 +311,16 @@ def test_config_problems_are_reported_together(trained, tmp_path):
                     dict(name=str(model), kind="hf", site="hidden")],
             variables=["count"], data={"stepwise": False})
     text = str(e.value)
-    for part in ("models.0.backend: unknown backend 'jax'", "models.0.recording", "llm-mas record",
+    for part in ("models.0.backend: unknown backend 'jax'", "llm-mas record",
                  "models.1.recording: an HF model needs a recording", "models.1.site", "variables:",
                  "data.stepwise: LLM MAS is stepwise", "models.2.site: 'hidden' is a task-model site"):
         assert part in text, part
+    # a recording directory that does not hold one is reported (every model at once) before any weights load
+    config = config_from_kwargs(models=[dict(name=str(model), kind="hf", recording=str(tmp_path / "nope"))] * 2,
+                                data={"stepwise": True})
+    with pytest.raises(ConfigError) as e:
+        build_problem(config)
+    assert "models.0.recording" in str(e.value) and "models.1.recording" in str(e.value)
 
 
 def test_model_kinds_take_only_their_own_keys():

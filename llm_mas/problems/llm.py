@@ -320,6 +320,11 @@ def build_llm_problem(config, *, shard: Shard | None = None, log: Callable[[str]
     Identical model entries (same name, adapter, dtype, device, backend) share one loaded model.
     """
     log = log or (lambda s: None)
+    missing = [f"models.{i}.recording: {m.recording!r} holds no recording.safetensors; make it with "
+               f"`llm-mas record --model {m.name} --texts TEXTS --out {m.recording}`"
+               for i, m in enumerate(config.models) if not (Path(m.recording) / "recording.safetensors").is_file()]
+    if missing:  # every missing recording at once, before any weights load
+        raise ConfigError(missing)
     loaded: dict[tuple, tuple] = {}
     names = display_names(config.models)
     entries = []
