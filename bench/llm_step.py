@@ -5,7 +5,7 @@
     python bench/llm_step.py --sizes mid --threads 2
 
 The step (method.md §10, built here from backends + alignments + interchange.intervene, not from
-llm_mas.llm.mas): the source model's embedding-layer latents are cached once (no grad); per step both
+llm_mas.problems.llm): the source model's embedding-layer latents are cached once (no grad); per step both
 orthogonal alignments (k = d/2) are materialized, the target runs with its embeddings at positions 0..i
 (i ~ U[10, L-10) per row) replaced by ``intervene(A_t, A_s, h_t, h_s, [0, k))``, its inputs after i are the
 source's tokens, the loss is the cross-entropy against the source model's greedy predictions at positions
@@ -54,7 +54,7 @@ from common import (  # noqa: E402
 
 from llm_mas.alignments import make_alignment  # noqa: E402
 from llm_mas.backends import Edit, TorchHookBackend, get_backend  # noqa: E402
-from llm_mas.interchange import intervene  # noqa: E402
+from llm_mas.interventions import intervene  # noqa: E402
 from llm_mas.sites import Site  # noqa: E402
 
 IGNORE = -100

@@ -58,8 +58,10 @@ from common import (
 )
 
 from llm_mas.alignments import make_alignment
+from llm_mas.llm.record import IGNORE_INDEX as IGNORE
 from llm_mas.models.task_models import build_task_model
-from llm_mas.numeric import IGNORE, ModelEntry, NumericProblem
+from llm_mas.problems.task import TaskModelEntry as ModelEntry
+from llm_mas.problems.task import TaskModelProblem as NumericProblem
 from llm_mas.sites import resolve_site
 from llm_mas.tasks import PAD, get_task, make_pairs
 from llm_mas.trainer import MASTrainer, TrainerConfig

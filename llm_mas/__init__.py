@@ -13,8 +13,8 @@ _LAZY = {
     "compare": "llm_mas.api",
     "load_task_model": "llm_mas.models.registry",
     "MASResult": "llm_mas.results",
-    "MASConfig": "llm_mas.mas",
-    "run_mas": "llm_mas.mas",
+    "MASConfig": "llm_mas.run_config",
+    "run_mas": "llm_mas.run:run",
     "get_task": "llm_mas.tasks",
 }
 
@@ -23,7 +23,8 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module, _, attribute = _LAZY[name].partition(":")
+        return getattr(importlib.import_module(module), attribute or name)
     raise AttributeError(f"module 'llm_mas' has no attribute {name!r}")
 
 

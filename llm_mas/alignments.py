@@ -32,7 +32,7 @@ materialize ~0.14 s (orthogonal) / 0.07 s (gram_schmidt), but the matrix-exponen
 
 `keeps_complement` says whether an intervention keeps the target's part outside the aligned space.
 For the square kinds that part is zero (inverse(forward(h)) == h); for `gram_schmidt` it is
-h − h U Uᵀ, added back by `llm_mas.interchange.intervene`; `low_rank` drops it.
+h − h U Uᵀ, added back by `llm_mas.interventions.intervene`; `low_rank` drops it.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ def compare(models: Sequence[str], site: str | Sequence[str] = "hidden", task: s
     config: further `MASConfig` fields as keyword arguments (data=..., train=..., directions=..., seed=...).
     overrides: ``key.sub=value`` strings applied last (same syntax as the CLI).
     """
-    from .mas import MASConfig, check_models, run_mas
+    from .run import run
+    from .run_config import MASConfig, check_models
 
     sites = [site] * len(models) if isinstance(site, str) else list(site)
     if len(sites) != len(models):
@@ -46,4 +47,4 @@ def compare(models: Sequence[str], site: str | Sequence[str] = "hidden", task: s
         wrong = [f"{m.name} ({i['task']})" for m, i in zip(cfg.models, infos) if i["task"] != task]
         if wrong:
             raise ConfigError(f"task={task!r} but these models were trained on another task: {', '.join(wrong)}")
-    return run_mas(cfg)
+    return run(cfg)

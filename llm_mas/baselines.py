@@ -1,10 +1,11 @@
-"""Model-stitching baselines (method.md §8): maps h_s -> h_t that discard the target's own latent.
+"""Model-stitching baselines (docs/method.md): maps h_s -> h_t that discard the target's own latent.
 
-- `IsometricStitch`: the reference's rank-k partial isometry h_s Q_s P_k Q_tᵀ built from two
+- `IsometricStitch`: the paper's rank-k partial isometry h_s Q_s P_k Q_tᵀ built from two
   alignments (orthogonal by default; P_k keeps the first k aligned coordinates).
 - `LinearStitch`: an unconstrained affine map of rank <= k, h_s A B + b (A: d_s×k, B: k×d_t); one dense
-  d_s×d_t matrix when k >= min(d_s, d_t) (full rank). A strictly stronger method than MAS's stitch
-  (reference-implementation.md §9.1 item 14), so success there is weaker evidence still.
+  d_s×d_t matrix when k >= min(d_s, d_t) (full rank). A strictly stronger method than MAS's stitch, so
+  success there is weaker evidence still. It is the linear-stitch intervention's own map
+  (`llm_mas.interventions`), re-exported here.
 
 Both are nn.Modules whose `materialize()` returns an evaluated map with the `AlignmentMap`-style
 interface that makes sense for a one-way map: `forward(h_source)` (also `__call__`), `d` (source
@@ -17,22 +18,16 @@ linear part for analysis.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from llm_mas.alignments import Alignment, AlignmentMap, make_alignment
 from llm_mas.errors import ConfigError, choice_error
-from llm_mas.interchange import stitch
+
+# LinearStitch is the linear-stitch intervention's own map, defined with it; re-exported here with the baselines
+from llm_mas.interventions import LinearStitch, LowRankAffineMap, check_positive_int, stitch
 
 ISOMETRIC_KINDS = ("orthogonal", "low_rank", "gram_schmidt", "identity")
-
-
-def _check_width(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class PartialIsometryMap:
@@ -75,34 +70,6 @@ class PartialIsometryMap:
         return None
 
 
-class LowRankAffineMap:
-    """Evaluated `LinearStitch`: h_s ↦ h_s A B + b, or h_s W + b when full rank."""
-
-    kind = "linear_stitch"
-    keeps_complement = False
-
-    def __init__(self, left: Tensor, right: Tensor | None, bias: Tensor | None):
-        self.left, self.right, self.bias = left, right, bias  # (d_s, r), (r, d_t) or None, (d_t,) or None
-        self.d = left.shape[0]
-        self.dim_out = left.shape[1] if right is None else right.shape[1]
-        self.rank = min(self.d, self.dim_out) if right is None else right.shape[0]
-
-    def forward(self, h_source: Tensor) -> Tensor:
-        """(..., d_s) -> (..., d_t)."""
-        if h_source.shape[-1] != self.d:
-            raise ValueError(f"linear stitch expects source latents of width {self.d}, got {tuple(h_source.shape)}")
-        out = h_source @ self.left  # (..., r) or (..., d_t)
-        if self.right is not None:
-            out = out @ self.right  # (..., d_t)
-        return out if self.bias is None else out + self.bias
-
-    __call__ = forward
-
-    def matrix(self) -> Tensor:
-        """(d_s, d_t) linear part."""
-        return self.left if self.right is None else self.left @ self.right
-
-
 class IsometricStitch(nn.Module):
     """Rank-k partial isometry h_s Q_s P_k Q_tᵀ through a source and a target alignment (both trained).
 
@@ -128,11 +95,11 @@ class IsometricStitch(nn.Module):
     @classmethod
     def create(cls, d_source: int, d_target: int, k: int, *, kind: str = "orthogonal",
                seed: int | None = None, dtype: torch.dtype = torch.float32) -> IsometricStitch:
-        """Two fresh alignments of `kind` (orthogonal: the reference's stitching baseline); `seed` seeds the
+        """Two fresh alignments of `kind` (orthogonal: the paper's stitching baseline); `seed` seeds the
         source alignment and seed + 1 the target's."""
         if kind not in ISOMETRIC_KINDS:
             raise choice_error("isometric stitch alignment kind", kind, ISOMETRIC_KINDS)
-        d_source, d_target = _check_width("d_source", d_source), _check_width("d_target", d_target)
+        d_source, d_target = check_positive_int("d_source", d_source), check_positive_int("d_target", d_target)
         alignment_k = k if kind in ("low_rank", "gram_schmidt") else None
         if alignment_k is not None and (isinstance(k, bool) or not isinstance(k, int)
                                         or not 1 <= k <= min(d_source, d_target)):
@@ -161,49 +128,4 @@ class IsometricStitch(nn.Module):
         return f"d_source={self.d}, d_target={self.dim_out}, k={self.k}"
 
 
-class LinearStitch(nn.Module):
-    """Unconstrained affine stitch h_s A B + b of rank <= k (A: d_s×k, B: k×d_t, b: d_t).
-
-    k None or k >= min(d_s, d_t) gives one dense (d_s, d_t) matrix (full rank). Initialisation is seeded
-    (the global RNG is not consumed): A, W ~ N(0, 1/d_s), B ~ N(0, 1/k) (variance-preserving), b = 0.
-    """
-
-    def __init__(self, d_source: int, d_target: int, k: int | None = None, *, bias: bool = True,
-                 seed: int | None = None, dtype: torch.dtype = torch.float32):
-        d_source, d_target = _check_width("d_source", d_source), _check_width("d_target", d_target)
-        if k is not None:
-            _check_width("k", k)
-        super().__init__()
-        generator = None if seed is None else torch.Generator().manual_seed(int(seed))
-        self.d, self.dim_out = d_source, d_target
-        self.full_rank = k is None or k >= min(d_source, d_target)
-        self.k = min(d_source, d_target) if self.full_rank else k
-
-        def normal(*shape: int, fan_in: int) -> nn.Parameter:
-            return nn.Parameter(torch.randn(*shape, generator=generator, dtype=dtype) / math.sqrt(fan_in))
-
-        if self.full_rank:
-            self.weight = normal(d_source, d_target, fan_in=d_source)  # (d_s, d_t)
-            self.register_parameter("left", None)
-            self.register_parameter("right", None)
-        else:
-            self.register_parameter("weight", None)
-            self.left = normal(d_source, k, fan_in=d_source)  # (d_s, k)
-            self.right = normal(k, d_target, fan_in=k)  # (k, d_t)
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(d_target, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
-
-    def materialize(self) -> LowRankAffineMap:
-        if self.full_rank:
-            return LowRankAffineMap(self.weight, None, self.bias)
-        return LowRankAffineMap(self.left, self.right, self.bias)
-
-    def forward(self, h_source: Tensor) -> Tensor:
-        """(..., d_s) -> (..., d_t)."""
-        return self.materialize()(h_source)
-
-    def extra_repr(self) -> str:
-        return (f"d_source={self.d}, d_target={self.dim_out}, k={self.k}, full_rank={self.full_rank}, "
-                f"bias={self.bias is not None}")
+__all__ = ["ISOMETRIC_KINDS", "IsometricStitch", "LinearStitch", "LowRankAffineMap", "PartialIsometryMap"]

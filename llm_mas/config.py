@@ -32,20 +32,7 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errs: list[str] = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            trial: list[str] = []
-            out = _coerce(value, arg, path, trial)
-            if not trial:
-                return out
-            errs.extend(trial)
-        problems.append(errs[0] if len(errs) == 1 else f"{path}: {value!r} does not fit {_type_name(tp)}")
-        return value
+        return _coerce_union(value, tp, path, problems)
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
@@ -104,6 +91,53 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     return value
 
 
+def _coerce_union(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    """The first arm of a union that `value` fits; a union of dataclasses with a ``kind`` field is told apart
+    by the mapping's ``kind`` (the first arm's when it gives none)."""
+    args = get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    kinds = _discriminated(args)
+    if kinds:  # a union of dataclasses told apart by their `kind` field
+        if isinstance(value, tuple(kinds.values())):
+            return value
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {value!r}")
+            return value
+        kind = value.get("kind", next(iter(kinds)))
+        if kind not in kinds:
+            problems.append(f"{path + '.' if path else ''}kind: {kind!r} is not one of "
+                            f"{', '.join(map(repr, kinds))}")
+            return value
+        return _build(kinds[kind], value, path, problems)
+    errs: list[str] = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        trial: list[str] = []
+        out = _coerce(value, arg, path, trial)
+        if not trial:
+            return out
+        errs.extend(trial)
+    problems.append(errs[0] if len(errs) == 1 else f"{path}: {value!r} does not fit {_type_name(tp)}")
+    return value
+
+
+def _discriminated(args: tuple) -> dict[str, type] | None:
+    """{kind: dataclass} when every arm of a union is a dataclass with a ``kind: Literal[...]`` field (the
+    first arm is the default when a mapping gives no kind); None otherwise."""
+    arms = [a for a in args if a is not type(None)]
+    if len(arms) < 2 or not all(dataclasses.is_dataclass(a) for a in arms):
+        return None
+    kinds = {}
+    for arm in arms:
+        kind = typing.get_type_hints(arm).get("kind")
+        if get_origin(kind) is not Literal:
+            return None
+        kinds.update({value: arm for value in get_args(kind)})
+    return kinds
+
+
 def _build(cls: type[T], data: dict, path: str, problems: list[str]) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -141,9 +175,13 @@ def _build(cls: type[T], data: dict, path: str, problems: list[str]) -> T:
 
 
 def from_dict(cls: type[T], data: dict) -> T:
-    """Build and validate a config dataclass; every problem is reported at once."""
+    """Build and validate a config dataclass (or a union of them told apart by ``kind``); every problem is
+    reported at once."""
     problems: list[str] = []
-    obj = _build(cls, data or {}, "", problems)
+    if dataclasses.is_dataclass(cls):
+        obj = _build(cls, data or {}, "", problems)
+    else:
+        obj = _coerce(data or {}, cls, "", problems)
     if problems:
         raise ConfigError(problems)
     return obj

@@ -23,7 +23,7 @@ DEMO_RUNS = [
 
 def demo_configs(out_dir: str = "runs", quick: bool = False):
     from .config import from_dict
-    from .mas import MASConfig
+    from .run_config import MASConfig
 
     configs = []
     for name, models, full_data, full_train in DEMO_RUNS:
@@ -37,14 +37,14 @@ def demo_configs(out_dir: str = "runs", quick: bool = False):
 
 
 def run_demo(out_dir: str = "runs", quick: bool = False, echo=print) -> list:
-    from .mas import run_mas
+    from .run import run
 
     results = []
     t0 = time.perf_counter()
     for cfg in demo_configs(out_dir, quick):
         echo(f"\n=== {cfg.name}: {' vs '.join(m.name for m in cfg.models)} "
              f"(site {cfg.models[0].site}, k={cfg.k}, {cfg.variables[0]} state) ===")
-        res = run_mas(cfg, log=echo)
+        res = run(cfg, log=echo)
         echo(f"trial IIA (rows = source, columns = target):\n{res.table()}")
         echo(f"token IIA:\n{res.table(metric='token_iia')}")
         echo(f"plot: {res.run_dir / 'iia_matrix.png'}")

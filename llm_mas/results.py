@@ -8,17 +8,23 @@ from pathlib import Path
 
 import numpy as np
 
+from .problems.base import Record
+
 
 @dataclass
 class MASResult:
-    """Records: one dict per (source, target, variable) with at least source, target, variable,
-    trial_iia, trial_iia_ci, token_iia, n_pairs (see `llm_mas.numeric.NumericProblem.evaluate`)."""
+    """Records: one `llm_mas.problems.Record` per (source, target, variable) (``results.json`` holds their
+    ``to_dict()`` forms); ``info``: how training ended (stopped, best_step, steps)."""
 
     models: list[str]
     variables: list[str]
-    records: list[dict]
+    records: list[Record]
     run_dir: Path | None = None
     info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        # records given in their results.json form (dicts) become Records
+        self.records = [r if isinstance(r, Record) else Record.from_dict(r) for r in self.records]
 
     def matrix(self, variable: str | None = None, metric: str = "trial_iia") -> np.ndarray:
         """(n, n) array; rows = source, columns = target; NaN where a direction was not evaluated."""
@@ -26,15 +32,16 @@ class MASResult:
         n = len(self.models)
         out = np.full((n, n), np.nan)
         for r in self.records:
-            if r["variable"] == variable:
-                out[r["source_index"], r["target_index"]] = r[metric]
+            if r.variable == variable:
+                out[r.source_index, r.target_index] = getattr(r, metric)
         return out
 
     def to_dataframe(self):
         import pandas as pd
 
         rows = []
-        for r in self.records:
+        for record in self.records:
+            r = record.to_dict()
             row = {k: v for k, v in r.items() if not isinstance(v, (dict, list))}
             for key in ("trial_iia_ci", "token_iia_ci"):
                 if key in r:
@@ -56,16 +63,16 @@ class MASResult:
         return "\n".join(lines)
 
     def plot(self, path: str | Path | None = None, metric: str = "trial_iia"):
-        """Heat map per variable (source rows, target columns); saved to `path` if given."""
-        import matplotlib
-
-        if path is not None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        """Heat map per variable (source rows, target columns), a matplotlib ``Figure``; saved to `path` if
+        given. The figure is not registered with pyplot (no backend is chosen or changed): show it in a
+        notebook by returning it."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         nv = len(self.variables)
-        fig, axes = plt.subplots(1, nv, figsize=(3.2 + 1.1 * len(self.models) * nv, 1.2 + 1.0 * len(self.models)),
-                                 squeeze=False)
+        fig = Figure(figsize=(3.2 + 1.1 * len(self.models) * nv, 1.2 + 1.0 * len(self.models)))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, nv, squeeze=False)
         for ax, var in zip(axes[0], self.variables):
             m = self.matrix(var, metric)
             im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
@@ -80,20 +87,20 @@ class MASResult:
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
         if path is not None:
             fig.savefig(path, dpi=120, bbox_inches="tight")
-            plt.close(fig)
         return fig
 
     def save(self, run_dir: str | Path) -> None:
-        Path(run_dir, "results.json").write_text(json.dumps(self.records, indent=1, sort_keys=True))
+        records = [r.to_dict() for r in self.records]
+        Path(run_dir, "results.json").write_text(json.dumps(records, indent=1, sort_keys=True))
 
     @classmethod
     def load(cls, run_dir: str | Path) -> MASResult:
         run_dir = Path(run_dir)
-        records = json.loads((run_dir / "results.json").read_text())
-        n = 1 + max(max(r["source_index"], r["target_index"]) for r in records)
+        records = [Record.from_dict(r) for r in json.loads((run_dir / "results.json").read_text())]
+        n = 1 + max(max(r.source_index, r.target_index) for r in records)
         names = [""] * n
         for r in records:
-            names[r["source_index"]] = r["source"]
-            names[r["target_index"]] = r["target"]
-        variables = list(dict.fromkeys(r["variable"] for r in records))
+            names[r.source_index] = r.source
+            names[r.target_index] = r.target
+        variables = list(dict.fromkeys(r.variable for r in records))
         return cls(models=names, variables=variables, records=records, run_dir=run_dir)

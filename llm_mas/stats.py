@@ -116,6 +116,20 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
+def ratio_ci(correct: np.ndarray, counts: np.ndarray, *, seed: int = 0, n_boot: int = 2000,
+             level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI (over pairs) of a micro-averaged ratio ``sum(correct) / sum(counts)``.
+
+    correct, counts: (n,) per pair, e.g. correctly predicted and scored tokens (token IIA). Resampling pairs
+    keeps each pair's tokens together. The arrays keep their dtype (sums are taken in it).
+    """
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, len(correct), size=(n_boot, len(correct)))          # (n_boot, n)
+    ratios = correct[indices].sum(1) / np.maximum(counts[indices].sum(1), 1)     # (n_boot,)
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
 def mean_ci(values: Any, **kwargs: Any) -> dict[str, float | int]:
     """Mean with a percentile-bootstrap CI: ``{"mean", "lo", "hi", "n"}``.
 

@@ -1,6 +1,6 @@
 """`MASTrainer`: optimises one alignment per model over chosen directions.
 
-It is handed an *intervention problem* (data, loss, evaluation — numeric tasks or LLMs) and knows nothing
+It is handed an *intervention problem* (``llm_mas.problems``: data, loss, evaluation — task models or LLMs) and knows nothing
 of YAML, tasks or toxicity. Per step the alignment parametrizations are evaluated once
 (``Alignment.materialize``) and handed to the problem. Models are frozen; only alignment parameters reach
 the optimiser. Validation every ``eval_every`` steps keeps the best checkpoint (by mean validation trial
@@ -16,24 +16,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
-
-
-class InterventionProblem(Protocol):
-    """What the trainer needs from a problem (numeric tasks: `llm_mas.numeric.NumericProblem`)."""
-
-    n_train: int
-
-    def loss(self, maps: Sequence[Any], batch_index: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean loss over trained (source, target, variable) chunks for these training rows."""
-
-    def evaluate(self, maps: Sequence[Any], split: str = "valid", with_ci: bool = False) -> list[dict]:
-        """One record per (source, target, variable): trial_iia, token_iia, loss, trained, n_pairs, ..."""
+from .problems.base import InterventionProblem, Record
 
 
 @dataclass
@@ -75,11 +64,12 @@ class FitResult:
     steps: int
     stopped: str
     history: list[dict] = field(default_factory=list)
-    best_records: list[dict] = field(default_factory=list)
+    best_records: list[Record] = field(default_factory=list)
 
 
-def _score(records: list[dict]) -> float:
-    trained = [r["trial_iia"] for r in records if r.get("trained", True)]
+def _score(records: Sequence[Record]) -> float:
+    """Mean validation trial IIA over the trained directions (the model-selection score)."""
+    trained = [r.trial_iia for r in records if r.trained]
     return float(sum(trained) / len(trained)) if trained else 0.0
 
 
@@ -113,7 +103,7 @@ class MASTrainer:
         self.best_score = -1.0
         self.best_step = 0
         self.best_state: dict | None = None
-        self.best_records: list[dict] = []
+        self.best_records: list[Record] = []
         self.evals_since_best = 0
         self.history: list[dict] = []
         self.stopped: str | None = None   # why training ended (kept in the checkpoint: a finished run stays finished)
@@ -166,18 +156,18 @@ class MASTrainer:
     def materialize(self) -> list[Any]:
         return [a.materialize() for a in self.alignments]
 
-    def evaluate(self) -> list[dict]:
+    def evaluate(self) -> list[Record]:
         with torch.no_grad():
             return self.problem.evaluate(self.materialize(), split="valid")
 
-    def _after_eval(self, records: list[dict], elapsed: float) -> str | None:
+    def _after_eval(self, records: list[Record], elapsed: float) -> str | None:
         score = _score(records)
         row = {"step": self.step, "epoch": self.step / self.batches_per_epoch,
                "train_loss": self._loss_sum / max(self._loss_n, 1), "valid_score": score, "seconds": elapsed}
         for r in records:
-            key = f"{r['source']}->{r['target']}:{r['variable']}"
-            row[f"{key}:trial_iia"] = r["trial_iia"]
-            row[f"{key}:token_iia"] = r["token_iia"]
+            key = f"{r.source}->{r.target}:{r.variable}"
+            row[f"{key}:trial_iia"] = r.trial_iia
+            row[f"{key}:token_iia"] = r.token_iia
         self.history.append(row)
         self._loss_sum, self._loss_n = 0.0, 0
         if score > self.best_score + self.config.min_delta or self.best_state is None:
@@ -187,7 +177,7 @@ class MASTrainer:
             self.evals_since_best = 0
         else:
             self.evals_since_best += 1
-        trained = [r["trial_iia"] for r in records if r.get("trained", True)]
+        trained = [r.trial_iia for r in records if r.trained]
         if trained and min(trained) >= self.config.target_iia:
             return f"every trained direction reached validation trial IIA >= {self.config.target_iia}"
         if self.evals_since_best >= self.config.patience:
@@ -257,8 +247,8 @@ class MASTrainer:
                          history=self.history, best_records=self.best_records)
 
 
-def _postfix(loss: float | None, records: list[dict]) -> str:
+def _postfix(loss: float | None, records: Sequence[Record]) -> str:
     parts = [] if loss is None else [f"loss {loss:.3f}"]
     for r in records[:9]:
-        parts.append(f"{r['source']}>{r['target']}:{r['variable'][:5]} {r['trial_iia']:.2f}")
+        parts.append(f"{r.source}>{r.target}:{r.variable[:5]} {r.trial_iia:.2f}")
     return " ".join(parts)

@@ -6,7 +6,7 @@ intervention may not be used), against MAS with full access, latent and behaviou
     python -m recipes.clmas recipes/configs/clmas.yaml epsilons=[0.89] methods=[mas,clmas]
 
 Two MultiObject GRU seeds at the hidden state; model 0 is accessible, model 1 inaccessible. Runs
-(``llm_mas.mas.run_mas``; data and trainer settings from ``mas_preset``):
+(``llm_mas.run.run``; data and trainer settings from ``mas_preset``):
 - ``mas``: MAS with full access (every direction trained by behaviour) — the reference point;
 - ``clmas_eps{ε}``: CLMAS, ``cl.inaccessible=[1]``: directions into model 1 (0→1, 1→1) trained only by the
   counterfactual-latent loss, the others by behaviour; loss (1 − ε)·L_behaviour + ε·L_CL; CL targets are

@@ -9,7 +9,7 @@ embeddings and at the hidden state) the recipe
 1. computes RSA (cosine / euclidean RDMs × Spearman / Pearson) and linear CKA (biased / unbiased) on the
    rows of the same 300 MultiObject sequences (``llm_mas.correlative.run_similarity``);
 2. trains MAS between the same two models at the same site from the comparison's MAS preset (stepwise at
-   the embeddings, indywise at the hidden state; ``llm_mas.mas.run_mas``), and takes trial IIA in each
+   the embeddings, indywise at the hidden state; ``llm_mas.run.run``), and takes trial IIA in each
    cross direction and their mean;
 3. writes ``runs/<name>/comparison.csv``, ``comparison.png`` (a heat-table: rows = comparisons,
    columns = measures) and ``summary.md``.

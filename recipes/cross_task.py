@@ -5,7 +5,7 @@ MultiObject `count` against the Arithmetic GRU's `remaining_ops` and `cumulative
     python -m recipes.cross_task recipes/configs/cross_task.yaml --smoke                  # seconds
     python -m recipes.cross_task recipes/configs/cross_task.yaml k=8
 
-Runs (``llm_mas.mas.run_mas``, variable ``count``, hidden state, k coordinates; data and trainer settings
+Runs (``llm_mas.run.run``, variable ``count``, hidden state, k coordinates; data and trainer settings
 from ``mas_preset``; every MAS run trains all four directions):
 - ``within_{task}``: MAS between the first two seeds of a task (MultiObject s0 vs s1);
 - ``das_{task}``: DAS on each task's first model — the within-task reference for tasks with one seed

@@ -4,7 +4,7 @@
     python -m recipes.stitching_vs_mas recipes/configs/stitching_vs_mas.yaml --smoke          # seconds
     python -m recipes.stitching_vs_mas recipes/configs/stitching_vs_mas.yaml ks=[2,4] methods=[mas,das]
 
-For every k the recipe trains (``llm_mas.mas.run_mas``; settings from ``mas_preset``):
+For every k the recipe trains (``llm_mas.run.run``; settings from ``mas_preset``):
 - ``mas_k{k}``: MAS, both models, every direction (0→0, 0→1, 1→0, 1→1) trained jointly;
 - ``das_m{i}_k{k}``: DAS, each model alone;
 - ``stitch_{s}to{t}_k{k}``: rank-k isometric stitching h_s Q_s P_k Q_tᵀ (target latent discarded), trained on

@@ -9,7 +9,7 @@ import torch
 from llm_mas.alignments import make_alignment
 from llm_mas.baselines import IsometricStitch, LinearStitch
 from llm_mas.errors import ConfigError
-from llm_mas.interchange import stitch
+from llm_mas.interventions import stitch
 
 F64 = torch.float64
 

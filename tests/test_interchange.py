@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from llm_mas.alignments import AlignmentMap, make_alignment
 from llm_mas.errors import ConfigError, InterventionError
-from llm_mas.interchange import (
+from llm_mas.interventions import (
     block_mask,
     interchange,
     intervene,

@@ -52,7 +52,7 @@ def _alignments(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_shard_rows_and_gradient_scaling():
     """Shards partition each batch; a shard's loss is world/(batch tokens) x its token sum (checked in-process)."""
     from llm_mas.errors import ConfigError
-    from llm_mas.llm.mas import Shard
+    from llm_mas.problems import Shard
 
     rows = torch.arange(7)
     parts = [Shard(r, 3, gather=lambda o: [o]).rows(rows) for r in range(3)]
@@ -67,8 +67,9 @@ def test_shard_rows_and_gradient_scaling():
 def test_simulated_shards_reproduce_the_full_batch_gradient(tmp_path):
     """Two simulated processes (shard losses, gradients averaged, evaluation merged) equal one process exactly."""
     from llm_mas.errors import ConfigError
-    from llm_mas.llm.mas import Shard
-    from llm_mas.mas import build_alignments, build_problem, load_mas_config
+    from llm_mas.problems import Shard
+    from llm_mas.run import build_alignments, build_problem
+    from llm_mas.run_config import load_mas_config
 
     config = load_mas_config(_preset(tmp_path))
     problem = build_problem(config)
@@ -108,14 +109,15 @@ def test_simulated_shards_reproduce_the_full_batch_gradient(tmp_path):
     assert merged == single
 
 
-def test_one_process_entry_resumes_and_matches_run_mas(tmp_path, capsys):
-    """`python -m llm_mas.llm.distributed` in one process: stopped after 2 steps and rerun with a 3-step budget,
-    it resumes from its checkpoint and ends with the alignments of `run_mas` trained 3 steps straight."""
-    from llm_mas.llm.distributed import main
-    from llm_mas.mas import load_mas_config, run_mas
+def test_one_process_entry_resumes_and_matches_run(tmp_path, capsys):
+    """`python -m llm_mas.distributed` in one process: stopped after 2 steps and rerun with a 3-step budget,
+    it resumes from its checkpoint and ends with the alignments of `run` trained 3 steps straight."""
+    from llm_mas.distributed import main
+    from llm_mas.run import run
+    from llm_mas.run_config import load_mas_config
 
     preset = _preset(tmp_path)
-    run_mas(load_mas_config(preset), log=lambda s: None)
+    run(load_mas_config(preset), log=lambda s: None)
     main([str(preset), "name=resumed", "train.max_steps=2"])
     main([str(preset), "name=resumed"])
     assert "resumed from" in capsys.readouterr().out
@@ -124,12 +126,12 @@ def test_one_process_entry_resumes_and_matches_run_mas(tmp_path, capsys):
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=0)
     header = (runs / "resumed" / "config.yaml").read_text().splitlines()[0]
-    assert header == f"# python -m llm_mas.llm.distributed {runs / 'resumed' / 'config.yaml'}"
+    assert header == f"# python -m llm_mas.distributed {runs / 'resumed' / 'config.yaml'}"
     assert json.loads((runs / "resumed" / "summary.json").read_text())["steps"] == 3
 
 
 def test_entry_refuses_mixed_precision_and_task_models(tmp_path, monkeypatch, capsys):
-    from llm_mas.llm.distributed import main
+    from llm_mas.distributed import main
 
     preset = _preset(tmp_path)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
@@ -137,18 +139,21 @@ def test_entry_refuses_mixed_precision_and_task_models(tmp_path, monkeypatch, ca
         main([str(preset)])
     assert e.value.code == 2 and "set models.i.dtype" in capsys.readouterr().err
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    task_preset = tmp_path / "task.yaml"
+    task_preset.write_text("models: [{name: multiobject-gru-s0}, {name: multiobject-gru-s1}]\n")
     with pytest.raises(SystemExit):
-        main([str(preset), "models.0.kind=task"])
+        main([str(task_preset)])
     assert "HF models only" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     """`accelerate launch` (2 gloo processes) ends with the 1-process alignments (to 1e-5) and the same IIA."""
-    from llm_mas.mas import load_mas_config, run_mas
+    from llm_mas.run import run
+    from llm_mas.run_config import load_mas_config
 
     preset = _preset(tmp_path)
-    run_mas(load_mas_config(preset), log=lambda s: None)  # the ordinary one-process path
+    run(load_mas_config(preset), log=lambda s: None)  # the ordinary one-process path
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -156,7 +161,7 @@ def test_two_processes_match_one_process(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-                           "-m", "llm_mas.llm.distributed", str(preset), "name=dp"],
+                           "-m", "llm_mas.distributed", str(preset), "name=dp"],
                           env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs = tmp_path / "runs"

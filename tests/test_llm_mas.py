@@ -80,7 +80,7 @@ def randoms(tmp_path_factory):
 
 
 def _config(entries, **kw):
-    from llm_mas.mas import config_from_kwargs
+    from llm_mas.run_config import config_from_kwargs
 
     backend = kw.pop("backend", "torch")
     data = {"n_train": 256, "n_valid": 64, "stepwise": True, **kw.pop("data", {})}
@@ -90,7 +90,7 @@ def _config(entries, **kw):
 
 
 def _fit(config, **trainer_kw):
-    from llm_mas.mas import build_alignments, build_problem
+    from llm_mas.run import build_alignments, build_problem
     from llm_mas.trainer import MASTrainer, TrainerConfig
 
     problem = build_problem(config)
@@ -106,7 +106,7 @@ def _iia(records, metric="token_iia"):
 # ---------------------------------------------------------------------------------------------- problem
 def test_problem_shapes_pairs_and_cache(trained):
     """Pairs follow method.md §10 and the source latents are the source's own, cached once per split."""
-    from llm_mas.mas import build_problem
+    from llm_mas.run import build_problem
 
     config = _config([trained, trained], data={"n_train": 50, "n_valid": 20})
     problem = build_problem(config)
@@ -147,7 +147,7 @@ def test_oracle_alignment_transfers_exactly(trained, randoms):
     """Golden: with the embedding's row space as the swapped subspace, a model and its copy transfer perfectly
     (IIA 1 in every direction) while unrelated models do not; k = d with identity maps = running the source."""
     from llm_mas.alignments import AlignmentMap
-    from llm_mas.mas import build_problem
+    from llm_mas.run import build_problem
 
     def oracle(entry):
         weight = entry.model.model.embed_tokens.weight.detach()      # (V, d)
@@ -193,7 +193,7 @@ def test_copy_reaches_high_iia_unrelated_stays_low(trained, randoms):
 def test_backends_match_torch_and_train(trained, backend):
     """The nnsight (tracing) and TransformerLens (hook points) paths give the torch loss and gradient at step 0,
     and train through MASTrainer."""
-    from llm_mas.mas import build_alignments, build_problem
+    from llm_mas.run import build_alignments, build_problem
 
     results = {}
     for name in ("torch", backend):
@@ -216,7 +216,7 @@ def test_backends_match_torch_and_train(trained, backend):
 # ---------------------------------------------------------------------------------------------- trainer
 def test_checkpoint_resume_matches_uninterrupted_run(randoms, tmp_path):
     """A run killed after 2 steps and resumed from its checkpoint ends with the uninterrupted run's alignments."""
-    from llm_mas.mas import build_alignments, build_problem
+    from llm_mas.run import build_alignments, build_problem
     from llm_mas.trainer import MASTrainer, TrainerConfig
 
     config = _config(randoms, data={"n_train": 48, "n_valid": 12},
@@ -241,15 +241,15 @@ def test_checkpoint_resume_matches_uninterrupted_run(randoms, tmp_path):
     assert [h["step"] for h in result.history] == [0, 2, 4]
 
 
-def test_three_models_run_mas_writes_results(trained, randoms, tmp_path):
+def test_three_models_run_writes_results(trained, randoms, tmp_path):
     """n = 3 models (different weights, one shared recording length): 9 directions evaluated with CIs; the
-    ordinary `run_mas` path (what `llm-mas mas` runs) writes the run directory."""
-    from llm_mas.mas import run_mas
+    ordinary `run` path (what `llm-mas mas` runs) writes the run directory."""
+    from llm_mas.run import run
 
     config = _config([trained, *randoms], data={"n_train": 24, "n_valid": 10},
                      train={"max_steps": 2, "eval_every": 2, "batch_size": 8}, directions="cross",
                      out_dir=str(tmp_path), name="three")
-    result = run_mas(config, log=lambda s: None)
+    result = run(config, log=lambda s: None)
     records = json.loads((tmp_path / "three" / "results.json").read_text())
     assert len(records) == 9 and [(r["source_index"], r["target_index"]) for r in records] == [
         (s, t) for s in range(3) for t in range(3)]
@@ -262,7 +262,7 @@ def test_three_models_run_mas_writes_results(trained, randoms, tmp_path):
 
 
 def test_stitch_intervention_and_low_rank_alignment_run(trained):
-    from llm_mas.mas import build_alignments, build_problem
+    from llm_mas.run import build_alignments, build_problem
 
     config = _config([trained, trained], intervention="stitch", data={"n_train": 8, "n_valid": 4})
     config.models[1].alignment = "low_rank"
@@ -279,7 +279,7 @@ def test_bfloat16_models_cache_bf16_latents_and_intervene_in_float32(tmp_path):
     from llm_mas.llm.loading import load_causal_lm
     from llm_mas.llm.record import record_generations
     from llm_mas.llm.tiny import tiny_corpus
-    from llm_mas.mas import build_alignments, build_problem
+    from llm_mas.run import build_alignments, build_problem
 
     model, tokenizer = load_causal_lm(tiny_qwen2_dir(0), dtype="bfloat16")
     record_generations(model, tokenizer, tiny_corpus(60, seed=5), prompt_len=PROMPT, total_len=TOTAL, n=20,
@@ -299,24 +299,46 @@ def test_bfloat16_models_cache_bf16_latents_and_intervene_in_float32(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- errors
 def test_config_problems_are_reported_together(trained, tmp_path):
-    from llm_mas.mas import build_problem, config_from_kwargs
+    """Every problem of an HF run config is reported at once when the config is built, before any load."""
+    from llm_mas.run import build_problem
+    from llm_mas.run_config import config_from_kwargs
 
     model, _ = trained
-    config = config_from_kwargs(
-        models=[dict(name=str(model), kind="hf", recording=str(tmp_path / "nope"), backend="jax"),
-                dict(name=str(model), kind="hf", site="not a site!")],
-        variables=["count"], data={"stepwise": False})
+    with pytest.raises(ConfigError) as e:
+        config_from_kwargs(
+            models=[dict(name=str(model), kind="hf", recording=str(tmp_path / "nope"), backend="jax"),
+                    dict(name=str(model), kind="hf", site="not a site!"),
+                    dict(name=str(model), kind="hf", site="hidden")],
+            variables=["count"], data={"stepwise": False})
+    text = str(e.value)
+    for part in ("models.0.backend: unknown backend 'jax'", "llm-mas record",
+                 "models.1.recording: an HF model needs a recording", "models.1.site", "variables:",
+                 "data.stepwise: LLM MAS is stepwise", "models.2.site: 'hidden' is a task-model site"):
+        assert part in text, part
+    # a recording directory that does not hold one is reported (every model at once) before any weights load
+    config = config_from_kwargs(models=[dict(name=str(model), kind="hf", recording=str(tmp_path / "nope"))] * 2,
+                                data={"stepwise": True})
     with pytest.raises(ConfigError) as e:
         build_problem(config)
+    assert "models.0.recording" in str(e.value) and "models.1.recording" in str(e.value)
+
+
+def test_model_kinds_take_only_their_own_keys():
+    """A key of the other model kind is an error (the union is told apart by `kind`), as is an unknown kind."""
+    from llm_mas.run_config import config_from_kwargs
+
+    with pytest.raises(ConfigError) as e:
+        config_from_kwargs(models=[dict(name="multiobject-gru-s0", dtype="bfloat16"),
+                                   dict(name="m", kind="hf", recording="r", untrained=True),
+                                   dict(name="m", kind="onnx")])
     text = str(e.value)
-    for part in ("models.0.backend: unknown backend 'jax'", "models.0.recording", "llm-mas record",
-                 "models.1.recording: an HF model needs a recording", "models.1.site", "variables:",
-                 "data.stepwise: LLM MAS is stepwise"):
+    for part in ("unknown key 'models.0.dtype'", "unknown key 'models.1.untrained'",
+                 "models.2.kind: 'onnx' is not one of 'task', 'hf'"):
         assert part in text, part
 
 
 def test_wrong_recording_and_bad_k_are_refused(trained, randoms):
-    from llm_mas.mas import build_problem
+    from llm_mas.run import build_problem
 
     (model, _), (_, other_recording) = trained, randoms[0]
     with pytest.raises(DataError, match="stale"):

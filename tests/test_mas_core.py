@@ -9,9 +9,9 @@ import torch
 from llm_mas.alignments import make_alignment
 from llm_mas.backends import Edit, TorchHookBackend
 from llm_mas.errors import ConfigError
-from llm_mas.interchange import intervene
+from llm_mas.interventions import intervene
 from llm_mas.models.task_models import build_task_model
-from llm_mas.numeric import ModelEntry, NumericProblem
+from llm_mas.problems.task import TaskModelEntry, TaskModelProblem
 from llm_mas.sites import Site
 from llm_mas.tasks import get_task
 from llm_mas.trainer import MASTrainer, TrainerConfig
@@ -25,11 +25,11 @@ def _model(arch: str, seed: int):
     return m
 
 
-def _entry(arch: str, seed: int, site: str = "hidden") -> ModelEntry:
+def _entry(arch: str, seed: int, site: str = "hidden") -> TaskModelEntry:
     from llm_mas.sites import resolve_site
 
     m = _model(arch, seed)
-    return ModelEntry(name=f"{arch}{seed}", model=m, task=TASK, site=resolve_site(m, site), width=m.d_model,
+    return TaskModelEntry(name=f"{arch}{seed}", model=m, task=TASK, site=resolve_site(m, site), width=m.d_model,
                       variable_map={})
 
 
@@ -86,7 +86,7 @@ def test_empty_subspace_equals_base_run(arch):
 def _problem(archs=("gru", "gru"), fast_path=True, stepwise=False, site="hidden", n_train=64, n_valid=48,
              variables=("full",), k=16, **kw):
     entries = [_entry(a, i, site) for i, a in enumerate(archs)]
-    return NumericProblem(entries, list(variables), k, stepwise=stepwise, n_train=n_train, n_valid=n_valid,
+    return TaskModelProblem(entries, list(variables), k, stepwise=stepwise, n_train=n_train, n_valid=n_valid,
                           seed=3, fast_path=fast_path, eval_batch_size=32, progress=False, **kw)
 
 
@@ -267,7 +267,7 @@ def test_length_buckets_change_no_number(monkeypatch, archs, stepwise, site):
     rows = torch.arange(200)
     bucketed = float(prob.loss(maps, rows)[0])
     recs = prob.evaluate(maps, rollout=True)
-    monkeypatch.setattr(NumericProblem, "_buckets", staticmethod(lambda needed: [torch.arange(len(needed))]))
+    monkeypatch.setattr(TaskModelProblem, "_buckets", staticmethod(lambda needed: [torch.arange(len(needed))]))
     assert float(prob.loss(maps, rows)[0]) == pytest.approx(bucketed, rel=1e-5)
     for a, b in zip(recs, prob.evaluate(maps, rollout=True)):
         assert a["trial_iia"] == b["trial_iia"] and a["token_iia"] == pytest.approx(b["token_iia"])
@@ -275,17 +275,17 @@ def test_length_buckets_change_no_number(monkeypatch, archs, stepwise, site):
 
 def test_value_range_restricts_every_split_and_is_validated(monkeypatch):
     """data.value_range reaches make_pairs for every direction and split: each swapped value lies in lo..hi."""
-    import llm_mas.tasks as tasks_pkg
+    import llm_mas.problems.task as task_problem
 
     seen = []
-    real = tasks_pkg.make_pairs
+    real = task_problem.make_pairs
 
     def spy(target_task, target_base, source_task, source_base, variable, n, rng, **kw):
         pairs = real(target_task, target_base, source_task, source_base, variable, n, rng, **kw)
         seen.append((target_task.states(target_base), source_task.states(source_base), pairs, kw))
         return pairs
 
-    monkeypatch.setattr(tasks_pkg, "make_pairs", spy)
+    monkeypatch.setattr(task_problem, "make_pairs", spy)
     problem = _problem(variables=("count",), value_range=[3, 5])
     assert len(seen) == 2 * 4  # train + valid, four directions
     for t_states, s_states, p, kw in seen:

@@ -1,4 +1,4 @@
-"""End-to-end `run_mas` / `llm-mas mas`: outputs, reproducibility, resume, config errors."""
+"""End-to-end `run` / `llm-mas mas`: outputs, reproducibility, resume, config errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 
 from llm_mas.config import from_dict
 from llm_mas.errors import ConfigError
-from llm_mas.mas import MASConfig, load_mas_config, run_mas
+from llm_mas.run import run
+from llm_mas.run_config import MASConfig, load_mas_config
 from llm_mas.trainer import MASTrainer
 
 
@@ -24,11 +25,11 @@ def _cfg(tmp_path, name="run", **kw) -> MASConfig:
 
 @pytest.mark.slow
 def test_run_writes_outputs_and_is_reproducible_and_resumable(tmp_path, monkeypatch):
-    res = run_mas(_cfg(tmp_path, "a"), log=lambda s: None)
-    run = tmp_path / "a"
+    res = run(_cfg(tmp_path, "a"), log=lambda s: None)
+    run_dir = tmp_path / "a"
     for f in ("config.yaml", "alignments.safetensors", "results.json", "history.csv", "iia_matrix.png"):
-        assert (run / f).exists(), f
-    records = json.loads((run / "results.json").read_text())
+        assert (run_dir / f).exists(), f
+    records = json.loads((run_dir / "results.json").read_text())
     assert len(records) == 8  # 4 directions × 2 variables
     for r in records:
         for key in ("source", "target", "variable", "trial_iia", "trial_iia_ci", "token_iia", "n_pairs"):
@@ -36,9 +37,9 @@ def test_run_writes_outputs_and_is_reproducible_and_resumable(tmp_path, monkeypa
         assert r["trial_iia_ci"][0] <= r["trial_iia"] <= r["trial_iia_ci"][1]
     assert res.matrix("count").shape == (2, 2) and len(res.to_dataframe()) == 8
     # the saved config reproduces the run exactly
-    again = load_mas_config(run / "config.yaml", ["name=b", f"out_dir={tmp_path}"])
-    run_mas(again, log=lambda s: None)
-    assert (tmp_path / "b" / "results.json").read_text() == (run / "results.json").read_text()
+    again = load_mas_config(run_dir / "config.yaml", ["name=b", f"out_dir={tmp_path}"])
+    run(again, log=lambda s: None)
+    assert (tmp_path / "b" / "results.json").read_text() == (run_dir / "results.json").read_text()
 
     # killed after 5 steps (last checkpoint at step 4), then the same command again
     real_fit = MASTrainer.fit
@@ -50,10 +51,10 @@ def test_run_writes_outputs_and_is_reproducible_and_resumable(tmp_path, monkeypa
 
     monkeypatch.setattr(MASTrainer, "fit", dying_fit)
     with pytest.raises(KeyboardInterrupt):
-        run_mas(_cfg(tmp_path, "c"), log=lambda s: None)
+        run(_cfg(tmp_path, "c"), log=lambda s: None)
     assert not (tmp_path / "c" / "results.json").exists()
-    run_mas(_cfg(tmp_path, "c"), log=lambda s: None)
-    assert (tmp_path / "c" / "results.json").read_text() == (run / "results.json").read_text()
+    run(_cfg(tmp_path, "c"), log=lambda s: None)
+    assert (tmp_path / "c" / "results.json").read_text() == (run_dir / "results.json").read_text()
 
 
 def test_config_problems_are_reported_together_before_loading(tmp_path):
@@ -62,7 +63,7 @@ def test_config_problems_are_reported_together_before_loading(tmp_path):
                    "train: {lr: -1}\n")
     with pytest.raises(ConfigError) as e:
         cfg = load_mas_config(bad)
-        run_mas(cfg)
+        run(cfg)
     msg = str(e.value)
     for part in ("variabels", "rotation", "k must be >= 1", "train.lr must be > 0", "no-such-model"):
         assert part in msg, msg
@@ -71,7 +72,7 @@ def test_config_problems_are_reported_together_before_loading(tmp_path):
 def test_unknown_model_name_lists_the_shipped_ones(tmp_path):
     cfg = _cfg(tmp_path, models=[{"name": "multiobject-gru-s9"}])   # configs may name models not made yet
     with pytest.raises(ConfigError) as e:                             # running one does not
-        run_mas(cfg)
+        run(cfg)
     assert "multiobject-gru-s0" in str(e.value) and "multiobject-gru-s9" in str(e.value)
 
 
@@ -85,13 +86,14 @@ def test_cli_reports_a_bad_override_with_one_line_and_exit_2(tmp_path):
 def test_alignment_options_reach_the_alignments_and_bad_ones_are_reported_before_loading():
     from types import SimpleNamespace
 
-    from llm_mas.mas import build_alignments
+    from llm_mas.interventions import make_intervention
+    from llm_mas.run import build_alignments
 
     models = [{"name": "multiobject-gru-s0", "alignment_options": {"orthogonal_map": "cayley"}},
               {"name": "multiobject-gru-s1"}]
     config = from_dict(MASConfig, {"models": models, "k": 4})
     problem = SimpleNamespace(models=[SimpleNamespace(width=8)] * 2, k=4, all_variables=["full"],
-                              latent_stats=[None, None])
+                              latent_stats=[None, None], intervention=make_intervention("interchange"))
     maps = [{str(m.orthogonal_map).split(".")[-1] for m in a.modules() if hasattr(m, "orthogonal_map")}
             for a in build_alignments(config, problem)]
     assert "cayley" in maps[0] and "cayley" not in maps[1] and "matrix_exp" in maps[1]

@@ -7,8 +7,9 @@ import torch
 
 from llm_mas.alignments import make_alignment
 from llm_mas.config import from_dict
-from llm_mas.mas import MASConfig, build_problem
 from llm_mas.models.registry import read_manifest
+from llm_mas.run import build_problem
+from llm_mas.run_config import MASConfig
 from llm_mas.trainer import MASTrainer, TrainerConfig
 
 GRU = "multiobject-gru-s0"

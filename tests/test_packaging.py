@@ -46,7 +46,7 @@ def _child_env(**extra: str) -> dict[str, str]:
 
 # Every module a task-model user touches (the LLM ones import their libraries inside functions too, but
 # they are not the core path).
-CORE_MODULES = ("llm_mas", "llm_mas.cli", "llm_mas.api", "llm_mas.mas", "llm_mas.numeric", "llm_mas.trainer",
+CORE_MODULES = ("llm_mas", "llm_mas.cli", "llm_mas.api", "llm_mas.run", "llm_mas.run_config", "llm_mas.problems", "llm_mas.trainer",
                 "llm_mas.results", "llm_mas.correlative", "llm_mas.similarity", "llm_mas.stats",
                 "llm_mas.baselines", "llm_mas.demo", "llm_mas.presets", "llm_mas.models", "llm_mas.tasks",
                 "llm_mas.backends")
@@ -72,7 +72,8 @@ def test_task_model_mas_runs_without_the_llm_extras(tmp_path):
     script = BLOCK_LLM_EXTRAS + textwrap.dedent(f"""
         import json
         import llm_mas, llm_mas.cli
-        from llm_mas.mas import load_mas_config, run_mas
+        from llm_mas.run import run as run_mas
+        from llm_mas.run_config import load_mas_config
         from llm_mas.presets import resolve_preset
         cfg = load_mas_config(resolve_preset("gru_gru_hidden"), {TINY_MAS!r} + ["out_dir={tmp_path}"])
         result = run_mas(cfg)

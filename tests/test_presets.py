@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 from llm_mas.cli import app
 from llm_mas.correlative import load_similarity_config
 from llm_mas.errors import ConfigError
-from llm_mas.mas import load_mas_config
 from llm_mas.models.registry import models_dir, shipped_models_dir, update_manifest
 from llm_mas.presets import list_presets, preset_command, presets_dir, resolve_preset
+from llm_mas.run_config import load_mas_config
 from llm_mas.toxicity.data import SAMPLE_PATH
 from recipes.common.plans import preset_path
 

@@ -229,7 +229,7 @@ def test_several_processes_use_accelerate_with_the_batch_split(tmp_path):
     launch = "accelerate launch --multi_gpu --num_processes 4 --num_machines 1"
     assert f"{launch} --mixed_precision bf16 --dynamo_backend no -m llm_mas.cli finetune" in text
     assert "--batch-size 6 --grad-accum 4" in text   # 24 rows per micro-batch over 4 GPUs
-    assert f"{launch} --mixed_precision no --dynamo_backend no -m llm_mas.llm.distributed" in text
+    assert f"{launch} --mixed_precision no --dynamo_backend no -m llm_mas.distributed" in text
 
 
 def test_finished_interrupted_and_changed_stages(tmp_path):

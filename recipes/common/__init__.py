@@ -1,5 +1,5 @@
 """What the comparison recipes share (``recipes/*.py``); every number they write comes from the library
-(``llm_mas.mas.run_mas`` / ``MASResult`` records), these modules only decide which runs to execute and
+(``llm_mas.run.run`` / ``MASResult`` records), these modules only decide which runs to execute and
 format what came out:
 
 - ``plans``: MAS configs from presets, finished-run reuse / resume / training, planned runs and their rows;

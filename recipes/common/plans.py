@@ -1,7 +1,7 @@
 """MAS runs of a recipe: configs from presets, reuse of finished runs, resumption, training, table rows.
 
 Recipes orchestrate and the library computes: every number in a row (trial IIA, its bootstrap CI, token IIA,
-CL match counts) comes from ``llm_mas.mas.run_mas`` / ``MASResult`` records. This module only decides *which*
+CL match counts) comes from ``llm_mas.run.run`` / ``MASResult`` records. This module only decides *which*
 run to execute and picks records out of finished runs::
 
     from recipes.common.plans import PlannedRun, execute_plan, mas_config_from_preset, plan_rows
@@ -25,10 +25,11 @@ from typing import Any
 
 from llm_mas.config import apply_overrides, from_dict, load_yaml, to_dict
 from llm_mas.errors import ConfigError, DataError, MASError
-from llm_mas.mas import MASConfig, run_mas
 from llm_mas.models.registry import below_bar_text, read_manifest, resolve_model_dir
 from llm_mas.presets import resolve_preset
 from llm_mas.results import MASResult
+from llm_mas.run import run as run_mas
+from llm_mas.run_config import MASConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

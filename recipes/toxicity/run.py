@@ -53,8 +53,8 @@ from llm_mas.config import from_dict, load_config, save_config, to_dict
 from llm_mas.dtypes import DTYPES, WEIGHT_DTYPES
 from llm_mas.errors import ConfigError, DataError, MASError
 from llm_mas.llm.tiny import build_tiny_qwen2, tiny_corpus
-from llm_mas.mas import MASConfig, ModelConfig
 from llm_mas.results import MASResult
+from llm_mas.run_config import MASConfig, ModelConfig
 from llm_mas.toxicity.data import toxicity_corpus
 from llm_mas.toxicity.finetune import RESUME_MAY_DIFFER, FinetuneConfig
 from recipes.common.plans import same_config
@@ -359,7 +359,7 @@ def mas_stage(config: ToxicityRecipeConfig, paths: Paths) -> Stage:
     """Done when ``RUN/mas/results.json`` exists for this config and is newer than every recording."""
     cfg = mas_config(config, paths)
     if config.processes > 1:
-        argv = _launcher(config, "no") + ["-m", "llm_mas.llm.distributed", str(paths.mas_yaml)]
+        argv = _launcher(config, "no") + ["-m", "llm_mas.distributed", str(paths.mas_yaml)]
     else:
         argv = ["llm-mas", "mas", str(paths.mas_yaml)]
     started = (paths.mas / "config.yaml").is_file()

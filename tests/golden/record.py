@@ -81,7 +81,8 @@ def _llm_inputs(root: Path) -> list[str]:
 
 
 def run_case(name: str, work: Path) -> dict:
-    from llm_mas.mas import load_mas_config, run_mas
+    from llm_mas.run import run as run_mas
+    from llm_mas.run_config import load_mas_config
 
     torch.set_num_threads(1)
     if name == LLM_CASE:

@@ -1,11 +1,11 @@
-"""Stepwise MAS between Hugging Face causal LMs (method.md §2-3, §6-7, §10).
+"""Stepwise MAS between Hugging Face causal LMs (docs/method.md).
 
-    llm-mas mas recipes/configs/llm_tiny.yaml                  # after `python -m recipes.llm_mas_smoke --prepare-only`
-    llm-mas mas recipes/configs/llm_deepseek.yaml              # one GPU (see the preset's first line)
-    accelerate launch --multi_gpu --num_processes N ... -m llm_mas.llm.distributed CONFIG.yaml   # N GPUs
+    llm-mas mas llm_tiny         # after `python -m recipes.llm_mas_smoke --prepare-only`
+    llm-mas mas llm_deepseek         # one GPU (see the preset's first line)
+    accelerate launch --multi_gpu --num_processes N ... -m llm_mas.distributed CONFIG.yaml   # N GPUs
 
-``build_llm_problem(config)`` (called by ``llm_mas.mas.build_problem`` for ``kind: hf`` models) returns an
-``LLMProblem`` that ``MASTrainer`` trains. Data path, per model i:
+``build_llm_problem(config)`` (the runner's builder for ``kind: hf`` models) returns an ``LLMProblem`` that
+``MASTrainer`` trains. Data path, per model i:
 
     load_causal_lm(name, dtype, device, adapter) → load_recording(recording, model) (verified: weights
     fingerprint + >= 99.5 % of its predictions reproduced) → Recording.split(0.2, seed=741) → train / valid
@@ -30,11 +30,9 @@ the source model's greedy predictions at positions >= i (teacher forced).
   an offline ``HookedTransformer`` conversion). Alignments live on the run's ``device``; their evaluated
   matrices are copied to each target's device once per forward pass. Interventions run in float32 and are
   cast back to the model's dtype.
-- Data parallelism: pass a ``Shard`` (``llm_mas.llm.distributed``): the loss then covers this process's
+- Data parallelism: pass a ``Shard`` (``llm_mas.distributed``): the loss then covers this process's
   rows of each batch (scaled so the average of the processes' gradients is the full batch's gradient) and
   evaluation gathers every process's pairs, so all processes see identical records.
-
-``site: hidden`` (the task-model default of ``ModelConfig``) means the LLM default, ``embeddings``.
 """
 
 from __future__ import annotations
@@ -49,51 +47,27 @@ import torch
 import torch.nn.functional as F
 
 from ..alignments import AlignmentMap
+from ..backends import get_backend
 from ..backends.base import Edit
 from ..errors import ConfigError
-from ..interchange import intervene, stitch, variable_blocks
+from ..llm.loading import load_causal_lm, parse_device, parse_dtype
+from ..llm.record import IGNORE_INDEX, Recording, StepwisePairs, load_recording, stepwise_pairs
 from ..sites import Site
-from .record import IGNORE_INDEX, Recording, StepwisePairs
+from .base import DirectionPairs, ModelEntry, PairScores, ProblemBase, Shard
 
-BACKENDS = ("torch", "nnsight", "tlens")
-DEFAULT_SITE = "embeddings"
-VALID_FRACTION = 0.2        # recordings are split 80/20 (reference: lang_mas.py)
-SPLIT_SEED = 741            # the reference's split seed
+VALID_FRACTION = 0.2        # recordings are split 80/20
+SPLIT_SEED = 741            # the seed of that split
 MIN_PREFIX = MIN_SUFFIX = 10  # i ~ U[10, L - 10)
 SPLIT_IDS = {"train": 0, "valid": 1}
 
 
-class Shard:
-    """This process's part of a data-parallel run: rows ``rank::world`` of every batch.
-
-    ``gather(obj)`` returns the list of every process's ``obj`` (rank order); single process: ``[obj]``.
-    """
-
-    def __init__(self, rank: int = 0, world: int = 1, gather: Callable[[Any], list] | None = None):
-        if not 0 <= rank < world:
-            raise ConfigError(f"shard rank {rank} must lie in 0..{world - 1} (world size {world})")
-        if world > 1 and gather is None:
-            raise ConfigError("a shard of a multi-process run needs a gather function (see llm_mas.llm.distributed)")
-        self.rank, self.world = rank, world
-        self._gather = gather
-
-    def rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows[self.rank::self.world]
-
-    def gather(self, obj: Any) -> list:
-        return [obj] if self.world == 1 else self._gather(obj)
-
-
 @dataclass
-class LLMEntry:
-    """One resolved model taking part in LLM MAS (``problem.models[i]``)."""
+class LLMModelEntry(ModelEntry):
+    """One resolved HF model taking part in LLM MAS (``problem.models[i]``); ``model`` is what the backend
+    runs: the HF model, or a HookedTransformer for ``tlens``."""
 
-    name: str
-    model: Any               # what the backend runs: the HF model, or a HookedTransformer for ``tlens``
     tokenizer: Any
     backend: Any             # llm_mas.backends Backend
-    site: Site
-    width: int
     device: torch.device
     dtype: torch.dtype
     recording: Recording
@@ -102,12 +76,9 @@ class LLMEntry:
 
 
 @dataclass
-class Direction:
-    """The pairs of one (source, target) direction on one split, tensors on the target's device."""
+class LLMPairs(DirectionPairs):
+    """The stepwise pairs of one (source, target) direction on one split, tensors on the target's device."""
 
-    source: int
-    target: int
-    trained: bool
     target_ids: torch.Tensor    # (P, L) long
     mask: torch.Tensor          # (P, L) bool, positions 0..i
     labels: torch.Tensor        # (P, L) long, IGNORE_INDEX before i
@@ -140,36 +111,20 @@ def _row_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return torch.zeros(labels.shape[0], dtype=per_token.dtype, device=per_token.device).index_add(0, row, per_token)
 
 
-class LLMProblem:
+class LLMProblem(ProblemBase):
     """Stepwise LLM MAS pairs, cached source latents, loss and IIA for ``MASTrainer`` (module docstring)."""
 
-    stepwise = True
+    supported_interventions = ("interchange", "stitch")
 
-    def __init__(self, models: Sequence[LLMEntry], k: int, *, train_directions: Sequence[tuple[int, int]] | None = None,
-                 n_train: int = 10_000, n_valid: int = 1_000, seed: int = 0, intervention: str = "interchange",
-                 eval_batch_size: int = 16, shard: Shard | None = None):
-        if intervention not in ("interchange", "stitch"):
-            raise ConfigError(f"intervention {intervention!r} must be 'interchange' or 'stitch'")
-        if eval_batch_size < 1:
-            raise ConfigError(f"eval.batch_size must be >= 1, got {eval_batch_size}")
-        self.models = list(models)
-        n = len(self.models)
-        self.k = k
-        self.variables = ["full"]
-        self.all_variables = ["full"]
-        self.blocks = variable_blocks(self.variables, k, min(m.width for m in self.models))
+    def __init__(self, models: Sequence[LLMModelEntry], k: int, *,
+                 train_directions: Sequence[tuple[int, int]] | None = None, n_train: int = 10_000,
+                 n_valid: int = 1_000, seed: int = 0, intervention: str = "interchange", eval_batch_size: int = 16,
+                 shard: Shard | None = None):
+        super().__init__(models, ["full"], k, stepwise=True, train_directions=train_directions,
+                         intervention=intervention, n_train=n_train, n_valid=n_valid, seed=seed,
+                         eval_batch_size=eval_batch_size)
         self.block = self.blocks["full"]
-        self.intervention = intervention
-        self.eval_batch_size = eval_batch_size
-        self.seed = seed
-        self.n_train, self.n_valid = n_train, n_valid
         self.shard = shard or Shard()
-        self.directions = [(s, t) for s in range(n) for t in range(n)]
-        self.train_directions = set(map(tuple, train_directions)) if train_directions is not None else set(
-            self.directions)
-        bad = sorted(d for d in self.train_directions if d not in self.directions)
-        if bad:
-            raise ConfigError(f"train directions {bad} name models outside 0..{n - 1}")
         self.latent_stats = [self._stats(m.latents["train"]) for m in self.models]
         self.splits = {split: [self._direction(s, t, split, size) for s, t in self.directions]
                        for split, size in (("train", n_train), ("valid", n_valid))}
@@ -181,36 +136,34 @@ class LLMProblem:
         x = latents.reshape(-1, latents.shape[-1]).float()  # (N·L, d)
         return x.mean(0).cpu(), x.std(0).clamp(min=1e-6).cpu()
 
-    def _direction(self, s: int, t: int, split: str, n_pairs: int) -> Direction:
-        from .record import stepwise_pairs
-
+    def _direction(self, s: int, t: int, split: str, n_pairs: int) -> LLMPairs:
         seed = int(np.random.SeedSequence([self.seed, SPLIT_IDS[split], s, t]).generate_state(1)[0])
         source, target = self.models[s], self.models[t]
         pairs: StepwisePairs = stepwise_pairs(source.splits[split], target.splits[split], n_pairs, seed=seed,
                                               min_prefix=MIN_PREFIX, min_suffix=MIN_SUFFIX)
         dev = target.device
-        return Direction(s, t, (s, t) in self.train_directions, pairs.target_ids.to(dev), pairs.mask.to(dev),
-                         pairs.labels.to(dev), pairs.source_rows.to(source.device), pairs.index)
+        return LLMPairs(s, t, "full", self.block, (s, t) in self.train_directions, pairs.target_ids.to(dev),
+                        pairs.mask.to(dev), pairs.labels.to(dev), pairs.source_rows.to(source.device), pairs.index)
 
     # ------------------------------------------------------------------ one patched run per target
-    def _edit(self, direction: Direction, split: str, rows: torch.Tensor, full_mask: torch.Tensor,
-              target_map: AlignmentMap, source_map: AlignmentMap) -> Edit:
+    def _edit(self, direction: LLMPairs, split: str, rows: torch.Tensor, full_mask: torch.Tensor,
+              maps: dict[int, AlignmentMap]) -> Edit:
         """The Edit replacing the target's latents at this direction's rows (placed inside `full_mask`)."""
         source, target = self.models[direction.source], self.models[direction.target]
         r, c = direction.mask[rows].nonzero(as_tuple=True)            # entries in row-major order
         source_rows = direction.source_rows[rows.to(source.device)]
         h_source = source.latents[split][source_rows[r.to(source.device)], c.to(source.device)]  # (entries, d_s)
         h_source = h_source.to(target.device, torch.float32)
-        block = self.block
-        if self.intervention == "stitch":
-            def fn(h, which):
-                return stitch(target_map, source_map, h_source[which], block)
-        else:
-            def fn(h, which):
-                return intervene(target_map, source_map, h.float(), h_source[which], block)  # (n, d_t)
+        intervention, block = self.intervention, direction.block
+        s, t = direction.source, direction.target
+        # interventions run in float32 (the model's dtype comes back through the backend)
+        upcast = (lambda h: h.float()) if intervention.reads_target else (lambda h: h)
+
+        def fn(h, which):
+            return intervention(maps, upcast(h), h_source[which], s, t, block)  # (n, d_t)
         return Edit(site=target.site, mask=full_mask, fn=fn)
 
-    def _run(self, maps: Sequence[AlignmentMap], directions: Sequence[Direction], split: str,
+    def _run(self, maps: Sequence[AlignmentMap], directions: Sequence[LLMPairs], split: str,
              rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the (shared) target of `directions` once on their concatenated rows → logits (R, L, V), labels."""
         target = self.models[directions[0].target]
@@ -224,16 +177,10 @@ class LLMProblem:
         for j, d in enumerate(directions):
             full = torch.zeros(R, L, dtype=torch.bool, device=dev)
             full[j * len(rows):(j + 1) * len(rows)] = d.mask[rows]
-            edits.append(self._edit(d, split, rows, full, moved[d.target], moved[d.source]))
+            edits.append(self._edit(d, split, rows, full, moved))
         feed = {"input_ids": inputs} if target.backend.name == "tlens" else {"input_ids": inputs, "use_cache": False}
         logits = target.backend.patch(target.model, feed, edits)      # (R, L, V)
         return logits, labels
-
-    def _groups(self, directions: Sequence[Direction]) -> list[list[Direction]]:
-        groups: dict[int, list[Direction]] = {}
-        for d in directions:
-            groups.setdefault(d.target, []).append(d)
-        return list(groups.values())
 
     # ------------------------------------------------------------------ trainer interface
     def loss(self, maps: Sequence[AlignmentMap], batch_index: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -265,8 +212,8 @@ class LLMProblem:
     def _loss_device(self) -> torch.device:
         return self.models[0].device
 
-    def evaluate(self, maps: Sequence[AlignmentMap], split: str = "valid", with_ci: bool = False) -> list[dict]:
-        """One record per direction (s, t): trial_iia, token_iia, loss (per token), n_pairs, trained, (+ CIs)."""
+    def _pair_scores(self, maps: Sequence[AlignmentMap], split: str, with_ci: bool) -> dict[int, PairScores]:
+        """Per direction: trial / correct / scored tokens per pair and the summed CE, over every process's rows."""
         directions = self.splits[split]
         local: dict[tuple[int, int], dict[str, list]] = {}
         for group in self._groups(directions):
@@ -290,26 +237,17 @@ class LLMProblem:
                     acc["ce"].append(ce[seg].double().cpu())
         local = {key: {k: torch.cat(v) for k, v in acc.items()} for key, acc in local.items()}
         merged = self._merge(self.shard.gather(local), directions)
-        records = []
+        out = {}
         for d in directions:
             ok, n_tok, ce = merged[(d.source, d.target)]
-            trial = (ok == n_tok).astype(float)                 # every scored token right
-            rec = {"source": self.models[d.source].name, "target": self.models[d.target].name,
-                   "source_index": d.source, "target_index": d.target, "variable": "full",
-                   "trained": d.trained, "trial_iia": float(trial.mean()),
-                   "token_iia": float(ok.sum() / max(n_tok.sum(), 1)), "loss": float(ce.sum() / max(n_tok.sum(), 1)),
-                   "n_pairs": int(len(trial)), "n_tokens": int(n_tok.sum())}
-            if with_ci:
-                from ..numeric import _ratio_ci
-                from ..stats import bootstrap_ci
+            out[id(d)] = PairScores(trial=(ok == n_tok).astype(float), correct=ok, scored=n_tok, loss_sum=ce.sum())
+        return out
 
-                rec["trial_iia_ci"] = list(bootstrap_ci(trial, seed=self.seed))
-                rec["token_iia_ci"] = list(_ratio_ci(ok, n_tok, self.seed))
-            records.append(rec)
-        return records
+    def _extra_fields(self, maps, direction: LLMPairs, scores: PairScores, with_ci: bool) -> dict:
+        return {"n_tokens": int(scores.scored.sum())}
 
     @staticmethod
-    def _merge(parts: list[dict], directions: Sequence[Direction]) -> dict[tuple[int, int], tuple]:
+    def _merge(parts: list[dict], directions: Sequence[LLMPairs]) -> dict[tuple[int, int], tuple]:
         """Per direction: (correct tokens, scored tokens, CE sum) per pair in pair order, from every process."""
         out = {}
         for d in directions:
@@ -330,49 +268,8 @@ class LLMProblem:
 
 
 # ---------------------------------------------------------------------------------------------- building
-def check_llm_config(config) -> None:
-    """Every problem of an LLM MAS config at once (ConfigError), before any weights load."""
-    from ..sites import Site as _Site
-    from .loading import DTYPES
-
-    p = []
-    if list(config.variables) != ["full"]:
-        p.append(f"variables: LLM MAS has one variable, 'full' (the model's behaviour); got {config.variables}")
-    if config.null_subspace:
-        p.append("null_subspace: not implemented for LLM MAS; set null_subspace: false")
-    if not config.data.stepwise:
-        p.append("data.stepwise: LLM MAS is stepwise (positions 0..i receive the source's subspace); "
-                 "set data.stepwise: true")
-    for i, m in enumerate(config.models):
-        if m.backend not in BACKENDS:
-            p.append(f"models.{i}.backend: unknown backend {m.backend!r}; valid choices: {', '.join(BACKENDS)}")
-        if m.dtype not in DTYPES:
-            p.append(f"models.{i}.dtype: unknown dtype {m.dtype!r}; valid choices: {', '.join(DTYPES)}")
-        if m.recording is None:
-            p.append(f"models.{i}.recording: an HF model needs a recording directory; make one with "
-                     f"`llm-mas record --model {m.name} --texts TEXTS --out DIR`")
-        elif not (Path(m.recording) / "recording.safetensors").is_file():
-            p.append(f"models.{i}.recording: {m.recording!r} holds no recording.safetensors; make it with "
-                     f"`llm-mas record --model {m.name} --texts TEXTS --out {m.recording}`")
-        if m.variable_map:
-            p.append(f"models.{i}.variable_map: LLM MAS has no task variables to map; remove it")
-        if m.adapter is not None and m.backend == "tlens":
-            p.append(f"models.{i}.adapter: the tlens backend needs merged weights; point name at the merged model "
-                     "(`llm-mas finetune ... --merge` writes OUT/merged) and record that model")
-        try:
-            _Site.parse(m.site)
-        except ConfigError as e:
-            p.append(f"models.{i}.site: {e}")
-    if p:
-        raise ConfigError(p)
-
-
 def _load_entry(m, index: int, device: str, log) -> tuple[Any, Any, Any, Recording]:
-    """(backend model, tokenizer, backend, verified recording) of one ModelConfig."""
-    from ..backends import get_backend
-    from .loading import load_causal_lm
-    from .record import load_recording
-
+    """(backend model, tokenizer, backend, verified recording) of one HF model entry of the config."""
     hf_model, tokenizer = load_causal_lm(m.name, dtype=m.dtype, device=device, adapter=m.adapter)
     recording = load_recording(m.recording, hf_model, tokenizer)
     backend = get_backend(m.backend)
@@ -417,14 +314,17 @@ def display_names(models) -> list[str]:
 def build_llm_problem(config, *, shard: Shard | None = None, log: Callable[[str], None] | None = None) -> LLMProblem:
     """Load the configured HF models and recordings and build the stepwise ``LLMProblem`` (module docstring).
 
-    config: ``llm_mas.mas.MASConfig`` whose models all have ``kind: hf``.
-    shard:  this process's part of a data-parallel run (``llm_mas.llm.distributed``); None = one process.
+    config: a run config (``llm_mas.run_config.MASConfig``) whose models all have ``kind: hf`` (checked when
+            it was built: backends, dtypes, recordings, sites).
+    shard:  this process's part of a data-parallel run (``llm_mas.distributed``); None = one process.
     Identical model entries (same name, adapter, dtype, device, backend) share one loaded model.
     """
-    from .loading import parse_device, parse_dtype
-
     log = log or (lambda s: None)
-    check_llm_config(config)
+    missing = [f"models.{i}.recording: {m.recording!r} holds no recording.safetensors; make it with "
+               f"`llm-mas record --model {m.name} --texts TEXTS --out {m.recording}`"
+               for i, m in enumerate(config.models) if not (Path(m.recording) / "recording.safetensors").is_file()]
+    if missing:  # every missing recording at once, before any weights load
+        raise ConfigError(missing)
     loaded: dict[tuple, tuple] = {}
     names = display_names(config.models)
     entries = []
@@ -437,11 +337,7 @@ def build_llm_problem(config, *, shard: Shard | None = None, log: Callable[[str]
         else:
             log(f"models.{i}: the same model and recording as an earlier entry (shared, not loaded again)")
         model, tokenizer, backend, recording = loaded[key]
-        site_text = m.site
-        if m.site == "hidden":
-            site_text = DEFAULT_SITE
-            log(f"models.{i}.site: 'hidden' (the task-model default) means {DEFAULT_SITE!r} for an HF model")
-        site = backend.resolve(model, site_text)
+        site = backend.resolve(model, m.site)
         train, valid = recording.split(VALID_FRACTION, seed=SPLIT_SEED)
         splits = {"train": train, "valid": valid}
         cache_key = (*key, str(site))
@@ -450,8 +346,8 @@ def build_llm_problem(config, *, shard: Shard | None = None, log: Callable[[str]
                                                               config.eval.batch_size) for name, rec in splits.items()}
         latents = latents_cache[cache_key]
         width = int(latents["train"].shape[-1])
-        entries.append(LLMEntry(name=names[i], model=model, tokenizer=tokenizer, backend=backend,
-                                site=site, width=width, device=torch.device(device),
+        entries.append(LLMModelEntry(name=names[i], model=model, site=site, width=width, tokenizer=tokenizer,
+                                     backend=backend, device=torch.device(device),
                                 dtype=latents["train"].dtype if m.dtype == "auto" else parse_dtype(m.dtype),
                                 recording=recording, splits=splits, latents=latents))
     widths = [e.width for e in entries]

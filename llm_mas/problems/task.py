@@ -1,4 +1,4 @@
-"""The intervention problem for the numeric task models (GRU / LSTM / Transformer).
+"""The intervention problem of the task models (GRU / LSTM / Transformer trained on a counting task).
 
 Data path:  task → base sequences per model → `PairSet` per (source s, target t, variable v)
 → source latents collected once at the source's site (frozen models, fixed data)
@@ -19,46 +19,41 @@ the same tokens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backends.base import Edit
-from .backends.torch_hooks import TorchHookBackend
-from .errors import ConfigError
-from .interchange import intervene, stitch, variable_blocks
-from .sites import Site
-
-IGNORE = -100
+from ..backends.base import Edit
+from ..backends.torch_hooks import TorchHookBackend, get_module
+from ..errors import ConfigError
+from ..llm.record import IGNORE_INDEX
+from ..models.registry import load_task_model, resolve_model_dir
+from ..models.task_models import build_task_model
+from ..models.training import read_run_config
+from ..sites import resolve_site
+from ..tasks import get_task, make_pairs
+from .base import DirectionPairs, ModelEntry, PairScores, ProblemBase, Record, Shard
 
 
 @dataclass
-class ModelEntry:
-    """A resolved model taking part in a MAS run."""
+class TaskModelEntry(ModelEntry):
+    """A resolved task model taking part in a MAS run."""
 
-    name: str
-    model: torch.nn.Module
     task: object            # llm_mas.tasks.Task
-    site: Site
-    width: int
     variable_map: dict[str, str]
 
 
 @dataclass
-class Chunk:
+class TaskPairs(DirectionPairs):
     """Pre-built tensors of one (source, target, variable) dataset on one split."""
 
-    source: int
-    target: int
-    variable: str
-    block: slice
-    trained: bool
     fast: bool                      # prefix-skipping path (RNN recurrent state, indywise)
     input_ids: torch.Tensor         # (n, L) inputs of the target run
-    labels: torch.Tensor            # (n, L) next-token labels, IGNORE where not scored
+    labels: torch.Tensor            # (n, L) next-token labels, IGNORE_INDEX where not scored
     free_mask: torch.Tensor         # (n, L) bool: rollout feeds the model's own prediction at these inputs
     edit_mask: torch.Tensor         # (n, L) bool: latents replaced
     source_latents: torch.Tensor    # fast/indywise: (n, d_s); stepwise: index tensors into the source cache
@@ -76,16 +71,16 @@ class Chunk:
         return self.input_ids.shape[0]
 
 
-def _rnn_state_site(entry: ModelEntry) -> bool:
+def _rnn_state_site(entry: TaskModelEntry) -> bool:
     m = entry.model
     return (getattr(m, "arch", None) in ("gru", "lstm") and getattr(m, "n_layers", 0) == 1
             and entry.site.module == "hook_layers.0" and entry.site.io == "output")
 
 
-class NumericProblem:
+class TaskModelProblem(ProblemBase):
     """Pairs, caches, loss and evaluation for MAS over task models."""
 
-    def __init__(self, models: Sequence[ModelEntry], variables: Sequence[str], k: int, *,
+    def __init__(self, models: Sequence[TaskModelEntry], variables: Sequence[str], k: int, *,
                  null_subspace: bool = False, stepwise: bool = False,
                  train_directions: Sequence[tuple[int, int]] | None = None,
                  n_train: int = 10_000, n_valid: int = 1_000, seed: int = 0,
@@ -93,29 +88,12 @@ class NumericProblem:
                  fast_path: bool = True, device: str = "cpu", progress: bool = True,
                  cl_directions: Sequence[tuple[int, int]] = (), cl_epsilon: float = 0.0,
                  cl_match_on: Sequence[str] | None = None, value_range: Sequence[int] | None = None):
-        if intervention not in ("interchange", "stitch", "linear_stitch"):
-            raise ConfigError(f"intervention {intervention!r} must be 'interchange', 'stitch' or 'linear_stitch'")
-        self.models = list(models)
-        self.variables = list(variables)
-        self.k = k
-        self.stepwise = stepwise
-        self.intervention = intervention
+        super().__init__(models, variables, k, null_subspace=null_subspace, stepwise=stepwise,
+                         train_directions=train_directions, cl_directions=cl_directions, intervention=intervention,
+                         n_train=n_train, n_valid=n_valid, seed=seed, eval_batch_size=eval_batch_size)
         self.device = torch.device(device)
-        self.eval_batch_size = eval_batch_size
         self.fast_path = fast_path
         self.backend = TorchHookBackend()
-        n = len(self.models)
-        self.directions = [(s, t) for s in range(n) for t in range(n)]
-        self.train_directions = set(map(tuple, train_directions)) if train_directions is not None else set(
-            self.directions)
-        if intervention == "linear_stitch":
-            # one affine map per trained direction (maps[i] ↔ self.map_directions[i]); only those are evaluated
-            self.map_directions = sorted(self.train_directions)
-            self.directions = list(self.map_directions)
-        self.cl_directions = set(map(tuple, cl_directions))
-        bad = [d for d in self.train_directions | self.cl_directions if d not in self.directions]
-        if bad:
-            raise ConfigError(f"directions {sorted(bad)} name models outside 0..{n - 1}")
         if self.cl_directions and stepwise:
             raise ConfigError("the counterfactual-latent (CL) loss is defined for indywise interventions only; "
                               "set data.stepwise=false or drop cl.directions")
@@ -134,13 +112,6 @@ class NumericProblem:
         if self.value_range is not None and ({"full", "null"} & set(self.variables) or null_subspace):
             raise ConfigError("value_range restricts one named variable's values; it cannot apply to full or null "
                               "(list named variables only and turn null_subspace off)")
-        d_min = min(m.width for m in self.models)
-        all_vars = self.variables + (["null"] if null_subspace else [])
-        self.blocks = variable_blocks(self.variables, k, d_min, null=null_subspace)
-        self.all_variables = all_vars
-        self.n_train = n_train
-        self.n_valid = n_valid
-        self.seed = seed
         self.progress = progress
         self.splits = {"train": self._build_split("train", n_train, 0),
                        "valid": self._build_split("valid", n_valid, 1)}
@@ -162,9 +133,7 @@ class NumericProblem:
         vs = self.models[s].variable_map.get(v, v)
         return vt if vt == vs else (vt, vs)
 
-    def _build_split(self, split: str, n: int, split_id: int) -> list[Chunk]:
-        from .tasks import make_pairs
-
+    def _build_split(self, split: str, n: int, split_id: int) -> list[TaskPairs]:
         rng = np.random.default_rng([self.seed, split_id])
         bases = [m.task.sample(n, rng) for m in self.models]
         caches = [self._collect(m, b.ids) for m, b in zip(self.models, bases)]
@@ -187,7 +156,7 @@ class NumericProblem:
                 chunks.append(chunk)
         return chunks
 
-    def _attach_cl(self, chunk: Chunk, pairs, target_base, target_cache, rng) -> None:
+    def _attach_cl(self, chunk: TaskPairs, pairs, target_base, target_cache, rng) -> None:
         """Counterfactual latents: for each pair, a natural latent of the target (its own runs on this split)
         whose causal state equals the state the intervention intends; unmatched pairs are masked."""
         task = self.models[chunk.target].task
@@ -219,7 +188,7 @@ class NumericProblem:
         chunk.target_latents = target_cache[torch.as_tensor(pairs.target_index, device=dev),
                                             torch.as_tensor(pairs.target_pos, device=dev)]
 
-    def _make_chunk(self, s, t, v, pairs, target_base, source_cache, target_cache) -> Chunk:
+    def _make_chunk(self, s, t, v, pairs, target_base, source_cache, target_cache) -> TaskPairs:
         dev = self.device
         ids = torch.as_tensor(pairs.ids, device=dev)                     # (n, L)
         scored = torch.as_tensor(pairs.scored_mask(), device=dev)        # (n, L)
@@ -241,7 +210,7 @@ class NumericProblem:
             inputs = torch.where(valid, ids.gather(1, absolute), torch.zeros_like(absolute))
             nxt = (absolute + 1).clamp(max=L - 1)
             label_ok = valid & ((pos_t[:, None] + col[None, :] + 1) < L) & scored.gather(1, nxt)
-            labels = torch.where(label_ok, ids.gather(1, nxt), torch.full_like(nxt, IGNORE))
+            labels = torch.where(label_ok, ids.gather(1, nxt), torch.full_like(nxt, IGNORE_INDEX))
             free = valid & scored.gather(1, absolute)
             edit_mask = torch.zeros(n, width, dtype=torch.bool, device=dev)
             edit_mask[:, 0] = True
@@ -249,22 +218,22 @@ class NumericProblem:
             state0 = target_cache[tgt_rows, prev]                         # (n, d_t)
             state0 = torch.where((pos_t > 0)[:, None], state0, torch.zeros_like(state0))
             src = source_cache[src_rows, pos_s]                           # (n, d_s)
-            return Chunk(s, t, v, self.blocks[v], trained, True, inputs, labels, free, edit_mask, src, None,
+            return TaskPairs(s, t, v, self.blocks[v], trained, True, inputs, labels, free, edit_mask, src, None,
                          state0, quantity)
-        labels = torch.full_like(ids, IGNORE)
-        labels[:, :-1] = torch.where(scored[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE))
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[:, :-1] = torch.where(scored[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
         col = torch.arange(L, device=dev)
         if self.stepwise:
             edit_mask = col[None, :] <= pos_t[:, None]
-            return Chunk(s, t, v, self.blocks[v], trained, False, ids, labels, scored, edit_mask,
+            return TaskPairs(s, t, v, self.blocks[v], trained, False, ids, labels, scored, edit_mask,
                          source_cache, src_rows, None, quantity)
         edit_mask = col[None, :] == pos_t[:, None]
         src = source_cache[src_rows, pos_s]
-        return Chunk(s, t, v, self.blocks[v], trained, False, ids, labels, scored, edit_mask, src, None, None,
+        return TaskPairs(s, t, v, self.blocks[v], trained, False, ids, labels, scored, edit_mask, src, None, None,
                      quantity)
 
     # ------------------------------------------------------------------ one patched run per target
-    def _edit_fn(self, chunk: Chunk, local: torch.Tensor, maps, mask: torch.Tensor):
+    def _edit_fn(self, chunk: TaskPairs, local: torch.Tensor, maps, mask: torch.Tensor):
         """Edit for `chunk`'s rows of a run: local (Rb,) = the chunk row of each run row (-1: another chunk's),
         mask (Rb, Wb) = the latents of this chunk to replace (row-major order = the hook's `which`)."""
         r, c = mask.nonzero(as_tuple=True)
@@ -272,14 +241,8 @@ class NumericProblem:
             src = chunk.source_latents[chunk.source_rows[local[r]], c]               # (entries, d_s)
         else:                              # indywise: one entry per row
             src = chunk.source_latents[local[r]]                                    # (entries, d_s)
-        block = chunk.block
-        if self.intervention == "linear_stitch":
-            direction_map = maps[self.map_directions.index((chunk.source, chunk.target))]
-            return lambda h, which: direction_map(src[which])
-        target_map, source_map = maps[chunk.target], maps[chunk.source]
-        if self.intervention == "stitch":
-            return lambda h, which: stitch(target_map, source_map, src[which], block)
-        return lambda h, which: intervene(target_map, source_map, h, src[which], block)
+        intervention, source, target, block = self.intervention, chunk.source, chunk.target, chunk.block
+        return lambda h, which: intervention(maps, h, src[which], source, target, block)
 
     @staticmethod
     def _buckets(needed: torch.Tensor) -> list[torch.Tensor]:
@@ -289,7 +252,7 @@ class NumericProblem:
         order = torch.argsort(needed, stable=True)
         return list(order.chunk(3))
 
-    def _run(self, maps, chunks: Sequence[Chunk], rows: Sequence[torch.Tensor], rollout: bool):
+    def _run(self, maps, chunks: Sequence[TaskPairs], rows: Sequence[torch.Tensor], rollout: bool):
         """Run the target of `chunks` on their concatenated `rows` (rows of chunk i follow those of chunk i-1).
 
         Returns entry-level outputs at the scored positions only (the head never runs elsewhere):
@@ -303,7 +266,7 @@ class NumericProblem:
             return torch.cat([F.pad(getattr(c, field)[r], (0, width - getattr(c, field).shape[1]), value=value)
                               for c, r in zip(chunks, rows)])
 
-        inputs, labels = cat("input_ids", 0), cat("labels", IGNORE)                      # (R, W)
+        inputs, labels = cat("input_ids", 0), cat("labels", IGNORE_INDEX)                      # (R, W)
         free, edit_mask = cat("free_mask", False), cat("edit_mask", False)
         chunk_of = torch.cat([torch.full((len(r),), i, device=inputs.device) for i, r in enumerate(rows)])
         local = torch.cat(list(rows))                                                      # (R,) chunk row
@@ -319,7 +282,7 @@ class NumericProblem:
                 bucket_local = torch.where(chunk_of[bucket] == i, local[bucket], -1)
                 edits.append(Edit(site=site, mask=mask, fn=self._edit_fn(chunks[i], bucket_local, maps, mask)))
             s0 = state0[bucket] if state0 is not None else None
-            scored = lab != IGNORE                                                         # (Rb, Wb)
+            scored = lab != IGNORE_INDEX                                                         # (Rb, Wb)
             with self.backend.edits_installed(model, edits):
                 if rollout:
                     _, logits = model.rollout(x, free[bucket, :wb], state=s0)               # (Rb, Wb, V)
@@ -331,12 +294,6 @@ class NumericProblem:
             out_labels.append(lab[scored])
             out_rows.append(bucket[:, None].expand_as(scored)[scored])
         return torch.cat(out_logits), torch.cat(out_labels), torch.cat(out_rows)
-
-    def _groups(self, chunks: Sequence[Chunk]) -> dict[tuple[int, bool], list[Chunk]]:
-        groups: dict[tuple[int, bool], list[Chunk]] = {}
-        for c in chunks:
-            groups.setdefault((c.target, c.fast), []).append(c)
-        return groups
 
     # ------------------------------------------------------------------ trainer interface
     def loss(self, maps, batch_index: torch.Tensor):
@@ -350,7 +307,7 @@ class NumericProblem:
         l_behaviour = None
         if behaviour:
             total = 0.0
-            for group in self._groups(behaviour).values():
+            for group in self._groups(behaviour):
                 logits, labels, row = self._run(maps, group, [rows] * len(group), rollout=False)
                 ce = F.cross_entropy(logits, labels, reduction="none")                  # (n,)
                 chunk_of = torch.div(row, len(rows), rounding_mode="floor")             # (n,)
@@ -369,17 +326,12 @@ class NumericProblem:
             return l_behaviour, info
         return (1 - self.cl_epsilon) * l_behaviour + self.cl_epsilon * l_cl, info
 
-    def intervened_latents(self, maps, chunk: Chunk, rows: torch.Tensor) -> torch.Tensor:
+    def intervened_latents(self, maps, chunk: TaskPairs, rows: torch.Tensor) -> torch.Tensor:
         """ĥ (rows, d_t): the intervened target latent at target_pos in the target's native space."""
-        h_s = chunk.source_latents[rows]
-        if self.intervention == "linear_stitch":
-            return maps[self.map_directions.index((chunk.source, chunk.target))](h_s)
-        target_map, source_map = maps[chunk.target], maps[chunk.source]
-        if self.intervention == "stitch":
-            return stitch(target_map, source_map, h_s, chunk.block)
-        return intervene(target_map, source_map, chunk.target_latents[rows], h_s, chunk.block)
+        return self.intervention(maps, chunk.target_latents[rows], chunk.source_latents[rows], chunk.source,
+                                 chunk.target, chunk.block)
 
-    def cl_loss(self, maps, chunk: Chunk, rows: torch.Tensor) -> torch.Tensor:
+    def cl_loss(self, maps, chunk: TaskPairs, rows: torch.Tensor) -> torch.Tensor:
         """L_CL = ½[(1 − cos(ĥ, h_cl)) + mean_d (ĥ − h_cl)²] over matched pairs."""
         h_hat = self.intervened_latents(maps, chunk, rows)
         h_cl = chunk.cl_latents[rows]
@@ -388,7 +340,7 @@ class NumericProblem:
         return (per * matched).sum() / matched.sum().clamp(min=1)
 
     def evaluate(self, maps, split: str = "valid", with_ci: bool = False, rollout: bool | None = None
-                 ) -> list[dict]:
+                 ) -> list[Record]:
         """One record per (source, target, variable).
 
         rollout: run the autoregressive rollout (default: when with_ci, i.e. for reported results). The
@@ -396,10 +348,11 @@ class NumericProblem:
         teacher-forced one up to the first error: "every scored token right" is the same event in both
         (tested). Frequent validation during training therefore uses the teacher-forced pass only.
         """
-        rollout = with_ci if rollout is None else rollout
-        chunks = self.splits[split]
+        return super().evaluate(maps, split, with_ci, rollout=with_ci if rollout is None else rollout)
+
+    def _pair_scores(self, maps, split: str, with_ci: bool, rollout: bool = False) -> dict[int, PairScores]:
         out = {}
-        for group in self._groups(chunks).values():
+        for group in self._groups(self.splits[split]):
             per_chunk = {id(c): {"trial": [], "tok_ok": [], "tok_n": [], "loss": 0.0} for c in group}
             n = len(group[0])
             for lo in range(0, n, self.eval_batch_size):
@@ -428,35 +381,85 @@ class NumericProblem:
                     acc["loss"] += float(ce_rows[seg].sum())
             for c in group:
                 acc = per_chunk[id(c)]
-                trial = torch.cat(acc["trial"]).numpy().astype(float)
-                tok_ok = torch.cat(acc["tok_ok"]).numpy()
-                tok_n = torch.cat(acc["tok_n"]).numpy()
-                rec = {"source": self.models[c.source].name, "target": self.models[c.target].name,
-                       "source_index": c.source, "target_index": c.target, "variable": c.variable,
-                       "trained": c.trained, "trial_iia": float(trial.mean()),
-                       "token_iia": float(tok_ok.sum() / max(tok_n.sum(), 1)),
-                       "loss": float(acc["loss"] / max(tok_n.sum(), 1)), "n_pairs": int(len(trial)),
-                       "trained_by": "cl" if c.cl else ("behaviour" if c.trained else "none")}
-                if c.cl:
-                    rec["cl_unmatched"] = int((~c.cl_matched).sum())
-                    with torch.no_grad():
-                        rec["cl_loss"] = float(self.cl_loss(maps, c, torch.arange(len(c), device=self.device)))
-                if with_ci:
-                    from .stats import bootstrap_ci
+                out[id(c)] = PairScores(trial=torch.cat(acc["trial"]).numpy().astype(float),
+                                        correct=torch.cat(acc["tok_ok"]).numpy(),
+                                        scored=torch.cat(acc["tok_n"]).numpy(), loss_sum=acc["loss"])
+        return out
 
-                    rec["trial_iia_ci"] = [float(x) for x in bootstrap_ci(trial, seed=self.seed)]
-                    rec["token_iia_ci"] = [float(x) for x in _ratio_ci(tok_ok, tok_n, self.seed)]
-                    rec["trial_iia_by_quantity"] = {
-                        int(q): float(trial[c.quantity == q].mean()) for q in np.unique(c.quantity)}
-                out[(c.source, c.target, c.variable)] = rec
-        order = [(c.source, c.target, c.variable) for c in chunks]
-        return [out[k] for k in order]
+    def _extra_fields(self, maps, chunk: TaskPairs, scores: PairScores, with_ci: bool) -> dict:
+        fields = {"trained_by": "cl" if chunk.cl else ("behaviour" if chunk.trained else "none")}
+        if chunk.cl:
+            fields["cl_unmatched"] = int((~chunk.cl_matched).sum())
+            with torch.no_grad():
+                fields["cl_loss"] = float(self.cl_loss(maps, chunk, torch.arange(len(chunk), device=self.device)))
+        if with_ci:
+            trial = scores.trial
+            fields["trial_iia_by_quantity"] = {
+                int(q): float(trial[chunk.quantity == q].mean()) for q in np.unique(chunk.quantity)}
+        return fields
 
 
-def _ratio_ci(ok: np.ndarray, n: np.ndarray, seed: int, n_boot: int = 2000, level: float = 0.95):
-    """Bootstrap CI (over pairs) of a micro-averaged token accuracy sum(ok)/sum(n)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(ok), size=(n_boot, len(ok)))
-    ratios = ok[idx].sum(1) / np.maximum(n[idx].sum(1), 1)
-    lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
+# ---------------------------------------------------------------------------------------------- building
+def task_model_infos(config) -> tuple[list[str], list[dict | None]]:
+    """(problems, manifest entries) of a run config's task models, without loading weights: unknown model
+    names, and variables their tasks do not have. ``problems`` is empty when everything resolves."""
+    problems, infos = [], []
+    for i, m in enumerate(config.models):
+        try:
+            run_dir, entry = resolve_model_dir(m.name)
+            info = entry or {"task": read_run_config(run_dir)["train"]["task"]}
+        except ConfigError as e:
+            problems.append(f"models.{i}.name: {e}")
+            infos.append(None)
+            continue
+        infos.append(info)
+        task = get_task(info["task"])
+        for v in config.variables:
+            own = m.variable_map.get(v, v)
+            if own not in ("full", "null", *task.variables):
+                problems.append(f"variables: {own!r} is not a variable of task {task.name!r} (models.{i}); valid: "
+                                f"full, {', '.join(task.variables)}")
+    return problems, infos
+
+
+def build_task_problem(config, *, shard: Shard | None = None, log: Callable[[str], None] | None = None
+                       ) -> TaskModelProblem:
+    """Load the configured task models and build their `TaskModelProblem`.
+
+    config: a run config (``llm_mas.run_config.MASConfig``) whose models all have ``kind: task``; their names
+    and variables were checked when it was loaded. Task models run in one process (``shard`` must be None
+    or a single-process shard).
+    """
+    if shard is not None and shard.world > 1:
+        raise ConfigError("models: data-parallel MAS runs HF models only (kind: hf); run task models with "
+                          "`llm-mas mas`")
+    problems, _ = task_model_infos(config)
+    if problems:
+        raise ConfigError(problems)
+    entries = []
+    for i, m in enumerate(config.models):
+        model = load_task_model(m.name).to(config.device)
+        if m.untrained:  # control: same architecture, fresh random weights (a new model; the loaded one is dropped)
+            settings = dict(model.config)
+            arch, task_name, vocab = settings.pop("arch"), settings.pop("task_name"), settings.pop("vocab_size")
+            settings.pop("seed", None)
+            model = build_task_model(arch, task_name, vocab, seed=10_000 + config.seed * 7 + i, **settings)
+            model.eval().requires_grad_(False).to(config.device)
+        site = resolve_site(model, m.site)
+        get_module(model, site)  # wrong path -> SiteError listing close names
+        entries.append(TaskModelEntry(name=Path(m.name).name + ("-untrained" if m.untrained else ""), model=model,
+                                      site=site, width=model.d_model, task=get_task(model.task_name),
+                                      variable_map=dict(m.variable_map)))
+    widths = [e.width for e in entries]
+    k = config.k if config.k is not None else min(widths) // 2
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):  # the same model twice (e.g. a model and itself): keep names distinct
+        for i, e in enumerate(entries):
+            e.name = f"{e.name}#{i}"
+    return TaskModelProblem(entries, config.variables, k, null_subspace=config.null_subspace,
+                            stepwise=config.data.stepwise, train_directions=config.train_directions(),
+                            n_train=config.data.n_train, n_valid=config.data.n_valid, seed=config.seed,
+                            intervention=config.intervention, eval_batch_size=config.eval.batch_size,
+                            device=config.device, progress=config.progress,
+                            cl_directions=config.cl_directions(), cl_epsilon=config.cl.epsilon,
+                            cl_match_on=config.cl.match_on, value_range=config.data.value_range)

@@ -17,12 +17,13 @@ def mas(config: str = typer.Argument(..., help="A shipped preset name (see `llm-
     def body():
         import torch
 
-        from ..mas import load_mas_config, run_mas
         from ..presets import resolve_preset
+        from ..run import run
+        from ..run_config import load_mas_config
 
         torch.set_num_threads(max(1, threads))
         cfg = load_mas_config(resolve_preset(config), overrides or [])
-        result = run_mas(cfg)
+        result = run(cfg)
         for var in result.variables:
             typer.echo(f"\ntrial IIA ({var}), rows = source, columns = target:\n{result.table(var)}")
         typer.echo(f"\nwrote {result.run_dir}/")

@@ -1,4 +1,5 @@
-"""The interchange intervention (method.md §2) and stitching (§8), pure functions of evaluated maps.
+"""Interventions: the interchange (MAS / DAS) and stitching, as pure functions of evaluated maps and as
+interchangeable objects with one signature (docs/method.md).
 
     h_t' = A_t⁻¹( (1 − m) ⊙ A_t(h_t) + m ⊙ A_s(h_s) )          (intervene)
     h_t' = A_t⁻¹( m ⊙ A_s(h_s) )                                 (stitch: the target is discarded)
@@ -9,18 +10,30 @@ width; the block must lie inside both models' aligned widths (the first min(dim_
 `intervene` never forms a d×d product per row: with Δ = enc_s(h_s) − enc_t(h_t) on the block's k
 columns only, h_t' = h_t + decode(Δ) (keeps_complement maps), costing O(n·d·k).
 `intervene_reference` is the literal formula, kept as the readable definition and for tests.
+
+The problems never branch on the kind of intervention: they hold one `Intervention` (``INTERVENTIONS``,
+``make_intervention``) and call it the same way for every kind,
+
+    h_target' = intervention(maps, h_target, h_source, source, target, block)
+
+- ``interchange``: ``intervene`` with the target's and the source's alignments, ``maps[target]``, ``maps[source]``;
+- ``stitch``: the rank-k partial isometry ``stitch`` (the target's own latent discarded);
+- ``linear_stitch``: one unconstrained affine map per trained direction (``LinearStitch``), owned by the
+  intervention: ``own_maps`` creates them and the call looks up the direction's map itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from llm_mas.alignments import AlignmentMap
-from llm_mas.errors import ConfigError, InterventionError
+from llm_mas.errors import ConfigError, InterventionError, choice_error
 
 NULL_VARIABLE = "null"
 
@@ -188,3 +201,174 @@ def stitch(target_map: AlignmentMap, source_map: AlignmentMap, h_source: Tensor,
     start, stop = _check_block(target_map, source_map, block)
     block = slice(start, stop)
     return target_map.decode_block(source_map.encode(h_source, block), block)  # (n, d_t)
+
+
+# ------------------------------------------------------------------------------------------------ objects
+Direction = tuple[int, int]  # (source model index, target model index)
+
+
+class Intervention:
+    """``intervention(maps, h_target, h_source, source, target, block) -> h_target'`` (rows, d_t).
+
+    maps: what the trainer evaluated from the trained modules (``[m.materialize() for m in modules]``): one
+    alignment map per model, or the intervention's own maps (``own_maps``). h_target (rows, d_t) and
+    h_source (rows, d_s) are the natural latents of the intervened rows; block is the variable's slice of
+    aligned coordinates.
+    """
+
+    name = "intervention"
+    reads_target = True   # False: h_target is ignored (callers may skip preparing it)
+
+    def __init__(self, trained_directions: Iterable[Direction] = ()):
+        self.trained_directions = sorted(set(map(tuple, trained_directions)))
+
+    def evaluated_directions(self, directions: Sequence[Direction]) -> list[Direction]:
+        """The directions this intervention can evaluate (default: all of them)."""
+        return list(directions)
+
+    def own_maps(self, widths: Sequence[int], k: int, seed: int) -> nn.ModuleList | None:
+        """The intervention's own trained modules, or None: the maps are one alignment per model."""
+        return None
+
+    def __call__(self, maps: Sequence[Any], h_target: Tensor, h_source: Tensor, source: int, target: int,
+                 block: slice) -> Tensor:
+        raise NotImplementedError
+
+
+class Interchange(Intervention):
+    """MAS / DAS: A_t⁻¹((1 − m) ⊙ A_t(h_t) + m ⊙ A_s(h_s)) (``intervene``)."""
+
+    name = "interchange"
+
+    def __call__(self, maps, h_target, h_source, source, target, block):
+        return intervene(maps[target], maps[source], h_target, h_source, block)
+
+
+class RankKStitch(Intervention):
+    """Model stitching through both alignments: A_t⁻¹(m ⊙ A_s(h_s)) (``stitch``), the target discarded."""
+
+    name = "stitch"
+    reads_target = False
+
+    def __call__(self, maps, h_target, h_source, source, target, block):
+        return stitch(maps[target], maps[source], h_source, block)
+
+
+class LinearStitchIntervention(Intervention):
+    """One unconstrained affine map of rank <= k per trained direction: h_t' = h_s A B + b.
+
+    Only the trained directions exist (they are the ones with a map); ``own_maps`` creates the maps in
+    ``map_directions`` order, which is how the call finds a direction's map in ``maps``.
+    """
+
+    name = "linear_stitch"
+    reads_target = False
+
+    def __init__(self, trained_directions: Iterable[Direction] = ()):
+        super().__init__(trained_directions)
+        self.map_directions = list(self.trained_directions)
+        self._slot = {d: i for i, d in enumerate(self.map_directions)}
+
+    def evaluated_directions(self, directions):
+        return list(self.map_directions)
+
+    def own_maps(self, widths, k, seed):
+        return nn.ModuleList([LinearStitch(widths[s], widths[t], k, seed=seed * 101 + 7 * s + t)
+                              for s, t in self.map_directions])
+
+    def __call__(self, maps, h_target, h_source, source, target, block):
+        return maps[self._slot[(source, target)]](h_source)
+
+
+INTERVENTIONS: dict[str, type[Intervention]] = {
+    cls.name: cls for cls in (Interchange, RankKStitch, LinearStitchIntervention)}
+
+
+def make_intervention(name: str, trained_directions: Iterable[Direction] = ()) -> Intervention:
+    """The registered intervention called `name` (``interchange``, ``stitch``, ``linear_stitch``)."""
+    if name not in INTERVENTIONS:
+        raise choice_error("intervention", name, tuple(INTERVENTIONS))
+    return INTERVENTIONS[name](trained_directions)
+
+
+# ----------------------------------------------------------------------------- the linear stitch's maps
+def check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class LowRankAffineMap:
+    """Evaluated `LinearStitch`: h_s ↦ h_s A B + b, or h_s W + b when full rank."""
+
+    kind = "linear_stitch"
+    keeps_complement = False
+
+    def __init__(self, left: Tensor, right: Tensor | None, bias: Tensor | None):
+        self.left, self.right, self.bias = left, right, bias  # (d_s, r), (r, d_t) or None, (d_t,) or None
+        self.d = left.shape[0]
+        self.dim_out = left.shape[1] if right is None else right.shape[1]
+        self.rank = min(self.d, self.dim_out) if right is None else right.shape[0]
+
+    def forward(self, h_source: Tensor) -> Tensor:
+        """(..., d_s) -> (..., d_t)."""
+        if h_source.shape[-1] != self.d:
+            raise ValueError(f"linear stitch expects source latents of width {self.d}, got {tuple(h_source.shape)}")
+        out = h_source @ self.left  # (..., r) or (..., d_t)
+        if self.right is not None:
+            out = out @ self.right  # (..., d_t)
+        return out if self.bias is None else out + self.bias
+
+    __call__ = forward
+
+    def matrix(self) -> Tensor:
+        """(d_s, d_t) linear part."""
+        return self.left if self.right is None else self.left @ self.right
+
+
+class LinearStitch(nn.Module):
+    """Unconstrained affine stitch h_s A B + b of rank <= k (A: d_s×k, B: k×d_t, b: d_t).
+
+    k None or k >= min(d_s, d_t) gives one dense (d_s, d_t) matrix (full rank). Initialisation is seeded
+    (the global RNG is not consumed): A, W ~ N(0, 1/d_s), B ~ N(0, 1/k) (variance-preserving), b = 0.
+    """
+
+    def __init__(self, d_source: int, d_target: int, k: int | None = None, *, bias: bool = True,
+                 seed: int | None = None, dtype: torch.dtype = torch.float32):
+        d_source, d_target = check_positive_int("d_source", d_source), check_positive_int("d_target", d_target)
+        if k is not None:
+            check_positive_int("k", k)
+        super().__init__()
+        generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+        self.d, self.dim_out = d_source, d_target
+        self.full_rank = k is None or k >= min(d_source, d_target)
+        self.k = min(d_source, d_target) if self.full_rank else k
+
+        def normal(*shape: int, fan_in: int) -> nn.Parameter:
+            return nn.Parameter(torch.randn(*shape, generator=generator, dtype=dtype) / math.sqrt(fan_in))
+
+        if self.full_rank:
+            self.weight = normal(d_source, d_target, fan_in=d_source)  # (d_s, d_t)
+            self.register_parameter("left", None)
+            self.register_parameter("right", None)
+        else:
+            self.register_parameter("weight", None)
+            self.left = normal(d_source, k, fan_in=d_source)  # (d_s, k)
+            self.right = normal(k, d_target, fan_in=k)  # (k, d_t)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(d_target, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    def materialize(self) -> LowRankAffineMap:
+        if self.full_rank:
+            return LowRankAffineMap(self.weight, None, self.bias)
+        return LowRankAffineMap(self.left, self.right, self.bias)
+
+    def forward(self, h_source: Tensor) -> Tensor:
+        """(..., d_s) -> (..., d_t)."""
+        return self.materialize()(h_source)
+
+    def extra_repr(self) -> str:
+        return (f"d_source={self.d}, d_target={self.dim_out}, k={self.k}, full_rank={self.full_rank}, "
+                f"bias={self.bias is not None}")

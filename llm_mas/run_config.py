@@ -1,0 +1,292 @@
+"""The run config of MAS (`MASConfig`): a list of models, the variables and directions, data, training and
+evaluation settings. YAML presets hold it; ``load_mas_config`` adds ``key.sub=value`` overrides and reports
+every problem at once (one ``ConfigError``) before anything heavy loads.
+
+    cfg = load_mas_config(resolve_preset("gru_gru_hidden"), ["train.lr=2e-3", "data.n_train=2000"])
+
+A model entry is one of two kinds, told apart by ``kind`` (a key the other kind does not have is an error):
+``task`` (`TaskModelConfig`, the default: a shipped or trained task model) or ``hf`` (`HFModelConfig`: a
+Hugging Face causal LM with its recording). ``llm_mas.run.run`` runs a config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .alignments import ALIGNMENTS, make_alignment
+from .config import apply_overrides, from_dict, load_yaml
+from .errors import ConfigError, MASError
+from .llm.loading import DTYPES
+from .models.registry import resolve_model_dir
+from .problems.task import task_model_infos
+from .sites import Site
+from .trainer import TrainerConfig
+
+HF_BACKENDS = ("torch", "nnsight", "tlens")
+
+
+@dataclass
+class ModelConfigBase:
+    """What every model entry has: which model, where its latent is, and its alignment."""
+
+    name: str                           # task: shipped name (llm-mas list-models) or checkpoint directory;
+                                        # hf: hub id or local directory
+    site: str = "hidden"                # an alias ("hidden", "embeddings", "layer{l}") or a module/hook path
+    alignment: str = "orthogonal"       # orthogonal | low_rank | gram_schmidt | linear | identity
+    # kind-specific options: orthogonal_map (matrix_exp | cayley | householder; cayley's materialize +
+    # backward is ~12x cheaper at d = 1024, bench/alignment_cost.py), method (gram_schmidt: qr | cgs2),
+    # bias (linear)
+    alignment_options: dict[str, Any] = field(default_factory=dict)
+    standardize: bool = False           # z-score latents (per feature) inside the alignment
+
+
+@dataclass
+class TaskModelConfig(ModelConfigBase):
+    """A task model (GRU / LSTM / Transformer trained by ``llm-mas train-model``)."""
+
+    kind: Literal["task"] = "task"
+    variable_map: dict[str, str] = field(default_factory=dict)  # shared variable -> this model's variable
+    untrained: bool = False             # control: a freshly initialised copy of this architecture (chance level)
+
+
+@dataclass
+class HFModelConfig(ModelConfigBase):
+    """A Hugging Face causal LM and the recording of its own generations (``llm-mas record``)."""
+
+    kind: Literal["hf"] = "hf"
+    site: str = "embeddings"            # "embeddings", "layer{l}" or a module path
+    recording: str | None = None        # directory written by `llm-mas record` for this model
+    adapter: str | None = None          # optional PEFT adapter directory
+    dtype: str = "float32"              # float32 | bfloat16 | float16 | auto
+    device: str | None = None           # this model's device (default: the run's device)
+    backend: str = "torch"              # torch | nnsight | tlens
+
+    def problems(self, where: str) -> list[str]:
+        """What is wrong with this entry (``where``: its config path, e.g. ``models.0``). Whether the recording
+        exists is checked when the run builds its problem (a recipe may plan runs before recording)."""
+        p = []
+        if self.backend not in HF_BACKENDS:
+            p.append(f"{where}.backend: unknown backend {self.backend!r}; valid choices: {', '.join(HF_BACKENDS)}")
+        if self.dtype not in DTYPES:
+            p.append(f"{where}.dtype: unknown dtype {self.dtype!r}; valid choices: {', '.join(DTYPES)}")
+        if self.recording is None:
+            p.append(f"{where}.recording: an HF model needs a recording directory; make one with "
+                     f"`llm-mas record --model {self.name} --texts TEXTS --out DIR`")
+        if self.adapter is not None and self.backend == "tlens":
+            p.append(f"{where}.adapter: the tlens backend needs merged weights; point name at the merged model "
+                     "(`llm-mas finetune ... --merge` writes OUT/merged) and record that model")
+        if self.site == "hidden":
+            p.append(f"{where}.site: 'hidden' is a task-model site; an HF model's sites are 'embeddings' (the "
+                     "default), 'layer{l}' (the output of decoder block l) or a module path")
+        else:
+            try:
+                Site.parse(self.site)
+            except ConfigError as e:
+                p.append(f"{where}.site: {e}")
+        return p
+
+
+ModelConfig = TaskModelConfig | HFModelConfig
+
+
+@dataclass
+class DataConfig:
+    n_train: int = 10_000               # intervention pairs per direction and variable
+    n_valid: int = 1_000
+    stepwise: bool = False              # stepwise (positions 0..i) instead of indywise (one position)
+    # [lo, hi]: swap only where the swapped variable's value lies in lo..hi in both the source and the
+    # target (named variables only; e.g. Arithmetic cumulative_value restricted to 1..10)
+    value_range: list[int] | None = None
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.n_train < 1:
+            p.append(f"data.n_train must be >= 1, got {self.n_train}")
+        if self.n_valid < 1:
+            p.append(f"data.n_valid must be >= 1, got {self.n_valid}")
+        if self.value_range is not None:
+            vr = self.value_range
+            if not isinstance(vr, (list, tuple)) or len(vr) != 2 or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in vr):
+                p.append(f"data.value_range must be two integers [lo, hi], got {vr!r}")
+            elif vr[0] > vr[1]:
+                p.append(f"data.value_range {list(vr)} is empty: need lo <= hi, e.g. [{vr[1]}, {vr[0]}]")
+        return p
+
+
+@dataclass
+class CLConfig:
+    """CLMAS: models whose behaviour under intervention may not be used (causally inaccessible).
+
+    Directions *into* them are trained only by the counterfactual-latent loss, the others by behaviour;
+    total = (1 − epsilon)·L_behaviour + epsilon·L_CL. Every direction is still evaluated behaviourally.
+    match_on: the target-task state variables a counterfactual latent is matched on (default: every state
+    variable of the intended state, e.g. obj_count, phase and count for MultiObject). Matching on fewer (e.g.
+    [phase, count], what the rest of the sequence depends on) finds a natural latent for intended states
+    that never occur naturally (a count above the target's own obj_count) at the price of noise in the
+    variables left out.
+    """
+
+    inaccessible: list[int] = field(default_factory=list)
+    epsilon: float = 0.0
+    match_on: list[str] | None = None
+
+    def validate(self) -> list[str]:
+        p = [] if 0.0 <= self.epsilon <= 1.0 else [f"cl.epsilon must be in [0, 1], got {self.epsilon}"]
+        if self.match_on is not None and not self.match_on:
+            p.append("cl.match_on: list at least one state variable, or leave it unset (null) to match on all")
+        return p
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 1000
+
+
+@dataclass
+class MASConfig:
+    models: list[TaskModelConfig | HFModelConfig]
+    name: str = "mas"
+    seed: int = 0
+    variables: list[str] = field(default_factory=lambda: ["full"])
+    k: int | None = None                # coordinates per variable (default: half the smallest width)
+    null_subspace: bool = False         # train the remaining coordinates to change nothing (s == t only)
+    directions: str | list[list[int]] = "all"   # all | cross | self | [[s, t], ...] (trained; all are evaluated)
+    intervention: Literal["interchange", "stitch", "linear_stitch"] = "interchange"
+    # interchange: MAS/DAS; stitch: rank-k partial isometry h_s Q_s P_k Q_tᵀ (target latent discarded);
+    # linear_stitch: one unconstrained affine map of rank <= k per trained direction
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cl: CLConfig = field(default_factory=CLConfig)
+    out_dir: str = "runs"
+    device: str = "cpu"
+    progress: bool = True
+    resume: bool = True
+
+    @property
+    def kind(self) -> str:
+        """The kind of every model (``task`` or ``hf``): the kind of problem the run builds."""
+        kinds = [m.kind for m in self.models if isinstance(m, ModelConfigBase)]
+        return kinds[0] if kinds else "task"
+
+    def validate(self) -> list[str]:
+        p = []
+        if not self.models:
+            p.append("models: list at least one model (shipped names: see `llm-mas list-models`)")
+        built = [m for m in self.models if isinstance(m, ModelConfigBase)]  # entries with problems are reported
+        kinds = sorted({m.kind for m in built})
+        if len(kinds) > 1:
+            p.append(f"models: mixing kinds {' and '.join(map(repr, kinds))} in one run is not supported")
+        elif kinds == ["hf"]:
+            p.extend(self._hf_problems())
+        for i, m in enumerate(self.models):
+            if not isinstance(m, ModelConfigBase):
+                continue
+            if m.alignment not in ALIGNMENTS:
+                p.append(f"models.{i}.alignment: unknown kind {m.alignment!r}; valid: {', '.join(sorted(ALIGNMENTS))}")
+            elif m.alignment_options:
+                try:  # a tiny instance checks option names and values before any model loads
+                    make_alignment(m.alignment, 8, k=4, seed=0, **m.alignment_options)
+                except (MASError, TypeError, ValueError) as e:
+                    p.append(f"models.{i}.alignment_options: {e}")
+        if isinstance(self.directions, str):
+            if self.directions not in ("all", "cross", "self"):
+                p.append(f"directions: {self.directions!r} must be all, cross, self or a list of [source, target]")
+        else:
+            for d in self.directions:
+                if len(d) != 2 or not all(0 <= x < len(self.models) for x in d):
+                    p.append(f"directions: {d} must be [source, target] with indices in 0..{len(self.models) - 1}")
+        for i in self.cl.inaccessible:
+            if not 0 <= i < len(self.models):
+                p.append(f"cl.inaccessible: model index {i} is outside 0..{len(self.models) - 1}")
+        if self.k is not None and self.k < 1:
+            p.append(f"k must be >= 1, got {self.k}")
+        if not self.variables:
+            p.append("variables: list at least one variable (e.g. full, count, phase)")
+        if self.data.value_range is not None:
+            whole = [v for v in self.variables if v in ("full", "null")] + (["null"] if self.null_subspace else [])
+            if whole:
+                p.append(f"data.value_range restricts one named variable's values; it cannot apply to "
+                         f"{sorted(set(whole))}: list named variables only (e.g. variables: [count]) and set "
+                         "null_subspace: false")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            p.append(f"device {self.device!r} must be cpu or cuda[:i]")
+        return p
+
+    def _hf_problems(self) -> list[str]:
+        p = []
+        if list(self.variables) != ["full"]:
+            p.append(f"variables: LLM MAS has one variable, 'full' (the model's behaviour); got {self.variables}")
+        if self.null_subspace:
+            p.append("null_subspace: not implemented for LLM MAS; set null_subspace: false")
+        if not self.data.stepwise:
+            p.append("data.stepwise: LLM MAS is stepwise (positions 0..i receive the source's subspace); "
+                     "set data.stepwise: true")
+        for i, m in enumerate(self.models):
+            if isinstance(m, HFModelConfig):
+                p.extend(m.problems(f"models.{i}"))
+        return p
+
+    def _directions(self) -> list[tuple[int, int]]:
+        n = len(self.models)
+        if self.directions == "all":
+            return [(s, t) for s in range(n) for t in range(n)]
+        if self.directions == "cross":
+            return [(s, t) for s in range(n) for t in range(n) if s != t]
+        if self.directions == "self":
+            return [(i, i) for i in range(n)]
+        return [tuple(d) for d in self.directions]
+
+    def train_directions(self) -> list[tuple[int, int]]:
+        """Directions trained by behaviour (those into an inaccessible model are CL-trained instead)."""
+        return [d for d in self._directions() if d[1] not in self.cl.inaccessible]
+
+    def cl_directions(self) -> list[tuple[int, int]]:
+        return [d for d in self._directions() if d[1] in self.cl.inaccessible]
+
+
+def check_models(config: MASConfig) -> list:
+    """Manifest entries of the task models (None for HF models); raises ConfigError for unknown task-model
+    names and variables their tasks do not have (no weights are loaded)."""
+    if config.kind != "task":
+        return [None] * len(config.models)
+    problems, infos = task_model_infos(config)
+    if problems:
+        raise ConfigError(problems)
+    return infos
+
+
+def load_mas_config(path: str | Path | None, overrides=(), base: dict | None = None) -> MASConfig:
+    """Preset + overrides -> MASConfig. Every problem — unknown keys, bad values, unknown model names,
+    variables a model's task does not have — is reported in one ConfigError, before anything loads."""
+    data = dict(base or {})
+    if path is not None:
+        data.update(load_yaml(path))
+    data = apply_overrides(data, overrides)
+    problems: list[str] = []
+    try:
+        cfg = from_dict(MASConfig, data)
+    except ConfigError as e:
+        problems.extend(e.problems)
+        cfg = None
+    if cfg is not None:
+        if cfg.kind == "task":
+            problems.extend(task_model_infos(cfg)[0])
+    else:  # the config did not build: still check the task-model names it gives
+        for i, m in enumerate(data.get("models") or []):
+            if isinstance(m, dict) and m.get("kind", "task") == "task" and isinstance(m.get("name"), str):
+                try:
+                    resolve_model_dir(m["name"])
+                except ConfigError as e:
+                    problems.append(f"models.{i}.name: {e}")
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def config_from_kwargs(**kwargs) -> MASConfig:
+    """`MASConfig` from keyword arguments (validated like a preset)."""
+    return from_dict(MASConfig, kwargs)
