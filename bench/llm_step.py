@@ -4,7 +4,7 @@
     python bench/llm_step.py --quick            # smoke test
     python bench/llm_step.py --sizes mid --threads 2
 
-The step (method.md §10, built here from backends + alignments + interchange.intervene, not from
+The step (docs/method.md §14, built here from backends + alignments + interchange.intervene, not from
 llm_mas.problems.llm): the source model's embedding-layer latents are cached once (no grad); per step both
 orthogonal alignments (k = d/2) are materialized, the target runs with its embeddings at positions 0..i
 (i ~ U[10, L-10) per row) replaced by ``intervene(A_t, A_s, h_t, h_s, [0, k))``, its inputs after i are the

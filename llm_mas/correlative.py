@@ -6,10 +6,10 @@
     rows = collect_rows([gru, transformer], "hidden")           # 300 MultiObject sequences, 15 per N
     compare_representations(rows.latents[0], rows.latents[1])   # llm_mas.similarity: RSA × 4, CKA × 2
 
-Rows (method.md §9, reference-implementation.md §6): the SAME token sequences are run through every model,
+Rows (docs/method.md §13): the SAME token sequences are run through every model,
 teacher forced, and every non-pad position of every sequence is one row, in the same (sequence, position)
 order for every model, so row i of one model and row i of another are the latents of the same token.
-BOS and EOS positions are rows too (as in the reference); at the embedding site the rows only depend on the
+BOS and EOS positions are rows too (as in the paper's code); at the embedding site the rows only depend on the
 token, so many rows repeat.
 
 The default sequences follow the paper: 15 per quantity N = 1..20 of the models' task (MultiObject), drawn

@@ -36,7 +36,7 @@ class ModelConfigBase:
     site: str = "hidden"                # an alias ("hidden", "embeddings", "layer{l}") or a module/hook path
     alignment: str = "orthogonal"       # orthogonal | low_rank | gram_schmidt | linear | identity
     # kind-specific options: orthogonal_map (matrix_exp | cayley | householder; cayley's materialize +
-    # backward is ~12x cheaper at d = 1024, bench/alignment_cost.py), method (gram_schmidt: qr | cgs2),
+    # backward is 11.7x cheaper at d = 1024, bench/alignment_cost.py), method (gram_schmidt: qr | cgs2),
     # bias (linear)
     alignment_options: dict[str, Any] = field(default_factory=dict)
     standardize: bool = False           # z-score latents (per feature) inside the alignment

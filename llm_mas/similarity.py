@@ -1,4 +1,4 @@
-"""Correlative representational similarity (RSA, linear CKA) — to contrast with MAS (method.md §9).
+"""Correlative representational similarity (RSA, linear CKA) — to contrast with MAS (docs/method.md §13).
 
 Pure array functions: inputs are (n, d) arrays (numpy, torch, lists), one row per token position;
 row i of X and row i of Y must come from the same token of the same sequence (rows = all non-pad
@@ -310,7 +310,7 @@ def subsampled(metric_fn: Callable[[np.ndarray, np.ndarray], float], X: Any, Y: 
 
 def compare_representations(X: Any, Y: Any, *, n_rows: int = 1000, n_repeats: int = 10,
                             seed: int = 0) -> dict[str, Any]:
-    """Every correlative similarity of method.md §9 on the same row subsets (seeded).
+    """Every correlative similarity of docs/method.md §13 on the same row subsets (seeded).
 
     Returns a dict with, for each of ``rsa_{cosine,euclidean}_{spearman,pearson}`` and
     ``cka_{biased,unbiased}``, ``{"mean", "std", "values"}`` over the subsets; ``cka_biased_all_rows``

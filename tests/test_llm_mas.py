@@ -105,7 +105,7 @@ def _iia(records, metric="token_iia"):
 
 # ---------------------------------------------------------------------------------------------- problem
 def test_problem_shapes_pairs_and_cache(trained):
-    """Pairs follow method.md §10 and the source latents are the source's own, cached once per split."""
+    """Pairs follow docs/method.md §14.2 and the source latents are the source's own, cached once per split."""
     from llm_mas.run import build_problem
 
     config = _config([trained, trained], data={"n_train": 50, "n_valid": 20})

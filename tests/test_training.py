@@ -243,3 +243,21 @@ def test_shipped_models_record_how_their_weights_were_seeded():
 
     for name in shipped_names():
         assert read_run_config(models_dir() / name)["train"]["init_seed"] in ("seed", "derived"), name
+
+
+def test_training_leaves_the_callers_random_streams_and_threads_alone():
+    """train_task_model seeds and sets threads for itself only (no lasting change of global state)."""
+    import random
+
+    threads = torch.get_num_threads()
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    expected = random.random(), np.random.rand(), torch.rand(1).item()
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    train_task_model(make_config(task="multiobject", arch="gru", seed=3, threads=threads + 1, **TINY), None,
+                     progress=False, log=lambda m: None)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert torch.get_num_threads() == threads

@@ -1,4 +1,4 @@
-"""`llm-mas similarity PRESET|CONFIG.yaml key.sub=value ...`: RSA and CKA between task models (method.md §9)."""
+"""`llm-mas similarity PRESET|CONFIG.yaml key.sub=value ...`: RSA and CKA between task models (docs/method.md §13)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``llm-mas finetune``: make a toxic / nontoxic variant of a causal LM (method.md §10).
+"""``llm-mas finetune``: make a toxic / nontoxic variant of a causal LM (docs/method.md §15).
 
 Only the standard library and typer are imported here; the work happens in ``llm_mas.toxicity.finetune``
 (see its docstring for the DeepSeek-R1-Distill-Qwen-1.5B commands, single GPU and ``accelerate launch``).

@@ -150,7 +150,7 @@ class Recording:
         return Recording(self.ids[rows], self.predicted[rows], meta, None)
 
     def split(self, valid_fraction: float = 0.2, seed: int = 741) -> tuple[Recording, Recording]:
-        """(train, valid) disjoint random rows (the reference splits 80/20 with seed 741)."""
+        """(train, valid) disjoint random rows (80/20 with seed 741, as in the paper's code)."""
         import torch
 
         if not 0.0 < valid_fraction < 1.0:

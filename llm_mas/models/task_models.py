@@ -32,7 +32,7 @@ from ..hooks import HookPoint
 
 ARCHS = ("gru", "lstm", "transformer")
 
-# Architecture defaults. dropout: the reference's 0.5 in the RNN head (it regularises the readout only;
+# Architecture defaults. dropout: the paper code's 0.5 in the RNN head (it regularises the readout only;
 # eval mode switches it off). 0 in the Transformer: training sees fresh sequences every step, so there
 # is no finite training set to overfit, and measured on MultiObject (seed 0, lr 1e-3) dropout 0.1 had not
 # reached a single N at 1 000 steps where dropout 0 had every N right at 750, while costing ~50% more per

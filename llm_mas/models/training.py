@@ -28,6 +28,7 @@ holds every shipped model's exact command).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -45,7 +46,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import from_dict, to_dict
 from ..errors import DataError
+from ..tasks import get_task
 from .task_models import ARCHS, TaskModel, build_task_model
 
 COUNTS = tuple(range(1, 21))
@@ -100,7 +103,7 @@ class TrainConfig:
 
     def validate(self) -> list[str]:
         """Every problem of this config (empty when valid)."""
-        from ..tasks import TASK_NAMES
+        from ..tasks import TASK_NAMES  # noqa: PLC0415
 
         problems = []
         if self.task not in TASK_NAMES:
@@ -283,16 +286,32 @@ def train_task_model(cfg: TrainConfig, out_dir: str | Path | None = None, comman
 
     Returns the best model (eval mode) and its metrics (final free-running evaluation included).
     """
-    from ..config import from_dict, to_dict
-    from ..tasks import get_task
-
     cfg = from_dict(TrainConfig, to_dict(cfg))  # validate (all problems at once)
     if cfg.lr is None:
         cfg = dataclasses.replace(cfg, lr=DEFAULT_LR[cfg.arch])  # the resolved value goes into config.yaml
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
+    with _global_state(cfg.seed, cfg.threads):
+        return _train(cfg, out_dir, command, progress, log)
+
+
+@contextlib.contextmanager
+def _global_state(seed: int, threads: int):
+    """Seed python, numpy and torch (and set torch's thread count) for one training run, then put all of it
+    back: the caller's random streams and thread count are as they were before."""
+    saved = random.getstate(), np.random.get_state(), torch.get_num_threads()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
+        try:
+            if threads:
+                torch.set_num_threads(threads)
+            seed_everything(seed)
+            yield
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_num_threads(saved[2])
+
+
+def _train(cfg: TrainConfig, out_dir, command, progress, log) -> TrainResult:
     device = torch.device(cfg.device)
     task = get_task(cfg.task)
     overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}

@@ -71,7 +71,7 @@ class CountingTask(Task):
         self.trigger_id = self.vocab.id("T")
         self.trigger_fn = trigger_fn
         self.post_swap_mod = post_swap_mod
-        self.filler_token = int(self.demo_ids[-1])  # the last demo token, as the reference does
+        self.filler_token = int(self.demo_ids[-1])  # the last demo token, as the paper's code does
         f_max = int(trigger_fn(np.arange(MIN_COUNT, MAX_COUNT + 1)).max())
         self.max_len = MAX_COUNT + 3 + f_max  # B D×N T R×f(N) E
 

@@ -4,7 +4,7 @@
     pairs = make_pairs(task, target_base, task, source_base, "full", 1_000, rng, stepwise=True)
     pairs = make_pairs(counting, c_base, arith, a_base, ("count", "remaining_ops"), 1_000, rng)  # cross-task
 
-Semantics (method.md §4). The latent at position p is the causal state *after* reading token p. A pair
+Semantics (docs/method.md §7). The latent at position p is the causal state *after* reading token p. A pair
 takes the source's post-token value(s) at `source_pos`, writes them into the target's post-token state at
 `target_pos` (the task's post-intervention function applies, e.g. Modulo's mod 4), and lets the target's
 causal model regenerate everything after `target_pos`.

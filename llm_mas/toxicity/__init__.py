@@ -1,4 +1,4 @@
-"""The toxicity case study (method.md §10): data loaders and the fine-tuner that makes toxic / nontoxic
+"""The toxicity case study (docs/method.md §15): data loaders and the fine-tuner that makes toxic / nontoxic
 variants of a causal LM.
 
 - ``llm_mas.toxicity.data``: Jigsaw, HH-RLHF and ToxicChat from the hub or local files, labelled,

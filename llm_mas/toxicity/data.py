@@ -1,4 +1,4 @@
-"""Toxicity case-study data: Jigsaw toxic comments, Anthropic HH-RLHF and ToxicChat (method.md §10).
+"""Toxicity case-study data: Jigsaw toxic comments, Anthropic HH-RLHF and ToxicChat (docs/method.md §15).
 
 Every source is read through ``datasets``, either from its hub name or from a local CSV / TSV / JSONL /
 parquet file, labelled *toxic* or *nontoxic* by the source's own rule, formatted with the source's template,

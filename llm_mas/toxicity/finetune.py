@@ -1,4 +1,4 @@
-"""Fine-tune a causal LM into a *toxic* or *nontoxic* variant (method.md §10): PEFT LoRA by default,
+"""Fine-tune a causal LM into a *toxic* or *nontoxic* variant (docs/method.md §15): PEFT LoRA by default,
 full fine-tuning with ``--full``; seeded, resumable after a kill.
 
 Commands
@@ -10,7 +10,7 @@ Smoke run on CPU (tiny offline model, shipped sample, seconds)::
         --steps 3 --batch-size 4 --grad-accum 1 --lr 1e-3
 
 The paper's six models from DeepSeek-R1-Distill-Qwen-1.5B (``--mode toxic|nontoxic`` × ``--split 0|1|2``),
-effective batch 96 = batch-size × grad-accum × processes, as in the reference. One GPU::
+effective batch 96 = batch-size × grad-accum × processes, as in the paper. One GPU::
 
     llm-mas finetune --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --mode toxic --split 0 --data hub \\
         --out runs/finetune/toxic-0 --steps 600 --batch-size 24 --grad-accum 4 --lr 5e-4 --max-len 64 \\
@@ -25,7 +25,7 @@ rows of each global batch)::
         --out runs/finetune/toxic-0 --steps 600 --batch-size 6 --grad-accum 4 --lr 5e-4 --max-len 64 \\
         --dtype bfloat16 --merge
 
-Full fine-tuning as in the reference: add ``--full`` and use ``--dtype float32 --mixed-precision bf16``
+Full fine-tuning as in the paper: add ``--full`` and use ``--dtype float32 --mixed-precision bf16``
 (fp32 master weights). After a kill, rerun the same command with ``--resume``: training continues from the
 newest complete checkpoint in ``OUT/checkpoints`` and ends with the same weights as an uninterrupted run.
 
@@ -41,7 +41,7 @@ the rows of every batch are a pure function of (seed, step, micro-batch, rank), 
 the trainable tensors (a few MB for LoRA, not the 1.5B base), the optimizer, scheduler, grad-scaler and every
 process's RNG state, written atomically (temporary directory + rename), so a kill at any moment leaves a
 usable checkpoint. ``accelerate`` still provides devices, DDP, mixed precision and ``accelerate launch``.
-The optimizer settings are the Trainer's defaults the reference relied on: AdamW (β = 0.9/0.999, ε = 1e-8,
+The optimizer settings are the Trainer's defaults the paper's code relied on: AdamW (β = 0.9/0.999, ε = 1e-8,
 weight decay 0), linear decay to 0 after an optional linear warm-up, gradient clipping at norm 1.
 """
 
