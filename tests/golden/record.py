@@ -81,6 +81,7 @@ def _llm_inputs(root: Path) -> list[str]:
 
 
 def run_case(name: str, work: Path) -> dict:
+    from llm_mas.presets import resolve_preset
     from llm_mas.run import run as run_mas
     from llm_mas.run_config import load_mas_config
 
@@ -92,7 +93,7 @@ def run_case(name: str, work: Path) -> dict:
                                                                           "eval.batch_size=32"]
     else:
         preset, extra = CASES[name]
-    path = ROOT / "recipes" / "configs" / f"{preset}.yaml"
+    path = resolve_preset(preset)
     overrides = SMALL + extra + [f"name={name}", f"out_dir={work}"] + (
         ["train.lr=2e-2", "progress=false"] if name == LLM_CASE else [])
     cfg = load_mas_config(path, overrides)
