@@ -73,10 +73,6 @@ CONFIGS = {
     "gru-gru-embeddings-stepwise": {"archs": ("gru", "gru"), "site": "embeddings", "stepwise": True},
     "gru-transformer-hidden-indywise": {"archs": ("gru", "transformer"), "site": "hidden", "stepwise": False},
 }
-# The paper authors' code, as measured and given to us (2 cores): GRU vs GRU at the hidden state, indywise,
-# batch 128, 4 directions; and building 10 000 + 1 000 pairs for one direction.
-REFERENCE_STEP_S = 7.5
-REFERENCE_PAIRS_PER_DIRECTION_S = 230.0
 
 
 def make_entries(archs, site: str) -> list[ModelEntry]:
@@ -446,32 +442,26 @@ def report(result: dict) -> None:
     for key, per_config in result["steps"].items():
         for name, per_batch in per_config.items():
             for batch, r in per_batch.items():
-                headline = name == "gru-gru-hidden-indywise" and batch == "128"
                 rows.append([key, name, batch, r["mas"]["median_s"], r["mas"]["cpu_median_s"],
                              r["mas"]["pairs_per_s"], r["bare"]["median_s"], r["overhead_ratio"]["median"],
                              r["overhead_ratio_cpu"]["median"],
                              r.get("full_run_overhead_ratio", {}).get("median", "-"),
-                             REFERENCE_STEP_S / r["mas"]["median_s"] if headline else "-",
-                             REFERENCE_STEP_S / r["mas"]["cpu_median_s"] if headline else "-",
                              f"{r['loadavg_before']:.1f}-{r['loadavg_after'][0]:.1f}"])
     print_table("MAS training step (medians; ratios = medians of interleaved per-round ratios)",
                 ["threads", "config", "batch", "wall s/step", "CPU s/step", "pairs/s", "bare s", "MAS/bare",
-                 "MAS/bare CPU", "full-run/bare", "ref 7.5s / wall", "ref 7.5s / CPU", "load1"], rows)
+                 "MAS/bare CPU", "full-run/bare", "load1"], rows)
     rows = [[key, name, r["median_s"], r["cpu_median_s"], r["pairs_per_s"], r["loadavg_after"][0]]
             for key, per in result["eval"].items() for name, r in per.items()]
     print_table("Evaluation (teacher forced + rollout, validation split)",
                 ["threads", "config", "wall s", "CPU s", "pairs/s (wall)", "load1"], rows)
     rows = []
-    full_size = result["n_train"] == 10_000 and result["n_valid"] == 1000
     for name, s in result["setup"].items():
-        per_direction = (s["sample_s"] + s["make_pairs_s"]) / 4
         rows.append([name, s["n_pairs"], s["sample_s"], s["make_pairs_s"], s["make_pairs_cpu_s"],
                      s["problem_setup_s"], s["problem_setup_cpu_s"],
-                     REFERENCE_PAIRS_PER_DIRECTION_S / per_direction if full_size else "-",
                      s["loadavg_after"][0]])
     print_table("Set-up, 4 directions x (n_train + n_valid), 1 thread",
-                ["config", "pairs", "sample s", "make_pairs s", "make_pairs CPU s", "NumericProblem s",
-                 "NumericProblem CPU s", "x faster than ref (pairs)", "load1"], rows)
+                ["config", "pairs", "sample s", "make_pairs s", "make_pairs CPU s", "TaskModelProblem s",
+                 "TaskModelProblem CPU s", "load1"], rows)
 
 
 if __name__ == "__main__":

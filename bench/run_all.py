@@ -62,8 +62,6 @@ def summarize() -> dict:
             rows.append([f"GRU-GRU indywise hidden, batch 128, 4 dirs, 1 thread{label and ' (' + label + ')'}: "
                          f"{what} s/step" + (f" ({load_text})" if what == "wall" else " (~ idle core)"), s,
                          f"<= {TARGET_STEP_S}", "yes" if s <= TARGET_STEP_S else "no"])
-            rows.append([f"  speed-up over the reference's 7.5 s/step ({what})", 7.5 / s, ">= 50",
-                         "yes" if 7.5 / s >= 50 else "no"])
 
     numeric = load("numeric_mas")
     quiet = load("numeric_mas_headline_quiet")  # `numeric_mas.py --name numeric_mas_headline_quiet` when idle
