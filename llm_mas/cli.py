@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "demo": "mas:demo",
     "finetune": "toxicity:finetune",
     "record": "llm:record",
+    "train-lm": "llm:train_lm",
     "similarity": "similarity:similarity",
 }
 
