@@ -41,6 +41,7 @@ PERFECT_EVALS_TO_STOP = 3  # quick evaluations in a row without a single error e
 UNK_WORD = "<unk>"
 METRICS_FILE = "metrics.json"
 ARCHS = ("gpt2",)
+LOSS_CHOICES = ("task", "all")
 
 
 def _get_task(task):
@@ -146,13 +147,18 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 def train_lm(task_name: str, out_dir: str | Path, *, width: int = 128, layers: int = 2, heads: int = 4,
              seed: int = 0, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3, warmup: int = 100,
              eval_every: int = 100, eval_per_n: int = 200, max_minutes: float | None = None, arch: str = "gpt2",
-             overwrite: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train one LM on `task_name` and save it (HF directory + metrics.json) into `out_dir`; returns metrics."""
+             loss_on: str = "task", overwrite: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train one LM on `task_name` and save it (HF directory + metrics.json) into `out_dir`; returns metrics.
+
+    loss_on: "task" (the task tokens only, default) or "all" (every next token, given ones included: for
+    binding, predicting a fresh name or a bound query name trains attention to the names seen so far).
+    """
     import torch
     import torch.nn.functional as F
     from transformers import GPT2LMHeadModel
 
     from llm_mas.llm.tiny import _save_quietly
+    from llm_mas.tasks.base import PAD
 
     log = log or (lambda message: None)
     out = Path(out_dir)
@@ -163,6 +169,8 @@ def train_lm(task_name: str, out_dir: str | Path, *, width: int = 128, layers: i
                         ("eval_per_n", eval_per_n), ("eval_every", eval_every)):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if loss_on not in LOSS_CHOICES:
+        raise ConfigError(f"unknown loss_on {loss_on!r}; valid choices: {', '.join(LOSS_CHOICES)}")
     task = _get_task(task_name)
     tokenizer = build_word_tokenizer(task)
     config = lm_config(task, width=width, layers=layers, heads=heads, vocab_size=len(tokenizer), arch=arch)
@@ -181,7 +189,8 @@ def train_lm(task_name: str, out_dir: str | Path, *, width: int = 128, layers: i
     for step in range(1, steps + 1):
         batch = task.sample(batch_size, rng)
         ids = torch.as_tensor(batch.ids)  # (B, L)
-        targets = torch.where(torch.as_tensor(batch.task_mask), ids, torch.full_like(ids, -100))[:, 1:]  # (B, L-1)
+        scored = torch.as_tensor(batch.task_mask) if loss_on == "task" else ids != PAD
+        targets = torch.where(scored, ids, torch.full_like(ids, -100))[:, 1:]  # (B, L-1)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step - 1, steps, lr, warmup)
         logits = model(input_ids=ids[:, :-1]).logits  # (B, L-1, V)
@@ -210,7 +219,7 @@ def train_lm(task_name: str, out_dir: str | Path, *, width: int = 128, layers: i
     worst = min(accuracy.values())
     metrics = {
         "task": task.name, "arch": arch, "width": width, "layers": layers, "heads": heads, "params": params,
-        "seed": seed, "steps": step, "max_steps": steps, "batch_size": batch_size, "lr": lr,
+        "seed": seed, "steps": step, "max_steps": steps, "batch_size": batch_size, "lr": lr, "loss_on": loss_on,
         "final_loss": loss_value, "train_seconds": round(train_seconds, 1),
         "accuracy_per_n": {str(k): v for k, v in accuracy.items()}, "min_accuracy": worst,
         "eval_per_n": eval_per_n, "bar": ACCURACY_BAR, "passes_bar": bool(worst >= ACCURACY_BAR),

@@ -238,7 +238,9 @@ class BindingTask(Task):
             ids[rows[active], c[active]] = tok[active]
             mask[rows[active], c[active]] = np.isin(stage[active], (S_QUESTION, S_ANSWER))
             state, legal = self._transition(state, tok)
-            assert legal[active].all(), "binding cf_continue emitted an illegal token"
+            if not legal[active].all():  # cannot happen for states the causal model produced itself
+                r = int(np.flatnonzero(active & ~legal)[0])
+                raise DataError(f"binding: no legal continuation from the state of row {r} (stage {stage[r]})")
             col = col + active
         used = max(int(col.max(initial=1)), prefix_ids.shape[1], 1)  # drop the all-PAD columns on the right
         return ids[:, :used], mask[:, :used]
