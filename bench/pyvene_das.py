@@ -173,7 +173,7 @@ def main(argv=None) -> dict:
                                                               r["pyvene/ours-hooks_cpu"]["median"],
                                                               r["first_loss_max_diff"]]
             for size, r in result["sizes"].items()]
-    print_table("DAS step (B=%d, T=%d, k=%d, 1 thread), ms medians" % (args.batch, args.length, args.k),
+    print_table(f"DAS step (B={args.batch}, T={args.length}, k={args.k}, 1 thread), ms medians",
                 ["model"] + [f"{v} ms" for v in VARIANTS] + ["pyvene/hooks", "pyvene/nnsight", "pyvene/hooks CPU",
                                                              "first-loss diff"], rows)
     if not args.quick:

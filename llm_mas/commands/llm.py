@@ -103,7 +103,8 @@ def train_lm(
     def body() -> None:
         import torch
 
-        from ..llm.train_lm import train_lm as train, write_manifest
+        from ..llm.train_lm import train_lm as train
+        from ..llm.train_lm import write_manifest
 
         torch.set_num_threads(threads)
         metrics = train(task, out, width=width, layers=layers, heads=heads, seed=seed, steps=steps,

@@ -180,7 +180,6 @@ def train_lm(task_name: str, out_dir: str | Path, *, width: int = 128, layers: i
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     rng = np.random.default_rng(seed)
-    quantities = _quantity_range(task)
     log(f"train-lm {task.name}: {arch} width {width}, {layers} layers, {params:,} parameters, seed {seed}")
 
     started = time.perf_counter()

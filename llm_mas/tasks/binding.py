@@ -26,7 +26,17 @@ from __future__ import annotations
 import numpy as np
 
 from llm_mas.errors import ConfigError, DataError
-from llm_mas.tasks.base import BOS, EOS, PAD, SPECIAL_TOKENS, SequenceBatch, Task, Vocab, check_quantities, pick_uniform
+from llm_mas.tasks.base import (
+    BOS,
+    EOS,
+    PAD,
+    SPECIAL_TOKENS,
+    SequenceBatch,
+    Task,
+    Vocab,
+    check_quantities,
+    pick_uniform,
+)
 
 NAMES = tuple("abcdefgh")
 N_VALUES = 10
