@@ -85,3 +85,18 @@ def test_shipped_lm_accuracy(entry):
     batch = task.sample(8, np.random.default_rng(5))
     encoded = resolve_positions(tokenizer, render_texts(task, batch))
     assert (encoded.input_ids == batch.ids[:, : encoded.input_ids.shape[1]]).all()
+
+
+def test_train_lm_llama_keeps_the_word_tokenizer(tmp_path):
+    metrics = train_lm("binding", tmp_path / "llama", arch="llama", width=32, layers=1, heads=2, steps=2,
+                       eval_per_n=2, loss_on="all")
+    model, tokenizer = load_causal_lm(tmp_path / "llama")
+    assert type(model).__name__ == "LlamaForCausalLM" and metrics["loss_on"] == "all"
+    task = get_text_task("binding")
+    batch = task.sample(4, np.random.default_rng(0))
+    encoded = resolve_positions(tokenizer, render_texts(task, batch))
+    assert (encoded.input_ids == batch.ids[:, : encoded.input_ids.shape[1]]).all()
+    with pytest.raises(ConfigError, match="valid choices: gpt2, llama"):
+        train_lm("binding", tmp_path / "x", arch="qwen2", steps=1)
+    with pytest.raises(ConfigError, match="valid choices: task, all"):
+        train_lm("binding", tmp_path / "y", loss_on="everything", steps=1)

@@ -93,6 +93,7 @@ def train_lm(
     eval_per_n: int = typer.Option(200, "--eval-per-n", help="Sequences per N in the final evaluation."),
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop training after this many minutes."),
     loss_on: str = typer.Option("task", "--loss-on", help="task (task tokens only) | all (every next token)."),
+    arch: str = typer.Option("gpt2", "--arch", help="gpt2 (learned positions) | llama (rotary positions)."),
     threads: int = typer.Option(1, "--threads", help="torch threads for this process."),
     overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace a non-empty --out."),
     manifest: bool = typer.Option(False, "--manifest/--no-manifest",
@@ -109,7 +110,7 @@ def train_lm(
         torch.set_num_threads(threads)
         metrics = train(task, out, width=width, layers=layers, heads=heads, seed=seed, steps=steps,
                         batch_size=batch_size, lr=lr, eval_every=eval_every, eval_per_n=eval_per_n,
-                        max_minutes=max_minutes, loss_on=loss_on, overwrite=overwrite, log=typer.echo)
+                        max_minutes=max_minutes, loss_on=loss_on, arch=arch, overwrite=overwrite, log=typer.echo)
         if manifest:
             typer.echo(f"manifest: {write_manifest(Path(out).parent)}")
         if not metrics["passes_bar"]:

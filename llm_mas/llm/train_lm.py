@@ -4,15 +4,15 @@
     metrics = train_lm("multiobject", "data/lms/multiobject-w128-s0", width=128, layers=2, seed=0)
     model, tokenizer = llm_mas.llm.load_causal_lm("data/lms/multiobject-w128-s0")
 
-The model is a GPT-2 architecture built from a config (learned absolute positions; a few hundred thousand
-parameters at width 96-128 and 2 layers) with a word-level tokenizer over the task's words
+The model is a GPT-2 (learned absolute positions, the default) or a Llama architecture (rotary positions)
+built from a config (a few hundred thousand parameters at width 96-128 and 2 layers) with a word-level tokenizer over the task's words
 (`llm_mas.tasks.text.task_words`): every task token is one word and one LM token, and the LM token id
 equals the task token id (``<pad>`` 0, ``<bos>`` 1, ``<eos>`` 2, then the task's tokens, then ``<unk>``).
 So ``tokenizer(render_texts(task, batch).texts)`` gives back exactly the task ids. Padding is on the right
-(GPT-2 positions count from the first token, so right padding keeps every real token at its position).
+(positions count from the first token, so right padding keeps every real token at its position).
 
 Training: fresh task sequences every step (numpy RNG from `seed`), next-token cross-entropy on the task
-tokens only (the tokens a task model must produce; given tokens are random), AdamW with warm-up and
+tokens (the tokens a task model must produce; ``loss_on="all"``: every token), AdamW with warm-up and
 cosine decay. Every `eval_every` steps a small free-running evaluation runs; training stops early once it
 is perfect on every N three times in a row. The final evaluation (`free_running_accuracy`) generates the task
 tokens greedily (given tokens are fed from the data, as in a task model's trial accuracy) on
@@ -40,7 +40,7 @@ ACCURACY_BAR = 0.99
 PERFECT_EVALS_TO_STOP = 3  # quick evaluations in a row without a single error end training early
 UNK_WORD = "<unk>"
 METRICS_FILE = "metrics.json"
-ARCHS = ("gpt2",)
+ARCHS = ("gpt2", "llama")
 LOSS_CHOICES = ("task", "all")
 
 
@@ -69,16 +69,28 @@ def build_word_tokenizer(task, *, padding_side: str = "right"):
 
 
 def lm_config(task, *, width: int, layers: int, heads: int, vocab_size: int, arch: str = "gpt2"):
-    """A dropout-free ``GPT2Config`` sized for the task (positions: max_len rounded up to a multiple of 16)."""
+    """A dropout-free config sized for the task (positions: max_len rounded up to a multiple of 16).
+
+    gpt2: learned absolute positions, MLP 4·width. llama: rotary positions (previous-token attention comes
+    for free, which the binding task's lookup needs), SwiGLU MLP 2·width, as many KV heads as heads.
+    Both keep a word-level tokenizer as is (a qwen2 model would get Qwen2Tokenizer's byte-level BPE instead).
+    """
     if arch not in ARCHS:
         raise ConfigError(f"unknown arch {arch!r}; valid choices: {', '.join(ARCHS)}")
     if width % heads:
         raise ConfigError(f"width {width} is not divisible by heads {heads}; pick heads dividing the width")
-    from transformers import GPT2Config
-
     from llm_mas.tasks.base import BOS, EOS, PAD
 
     positions = 16 * math.ceil(task.max_len / 16)
+    if arch == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
+                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                           max_position_embeddings=positions, attention_dropout=0.0, bos_token_id=BOS,
+                           eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=True)
+    from transformers import GPT2Config
+
     return GPT2Config(vocab_size=vocab_size, n_positions=positions, n_embd=width, n_layer=layers, n_head=heads,
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=BOS, eos_token_id=EOS,
                       pad_token_id=PAD, tie_word_embeddings=True)
@@ -155,7 +167,7 @@ def train_lm(task_name: str, out_dir: str | Path, *, width: int = 128, layers: i
     """
     import torch
     import torch.nn.functional as F
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     from llm_mas.llm.tiny import _save_quietly
     from llm_mas.tasks.base import PAD
@@ -176,7 +188,7 @@ def train_lm(task_name: str, out_dir: str | Path, *, width: int = 128, layers: i
     config = lm_config(task, width=width, layers=layers, heads=heads, vocab_size=len(tokenizer), arch=arch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
+        model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     rng = np.random.default_rng(seed)
