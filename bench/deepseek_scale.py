@@ -19,7 +19,7 @@ rotations. It is built from backends + alignments + interchange directly (`mas_s
 to repoint). Variants, interleaved: ``hooks`` (TorchHookBackend) and ``nnsight`` (NNsightBackend).
 Memory: peak RSS during each variant's steps above the RSS before them (CPU, sampled every 5 ms), or
 ``torch.cuda.max_memory_allocated`` (GPU). Also timed: one orthogonal rotation at d = 1536, materialize +
-backward, Cayley vs matrix exponential. Writes bench/results/deepseek_scale[_<tag>].json.
+backward, Cayley vs matrix exponential. Adds its run (tag <device>-<dtype>-<L>L) to bench/results/deepseek_scale.json.
 
 Batch: the recipe's micro-batch is 32 sequences of 64 tokens (the default on CUDA); on CPU the default is 2
 (the 151936-way head alone is ~1 TFLOP per direction at batch 32).
@@ -214,8 +214,19 @@ def main(argv=None) -> dict:
                  for v in VARIANTS])
     print(f"nnsight/hooks x{result['nnsight/hooks']['median']:.3f}; rotation d=1536 materialize+backward ms: "
           + ", ".join(f"{m} {ms:.0f}" for m, ms in result.get("rotation_d1536_ms", {}).items()))
-    write_result(f"deepseek_scale_{args.tag or (('cuda' if cuda else 'cpu') + f'-{args.layers}L')}", result)
+    tag = args.tag or f"{'cuda' if cuda else 'cpu'}-{args.dtype}-{args.layers}L"
+    write_result("deepseek_scale", {"runs": {**_previous_runs(), tag: result}})
     return result
+
+
+def _previous_runs() -> dict:
+    """The runs already in bench/results/deepseek_scale.json (one entry per device/dtype/depth tag)."""
+    import json
+
+    from common import RESULTS
+
+    path = RESULTS / "deepseek_scale.json"
+    return json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
 
 
 def _rss_peak_process() -> int:
