@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "demo": "run:demo",
     "finetune": "toxicity:finetune",
     "record": "llm:record",
+    "train-lm": "llm:train_lm",
     "similarity": "similarity:similarity",
 }
 

@@ -76,3 +76,45 @@ def record(
                    f"(greedy agreement {recording.meta['greedy_agreement']:.4f}) into {path}")
 
     run_command(body)
+
+
+def train_lm(
+    task: str = typer.Option("multiobject", "--task",
+                             help="multiobject | sameobject | singleobject | modulo | rounding | arithmetic | binding."),
+    out: str = typer.Option(..., "--out", help="Directory for the HF model, tokenizer and metrics.json."),
+    width: int = typer.Option(128, "--width", help="Hidden size."),
+    layers: int = typer.Option(2, "--layers", help="Transformer blocks."),
+    heads: int = typer.Option(4, "--heads", help="Attention heads (must divide the width)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial weights and the training data."),
+    steps: int = typer.Option(2000, "--steps", help="Most optimizer steps (training stops early when perfect)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Sequences per step."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak AdamW learning rate."),
+    eval_every: int = typer.Option(100, "--eval-every", help="Steps between quick free-running evaluations."),
+    eval_per_n: int = typer.Option(200, "--eval-per-n", help="Sequences per N in the final evaluation."),
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop training after this many minutes."),
+    loss_on: str = typer.Option("task", "--loss-on", help="task (task tokens only) | all (every next token)."),
+    arch: str = typer.Option("gpt2", "--arch", help="gpt2 (learned positions) | llama (rotary positions)."),
+    threads: int = typer.Option(1, "--threads", help="torch threads for this process."),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace a non-empty --out."),
+    manifest: bool = typer.Option(False, "--manifest/--no-manifest",
+                                  help="Rewrite manifest.json in the parent of --out afterwards."),
+) -> None:
+    """Train a small GPT-2 LM on a built-in task rendered as text; write an HF directory + metrics.json."""
+
+    def body() -> None:
+        import torch
+
+        from ..llm.train_lm import train_lm as train
+        from ..llm.train_lm import write_manifest
+
+        torch.set_num_threads(threads)
+        metrics = train(task, out, width=width, layers=layers, heads=heads, seed=seed, steps=steps,
+                        batch_size=batch_size, lr=lr, eval_every=eval_every, eval_per_n=eval_per_n,
+                        max_minutes=max_minutes, loss_on=loss_on, arch=arch, overwrite=overwrite, log=typer.echo)
+        if manifest:
+            typer.echo(f"manifest: {write_manifest(Path(out).parent)}")
+        if not metrics["passes_bar"]:
+            typer.echo(f"warning: min free-running accuracy {metrics['min_accuracy']:.4f} is below the "
+                       f"{metrics['bar']} bar; train longer (--steps) or wider (--width)")
+
+    run_command(body)

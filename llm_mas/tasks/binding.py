@@ -1,0 +1,283 @@
+"""Variable binding, a language template task with its own causal model: `a = 3 , b = 5 ; b ? 5`.
+
+A sequence binds N distinct variable names (N = n_vars, 1..6, names from a..h) to values 0..9, then
+queries one of them; the answer is the value bound to the queried name:
+
+    B a = 3 , b = 5 , c = 1 ; b ? 5 E          (length 4·N + 5; text: "<bos> a = 3 , b = 5 , c = 1 ; b ? 5 <eos>")
+
+Given tokens: B, names, '=', values, ',', ';', the query name and '?'. Task tokens: the answer and E.
+Vocabulary: P=0 B=1 E=2, names a..h = 3..10, values "0".."9" = 11..20, "=" 21, "," 22, ";" 23, "?" 24.
+
+Causal model. State after each token (-1 where undefined, i.e. at/after E and on PAD):
+- stage: 0 after B, 1 after a binding's name, 2 after '=', 3 after its value, 4 after ',', 5 after ';',
+  6 after the query name, 7 after '?', 8 after the answer;
+- current: the name (0..7) being bound (stages 1-3); value: the value just bound (stage 3 only);
+- bind_a .. bind_h: the value bound to each name so far (-1 unbound); query: the queried name (stages 6-8).
+Emission: the answer is bind[query], then E.
+Swappable variable: `value` (domain 0..9). Valid intervention positions: the value tokens (stage 3). The
+post-intervention function writes the swapped value into bind[current]; so swapping the value of the
+queried variable's binding changes the answer to the source's value, swapping any other binding's value
+leaves the answer unchanged. The target's bindings are needed besides the swapped variable, so stepwise
+"full" uses positions valid in both sequences (`full_swap_covers_state = False`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llm_mas.errors import ConfigError, DataError
+from llm_mas.tasks.base import (
+    BOS,
+    EOS,
+    PAD,
+    SPECIAL_TOKENS,
+    SequenceBatch,
+    Task,
+    Vocab,
+    check_quantities,
+    pick_uniform,
+)
+
+NAMES = tuple("abcdefgh")
+N_VALUES = 10
+MIN_VARS, MAX_VARS = 1, 6
+NAME0 = 3  # id of "a"
+VALUE0 = NAME0 + len(NAMES)  # id of "0"
+EQUALS, COMMA, SEMICOLON, QUESTION = VALUE0 + N_VALUES, VALUE0 + N_VALUES + 1, VALUE0 + N_VALUES + 2, VALUE0 + N_VALUES + 3
+UNDEF = -1
+(S_START, S_NAME, S_EQUALS, S_VALUE, S_COMMA, S_SEMICOLON, S_QUERY, S_QUESTION, S_ANSWER) = range(9)
+BIND_VARIABLES = tuple(f"bind_{name}" for name in NAMES)
+
+
+class BindingTask(Task):
+    """The variable-binding task (see the module docstring)."""
+
+    name = "binding"
+    variables = ("value",)
+    state_variables = ("stage", "current", "value", "query") + BIND_VARIABLES
+    quantity_name = "n_vars"
+    quantity_range = (MIN_VARS, MAX_VARS)
+    max_len = 4 * MAX_VARS + 5
+    filler_token = COMMA
+    full_swap_covers_state = False
+
+    def __init__(self) -> None:
+        values = tuple(str(v) for v in range(N_VALUES))
+        self.vocab = Vocab(SPECIAL_TOKENS + NAMES + values + ("=", ",", ";", "?"))
+        assert self.vocab.id("a") == NAME0 and self.vocab.id("0") == VALUE0 and self.vocab.id("?") == QUESTION
+
+    def __repr__(self) -> str:
+        return "BindingTask()"
+
+    # ---- sampling ------------------------------------------------------------------------------------------
+    def sample(self, n, rng, quantities=None, hold_outs=()) -> SequenceBatch:
+        allowed = check_quantities(quantities, hold_outs, MIN_VARS, MAX_VARS, "n_vars values")
+        if n < 0:
+            raise ConfigError(f"number of samples must be >= 0, got {n}")
+        n_vars = allowed[rng.integers(0, len(allowed), size=n)]  # (n,)
+        names = np.argsort(rng.random((n, len(NAMES))), axis=1)[:, :MAX_VARS]  # (n, 6) distinct names
+        values = rng.integers(0, N_VALUES, size=(n, MAX_VARS))  # (n, 6)
+        query_slot = np.floor(rng.random(n) * n_vars).astype(np.int64)  # (n,) uniform over the bound slots
+        rows = np.arange(n)
+        pos = np.arange(self.max_len)[None, :]  # (1, L)
+        slot = np.maximum(pos - 1, 0) // 4  # (1, L) binding slot of a position
+        off = np.maximum(pos - 1, 0) % 4  # (1, L) name, '=', value, separator
+        nv = n_vars[:, None]
+        slot_b = np.broadcast_to(np.minimum(slot, MAX_VARS - 1), (n, self.max_len))
+        in_bindings = (pos >= 1) & (slot < nv)
+        ids = np.full((n, self.max_len), PAD, dtype=np.int64)
+        ids[:, 0] = BOS
+        ids = np.where(in_bindings & (off == 0), NAME0 + names[rows[:, None], slot_b], ids)
+        ids = np.where(in_bindings & (off == 1), EQUALS, ids)
+        ids = np.where(in_bindings & (off == 2), VALUE0 + values[rows[:, None], slot_b], ids)
+        ids = np.where(in_bindings & (off == 3), np.where(slot == nv - 1, SEMICOLON, COMMA), ids)
+        q = 4 * nv + 1  # (n, 1) column of the query name
+        ids = np.where(pos == q, NAME0 + names[rows, query_slot][:, None], ids)
+        ids = np.where(pos == q + 1, QUESTION, ids)
+        ids = np.where(pos == q + 2, VALUE0 + values[rows, query_slot][:, None], ids)
+        ids = np.where(pos == q + 3, EOS, ids)
+        task_mask = (pos == q + 2) | (pos == q + 3)
+        return SequenceBatch(ids, task_mask, 4 * n_vars + 5)
+
+    # ---- the causal model, vectorised over rows ----------------------------------------------------------------
+    @staticmethod
+    def _initial_state(n: int) -> dict[str, np.ndarray]:
+        """The state after reading BOS."""
+        state = {"stage": np.full(n, S_START), "current": np.full(n, UNDEF), "value": np.full(n, UNDEF),
+                 "query": np.full(n, UNDEF)}
+        state.update({b: np.full(n, UNDEF) for b in BIND_VARIABLES})
+        return {k: v.astype(np.int64) for k, v in state.items()}
+
+    @staticmethod
+    def _bindings(state) -> np.ndarray:
+        return np.stack([state[b] for b in BIND_VARIABLES], axis=1)  # (n, 8)
+
+    def _transition(self, state: dict[str, np.ndarray], tok: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Read one token per row: (new state, legal (n,) bool). Terminal rows stay terminal (PAD is legal)."""
+        stage = state["stage"]
+        binds = self._bindings(state)  # (n, 8)
+        rows = np.arange(len(tok))
+        is_name = (tok >= NAME0) & (tok < NAME0 + len(NAMES))
+        is_value = (tok >= VALUE0) & (tok < VALUE0 + N_VALUES)
+        name = np.where(is_name, tok - NAME0, 0)
+        bound = binds[rows, name] >= 0
+        legal = np.select(
+            [stage == S_START, stage == S_NAME, stage == S_EQUALS, stage == S_VALUE, stage == S_COMMA,
+             stage == S_SEMICOLON, stage == S_QUERY, stage == S_QUESTION, stage == S_ANSWER],
+            [is_name, tok == EQUALS, is_value, (tok == COMMA) | (tok == SEMICOLON), is_name & ~bound,
+             is_name & bound, tok == QUESTION, is_value, tok == EOS],
+            tok == PAD)
+        new_stage = np.select(
+            [stage == S_START, stage == S_NAME, stage == S_EQUALS, (stage == S_VALUE) & (tok == COMMA),
+             stage == S_VALUE, stage == S_COMMA, stage == S_SEMICOLON, stage == S_QUERY, stage == S_QUESTION],
+            [S_NAME, S_EQUALS, S_VALUE, S_COMMA, S_SEMICOLON, S_NAME, S_QUERY, S_QUESTION, S_ANSWER], UNDEF)
+        new = dict(state)
+        new["stage"] = new_stage
+        new["current"] = np.where(np.isin(new_stage, (S_NAME, S_EQUALS, S_VALUE)),
+                                  np.where(is_name & np.isin(stage, (S_START, S_COMMA)), name, state["current"]), UNDEF)
+        new["value"] = np.where(new_stage == S_VALUE, tok - VALUE0, UNDEF)
+        writes = new_stage == S_VALUE
+        for j, b in enumerate(BIND_VARIABLES):
+            kept = np.where(writes & (new["current"] == j), tok - VALUE0, state[b])
+            new[b] = np.where(new_stage == UNDEF, UNDEF, kept)
+        new["query"] = np.where(np.isin(new_stage, (S_QUERY, S_QUESTION, S_ANSWER)),
+                                np.where(stage == S_SEMICOLON, name, state["query"]), UNDEF)
+        return {k: v.astype(np.int64) for k, v in new.items()}, legal
+
+    def _read(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Post-token states {var: (n, L)} of natural sequences; DataError naming the first malformed row."""
+        ids = np.asarray(ids, dtype=np.int64)
+        n, width = ids.shape
+        states = {k: np.full((n, width), UNDEF, dtype=np.int64) for k in self.state_variables}
+        if width == 0:
+            return states
+        if not (ids[:, 0] == BOS).all():
+            raise DataError(f"row {int(np.flatnonzero(ids[:, 0] != BOS)[0])}: a binding sequence starts with B")
+        state = self._initial_state(n)
+        for k in self.state_variables:
+            states[k][:, 0] = state[k]
+        for p in range(1, width):
+            state, legal = self._transition(state, ids[:, p])
+            if not legal.all():
+                r = int(np.flatnonzero(~legal)[0])
+                raise DataError(f"not a binding sequence (row {r}, position {p}): {self.render(ids[r])!r}; expected "
+                                "'B <name> = <value> (, <name> = <value>)... ; <bound name> ? <value> E'")
+            for k in self.state_variables:
+                states[k][:, p] = state[k]
+        ended = (np.cumsum(ids == EOS, axis=1) > 0) | (ids == PAD)
+        return {k: np.where(ended, UNDEF, v) for k, v in states.items()}
+
+    def quantities(self, batch) -> np.ndarray:
+        stage = self.analysis(batch)["states"]["stage"]
+        return (stage == S_VALUE).sum(axis=1).astype(np.int64)
+
+    def _analyse(self, ids: np.ndarray) -> dict:
+        states = self._read(ids)
+        return {"states": states, "valid": states["stage"] == S_VALUE}
+
+    def task_mask_of(self, ids: np.ndarray) -> np.ndarray:
+        stage = self._read(ids)["stage"]
+        ids = np.asarray(ids)
+        after_question = np.cumsum(ids == QUESTION, axis=1) > 0
+        first_eos = np.cumsum(np.cumsum(ids == EOS, axis=1) > 0, axis=1) == 1
+        return after_question & (ids != QUESTION) & ((stage == S_ANSWER) | first_eos)
+
+    def variable_domain(self, variable: str) -> tuple[int, int]:
+        if variable == "value":
+            return (0, N_VALUES - 1)
+        raise ConfigError(f"binding has no swappable variable {variable!r}; valid: {', '.join(self.variables)}")
+
+    # ---- causal-model hooks ----------------------------------------------------------------------------------
+    def cf_post_swap(self, state):
+        """At a value position the swapped value is what gets bound to the current name."""
+        state = dict(state)
+        at_value = (np.asarray(state["stage"]) == S_VALUE) & (np.asarray(state["current"]) >= 0)
+        for j, b in enumerate(BIND_VARIABLES):
+            state[b] = np.where(at_value & (state["current"] == j), state["value"], state[b])
+        return state
+
+    def cf_continue(self, prefix_ids, prefix_len, state, reuse_ids, rng):
+        """Run the causal model on from each row's state, one token per column (<= 4·8 + 5 columns).
+
+        Given tokens are the target's (reuse_ids) where legal, else drawn: a fresh name among the unbound
+        ones, a uniform value, ';' for a separator that is not legal, a query among the bound names.
+        """
+        n = len(prefix_len)
+        start = np.asarray(prefix_len, dtype=np.int64)
+        state = {k: np.asarray(state[k], dtype=np.int64).copy() for k in self.state_variables}
+        live = state["stage"] >= 0
+        binds = self._bindings(state)
+        if (live & (state["stage"] >= S_QUERY) & ((state["query"] < 0) | (binds[np.arange(n), np.maximum(
+                state["query"], 0)] < 0))).any():
+            raise DataError("binding state has a query without a bound value")
+        max_width = int(start.max(initial=0)) + 4 * len(NAMES) + 5
+        width = max(max_width, prefix_ids.shape[1], 1)
+        ids = np.zeros((n, width), dtype=np.int64)
+        ids[:, : prefix_ids.shape[1]] = prefix_ids
+        ids = np.where(np.arange(width)[None, :] < start[:, None], ids, PAD)
+        mask = np.zeros((n, width), dtype=bool)
+        reuse = np.zeros((n, width), dtype=np.int64)
+        k = min(width, reuse_ids.shape[1])
+        reuse[:, :k] = reuse_ids[:, :k]
+        rows = np.arange(n)
+        col = start.copy()
+        for _ in range(width):
+            stage = state["stage"]
+            active = (stage >= 0) & (col < width)
+            if not active.any():
+                break
+            c = np.minimum(col, width - 1)
+            old = reuse[rows, c]
+            binds = self._bindings(state)  # (n, 8)
+            unbound, bound = binds < 0, binds >= 0
+            old_name = np.clip(old - NAME0, 0, len(NAMES) - 1)
+            old_is_name = (old >= NAME0) & (old < NAME0 + len(NAMES))
+            fresh_name = NAME0 + np.maximum(pick_uniform(unbound, rng), 0)
+            fresh_query = NAME0 + np.maximum(pick_uniform(bound, rng), 0)
+            new_binding = np.where(old_is_name & unbound[rows, old_name], old, fresh_name)
+            query = np.where(old_is_name & bound[rows, old_name], old, fresh_query)
+            value = np.where((old >= VALUE0) & (old < VALUE0 + N_VALUES), old, VALUE0 + rng.integers(0, N_VALUES, n))
+            separator = np.where((old == COMMA) & (unbound.sum(axis=1) > 0), COMMA, SEMICOLON)
+            answer = VALUE0 + binds[rows, np.maximum(state["query"], 0)]
+            tok = np.select(
+                [stage == S_START, stage == S_NAME, stage == S_EQUALS, stage == S_VALUE, stage == S_COMMA,
+                 stage == S_SEMICOLON, stage == S_QUERY, stage == S_QUESTION, stage == S_ANSWER],
+                [new_binding, np.full(n, EQUALS), value, separator, new_binding, query, np.full(n, QUESTION), answer,
+                 np.full(n, EOS)], PAD)
+            tok = np.where(active, tok, PAD)
+            ids[rows[active], c[active]] = tok[active]
+            mask[rows[active], c[active]] = np.isin(stage[active], (S_QUESTION, S_ANSWER))
+            state, legal = self._transition(state, tok)
+            if not legal[active].all():  # cannot happen for states the causal model produced itself
+                r = int(np.flatnonzero(active & ~legal)[0])
+                raise DataError(f"binding: no legal continuation from the state of row {r} (stage {stage[r]})")
+            col = col + active
+        used = max(int(col.max(initial=1)), prefix_ids.shape[1], 1)  # drop the all-PAD columns on the right
+        return ids[:, :used], mask[:, :used]
+
+
+_BINDING: BindingTask | None = None
+
+
+def binding() -> BindingTask:
+    """The (shared) binding task instance."""
+    global _BINDING
+    if _BINDING is None:
+        _BINDING = BindingTask()
+    return _BINDING
+
+
+TEXT_TASK_NAMES = ("multiobject", "sameobject", "singleobject", "modulo", "rounding", "arithmetic", "binding")
+
+
+def get_text_task(name: str) -> Task:
+    """A numeric task by name (`llm_mas.tasks.get_task`) or "binding"."""
+    from llm_mas.errors import choice_error
+    from llm_mas.tasks import TASK_NAMES, get_task
+
+    key = str(name).strip().lower()
+    if key == "binding":
+        return binding()
+    if key not in TASK_NAMES:
+        raise choice_error("task", name, TEXT_TASK_NAMES)
+    return get_task(key)

@@ -1,0 +1,102 @@
+"""`llm-mas train-lm` and the LMs trained with it (data/lms): HF directories load_causal_lm reads, whose
+word-level tokenizer reproduces the task ids, and whose free-running accuracy holds up on fresh samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from llm_fixtures import tiny_qwen2_dir  # noqa: F401  (sets the offline environment variables)
+
+from llm_mas.errors import ConfigError
+from llm_mas.llm.loading import load_causal_lm
+from llm_mas.llm.train_lm import ACCURACY_BAR, free_running_accuracy, train_lm
+from llm_mas.tasks.binding import get_text_task
+from llm_mas.tasks.text import render_texts, resolve_positions
+
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "lms"  # the lead may move these into the package
+MANIFEST = SHIPPED / "manifest.json"
+
+
+def test_train_lm_command_writes_a_loadable_directory(tmp_path):
+    from typer.testing import CliRunner
+
+    from llm_mas.cli import app
+
+    out = tmp_path / "lms" / "tiny"
+    result = CliRunner().invoke(app, ["train-lm", "--task", "multiobject", "--out", str(out), "--width", "32",
+                                      "--layers", "1", "--heads", "2", "--steps", "3", "--eval-per-n", "2",
+                                      "--seed", "7", "--manifest"])
+    assert result.exit_code == 0, result.output
+    assert "below the 0.99 bar" in result.output  # 3 steps do not learn the task, and the command says so
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["seed"] == 7 and metrics["width"] == 32
+    assert set(metrics["accuracy_per_n"]) == {str(n) for n in range(1, 21)}
+    manifest = json.loads((out.parent / "manifest.json").read_text())
+    assert [e["name"] for e in manifest["lms"]] == ["tiny"] and manifest["lms"][0]["params"] == metrics["params"]
+
+    model, tokenizer = load_causal_lm(out)
+    assert sum(p.numel() for p in model.parameters()) == metrics["params"]
+    assert "embeddings" in model.site_aliases() and "layer0" in model.site_aliases()
+    task = get_text_task("multiobject")
+    batch = task.sample(4, np.random.default_rng(0))
+    encoded = resolve_positions(tokenizer, render_texts(task, batch))
+    assert (encoded.input_ids == batch.ids[:, : encoded.input_ids.shape[1]]).all()  # LM ids == task ids
+
+    # the same seed gives the same weights
+    again = train_lm("multiobject", tmp_path / "again", width=32, layers=1, heads=2, steps=3, eval_per_n=2, seed=7)
+    twin, _ = load_causal_lm(tmp_path / "again")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+    assert again["final_loss"] == metrics["final_loss"]
+    with pytest.raises(ConfigError, match="not empty"):
+        train_lm("multiobject", out, width=32, layers=1, heads=2, steps=1)
+    with pytest.raises(ConfigError, match="not divisible"):
+        train_lm("multiobject", tmp_path / "bad", width=30, heads=4, steps=1)
+
+
+def shipped_lms():
+    if not MANIFEST.exists():
+        return []
+    return json.loads(MANIFEST.read_text())["lms"]
+
+
+def test_manifest_lists_the_promised_lms():
+    lms = shipped_lms()
+    multi = [e for e in lms if e["task"] == "multiobject"]
+    widths = sorted(e["width"] for e in multi)
+    assert len(multi) >= 3 and len(set(widths)) >= 2 and max(widths.count(w) for w in widths) >= 2
+    for entry in lms:
+        assert entry["passes_bar"] and entry["min_accuracy"] >= ACCURACY_BAR
+        assert entry["weights_bytes"] < 3 * 2**20
+        assert len({e["seed"] for e in lms if e["task"] == entry["task"]}) == len(
+            [e for e in lms if e["task"] == entry["task"]])  # independently seeded
+
+
+@pytest.mark.parametrize("entry", shipped_lms(), ids=lambda e: e["name"])
+def test_shipped_lm_accuracy(entry):
+    model, tokenizer = load_causal_lm(SHIPPED / entry["name"])
+    task = get_text_task(entry["task"])
+    # a fresh sample (a seed the training and its evaluation never used), 25 sequences per N
+    accuracy = free_running_accuracy(model, task, per_n=25, seed=2024)
+    assert min(accuracy.values()) >= ACCURACY_BAR, accuracy
+    batch = task.sample(8, np.random.default_rng(5))
+    encoded = resolve_positions(tokenizer, render_texts(task, batch))
+    assert (encoded.input_ids == batch.ids[:, : encoded.input_ids.shape[1]]).all()
+
+
+def test_train_lm_llama_keeps_the_word_tokenizer(tmp_path):
+    metrics = train_lm("binding", tmp_path / "llama", arch="llama", width=32, layers=1, heads=2, steps=2,
+                       eval_per_n=2, loss_on="all")
+    model, tokenizer = load_causal_lm(tmp_path / "llama")
+    assert type(model).__name__ == "LlamaForCausalLM" and metrics["loss_on"] == "all"
+    task = get_text_task("binding")
+    batch = task.sample(4, np.random.default_rng(0))
+    encoded = resolve_positions(tokenizer, render_texts(task, batch))
+    assert (encoded.input_ids == batch.ids[:, : encoded.input_ids.shape[1]]).all()
+    with pytest.raises(ConfigError, match="valid choices: gpt2, llama"):
+        train_lm("binding", tmp_path / "x", arch="qwen2", steps=1)
+    with pytest.raises(ConfigError, match="valid choices: task, all"):
+        train_lm("binding", tmp_path / "y", loss_on="everything", steps=1)
