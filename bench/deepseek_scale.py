@@ -42,7 +42,7 @@ from common import alignment_cost, interleaved, machine_info, median, print_tabl
 
 from llm_mas.alignments import make_alignment  # noqa: E402
 from llm_mas.backends import Edit, get_backend  # noqa: E402
-from llm_mas.interchange import intervene  # noqa: E402
+from llm_mas.interventions import intervene  # noqa: E402
 from llm_mas.sites import Site  # noqa: E402
 
 IGNORE = -100
@@ -84,13 +84,14 @@ def mas_step(backend, models, alignments, optimizer, batch) -> float:
 def build_model(layers: int, seed: int, dtype: torch.dtype, device: str):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from llm_mas.llm.loading import attach_site_aliases, freeze
+    from llm_mas.llm.loading import freeze
+    from llm_mas.sites import register_site_aliases
 
     config = Qwen2Config(**{**DEEPSEEK_R1_DISTILL_QWEN_1_5B, "num_hidden_layers": layers})
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config).to(dtype)
-    return attach_site_aliases(freeze(model))
+    return register_site_aliases(freeze(model))
 
 
 def make_batch(models, batch: int, length: int, device: str, seed: int = 0) -> dict:

@@ -7,7 +7,7 @@ The step: the source batch runs without an intervention, the base batch runs wit
 output of the middle decoder layer replaced, at 4 positions per row (different positions in base and
 source), by a rotation-space interchange of the first k = 16 coordinates; cross-entropy of the last
 position's logits against fixed random labels; backward; one Adam step on the rotation.
-- ours-hooks / ours-nnsight: `OrthogonalAlignment` (matrix exponential) + `interchange.intervene` as an
+- ours-hooks / ours-nnsight: `OrthogonalAlignment` (matrix exponential) + `interventions.intervene` as an
   `Edit` through `TorchHookBackend.patch` / `NNsightBackend.patch`; the source latents come from
   `collect` under no_grad in the same step.
 - pyvene: `RotatedSpaceIntervention(keep_last_dim=True)` (torch's orthogonal parametrisation, matrix
@@ -36,7 +36,7 @@ from common import interleaved, machine_info, median, print_table, ratio, set_th
 
 from llm_mas.alignments import make_alignment  # noqa: E402
 from llm_mas.backends import Edit, get_backend  # noqa: E402
-from llm_mas.interchange import intervene  # noqa: E402
+from llm_mas.interventions import intervene  # noqa: E402
 from llm_mas.sites import Site  # noqa: E402
 
 SIZES = {

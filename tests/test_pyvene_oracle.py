@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize  # noqa: E402
 
 from llm_mas.alignments import make_alignment  # noqa: E402
 from llm_mas.backends import Edit, get_backend  # noqa: E402
-from llm_mas.interchange import intervene  # noqa: E402
+from llm_mas.interventions import intervene  # noqa: E402
 from llm_mas.sites import Site  # noqa: E402
 
 B, T, K, LAYER = 4, 12, 16, 1

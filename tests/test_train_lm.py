@@ -1,10 +1,9 @@
-"""`llm-mas train-lm` and the LMs trained with it (data/lms): HF directories load_causal_lm reads, whose
+"""`llm-mas train-lm` and the LMs trained with it (llm_mas/data/lms, package data): HF directories load_causal_lm reads, whose
 word-level tokenizer reproduces the task ids, and whose free-running accuracy holds up on fresh samples."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +13,12 @@ from llm_fixtures import tiny_qwen2_dir  # noqa: F401  (sets the offline environ
 from llm_mas.errors import ConfigError
 from llm_mas.llm.loading import load_causal_lm
 from llm_mas.llm.train_lm import ACCURACY_BAR, free_running_accuracy, train_lm
+from llm_mas.resources import package_path
+from llm_mas.sites import site_aliases
 from llm_mas.tasks.binding import get_text_task
 from llm_mas.tasks.text import render_texts, resolve_positions
 
-SHIPPED = Path(__file__).resolve().parent.parent / "data" / "lms"  # the lead may move these into the package
+SHIPPED = package_path("data", "lms")
 MANIFEST = SHIPPED / "manifest.json"
 
 
@@ -40,7 +41,7 @@ def test_train_lm_command_writes_a_loadable_directory(tmp_path):
 
     model, tokenizer = load_causal_lm(out)
     assert sum(p.numel() for p in model.parameters()) == metrics["params"]
-    assert "embeddings" in model.site_aliases() and "layer0" in model.site_aliases()
+    assert "embeddings" in site_aliases(model) and "layer0" in site_aliases(model)
     task = get_text_task("multiobject")
     batch = task.sample(4, np.random.default_rng(0))
     encoded = resolve_positions(tokenizer, render_texts(task, batch))

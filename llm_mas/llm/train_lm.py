@@ -1,8 +1,8 @@
 """Train a small Hugging Face causal LM on a built-in task rendered as text (offline, CPU, minutes).
 
     from llm_mas.llm.train_lm import train_lm
-    metrics = train_lm("multiobject", "data/lms/multiobject-w128-s0", width=128, layers=2, seed=0)
-    model, tokenizer = llm_mas.llm.load_causal_lm("data/lms/multiobject-w128-s0")
+    metrics = train_lm("multiobject", "runs/lms/multiobject-w128-s0", width=128, layers=2, seed=0)
+    model, tokenizer = llm_mas.llm.load_causal_lm("runs/lms/multiobject-w128-s0")
 
 The model is a GPT-2 (learned absolute positions, the default) or a Llama architecture (rotary positions)
 built from a config (a few hundred thousand parameters at width 96-128 and 2 layers) with a word-level tokenizer over the task's words
