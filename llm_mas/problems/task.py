@@ -172,8 +172,6 @@ def _rnn_state_site(entry: TaskModelEntry) -> bool:
 class TaskModelProblem(ProblemBase):
     """Pairs, caches, loss and evaluation for MAS over task models."""
 
-    run_width_multiple: int | None = 8   # fast-path run widths are rounded up to a multiple of this (see _run)
-
     def __init__(self, models: Sequence[TaskModelEntry], variables: Sequence[str], k: int, *,
                  null_subspace: bool = False, stepwise: bool = False,
                  train_directions: Sequence[tuple[int, int]] | None = None,
@@ -341,14 +339,6 @@ class TaskModelProblem(ProblemBase):
         site = self.models[chunks[0].target].site
         batches = [c.batch(r) for c, r in zip(chunks, rows)]
         width = max(int(b.input_ids.shape[1]) for b in batches)
-        # Fast path (1-layer RNN from its cached state): run widths are rounded up to a multiple of
-        # `run_width_multiple`, so the step's big buffers come in a few sizes that the allocator reuses
-        # (widths that change every step fragment the heap: peak RSS grew with the step count). The extra
-        # columns are padding after every real token of a row: a recurrent run is causal, so no scored
-        # logit changes (tested, and the golden runs are bit-identical).
-        multiple = self.run_width_multiple if chunks[0].fast else None
-        if multiple:
-            width = -(-width // multiple) * multiple
 
         def cat(field: str, value):
             return torch.cat([F.pad(getattr(b, field), (0, width - getattr(b, field).shape[1]), value=value)
@@ -363,8 +353,6 @@ class TaskModelProblem(ProblemBase):
         out_logits, out_labels, out_rows = [], [], []
         for bucket in self._buckets(needed):
             wb = max(int(needed[bucket].max()), 1)
-            if multiple:
-                wb = min(-(-wb // multiple) * multiple, width)
             x, lab = inputs[bucket, :wb], labels[bucket, :wb]                              # (Rb, Wb)
             edits = []
             for i in chunk_of[bucket].unique().tolist():
