@@ -162,11 +162,12 @@ def bare_step(full_problem: NumericProblem, rows: torch.Tensor) -> float:
             model = full_problem.models[target].model
             model.embed.weight.requires_grad_(True)  # the only thing with a gradient: see the module doc
             embeddings.append(model.embed.weight)
-            width = max(c.input_ids.shape[1] for c in chunks)     # chunks differ in padded width
-            ids = torch.cat([F.pad(c.input_ids[rows], (0, width - c.input_ids.shape[1]), value=PAD)
-                             for c in chunks])                         # (2B, L)
-            labels = torch.cat([F.pad(c.labels[rows], (0, width - c.labels.shape[1]), value=IGNORE)
-                                for c in chunks])                      # (2B, L)
+            views = [c.batch(rows) for c in chunks]                     # the run tensors of these rows
+            width = max(v.input_ids.shape[1] for v in views)           # chunks differ in padded width
+            ids = torch.cat([F.pad(v.input_ids, (0, width - v.input_ids.shape[1]), value=PAD)
+                             for v in views])                          # (2B, L)
+            labels = torch.cat([F.pad(v.labels, (0, width - v.labels.shape[1]), value=IGNORE)
+                                for v in views])                       # (2B, L)
             # Padded to this batch's longest sequence, as any plain training loop would, not to the data set's.
             longest = int((ids != PAD).sum(1).max())
             ids, labels = ids[:, :longest], labels[:, :longest]        # (2B, L_batch)
@@ -187,9 +188,9 @@ def batches(n_train: int, batch: int, count: int, seed: int = 0) -> list[torch.T
 
 def scored_fraction(problem: NumericProblem, rows: torch.Tensor) -> dict:
     """Share of the (row, position) cells that carry a loss, in the padded runs MAS and the bare step make."""
-    fast = [c for c in problem.splits["train"] if c.trained]
-    cells = sum(c.labels[rows].numel() for c in fast)
-    scored = sum(int((c.labels[rows] != IGNORE).sum()) for c in fast)
+    labels = [c.batch(rows).labels for c in problem.splits["train"] if c.trained]
+    cells = sum(lab.numel() for lab in labels)
+    scored = sum(int((lab != IGNORE).sum()) for lab in labels)
     return {"cells": cells, "scored": scored, "fraction": scored / max(cells, 1)}
 
 
@@ -291,8 +292,9 @@ def profile_step(problem: NumericProblem, batch: int, steps: int) -> dict:
         if head is None:
             continue
         chunks = [c for c in problem.splits["train"] if c.trained and c.target == t_index]
-        width = max(c.input_ids.shape[1] for c in chunks)
-        scored = sum(int((c.labels[rows[2]] != IGNORE).sum()) for c in chunks)
+        views = [c.batch(rows[2]) for c in chunks]
+        width = max(v.input_ids.shape[1] for v in views)
+        scored = sum(int((v.labels != IGNORE).sum()) for v in views)
         for label, n_cells in (("all_cells", len(chunks) * batch * width), ("scored_cells", scored)):
             x = torch.randn(n_cells, model.d_model, requires_grad=True)
             samples = []

@@ -25,6 +25,9 @@ from .errors import ConfigError
 from .problems.base import InterventionProblem, Record
 
 
+DIRECTION_SAMPLING = ("uniform", "balanced")
+
+
 @dataclass
 class TrainerConfig:
     lr: float = 1e-3
@@ -36,6 +39,9 @@ class TrainerConfig:
     min_delta: float = 1e-4           # improvement of the mean validation trial IIA that counts
     target_iia: float = 0.995         # stop once every trained direction reaches this validation trial IIA
     grad_accum: int = 1               # micro-batches per optimiser step
+    # trained directions per step (None: every trained direction every step); all are still evaluated
+    directions_per_step: int | None = None
+    direction_sampling: str = "uniform"   # uniform | balanced (see MASTrainer.step_directions)
     seed: int = 0
 
     def validate(self) -> list[str]:
@@ -52,6 +58,12 @@ class TrainerConfig:
             p.append(f"train.eval_every must be >= 1, got {self.eval_every}")
         if self.grad_accum < 1:
             p.append(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.directions_per_step is not None and self.directions_per_step < 1:
+            p.append(f"train.directions_per_step must be >= 1 or null (every direction), got "
+                     f"{self.directions_per_step}")
+        if self.direction_sampling not in DIRECTION_SAMPLING:
+            p.append(f"train.direction_sampling {self.direction_sampling!r} must be "
+                     f"{' or '.join(DIRECTION_SAMPLING)}")
         if not 0 < self.target_iia <= 1.0 + 1e-9:
             p.append(f"train.target_iia must be in (0, 1], got {self.target_iia}")
         return p
@@ -98,6 +110,11 @@ class MASTrainer:
         self.total_steps = config.max_steps if config.max_steps is not None else (
             config.max_epochs * self.batches_per_epoch)
         self.eval_every = config.eval_every or self.batches_per_epoch
+        problems = config.validate()
+        if problems:
+            raise ConfigError(problems)
+        # every direction a loss trains (behaviour or CL), in a fixed order: what step_directions samples from
+        self.trained_directions: list[tuple[int, int]] = sorted(getattr(problem, "trained_directions", ()))
         # mutable state (checkpointed)
         self.step = 0
         self.best_score = -1.0
@@ -118,6 +135,31 @@ class MASTrainer:
         perm = torch.randperm(self.problem.n_train, generator=g)
         bs = self.config.batch_size
         return perm[pos * bs:(pos + 1) * bs]
+
+    def step_directions(self, step: int) -> list[tuple[int, int]] | None:
+        """The directions training step `step` trains (None: every trained direction, the default).
+
+        With ``directions_per_step = b`` below the number D of trained directions (in sorted order):
+        - uniform: b distinct directions drawn uniformly without replacement, independently every step;
+        - balanced: steps are grouped into cycles of ceil(D / b) steps; cycle c takes a permutation of the D
+          directions and step j of the cycle trains its elements j·b .. j·b + b − 1 (the last step of a
+          cycle trains the remaining D − (ceil(D / b) − 1)·b). Every direction is trained exactly once per
+          cycle, so with directions all, cross or self every model is a source and a target equally often.
+        Both are seeded by (seed, step) (balanced: by (seed, cycle)) alone, so a resumed run trains the same
+        directions as an uninterrupted one. Returned sorted.
+        """
+        budget, every = self.config.directions_per_step, self.trained_directions
+        if budget is None or budget >= len(every):
+            return None
+        if self.config.direction_sampling == "balanced":
+            per_cycle = math.ceil(len(every) / budget)
+            cycle, pos = divmod(step, per_cycle)
+            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 500_009 + cycle)
+            picked = torch.randperm(len(every), generator=g)[pos * budget:(pos + 1) * budget]
+        else:
+            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 700_001 + step)
+            picked = torch.randperm(len(every), generator=g)[:budget]
+        return [every[i] for i in sorted(picked.tolist())]
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -155,6 +197,11 @@ class MASTrainer:
 
     def materialize(self) -> list[Any]:
         return [a.materialize() for a in self.alignments]
+
+    def _step_maps(self, directions: list[tuple[int, int]] | None) -> Sequence[Any]:
+        """The maps of one training step: all of them, or (a direction budget) each materialized when the
+        problem first reads it, so a step pays for the alignments of its sampled directions only."""
+        return self.materialize() if directions is None else _LazyMaps(self.alignments)
 
     def evaluate(self) -> list[Record]:
         with torch.no_grad():
@@ -207,11 +254,14 @@ class MASTrainer:
                     self.stop_file.unlink(missing_ok=True)
                     break
                 rows = self._batch(self.step)
+                directions = self.step_directions(self.step)
+                # the default (every direction) calls loss exactly as before a budget existed
+                budget = {} if directions is None else {"directions": directions}
                 if self.optimizer is not None:
                     self.optimizer.zero_grad(set_to_none=True)
                     total = 0.0
                     for micro in rows.chunk(self.config.grad_accum):
-                        loss, _ = self.problem.loss(self.materialize(), micro)
+                        loss, _ = self.problem.loss(self._step_maps(directions), micro, **budget)
                         (loss / self.config.grad_accum).backward()
                         total += float(loss.detach()) / self.config.grad_accum
                     if self.sync_gradients is not None:
@@ -219,7 +269,7 @@ class MASTrainer:
                     self.optimizer.step()
                 else:
                     with torch.no_grad():
-                        total = float(self.problem.loss(self.materialize(), rows)[0])
+                        total = float(self.problem.loss(self._step_maps(directions), rows, **budget)[0])
                 self._loss_sum += total
                 self._loss_n += 1
                 self.step += 1
@@ -245,6 +295,25 @@ class MASTrainer:
                  f"(mean valid trial IIA {self.best_score:.4f})")
         return FitResult(best_step=self.best_step, best_score=self.best_score, steps=self.step, stopped=stopped,
                          history=self.history, best_records=self.best_records)
+
+
+class _LazyMaps(Sequence):
+    """``maps[i]`` materializes alignment i on first access (then reuses it)."""
+
+    def __init__(self, alignments: nn.ModuleList):
+        self._alignments = alignments
+        self._done: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self._alignments)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]
+        if i not in self._done:
+            self._done[i] = self._alignments[i].materialize()
+        return self._done[i]
 
 
 def _postfix(loss: float | None, records: Sequence[Record]) -> str:

@@ -171,8 +171,12 @@ class InterventionProblem(Protocol):
     intervention: Intervention
     n_train: int                              # training pairs per (direction, variable): rows of a batch
 
-    def loss(self, maps: Sequence[Any], batch_index: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean loss over the trained (source, target, variable) pairs for these training rows."""
+    trained_directions: list[Direction]       # every direction a loss trains (behaviour or CL), sorted
+
+    def loss(self, maps: Sequence[Any], batch_index: torch.Tensor, directions: Sequence[Direction] | None = None
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean loss over the trained (source, target, variable) pairs for these training rows; `directions`:
+        only those trained directions (a step's sampled budget; None: all of them)."""
 
     def evaluate(self, maps: Sequence[Any], split: str = "valid", with_ci: bool = False) -> list[Record]:
         """One record per evaluated (source, target, variable)."""
@@ -220,6 +224,19 @@ class ProblemBase:
         self.all_variables = self.variables + (["null"] if null_subspace else [])
         self.latent_stats: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.splits: dict[str, list[DirectionPairs]] = {}
+
+    @property
+    def trained_directions(self) -> list[Direction]:
+        """Every evaluated direction some loss trains (by behaviour or by the CL loss), sorted."""
+        return sorted(d for d in self.directions if d in self.train_directions or d in self.cl_directions)
+
+    @staticmethod
+    def _only(items: Sequence[DirectionPairs], directions: Sequence[Direction] | None) -> list[DirectionPairs]:
+        """The items of these directions (None: all items)."""
+        if directions is None:
+            return list(items)
+        wanted = set(map(tuple, directions))
+        return [item for item in items if (item.source, item.target) in wanted]
 
     # ------------------------------------------------------------------ grouping
     def _group_key(self, pairs: DirectionPairs) -> Hashable:

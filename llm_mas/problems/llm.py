@@ -183,13 +183,15 @@ class LLMProblem(ProblemBase):
         return logits, labels
 
     # ------------------------------------------------------------------ trainer interface
-    def loss(self, maps: Sequence[AlignmentMap], batch_index: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Mean over trained directions of the token-averaged CE on positions >= i of the rows `batch_index`.
+    def loss(self, maps: Sequence[AlignmentMap], batch_index: torch.Tensor, directions=None
+             ) -> tuple[torch.Tensor, dict]:
+        """Mean over trained directions (`directions`: only these, a step's sampled budget) of the
+        token-averaged CE on positions >= i of the rows `batch_index`.
 
         Under a shard this process computes its rows only, scaled by world / (tokens of the whole batch),
         so averaging the processes' gradients gives exactly the full batch's gradient.
         """
-        trained = [d for d in self.splits["train"] if d.trained]
+        trained = [d for d in self._only(self.splits["train"], directions) if d.trained]
         if not trained:
             raise ConfigError("no trained directions: set directions to include at least one [source, target]")
         rows = self.shard.rows(batch_index)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..backends.base import Edit
 from ..backends.torch_hooks import TorchHookBackend, get_module
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..llm.record import IGNORE_INDEX
 from ..models.registry import load_task_model, resolve_model_dir
 from ..models.task_models import build_task_model
@@ -47,18 +47,64 @@ class TaskModelEntry(ModelEntry):
     variable_map: dict[str, str]
 
 
+class LatentCache:
+    """The natural latents of one model on one split's base sequences, held once per model.
+
+    Packed: only the non-pad positions are kept, row after row ((tokens, d); pad positions are never
+    read), and ``at(rows, cols)`` finds row r's position p at ``offsets[r] + p``. Every direction that
+    reads this model (as a source, or as a target for its natural state) indexes into the same table.
+    """
+
+    def __init__(self, packed: torch.Tensor, lengths: torch.Tensor):
+        self.packed = packed                                   # (tokens, d)
+        self.lengths = lengths                                 # (N,) positions kept per row
+        self.offsets = torch.cumsum(lengths, 0) - lengths      # (N,) first packed index of each row
+
+    def at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Latents (*shape, d) at (rows, cols) (broadcast to one shape; cols < the row's length)."""
+        return self.packed[self.offsets[rows] + cols]
+
+    def check(self, rows: np.ndarray, cols: np.ndarray, what: str) -> None:
+        lengths = self.lengths.cpu().numpy()[rows]
+        if ((cols < 0) | (cols >= lengths)).any():
+            raise DataError(f"{what}: a position lies outside its base sequence (in its padding)")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.lengths, self.offsets))
+
+
+@dataclass
+class TaskBatch:
+    """One chunk's rows of a run (B rows), built at batch time from the chunk's compact arrays."""
+
+    input_ids: torch.Tensor         # (B, W) int64 inputs of the target run
+    labels: torch.Tensor            # (B, W) next-token labels, IGNORE_INDEX where not scored
+    free_mask: torch.Tensor         # (B, W) bool: rollout feeds the model's own prediction at these inputs
+    edit_mask: torch.Tensor         # (B, W) bool: latents replaced
+    source: torch.Tensor | None     # indywise: (B, d_s) source latent of each row; stepwise: None
+    source_rows: torch.Tensor | None  # stepwise: (B,) row of the source base batch
+    state0: torch.Tensor | None     # fast path: (B, d_t) target state before the intervened token
+
+
 @dataclass
 class TaskPairs(DirectionPairs):
-    """Pre-built tensors of one (source, target, variable) dataset on one split."""
+    """One (source, target, variable) dataset on one split: only what is unique to the direction.
+
+    The counterfactual token ids, their scored mask and four index arrays into the per-model latent
+    caches; the run's inputs, labels, masks and gathered latents are built per batch (``batch``).
+    """
 
     fast: bool                      # prefix-skipping path (RNN recurrent state, indywise)
-    input_ids: torch.Tensor         # (n, L) inputs of the target run
-    labels: torch.Tensor            # (n, L) next-token labels, IGNORE_INDEX where not scored
-    free_mask: torch.Tensor         # (n, L) bool: rollout feeds the model's own prediction at these inputs
-    edit_mask: torch.Tensor         # (n, L) bool: latents replaced
-    source_latents: torch.Tensor    # fast/indywise: (n, d_s); stepwise: index tensors into the source cache
-    source_rows: torch.Tensor | None  # stepwise: (n,) row of the source base batch
-    state0: torch.Tensor | None     # fast path: (n, d_t) target state before the intervened token
+    stepwise: bool
+    ids: torch.Tensor               # (n, L) counterfactual target sequence (uint8 where the vocabulary fits)
+    scored: torch.Tensor            # (n, L) bool: the tokens the intervened target must get right
+    target_index: torch.Tensor      # (n,) int32 row of the target base batch
+    target_pos: torch.Tensor        # (n,) int32 intervened position (stepwise: positions 0..target_pos)
+    source_index: torch.Tensor      # (n,) int32 row of the source base batch
+    source_pos: torch.Tensor        # (n,) int32
+    source_cache: LatentCache
+    target_cache: LatentCache
     quantity: np.ndarray            # (n,) target N (for breakdowns)
     cl: bool = False                # trained by the counterfactual-latent loss instead of behaviour
     target_latents: torch.Tensor | None = None   # CL: (n, d_t) the target's natural latent at target_pos
@@ -68,7 +114,53 @@ class TaskPairs(DirectionPairs):
     intended: dict[str, np.ndarray] | None = None          # CL: the causal state each intervention intends
 
     def __len__(self) -> int:
-        return self.input_ids.shape[0]
+        return self.ids.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors this direction holds itself (the shared latent caches not counted)."""
+        own = [self.ids, self.scored, self.target_index, self.target_pos, self.source_index, self.source_pos,
+               self.target_latents, self.cl_latents, self.cl_matched]
+        return sum(t.numel() * t.element_size() for t in own if t is not None) + self.quantity.nbytes
+
+    def source_latents(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, d_s) the source latent at source_pos of these rows (indywise)."""
+        return self.source_cache.at(self.source_index[rows].long(), self.source_pos[rows].long())
+
+    def batch(self, rows: torch.Tensor) -> TaskBatch:
+        """The run tensors of these rows (B,): the same values the full-split tensors would hold, padded
+        to the widest of these rows only (a run's buckets cut every row to the length it needs)."""
+        ids = self.ids[rows].long()                                   # (B, L)
+        scored = self.scored[rows]                                    # (B, L)
+        pos_t = self.target_pos[rows].long()                          # (B,)
+        B, L = ids.shape
+        dev = ids.device
+        if self.fast:
+            # Start the target run AT the intervened token p (left-aligned), from its natural state at p-1.
+            lengths = (ids != 0).sum(1)                               # (B,)
+            width = max(int((lengths - pos_t).max()) if B else 1, 1)
+            col = torch.arange(width, device=dev)
+            absolute = (pos_t[:, None] + col[None, :]).clamp(max=L - 1)  # (B, W)
+            valid = (pos_t[:, None] + col[None, :]) < lengths[:, None]
+            inputs = torch.where(valid, ids.gather(1, absolute), torch.zeros_like(absolute))
+            nxt = (absolute + 1).clamp(max=L - 1)
+            label_ok = valid & ((pos_t[:, None] + col[None, :] + 1) < L) & scored.gather(1, nxt)
+            labels = torch.where(label_ok, ids.gather(1, nxt), torch.full_like(nxt, IGNORE_INDEX))
+            free = valid & scored.gather(1, absolute)
+            edit_mask = torch.zeros(B, width, dtype=torch.bool, device=dev)
+            edit_mask[:, 0] = True
+            prev = (pos_t - 1).clamp(min=0)
+            state0 = self.target_cache.at(self.target_index[rows].long(), prev)      # (B, d_t)
+            state0 = torch.where((pos_t > 0)[:, None], state0, torch.zeros_like(state0))
+            return TaskBatch(inputs, labels, free, edit_mask, self.source_latents(rows), None, state0)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[:, :-1] = torch.where(scored[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
+        col = torch.arange(L, device=dev)
+        if self.stepwise:
+            edit_mask = col[None, :] <= pos_t[:, None]
+            return TaskBatch(ids, labels, scored, edit_mask, None, self.source_index[rows].long(), None)
+        edit_mask = col[None, :] == pos_t[:, None]
+        return TaskBatch(ids, labels, scored, edit_mask, self.source_latents(rows), None, None)
 
 
 def _rnn_state_site(entry: TaskModelEntry) -> bool:
@@ -113,18 +205,24 @@ class TaskModelProblem(ProblemBase):
             raise ConfigError("value_range restricts one named variable's values; it cannot apply to full or null "
                               "(list named variables only and turn null_subspace off)")
         self.progress = progress
+        self.caches: dict[str, list[LatentCache]] = {}
         self.splits = {"train": self._build_split("train", n_train, 0),
                        "valid": self._build_split("valid", n_valid, 1)}
 
     # ------------------------------------------------------------------ data
-    def _collect(self, entry: ModelEntry, ids: np.ndarray) -> torch.Tensor:
-        """Natural latents (N, L, d) at the entry's site, in chunks."""
+    def _collect(self, entry: ModelEntry, ids: np.ndarray) -> LatentCache:
+        """Natural latents at the entry's site on every non-pad position of `ids` (N, L), packed."""
+        nonpad = ids != 0                                                       # (N, L)
+        lengths = nonpad.sum(1)
+        if not (nonpad == (np.arange(ids.shape[1])[None, :] < lengths[:, None])).all():
+            raise DataError("base sequences must be right padded (a pad token before a real one)")
         out = []
         with torch.no_grad():
             for lo in range(0, len(ids), 2000):
                 x = torch.as_tensor(ids[lo:lo + 2000], device=self.device)
-                out.append(self.backend.collect(entry.model, {"input_ids": x}, [entry.site])[str(entry.site)])
-        return torch.cat(out)  # (N, L, d)
+                latents = self.backend.collect(entry.model, {"input_ids": x}, [entry.site])[str(entry.site)]
+                out.append(latents[torch.as_tensor(nonpad[lo:lo + 2000], device=self.device)])  # (tokens, d)
+        return LatentCache(torch.cat(out), torch.as_tensor(lengths, device=self.device))
 
     def _variable_spec(self, s: int, t: int, v: str):
         if v in ("full", "null"):
@@ -136,11 +234,12 @@ class TaskModelProblem(ProblemBase):
     def _build_split(self, split: str, n: int, split_id: int) -> list[TaskPairs]:
         rng = np.random.default_rng([self.seed, split_id])
         bases = [m.task.sample(n, rng) for m in self.models]
-        caches = [self._collect(m, b.ids) for m, b in zip(self.models, bases)]
+        caches = [self._collect(m, b.ids) for m, b in zip(self.models, bases)]   # one per model
+        self.caches[split] = caches
         if split == "train":  # per-feature statistics for the optional standardisation wrapper
             self.latent_stats = []
-            for cache, base in zip(caches, bases):
-                x = cache[torch.as_tensor(base.ids != 0, device=self.device)]   # (non-pad positions, d)
+            for cache in caches:
+                x = cache.packed                                               # (non-pad positions, d)
                 self.latent_stats.append((x.mean(0), x.std(0).clamp(min=1e-6)))
         chunks = []
         for s, t in self.directions:
@@ -184,63 +283,41 @@ class TaskModelProblem(ProblemBase):
         chunk.cl_matched = torch.as_tensor(matched, device=dev)
         chunk.cl_where = (rows[pick], cols[pick])
         chunk.intended = {v: pairs.intended[v] for v in keys}
-        chunk.cl_latents = target_cache[torch.as_tensor(rows[pick], device=dev), torch.as_tensor(cols[pick], device=dev)]
-        chunk.target_latents = target_cache[torch.as_tensor(pairs.target_index, device=dev),
-                                            torch.as_tensor(pairs.target_pos, device=dev)]
+        target_cache.check(rows[pick], cols[pick], "CL latents")
+        chunk.cl_latents = target_cache.at(torch.as_tensor(rows[pick], device=dev),
+                                           torch.as_tensor(cols[pick], device=dev))      # (n, d_t)
+        chunk.target_latents = target_cache.at(torch.as_tensor(pairs.target_index, device=dev),
+                                               torch.as_tensor(pairs.target_pos, device=dev))   # (n, d_t)
 
     def _make_chunk(self, s, t, v, pairs, target_base, source_cache, target_cache) -> TaskPairs:
         dev = self.device
-        ids = torch.as_tensor(pairs.ids, device=dev)                     # (n, L)
-        scored = torch.as_tensor(pairs.scored_mask(), device=dev)        # (n, L)
-        pos_t = torch.as_tensor(pairs.target_pos, device=dev)
-        pos_s = torch.as_tensor(pairs.source_pos, device=dev)
-        src_rows = torch.as_tensor(pairs.source_index, device=dev)
-        tgt_rows = torch.as_tensor(pairs.target_index, device=dev)
-        n, L = ids.shape
         trained = (s, t) in self.train_directions or (s, t) in self.cl_directions
         quantity = self.models[t].task.quantities(target_base)[pairs.target_index]
         fast = self.fast_path and not self.stepwise and _rnn_state_site(self.models[t])
+        # every cache position a batch of this direction can read lies inside its base sequence
+        source_cache.check(pairs.source_index, pairs.source_pos, f"direction {s}->{t}")
         if fast:
-            # Start the target run AT the intervened token p (left-aligned), from its natural state at p-1.
-            lengths = (ids != 0).sum(1)                                   # (n,)
-            width = int((lengths - pos_t).max())
-            col = torch.arange(width, device=dev)
-            absolute = (pos_t[:, None] + col[None, :]).clamp(max=L - 1)  # (n, W)
-            valid = (pos_t[:, None] + col[None, :]) < lengths[:, None]
-            inputs = torch.where(valid, ids.gather(1, absolute), torch.zeros_like(absolute))
-            nxt = (absolute + 1).clamp(max=L - 1)
-            label_ok = valid & ((pos_t[:, None] + col[None, :] + 1) < L) & scored.gather(1, nxt)
-            labels = torch.where(label_ok, ids.gather(1, nxt), torch.full_like(nxt, IGNORE_INDEX))
-            free = valid & scored.gather(1, absolute)
-            edit_mask = torch.zeros(n, width, dtype=torch.bool, device=dev)
-            edit_mask[:, 0] = True
-            prev = (pos_t - 1).clamp(min=0)
-            state0 = target_cache[tgt_rows, prev]                         # (n, d_t)
-            state0 = torch.where((pos_t > 0)[:, None], state0, torch.zeros_like(state0))
-            src = source_cache[src_rows, pos_s]                           # (n, d_s)
-            return TaskPairs(s, t, v, self.blocks[v], trained, True, inputs, labels, free, edit_mask, src, None,
-                         state0, quantity)
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        labels[:, :-1] = torch.where(scored[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
-        col = torch.arange(L, device=dev)
-        if self.stepwise:
-            edit_mask = col[None, :] <= pos_t[:, None]
-            return TaskPairs(s, t, v, self.blocks[v], trained, False, ids, labels, scored, edit_mask,
-                         source_cache, src_rows, None, quantity)
-        edit_mask = col[None, :] == pos_t[:, None]
-        src = source_cache[src_rows, pos_s]
-        return TaskPairs(s, t, v, self.blocks[v], trained, False, ids, labels, scored, edit_mask, src, None, None,
-                     quantity)
+            target_cache.check(pairs.target_index, np.maximum(pairs.target_pos - 1, 0), f"direction {s}->{t}")
+        small = torch.uint8 if len(self.models[t].task.vocab) <= 256 else torch.int64
+
+        def index(a: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(a.astype(np.int32), device=dev)                    # (n,)
+
+        return TaskPairs(s, t, v, self.blocks[v], trained, fast, self.stepwise,
+                         torch.as_tensor(pairs.ids, device=dev).to(small),              # (n, L)
+                         torch.as_tensor(pairs.scored_mask(), device=dev),              # (n, L)
+                         index(pairs.target_index), index(pairs.target_pos), index(pairs.source_index),
+                         index(pairs.source_pos), source_cache, target_cache, quantity)
 
     # ------------------------------------------------------------------ one patched run per target
-    def _edit_fn(self, chunk: TaskPairs, local: torch.Tensor, maps, mask: torch.Tensor):
-        """Edit for `chunk`'s rows of a run: local (Rb,) = the chunk row of each run row (-1: another chunk's),
-        mask (Rb, Wb) = the latents of this chunk to replace (row-major order = the hook's `which`)."""
+    def _edit_fn(self, chunk: TaskPairs, batch: TaskBatch, local: torch.Tensor, maps, mask: torch.Tensor):
+        """Edit for `chunk`'s rows of a run: local (Rb,) = the row in `batch` of each run row (-1: another
+        chunk's), mask (Rb, Wb) = the latents of this chunk to replace (row-major order = the hook's `which`)."""
         r, c = mask.nonzero(as_tuple=True)
-        if chunk.source_rows is not None:  # stepwise: the source latent at the same position, per entry
-            src = chunk.source_latents[chunk.source_rows[local[r]], c]               # (entries, d_s)
+        if batch.source_rows is not None:  # stepwise: the source latent at the same position, per entry
+            src = chunk.source_cache.at(batch.source_rows[local[r]], c)             # (entries, d_s)
         else:                              # indywise: one entry per row
-            src = chunk.source_latents[local[r]]                                    # (entries, d_s)
+            src = batch.source[local[r]]                                            # (entries, d_s)
         intervention, source, target, block = self.intervention, chunk.source, chunk.target, chunk.block
         return lambda h, which: intervention(maps, h, src[which], source, target, block)
 
@@ -260,17 +337,18 @@ class TaskModelProblem(ProblemBase):
         """
         model = self.models[chunks[0].target].model
         site = self.models[chunks[0].target].site
-        width = max(int(c.input_ids.shape[1]) for c in chunks)
+        batches = [c.batch(r) for c, r in zip(chunks, rows)]
+        width = max(int(b.input_ids.shape[1]) for b in batches)
 
         def cat(field: str, value):
-            return torch.cat([F.pad(getattr(c, field)[r], (0, width - getattr(c, field).shape[1]), value=value)
-                              for c, r in zip(chunks, rows)])
+            return torch.cat([F.pad(getattr(b, field), (0, width - getattr(b, field).shape[1]), value=value)
+                              for b in batches])
 
         inputs, labels = cat("input_ids", 0), cat("labels", IGNORE_INDEX)                      # (R, W)
         free, edit_mask = cat("free_mask", False), cat("edit_mask", False)
         chunk_of = torch.cat([torch.full((len(r),), i, device=inputs.device) for i, r in enumerate(rows)])
-        local = torch.cat(list(rows))                                                      # (R,) chunk row
-        state0 = torch.cat([c.state0[r] for c, r in zip(chunks, rows)]) if chunks[0].fast else None
+        local = torch.cat([torch.arange(len(r), device=inputs.device) for r in rows])     # (R,) batch row
+        state0 = torch.cat([b.state0 for b in batches]) if chunks[0].fast else None
         needed = (inputs != 0).sum(1)                                                      # (R,) real length
         out_logits, out_labels, out_rows = [], [], []
         for bucket in self._buckets(needed):
@@ -280,7 +358,8 @@ class TaskModelProblem(ProblemBase):
             for i in chunk_of[bucket].unique().tolist():
                 mask = edit_mask[bucket, :wb] & (chunk_of[bucket] == i)[:, None]
                 bucket_local = torch.where(chunk_of[bucket] == i, local[bucket], -1)
-                edits.append(Edit(site=site, mask=mask, fn=self._edit_fn(chunks[i], bucket_local, maps, mask)))
+                edits.append(Edit(site=site, mask=mask, fn=self._edit_fn(chunks[i], batches[i], bucket_local, maps,
+                                                                         mask)))
             s0 = state0[bucket] if state0 is not None else None
             scored = lab != IGNORE_INDEX                                                         # (Rb, Wb)
             with self.backend.edits_installed(model, edits):
@@ -296,10 +375,12 @@ class TaskModelProblem(ProblemBase):
         return torch.cat(out_logits), torch.cat(out_labels), torch.cat(out_rows)
 
     # ------------------------------------------------------------------ trainer interface
-    def loss(self, maps, batch_index: torch.Tensor):
-        """(1 − ε)·L_behaviour + ε·L_CL over the trained chunks (either term alone when the other is empty)."""
-        behaviour = [c for c in self.splits["train"] if c.trained and not c.cl]
-        cl_chunks = [c for c in self.splits["train"] if c.cl]
+    def loss(self, maps, batch_index: torch.Tensor, directions=None):
+        """(1 − ε)·L_behaviour + ε·L_CL over the trained chunks (either term alone when the other is empty);
+        `directions`: only the chunks of these directions (a step's sampled budget)."""
+        chunks = self._only(self.splits["train"], directions)
+        behaviour = [c for c in chunks if c.trained and not c.cl]
+        cl_chunks = [c for c in chunks if c.cl]
         if not behaviour and not cl_chunks:
             raise ConfigError("no trained directions: set directions to include at least one (source, target)")
         rows = batch_index.to(self.device)
@@ -328,7 +409,7 @@ class TaskModelProblem(ProblemBase):
 
     def intervened_latents(self, maps, chunk: TaskPairs, rows: torch.Tensor) -> torch.Tensor:
         """ĥ (rows, d_t): the intervened target latent at target_pos in the target's native space."""
-        return self.intervention(maps, chunk.target_latents[rows], chunk.source_latents[rows], chunk.source,
+        return self.intervention(maps, chunk.target_latents[rows], chunk.source_latents(rows), chunk.source,
                                  chunk.target, chunk.block)
 
     def cl_loss(self, maps, chunk: TaskPairs, rows: torch.Tensor) -> torch.Tensor:
