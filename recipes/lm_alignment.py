@@ -6,7 +6,7 @@ copy, a narrower LM and the shipped GRU, through counterfactual runs (``data.tas
     python -m recipes.lm_alignment --only mas_s0_s1     # one run; --report rewrites the outputs
 
 Runs (``llm_mas.run.run``; pairs of the MultiObject causal model rendered as text per tokenizer, variable
-``variable`` swapped indywise at ``site``, k coordinates; every MAS run trains all four directions):
+``variable`` swapped stepwise (every position 0..i; ``stepwise: false``: one position) at ``site``, k coordinates; every MAS run trains all four directions):
 - ``mas_s0_s1``: two independently trained LMs of the same width (high IIA expected);
 - ``mas_s0_untrained``: the first LM against an untrained copy (its config, fresh weights): chance;
 - ``mas_s0_w96``: different widths (128 vs 96);
@@ -47,7 +47,8 @@ class RecipeConfig:
     gru: str = "multiobject-gru-s0"
     task: str = "multiobject"
     variable: str = "count"
-    site: str = "layer0"                     # the LMs' site of the MAS runs
+    stepwise: bool = True                    # swap at every position 0..i (indywise: one position)
+    site: str = "embeddings"                 # the LMs' site of the MAS runs
     gru_site: str = "hidden"
     layer_sites: list[str] = field(default_factory=lambda: ["embeddings", "layer0", "layer1"])
     k: int = 16
@@ -112,7 +113,7 @@ def plan(config: RecipeConfig, overrides: list[str], mas_dir: Path, untrained: P
         return {"kind": "hf", "name": str(lm_dir(name)), "site": site or config.site}
 
     def cfg(name, entries):
-        data = [f"data.task={config.task}", "data.stepwise=false"]
+        data = [f"data.task={config.task}", f"data.stepwise={str(config.stepwise).lower()}"]
         return mas_config_from_preset(config.mas_preset, [*data, *overrides], name=name, out_dir=str(mas_dir),
                                       seed=config.seed, device=config.device, progress=progress, k=config.k,
                                       variables=[config.variable], directions="all", models=entries)
@@ -162,7 +163,7 @@ def write(config: RecipeConfig, plans: list[PlannedRun], outcomes: dict, run_dir
                       f"MultiObject LMs: `{config.variable}` at {config.site}, k = {config.k}")
     columns = ["comparison", "A", "B", "A→B", "B→A", "A→A", "B→B", "status"]
     sections = [
-        f"Task {config.task}, variable `{config.variable}` swapped indywise (pairs from the causal model, "
+        f"Task {config.task}, variable `{config.variable}` swapped {'stepwise' if config.stepwise else 'indywise'} (pairs from the causal model, "
         f"rendered as text per tokenizer; the GRU reads the task ids), LM site {config.site}, GRU site "
         f"{config.gru_site}, k = {config.k}. Validation trial IIA (every scored continuation token right, "
         f"teacher forced) with 95 % bootstrap CIs; A→B: source A, B intervened upon ({seconds:.0f} s this "
