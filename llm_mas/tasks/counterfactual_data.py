@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from llm_mas.errors import ConfigError, DataError
-from llm_mas.llm.record import IGNORE_INDEX
+
 from llm_mas.tasks.base import PAD, SequenceBatch, Task
 from llm_mas.tasks.text import render_texts, resolve_positions
 
@@ -46,6 +46,7 @@ FIELDS = ("base", "source", "continuation", "base_position", "source_position")
 REQUIRED = ("base", "source", "continuation")
 DATASET_SUFFIXES = (".jsonl", ".csv")
 TEXT_PREFIX = "text:"
+IGNORE_INDEX = -100   # label of unscored positions (the value llm_mas.llm.record and torch cross-entropy use)
 
 
 @dataclass
