@@ -63,15 +63,16 @@ class HFModelConfig(ModelConfigBase):
     device: str | None = None           # this model's device (default: the run's device)
     backend: str = "torch"              # torch | nnsight | tlens
 
-    def problems(self, where: str) -> list[str]:
+    def problems(self, where: str, needs_recording: bool = True) -> list[str]:
         """What is wrong with this entry (``where``: its config path, e.g. ``models.0``). Whether the recording
-        exists is checked when the run builds its problem (a recipe may plan runs before recording)."""
+        exists is checked when the run builds its problem (a recipe may plan runs before recording); a
+        counterfactual run (data.dataset / data.task) needs none."""
         p = []
         if self.backend not in HF_BACKENDS:
             p.append(f"{where}.backend: unknown backend {self.backend!r}; valid choices: {', '.join(HF_BACKENDS)}")
         if self.dtype not in DTYPES:
             p.append(f"{where}.dtype: unknown dtype {self.dtype!r}; valid choices: {', '.join(DTYPES)}")
-        if self.recording is None:
+        if self.recording is None and needs_recording:
             p.append(f"{where}.recording: an HF model needs a recording directory; make one with "
                      f"`llm-mas record --model {self.name} --texts TEXTS --out DIR`")
         if self.adapter is not None and self.backend == "tlens":
@@ -99,6 +100,11 @@ class DataConfig:
     # [lo, hi]: swap only where the swapped variable's value lies in lo..hi in both the source and the
     # target (named variables only; e.g. Arithmetic cumulative_value restricted to 1..10)
     value_range: list[int] | None = None
+    # a counterfactual run (llm_mas.problems.counterfactual): a JSONL/CSV dataset of (base, source, positions,
+    # continuation) rows for HF models, or a built-in task (e.g. multiobject, binding) rendered as text for HF
+    # models and read as ids by task models (kinds may be mixed)
+    dataset: str | None = None
+    task: str | None = None
 
     def validate(self) -> list[str]:
         p = []
@@ -169,6 +175,8 @@ class MASConfig:
     @property
     def kind(self) -> str:
         """The kind of every model (``task`` or ``hf``): the kind of problem the run builds."""
+        if self.data.dataset is not None or self.data.task is not None:
+            return "counterfactual"
         kinds = [m.kind for m in self.models if isinstance(m, ModelConfigBase)]
         return kinds[0] if kinds else "task"
 
@@ -178,8 +186,16 @@ class MASConfig:
             p.append("models: list at least one model (shipped names: see `llm-mas list-models`)")
         built = [m for m in self.models if isinstance(m, ModelConfigBase)]  # entries with problems are reported
         kinds = sorted({m.kind for m in built})
-        if len(kinds) > 1:
-            p.append(f"models: mixing kinds {' and '.join(map(repr, kinds))} in one run is not supported")
+        if self.kind == "counterfactual":
+            from .problems.counterfactual import counterfactual_problems
+
+            p.extend(counterfactual_problems(self))
+            for i, m in enumerate(self.models):
+                if isinstance(m, HFModelConfig):
+                    p.extend(m.problems(f"models.{i}", needs_recording=False))
+        elif len(kinds) > 1:
+            p.append(f"models: mixing kinds {' and '.join(map(repr, kinds))} in one run is supported only by "
+                     "counterfactual runs (set data.task or data.dataset)")
         elif kinds == ["hf"]:
             p.extend(self._hf_problems())
         for i, m in enumerate(self.models):

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from ..errors import ConfigError
 from .base import InterventionProblem, ModelEntry, PairScores, ProblemBase, Record, Shard
+from .counterfactual import CounterfactualProblem, build_counterfactual_problem
 from .llm import LLMModelEntry, LLMProblem, build_llm_problem
 from .task import TaskModelEntry, TaskModelProblem, build_task_problem
 
@@ -32,7 +33,8 @@ def register_problem(kind: str, builder: ProblemBuilder) -> None:
 
 register_problem("task", build_task_problem)
 register_problem("hf", build_llm_problem)
+register_problem("counterfactual", build_counterfactual_problem)   # data.dataset or data.task set
 
-__all__ = ["PROBLEMS", "InterventionProblem", "LLMModelEntry", "LLMProblem", "ModelEntry", "PairScores",
+__all__ = ["PROBLEMS", "CounterfactualProblem", "InterventionProblem", "LLMModelEntry", "LLMProblem", "ModelEntry", "PairScores",
            "ProblemBase", "Record", "Shard", "TaskModelEntry", "TaskModelProblem", "build_llm_problem",
            "build_task_problem", "register_problem"]
