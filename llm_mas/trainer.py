@@ -11,7 +11,10 @@ its checkpoint ends exactly where an uninterrupted run ends.
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +26,28 @@ from torch import nn
 
 from .errors import ConfigError
 from .problems.base import InterventionProblem, Record
+
+# Every step allocates tensors whose sizes change with the batch (run widths, scored-token counts), and glibc's
+# allocator keeps the freed blocks: the resident memory of a 2-model run at full size grew ~11 MB per step
+# (1.2 GB after 20 steps, 2.1 GB after 100) while the live tensors stayed under 0.8 GB. Handing freed heap
+# pages back to the OS every 10 steps keeps it at 1.1-1.2 GB (peak 1.2 GB after 100 steps) for ~3 % of the
+# step's CPU time (measured on the gru_gru_hidden preset, batch 512, 1 thread). No allocator setting changes.
+RELEASE_MEMORY_EVERY = 10
+_LIBC = None
+
+
+def release_freed_memory() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``); a no-op where that is not available."""
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+            _LIBC = _LIBC if _LIBC and hasattr(_LIBC, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 DIRECTION_SAMPLING = ("uniform", "balanced")
@@ -274,6 +299,8 @@ class MASTrainer:
                 self._loss_n += 1
                 self.step += 1
                 steps_this_call += 1
+                if self.step % RELEASE_MEMORY_EVERY == 0:
+                    release_freed_memory()
                 bar.update(1)
                 if self.step % self.eval_every == 0 or self.step == self.total_steps:
                     records = self.evaluate()
