@@ -73,8 +73,7 @@ def plot_clustered_matrices(panels: dict[str, np.ndarray], labels: Sequence[str]
     widths = [0.22 * side] + [side] * len(panels)
     axes = fig.subplots(1, 1 + len(panels), gridspec_kw={"width_ratios": widths, "wspace": 0.08})
     _draw_dendrogram(axes[0], tree, n)
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("0.88")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.88")  # NaN (not evaluated): light grey
     for ax, (name, matrix) in zip(axes[1:], panels.items()):
         m = np.asarray(matrix, dtype=float)[np.ix_(order, order)]  # (n, n) in cluster order
         image = ax.imshow(np.ma.masked_invalid(m), vmin=vmin, vmax=1.0, cmap=cmap, aspect="auto")  # rows line up
