@@ -105,6 +105,8 @@ class RecipeConfig:
     similarity: SimilaritySettings = field(default_factory=SimilaritySettings)
     smoke_models: list[str] = field(default_factory=list)
     publish: bool = False
+    minutes_per_run: float = 0.0      # > 0: a STOP file ends a training run after this many minutes (best
+                                      # checkpoint kept, summary names it); 0: no time budget
     name: str = "many_models"
     out_dir: str = "runs"
     device: str = "cpu"
@@ -134,6 +136,8 @@ class RecipeConfig:
         bad = [n for n in self.ns if n < 3]
         if bad or not self.ns:
             p.append(f"ns: list joint-run sizes >= 3 (n = 2 is the pairwise run), got {self.ns}")
+        if self.minutes_per_run < 0:
+            p.append(f"minutes_per_run must be >= 0 (0: no budget), got {self.minutes_per_run}")
         if not self.seeds:
             p.append("seeds: list at least one seed")
         if not 0 < self.steps_target <= 1:
@@ -264,14 +268,24 @@ class PeakResident:
             self.peak = now
 
 
-def execute_with_cost(plans: list[PlannedRun], search_dirs, selected, after_each, log=print) -> dict:
+def execute_with_cost(plans: list[PlannedRun], search_dirs, selected, after_each, log=print,
+                      minutes_per_run: float = 0.0) -> dict:
     """`execute_plan` one plan at a time, measuring the peak resident memory of every run that trains
-    (written to ``cost.json`` in its run directory, so reused runs keep it)."""
+    (written to ``cost.json`` in its run directory, so reused runs keep it). With `minutes_per_run` > 0 a
+    timer creates the run's ``STOP`` file after that long (the trainer then ends at its best checkpoint)."""
     outcomes: dict[str, RunOutcome] = {p.name: RunOutcome(p.name, "pending") for p in plans}
     for i, plan_ in enumerate(plans, 1):
         log(f"[{i}/{len(plans)}] {plan_.name} ({len(plan_.config.models)} models)")
-        with PeakResident() as memory:
-            outcome = execute_plan([plan_], search_dirs, log=log, selected=selected)[plan_.name]
+        stop_file = Path(plan_.config.out_dir) / plan_.config.name / "STOP"
+        timer = threading.Timer(60.0 * minutes_per_run, lambda f=stop_file: f.parent.is_dir() and f.touch())
+        if minutes_per_run > 0:
+            timer.start()
+        try:
+            with PeakResident() as memory:
+                outcome = execute_plan([plan_], search_dirs, log=log, selected=selected)[plan_.name]
+        finally:
+            timer.cancel()
+            stop_file.unlink(missing_ok=True)  # a STOP made after training ended must not stop the next call
         if outcome.status == "trained" and outcome.run_dir is not None and memory.peak is not None:
             (outcome.run_dir / "cost.json").write_text(json.dumps(
                 {"peak_rss_mb": round(memory.peak / 2**20, 1),
@@ -629,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
                           args.smoke)
 
         selected = (lambda p: False) if args.report else (lambda p: p.name in only) if only else None
-        outcomes = execute_with_cost(plans, config.reuse_dirs, selected, refresh)
+        outcomes = execute_with_cost(plans, config.reuse_dirs, selected, refresh,
+                                     minutes_per_run=0.0 if args.smoke else config.minutes_per_run)
     except MASError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -102,7 +102,8 @@ def test_deterministic_and_monotone():
     for a, b in zip(first.maps, again.maps):
         np.testing.assert_array_equal(a, b)
     assert all(b <= a + 1e-12 for a, b in zip(first.residuals, first.residuals[1:]))
-    sequential = generalized_procrustes(latents)
+    # unrelated latents converge slowly (a flat optimum): a looser tolerance, more rounds
+    sequential = generalized_procrustes(latents, tol=1e-9, max_iter=5000)
     assert sequential.converged
     np.testing.assert_allclose(sequential.similarity, sequential.similarity.T, atol=1e-12)
 
