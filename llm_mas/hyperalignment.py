@@ -193,7 +193,8 @@ def generalized_procrustes(latents: Sequence[Any], *, normalize: bool = True, pa
         for i in range(1, n_models):
             maps.append(polar(sum(cross[i][j] @ maps[j] for j in range(i))))
     residuals, converged, iterations = [residual(maps)], False, 0
-    for iterations in range(1, max_iter + 1):
+    while iterations < max_iter:
+        iterations += 1
         # R_i = Procrustes of X_i onto T = mean_j X_j R_j: polar factor of X_iᵀT ∝ Σ_j C_ij R_j
         maps = [polar(sum(cross[i][j] @ maps[j] for j in range(n_models))) for i in range(n_models)]
         residuals.append(residual(maps))

@@ -64,8 +64,15 @@ from recipes.common.plans import (
     mas_config_from_preset,
     preset_path,
 )
-from recipes.common.report import SMOKE_NOTE, fmt, fmt_ci, markdown_table, run_status_sections, write_csv, \
-    write_summary
+from recipes.common.report import (
+    SMOKE_NOTE,
+    fmt,
+    fmt_ci,
+    markdown_table,
+    run_status_sections,
+    write_csv,
+    write_summary,
+)
 
 SAMPLINGS = ("uniform", "balanced")
 KINDS = ("pairwise", "like", "unlike", "all")
