@@ -336,3 +336,20 @@ def compare_representations(X: Any, Y: Any, *, n_rows: int = 1000, n_repeats: in
         result[f"cka_{estimator}_all_rows"] = cka(x, y, estimator)
     result.update(n_rows=int(subsets[0].size), n_repeats=len(subsets), n_total=int(x.shape[0]))
     return result
+
+
+def cka_matrix(latents: Any, estimator: str = "biased") -> np.ndarray:
+    """Linear CKA of every pair of models: (n, n) symmetric with ones on the diagonal.
+
+    latents: n arrays (n_rows, d_i), the same rows in every model (``Rows.latents``); each pair is
+    :func:`cka` on all rows.
+    """
+    latents = list(latents)
+    if len(latents) < 2:
+        raise ConfigError(f"got {len(latents)} model(s); a CKA matrix compares at least two")
+    n = len(latents)
+    out = np.eye(n)  # (n, n)
+    for i in range(n):
+        for j in range(i + 1, n):
+            out[i, j] = out[j, i] = cka(latents[i], latents[j], estimator)
+    return out

@@ -3,6 +3,7 @@
     python -m recipes.stitching_vs_mas recipes/configs/stitching_vs_mas.yaml
     python -m recipes.clmas | recipes.cross_task | recipes.correlative_vs_causal | recipes.llm_mas_smoke
     python -m recipes.lm_alignment --smoke
+    python -m recipes.many_models --smoke
     python -m recipes.toxicity.run --smoke
 
 Recipes orchestrate and the library (``llm_mas``) computes. A recipe imports ``llm_mas`` and

@@ -1,0 +1,666 @@
+"""Many models at once: a 15-model joint MAS clustered next to CKA and GPA, and pairs aligned alone vs jointly.
+
+    python -m recipes.many_models recipes/configs/many_models.yaml
+    python -m recipes.many_models --smoke                         # 3 shipped models, tiny sizes: seconds
+    python -m recipes.many_models --only joint_all_s0             # just the all-model run
+    python -m recipes.many_models --report                        # rewrite the outputs from finished runs
+
+(1) ``joint_all_s{seed}``: one MAS over every model of ``models`` at ``site`` (all n² directions; with more
+    than ``directions_per_step`` directions the run passes ``train.directions_per_step`` and
+    ``train.direction_sampling`` to the core, which samples that many trained directions per step). Its n×n
+    validation trial-IIA matrix (95% bootstrap CIs in ``matrix.csv``) is clustered (average linkage on
+    1 − (IIA + IIAᵀ)/2, ``recipes.common.clustering``) and drawn with its dendrogram next to the n×n
+    linear CKA and generalized-Procrustes similarity (``llm_mas.similarity.cka_matrix``,
+    ``llm_mas.hyperalignment``) computed on the same rows: every non-pad position of the same MultiObject
+    sequences in every model (``llm_mas.correlative.collect_rows``). Claim checked: the recurrent
+    architectures (GRU, LSTM; a Markovian count state) form one cluster that the Transformers do not join.
+(2) For each reference pair (a, b): MAS of the pair alone (``pair_<name>_s<seed>``) and inside joint runs
+    of n models: ``<name>_like_n<n>_s<seed>`` adds n − 2 models of other architectures than
+    ``unlike_arch`` (GRUs, LSTMs), ``<name>_unlike_n<n>_s<seed>`` adds ``unlike_arch`` models
+    (Transformers) first and fills up with the others when they run out (the row says how many were
+    unlike); n = len(models) is the all-model run. The added models are a seeded permutation of each pool
+    (nested: the models of n = 5 include those of n = 3). Per run and reference pair: trial IIA of a → b and
+    b → a with CIs, steps to ``steps_target`` (first validation at which both cross directions reach it),
+    wall time, peak memory (resident set size sampled during the run, above the level before it), number
+    of alignment matrices and directions; and the cost of the n(n − 1)/2 pairwise runs the same
+    comparisons would need, estimated from the measured pairwise runs.
+
+Outputs in ``runs/<name>[-smoke]/``: ``matrix.csv``, ``similarity.json``, ``clustered.png``, ``pairs.csv``,
+``iia_vs_n.png``, ``summary.md`` (rewritten after every run); with ``publish`` (not under --smoke) also
+``docs/results/many_models.{md,csv}`` and ``docs/figures/many_models_{clustered,iia_vs_n}.png``.
+Restartable like the other recipes (``recipes.common.plans``): finished runs with the same resolved config
+are reused, unfinished ones resume, a ``STOP`` file in a run directory ends it at its best checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from llm_mas.config import load_config, save_config
+from llm_mas.errors import ConfigError, MASError
+from recipes.common.claims import Claim
+from recipes.common.clustering import cluster_order, plot_clustered_matrices
+from recipes.common.models import resolve_models
+from recipes.common.plans import (
+    REPO,
+    SMOKE_MAS_OVERRIDES,
+    PlannedRun,
+    RunOutcome,
+    direction_row,
+    execute_plan,
+    mas_config_from_preset,
+    preset_path,
+)
+from recipes.common.report import (
+    SMOKE_NOTE,
+    fmt,
+    fmt_ci,
+    markdown_table,
+    run_status_sections,
+    write_csv,
+    write_summary,
+)
+
+SAMPLINGS = ("uniform", "balanced")
+KINDS = ("pairwise", "like", "unlike", "all")
+SMOKE_SIMILARITY = {"per_quantity": 2}
+
+
+@dataclass
+class ReferencePair:
+    name: str
+    models: list[str]
+
+    def validate(self) -> list[str]:
+        return [] if len(self.models) == 2 and self.models[0] != self.models[1] else [
+            f"reference pair {self.name!r}: models must be two different models, got {self.models}"]
+
+
+@dataclass
+class SimilaritySettings:
+    per_quantity: int = 15            # sequences per quantity N = 1..20 (rows: all their non-pad positions)
+    gpa_max_iter: int = 200
+
+
+@dataclass
+class RecipeConfig:
+    models: list[str]
+    reference_pairs: list[ReferencePair] = field(default_factory=list)
+    site: str = "hidden"
+    k: int = 32
+    mas_preset: str = "llm_mas/presets/three_grus.yaml"
+    mas_overrides: list[str] = field(default_factory=list)
+    directions_per_step: int = 0      # 0: every direction every step; else passed to runs with more directions
+    direction_sampling: str = "balanced"
+    ns: list[int] = field(default_factory=lambda: [3, 5, 9, 15])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps_target: float = 0.9
+    unlike_arch: str = "transformer"
+    similarity: SimilaritySettings = field(default_factory=SimilaritySettings)
+    smoke_models: list[str] = field(default_factory=list)
+    publish: bool = False
+    minutes_per_run: float = 0.0      # > 0: a STOP file ends a training run after this many minutes (best
+                                      # checkpoint kept, summary names it); 0: no time budget
+    name: str = "many_models"
+    out_dir: str = "runs"
+    device: str = "cpu"
+    reuse_dirs: list[str] = field(default_factory=lambda: ["runs"])
+
+    def validate(self) -> list[str]:
+        p = []
+        if len(self.models) < 2:
+            p.append(f"models: list at least two models, got {self.models}")
+        dupes = sorted({m for m in self.models if self.models.count(m) > 1})
+        if dupes:
+            p.append(f"models: repeated {dupes}")
+        for pair in self.reference_pairs:
+            p.extend(pair.validate())
+            missing = [m for m in pair.models if m not in self.models]
+            if missing:
+                p.append(f"reference pair {pair.name!r}: {missing} not in models; list them there")
+        names = [r.name for r in self.reference_pairs]
+        if len(set(names)) != len(names):
+            p.append(f"reference_pairs: names must be unique, got {names}")
+        if self.k < 1:
+            p.append(f"k must be >= 1, got {self.k}")
+        if self.directions_per_step < 0:
+            p.append(f"directions_per_step must be >= 0 (0: no sampling), got {self.directions_per_step}")
+        if self.direction_sampling not in SAMPLINGS:
+            p.append(f"direction_sampling {self.direction_sampling!r} is not one of {', '.join(SAMPLINGS)}")
+        bad = [n for n in self.ns if n < 3]
+        if bad or not self.ns:
+            p.append(f"ns: list joint-run sizes >= 3 (n = 2 is the pairwise run), got {self.ns}")
+        if self.minutes_per_run < 0:
+            p.append(f"minutes_per_run must be >= 0 (0: no budget), got {self.minutes_per_run}")
+        if not self.seeds:
+            p.append("seeds: list at least one seed")
+        if not 0 < self.steps_target <= 1:
+            p.append(f"steps_target must be in (0, 1], got {self.steps_target}")
+        if self.smoke_models and len(self.smoke_models) < 2:
+            p.append(f"smoke_models: list at least two models, got {self.smoke_models}")
+        if not preset_path(self.mas_preset).exists():
+            p.append(f"mas_preset {self.mas_preset!r} does not exist (tried the working directory and {REPO})")
+        return p
+
+
+# ================================================================================== plan
+def architecture(model: str) -> str:
+    """``multiobject-gru-s0`` -> ``gru`` (the second part of a shipped or stand-in name)."""
+    parts = Path(model).name.split("-")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def short(model: str) -> str:
+    """``multiobject-gru-s0`` -> ``gru-s0``."""
+    return Path(model).name.split("-", 1)[-1]
+
+
+def budget_overrides(n_models: int, directions_per_step: int, sampling: str) -> list[str]:
+    """The per-step direction budget as plain ``train.*`` overrides, only for runs with more directions
+    (n²) than the budget; smaller runs train every direction every step and need no such key."""
+    if directions_per_step and n_models * n_models > directions_per_step:
+        return [f"train.directions_per_step={directions_per_step}", f"train.direction_sampling={sampling}"]
+    return []
+
+
+def added_models(config: RecipeConfig, pair: list[str], pool: list[str], kind: str, n: int,
+                 seed: int) -> list[str] | None:
+    """The n − 2 models joining `pair`: a seeded permutation of the like / unlike pool (unlike: filled up
+    with like models when it runs out); None when there are not enough models."""
+    others = [m for m in pool if m not in pair]
+    like = [m for m in others if architecture(m) != config.unlike_arch]
+    unlike = [m for m in others if architecture(m) == config.unlike_arch]
+    rng = np.random.default_rng([seed, 1 + KINDS.index(kind)])
+    like = [like[i] for i in rng.permutation(len(like))]
+    unlike = [unlike[i] for i in rng.permutation(len(unlike))]
+    order = like if kind == "like" else unlike + like
+    return order[:n - 2] if len(order) >= n - 2 else None
+
+
+def plan(config: RecipeConfig, names: list[str], mapping: dict[str, str], overrides: list[str], ns: list[int],
+         seeds: list[int], mas_dir: Path, progress: bool) -> list[PlannedRun]:
+    """Every MAS run: the all-model runs first (one per seed), then per seed the pairwise runs and the joint
+    runs of each reference pair by n. Each plan's rows are the reference pairs' cross directions it holds."""
+    pairs = [p for p in config.reference_pairs if all(m in names for m in p.models)]
+
+    def cfg(run_name: str, models: list[str], seed: int):
+        return mas_config_from_preset(
+            config.mas_preset, [*overrides, *budget_overrides(len(models), config.directions_per_step,
+                                                             config.direction_sampling)],
+            name=run_name, out_dir=str(mas_dir), seed=seed, device=config.device, progress=progress,
+            models=[{"name": mapping[m], "site": config.site} for m in models], k=config.k, directions="all",
+            variables=["full"])
+
+    def rows(models: list[str], kind: str, n_unlike: int, only: str | None = None):
+        out = []
+        for p in pairs:
+            if (only is None or p.name == only) and all(m in models for m in p.models):
+                a, b = models.index(p.models[0]), models.index(p.models[1])
+                labels = {"pair": p.name, "kind": kind, "n": len(models), "n_unlike_added": n_unlike,
+                          "models": " ".join(short(m) for m in models)}
+                out += [({**labels, "direction": "a→b"}, a, b), ({**labels, "direction": "b→a"}, b, a)]
+        return out
+
+    runs: dict[str, PlannedRun] = {}
+    for seed in seeds:
+        runs[f"joint_all_s{seed}"] = PlannedRun(cfg(f"joint_all_s{seed}", names, seed), rows(names, "all", -1))
+    for seed in seeds:
+        for p in pairs:
+            runs[f"pair_{p.name}_s{seed}"] = PlannedRun(cfg(f"pair_{p.name}_s{seed}", p.models, seed),
+                                                        rows(p.models, "pairwise", 0))
+            for n in sorted(set(ns)):
+                if n >= len(names):
+                    continue  # the all-model run
+                for kind in ("like", "unlike"):
+                    extra = added_models(config, p.models, names, kind, n, seed)
+                    if extra is None:
+                        continue
+                    models = [*p.models, *extra]
+                    n_unlike = sum(architecture(m) == config.unlike_arch for m in extra)
+                    run_name = f"{p.name}_{kind}_n{n}_s{seed}"
+                    runs[run_name] = PlannedRun(cfg(run_name, models, seed), rows(models, kind, n_unlike, p.name))
+    return list(runs.values())
+
+
+# ================================================================================== memory and cost
+def resident_bytes() -> int | None:
+    """This process's resident set size now (Linux ``/proc/self/status``; None elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class PeakResident:
+    """Samples the resident set size every `interval` seconds in a thread while the block runs."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.before = self.peak = resident_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            now = resident_bytes()
+            if now is not None and (self.peak is None or now > self.peak):
+                self.peak = now
+
+    def __enter__(self) -> PeakResident:
+        self.before = self.peak = resident_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        now = resident_bytes()
+        if now is not None and (self.peak is None or now > self.peak):
+            self.peak = now
+
+
+def execute_with_cost(plans: list[PlannedRun], search_dirs, selected, after_each, log=print,
+                      minutes_per_run: float = 0.0) -> dict:
+    """`execute_plan` one plan at a time, measuring the peak resident memory of every run that trains
+    (written to ``cost.json`` in its run directory, so reused runs keep it). With `minutes_per_run` > 0 a
+    timer creates the run's ``STOP`` file after that long (the trainer then ends at its best checkpoint)."""
+    outcomes: dict[str, RunOutcome] = {p.name: RunOutcome(p.name, "pending") for p in plans}
+    for i, plan_ in enumerate(plans, 1):
+        log(f"[{i}/{len(plans)}] {plan_.name} ({len(plan_.config.models)} models)")
+        stop_file = Path(plan_.config.out_dir) / plan_.config.name / "STOP"
+        timer = threading.Timer(60.0 * minutes_per_run, lambda f=stop_file: f.parent.is_dir() and f.touch())
+        if minutes_per_run > 0:
+            timer.start()
+        try:
+            with PeakResident() as memory:
+                outcome = execute_plan([plan_], search_dirs, log=log, selected=selected)[plan_.name]
+        finally:
+            timer.cancel()
+            stop_file.unlink(missing_ok=True)  # a STOP made after training ended must not stop the next call
+        if outcome.status == "trained" and outcome.run_dir is not None and memory.peak is not None:
+            (outcome.run_dir / "cost.json").write_text(json.dumps(
+                {"peak_rss_mb": round(memory.peak / 2**20, 1),
+                 "peak_rss_above_start_mb": round((memory.peak - memory.before) / 2**20, 1)}))
+        outcomes[plan_.name] = outcome
+        after_each(outcomes)
+    return outcomes
+
+
+def steps_to_target(run_dir: Path | None, source: str, target: str, variable: str, threshold: float) -> float:
+    """First validated step at which both s → t and t → s reach `threshold` trial IIA (history.csv); NaN
+    when never reached or the history is missing."""
+    path = None if run_dir is None else Path(run_dir) / "history.csv"
+    if path is None or not path.exists():
+        return math.nan
+    keys = [f"{source}->{target}:{variable}:trial_iia", f"{target}->{source}:{variable}:trial_iia"]
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            values = [row.get(k) for k in keys]
+            if all(v not in (None, "") for v in values) and min(float(v) for v in values) >= threshold:
+                return float(row["step"])
+    return math.nan
+
+
+def pair_rows(plans: list[PlannedRun], outcomes: dict, threshold: float) -> list[dict]:
+    """One row per (run, reference pair, direction): labels, trial IIA with CI, steps to target, cost."""
+    rows = []
+    for p in plans:
+        outcome = outcomes.get(p.name) or RunOutcome(p.name, "pending")
+        cost = {}
+        if outcome.run_dir is not None and (Path(outcome.run_dir) / "cost.json").exists():
+            cost = json.loads((Path(outcome.run_dir) / "cost.json").read_text())
+        info = outcome.info or {}
+        n = len(p.config.models)
+        for labels, s, t in p.rows:
+            row = {**labels, "run": p.name, "seed": p.config.seed, **direction_row(outcome, s, t, p.variable)}
+            if outcome.result is not None:
+                a, b = p.config.models[s].name, p.config.models[t].name
+                row["steps_to_target"] = steps_to_target(outcome.run_dir, a, b, row["variable"], threshold)
+            row.update(seconds=info.get("seconds", math.nan), peak_rss_mb=cost.get("peak_rss_mb", math.nan),
+                       peak_rss_above_start_mb=cost.get("peak_rss_above_start_mb", math.nan),
+                       n_matrices=n, n_directions=n * n)
+            rows.append(row)
+    return rows
+
+
+# ================================================================================== aggregates and verdict
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Per (pair, kind, n): mean trial IIA over seeds and both cross directions with a 95% t interval over
+    the seeds (each seed's value = the mean of its two directions), mean steps to target, mean cost."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["pair"], r["kind"], r["n"]), []).append(r)
+    out = []
+    for (pair, kind, n), members in groups.items():
+        per_seed: dict[int, list[float]] = {}
+        for r in members:
+            if isinstance(r.get("trial_iia"), float) and not math.isnan(r["trial_iia"]):
+                per_seed.setdefault(r["seed"], []).append(r["trial_iia"])
+        values = np.array([np.mean(v) for v in per_seed.values()])
+        mean, lo, hi = _t_interval(values)
+        steps = [r["steps_to_target"] for r in members if _num(r.get("steps_to_target"))]
+        out.append({"pair": pair, "kind": kind, "n": n, "seeds": len(values), "trial_iia": mean,
+                    "trial_iia_lo": lo, "trial_iia_hi": hi,
+                    "steps_to_target": float(np.mean(steps)) if steps else math.nan,
+                    "reached_target": f"{len({r['seed'] for r in members if _num(r.get('steps_to_target'))})}"
+                                      f"/{len({r['seed'] for r in members})}",
+                    "seconds": _mean(members, "seconds"), "peak_rss_mb": _mean(members, "peak_rss_mb"),
+                    "peak_rss_above_start_mb": _mean(members, "peak_rss_above_start_mb"),
+                    "n_matrices": n, "n_directions": n * n})
+    return sorted(out, key=lambda r: (r["pair"], KINDS.index(r["kind"]), r["n"]))
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows if _num(r.get(key))]
+    return float(np.mean(values)) if values else math.nan
+
+
+def _t_interval(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean and 95% Student-t interval over seeds (no interval from one seed)."""
+    if values.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(values.mean())
+    if values.size < 2:
+        return mean, math.nan, math.nan
+    from scipy.stats import t
+
+    half = float(t.ppf(0.975, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
+    return mean, mean - half, mean + half
+
+
+def verdict(table: list[dict]) -> list[str]:
+    """Per reference pair and kind: joint vs pairwise trial IIA at every n, 'helps' / 'hurts' when the seed
+    intervals are disjoint, 'no difference' when they overlap, 'undecided' without intervals."""
+    lines = []
+    for pair in dict.fromkeys(r["pair"] for r in table):
+        base = next((r for r in table if r["pair"] == pair and r["kind"] == "pairwise"), None)
+        if base is None or not _num(base["trial_iia"]):
+            lines.append(f"- **{pair}**: the pairwise run is not finished; no verdict.")
+            continue
+        parts = []
+        for r in table:
+            if r["pair"] != pair or r["kind"] == "pairwise" or not _num(r["trial_iia"]):
+                continue
+            if _num(r["trial_iia_lo"]) and _num(base["trial_iia_lo"]):
+                word = ("helps" if r["trial_iia_lo"] > base["trial_iia_hi"] else
+                        "hurts" if r["trial_iia_hi"] < base["trial_iia_lo"] else "no difference")
+            else:
+                word = "undecided (one seed)"
+            parts.append(f"n = {r['n']} {r['kind']}: {fmt_ci(r)} vs pairwise {fmt_ci(base)} → {word}")
+        lines.append(f"- **{pair}**: " + ("; ".join(parts) if parts else "no joint run finished yet") + ".")
+    for kind in ("like", "unlike", "all"):
+        words = [line.rsplit("→ ", 1)[-1] for line in "; ".join(lines).split("; ") if f" {kind}: " in line]
+        if words:
+            counts = {w: sum(x.startswith(w) for x in words) for w in ("helps", "hurts", "no difference", "undecided")}
+            lines.append(f"- Overall, {kind} models added: " + ", ".join(f"{w} {c}" for w, c in counts.items() if c)
+                         + f" (of {len(words)} comparisons).")
+    return lines
+
+
+def cluster_claim(matrix: np.ndarray, names: list[str], unlike_arch: str) -> Claim:
+    """The recurrent models form one cluster the `unlike_arch` models do not join: the average-linkage tree
+    on 1 − symmetrized trial IIA has a split with exactly the non-`unlike_arch` models on one side."""
+    finished = not np.isnan(matrix[~np.eye(len(names), dtype=bool)]).any()
+    recurrent = {i for i, m in enumerate(names) if architecture(m) != unlike_arch}
+    text = (f"Architectures that share a Markovian solution (GRU, LSTM) cluster together in the joint MAS trial-"
+            f"IIA matrix; the {unlike_arch.capitalize()}s do not join them")
+    if not finished or len(recurrent) in (0, len(names)):
+        return Claim(text, None, "the all-model run is not finished (or has no models of one of the groups).")
+    _, tree = cluster_order(matrix)
+    n = len(names)
+    members = {i: {i} for i in range(n)}
+    found = False
+    for step, (left, right, _, _) in enumerate(tree):
+        members[n + step] = members[int(left)] | members[int(right)]
+        found = found or members[n + step] == recurrent
+    found = found or len(recurrent) == 1
+    sym = (matrix + matrix.T) / 2
+    inside = [sym[i, j] for i in recurrent for j in recurrent if i < j]
+    across = [sym[i, j] for i in recurrent for j in range(n) if j not in recurrent]
+    holds = found and bool(inside) and bool(across) and float(np.mean(inside)) > float(np.mean(across))
+    return Claim(text, holds, f"a cluster holding exactly the {len(recurrent)} recurrent models "
+                              f"{'exists' if found else 'does not exist'} in the average-linkage tree; mean "
+                              f"symmetrized IIA within them {np.mean(inside) if inside else math.nan:.3f}, "
+                              f"recurrent↔{unlike_arch} {np.mean(across) if across else math.nan:.3f}.")
+
+
+# ================================================================================== similarity
+def similarities(names: list[str], mapping: dict[str, str], config: RecipeConfig, run_dir: Path, smoke: bool,
+                 log=print) -> dict:
+    """n×n linear CKA and GPA similarity on the rows of the same sequences (reused when the settings match)."""
+    from llm_mas.correlative import collect_rows, default_sequences
+    from llm_mas.hyperalignment import generalized_procrustes
+    from llm_mas.models import load_task_model
+    from llm_mas.similarity import cka_matrix
+
+    per_quantity = SMOKE_SIMILARITY["per_quantity"] if smoke else config.similarity.per_quantity
+    key = {"models": [mapping[m] for m in names], "site": config.site, "per_quantity": per_quantity,
+           "gpa_max_iter": config.similarity.gpa_max_iter}
+    path = run_dir / "similarity.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            log(f"similarity: reusing {path}")
+            return saved
+    t0 = time.perf_counter()
+    models = [load_task_model(mapping[m], device=config.device) for m in names]
+    rows = collect_rows(models, config.site, default_sequences(models[0].task_name, per_quantity))
+    cka = cka_matrix(rows.latents)
+    fit = generalized_procrustes(rows.latents, max_iter=config.similarity.gpa_max_iter)
+    result = {"key": key, "names": names, "n_rows": len(rows), "cka_biased": cka.tolist(),
+              "gpa": fit.similarity.tolist(), "gpa_iterations": fit.iterations, "gpa_converged": fit.converged,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    path.write_text(json.dumps(result, indent=1))
+    log(f"similarity: CKA and GPA of {len(names)} models on {len(rows)} rows ({result['seconds']}s, GPA "
+        f"{fit.iterations} rounds, converged {fit.converged})")
+    return result
+
+
+# ================================================================================== outputs
+def all_model_matrix(plans: list[PlannedRun], outcomes: dict, names: list[str]) -> tuple[np.ndarray, np.ndarray,
+                                                                                            list[dict]]:
+    """(n, n) trial IIA of the first finished all-model run, its (n, n, 2) CIs and the matrix as CSV rows."""
+    n = len(names)
+    matrix, cis, rows = np.full((n, n), np.nan), np.full((n, n, 2), np.nan), []
+    for p in plans:
+        outcome = outcomes.get(p.name)
+        if not p.name.startswith("joint_all") or outcome is None or outcome.result is None:
+            continue
+        for r in outcome.result.records:
+            matrix[r.source_index, r.target_index] = r.trial_iia
+            if r.trial_iia_ci is not None:
+                cis[r.source_index, r.target_index] = r.trial_iia_ci
+            rows.append({"run": p.name, "source": short(names[r.source_index]),
+                         "target": short(names[r.target_index]), "trial_iia": r.trial_iia,
+                         "trial_iia_lo": (r.trial_iia_ci or [math.nan])[0],
+                         "trial_iia_hi": (r.trial_iia_ci or [math.nan, math.nan])[1], "token_iia": r.token_iia})
+        break
+    return matrix, cis, rows
+
+
+def plot_iia_vs_n(table: list[dict], path: Path, title: str) -> None:
+    """Trial IIA of each reference pair against n: pairwise at n = 2, like and unlike lines, the all run."""
+    pairs = list(dict.fromkeys(r["pair"] for r in table))
+    fig = Figure(figsize=(4.2 * max(len(pairs), 1), 3.8))
+    axes = np.atleast_1d(fig.subplots(1, max(len(pairs), 1), sharey=True))
+    styles = {"like": ("C0", "o", "like added"), "unlike": ("C3", "s", "unlike added")}
+    for ax, pair in zip(axes, pairs):
+        rows = [r for r in table if r["pair"] == pair]
+        base = [r for r in rows if r["kind"] == "pairwise"]
+        full = [r for r in rows if r["kind"] == "all"]
+        for kind, (color, marker, label) in styles.items():
+            line = sorted(base + [r for r in rows if r["kind"] == kind] + full, key=lambda r: r["n"])
+            xs = [r["n"] for r in line]
+            y = np.array([r["trial_iia"] for r in line], dtype=float)
+            lo = np.array([r["trial_iia_lo"] for r in line], dtype=float)
+            hi = np.array([r["trial_iia_hi"] for r in line], dtype=float)
+            err = np.stack([np.nan_to_num(y - lo), np.nan_to_num(hi - y)])  # (2, points)
+            ax.errorbar(xs, y, yerr=err, color=color, marker=marker, capsize=3, label=label)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({r["n"] for r in rows})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_title(pair, fontsize=9)
+        ax.set_xlabel("models in the run (n; 2 = pairwise)")
+        ax.grid(alpha=0.3)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("trial IIA, mean of a→b, b→a\n(mean over seeds, 95% t interval)")
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+
+
+def cost_lines(table: list[dict], names: list[str]) -> list[str]:
+    """What the all-model run cost against the n(n − 1)/2 pairwise runs the same matrix would need."""
+    pairwise = [r for r in table if r["kind"] == "pairwise"]
+    full = [r for r in table if r["kind"] == "all"]
+    n = len(names)
+    per_pair = _mean(pairwise, "seconds")
+    lines = []
+    if _num(per_pair):
+        lines.append(f"A pairwise run took {per_pair:.0f} s on average (peak RSS {fmt(_mean(pairwise, 'peak_rss_mb'), 0)}"
+                     f" MB); the {n} × {n} matrix from pairwise runs needs {n * (n - 1) // 2} of them ≈ "
+                     f"{n * (n - 1) // 2 * per_pair / 60:.1f} min.")
+    if full and _num(full[0]["seconds"]):
+        lines.append(f"The all-model run ({n} matrices, {n * n} directions) took {full[0]['seconds'] / 60:.1f} min "
+                     f"(peak RSS {fmt(full[0]['peak_rss_mb'], 0)} MB).")
+    return lines
+
+
+def write_outputs(config: RecipeConfig, names: list[str], plans: list[PlannedRun], outcomes: dict,
+                  similarity: dict, run_dir: Path, command: str, seconds: float, smoke: bool) -> None:
+    rows = pair_rows(plans, outcomes, config.steps_target)
+    write_csv(rows, run_dir / "pairs.csv")
+    table = aggregate(rows)
+    write_csv(table, run_dir / "aggregate.csv")
+    matrix, cis, matrix_rows = all_model_matrix(plans, outcomes, names)
+    if matrix_rows:
+        write_csv(matrix_rows, run_dir / "matrix.csv")
+    labels = [short(m) for m in names]
+    figure = run_dir / "clustered.png"
+    if not np.isnan(matrix[~np.eye(len(names), dtype=bool)]).any():
+        plot_clustered_matrices({"MAS trial IIA (source row → target column)": matrix,
+                                 "linear CKA": np.array(similarity["cka_biased"]),
+                                 "GPA similarity": np.array(similarity["gpa"])}, labels, figure,
+                                title=f"{len(names)} models at {config.site}: ordered by clustering the MAS matrix",
+                                cis={"MAS trial IIA (source row → target column)": cis})
+    if table:
+        plot_iia_vs_n(table, run_dir / "iia_vs_n.png",
+                      "Reference pairs: trial IIA trained pairwise vs inside joint runs")
+    sections = [SMOKE_NOTE] if smoke else []
+    sections += [
+        f"{seconds:.0f} s this call. Models: {', '.join(labels)} at `{config.site}`, k = {config.k}; MAS settings "
+        f"from `{config.mas_preset}` with {', '.join(config.mas_overrides) or 'no overrides'}"
+        + (f"; runs with more than {config.directions_per_step} directions sample {config.directions_per_step} "
+           f"trained directions per step ({config.direction_sampling})" if config.directions_per_step else "")
+        + ". Trial IIA: validation, best checkpoint, 95% bootstrap CIs per direction in `pairs.csv`.",
+        "## 1. All models in one run",
+        f"CKA (biased, all rows) and GPA similarity on {similarity.get('n_rows', '–')} rows (GPA "
+        f"{similarity.get('gpa_iterations', '–')} rounds, converged {similarity.get('gpa_converged', '–')}). "
+        "Figure: `clustered.png` (average linkage on 1 − (IIA + IIAᵀ)/2; the CKA and GPA panels in the same "
+        "order).",
+        "## 2. Reference pairs alone vs in joint runs",
+        f"Per pair, kind and n: mean over seeds of the mean of the two cross directions, 95% t interval over "
+        f"seeds; steps to target = first validation with both cross directions ≥ {config.steps_target} (mean "
+        f"over the seeds that reached it). like = other architectures than {config.unlike_arch} added; "
+        f"unlike = {config.unlike_arch} models added first.",
+        markdown_table(table, ["pair", "kind", "n", "seeds", "trial_iia", "trial_iia_lo", "trial_iia_hi",
+                               "steps_to_target", "reached_target", "seconds", "peak_rss_mb", "peak_rss_above_start_mb",
+                               "n_directions"]),
+        "### Verdict (joint vs pairwise; disjoint intervals = helps / hurts)",
+        "\n".join(verdict(table)),
+        "### Cost",
+        " ".join(cost_lines(table, names)) or "no run finished yet.",
+    ]
+    sections += run_status_sections(rows)
+    claims = [cluster_claim(matrix, names, config.unlike_arch)]
+    write_summary(run_dir / "summary.md", "Many models: one joint MAS, clustered, and pairs alone vs jointly",
+                  command, sections, claims)
+    if config.publish and not smoke:
+        docs = REPO / "docs"
+        shutil.copyfile(run_dir / "summary.md", docs / "results" / "many_models.md")
+        shutil.copyfile(run_dir / "aggregate.csv", docs / "results" / "many_models.csv")
+        for name in ("clustered", "iia_vs_n"):
+            if (run_dir / f"{name}.png").exists():
+                shutil.copyfile(run_dir / f"{name}.png", docs / "figures" / f"many_models_{name}.png")
+
+
+# ================================================================================== main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recipes.many_models", description=__doc__.split("\n")[0])
+    default_config = str(REPO / "recipes" / "configs" / "many_models.yaml")
+    parser.add_argument("config", nargs="?", default=default_config)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe config")
+    parser.add_argument("--smoke", action="store_true", help="smoke_models, one seed, n = all of them, 2 training "
+                                                             "steps on a few dozen pairs; run dir <name>-smoke")
+    parser.add_argument("--models-from-scratch", action="store_true",
+                        help="random-weight checkpoints of the same architectures instead of the models")
+    parser.add_argument("--only", default="", help="comma list of run names to train (others only reused)")
+    parser.add_argument("--report", action="store_true", help="train nothing: rewrite the outputs")
+    args = parser.parse_intermixed_args(argv)
+    if args.report and args.only:
+        parser.error("--report trains nothing; drop --only")
+    if args.config and "=" in args.config and not Path(args.config).exists():
+        args.overrides.insert(0, args.config)
+        args.config = default_config
+
+    torch.set_num_threads(1)  # small task models: more threads only add overhead
+    t0 = time.perf_counter()
+    command = "python -m recipes.many_models " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(RecipeConfig, args.config, args.overrides)
+        run_dir = Path(config.out_dir) / (config.name + ("-smoke" if args.smoke else ""))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml", header=command)
+        names = list(config.smoke_models or config.models[:3]) if args.smoke else list(config.models)
+        mapping = resolve_models(names, run_dir / "scratch_models" if args.models_from_scratch else None)
+        overrides = [*config.mas_overrides, *(SMOKE_MAS_OVERRIDES if args.smoke else ())]
+        ns = [len(names)] if args.smoke else config.ns
+        seeds = config.seeds[:1] if args.smoke else config.seeds
+        plans = plan(config, names, mapping, overrides, ns, seeds, run_dir / "mas",
+                     progress=not args.smoke and sys.stdout.isatty())
+        only = [s for s in args.only.split(",") if s]
+        unknown = [s for s in only if s not in {p.name for p in plans}]
+        if unknown:
+            raise ConfigError(f"--only: unknown runs {unknown}; valid: {', '.join(p.name for p in plans)}")
+        print(f"{len(plans)} MAS runs into {run_dir}/mas", flush=True)
+        similarity = similarities(names, mapping, config, run_dir, args.smoke)
+
+        def refresh(outcomes):
+            write_outputs(config, names, plans, outcomes, similarity, run_dir, command, time.perf_counter() - t0,
+                          args.smoke)
+
+        selected = (lambda p: False) if args.report else (lambda p: p.name in only) if only else None
+        outcomes = execute_with_cost(plans, config.reuse_dirs, selected, refresh,
+                                     minutes_per_run=0.0 if args.smoke else config.minutes_per_run)
+    except MASError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = [o.name for o in outcomes.values() if o.status == "failed"]
+    print(f"wrote {run_dir}/summary.md, pairs.csv, aggregate.csv, matrix.csv, clustered.png, iia_vs_n.png "
+          f"({time.perf_counter() - t0:.0f}s)" + (f"; FAILED runs: {', '.join(failed)}" if failed else ""),
+          flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

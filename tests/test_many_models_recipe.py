@@ -1,0 +1,126 @@
+"""recipes.many_models: the --smoke run end to end on 3 shipped models, the plan (like / unlike additions,
+direction-budget overrides), steps to target, the clustering order on a hand-made block matrix."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llm_mas.errors import DataError
+from llm_mas.trainer import TrainerConfig
+from recipes import many_models
+from recipes.common.clustering import cluster_order, similarity_distance
+from recipes.many_models import RecipeConfig, ReferencePair, added_models, budget_overrides, steps_to_target
+
+SHIPPED = ["multiobject-gru-s0", "multiobject-gru-s1", "multiobject-transformer-s0"]
+
+
+def test_smoke_run_end_to_end(tmp_path):
+    code = many_models.main(["--smoke", f"out_dir={tmp_path}", "mas_overrides=[data.n_valid=16]",
+                             f"smoke_models={SHIPPED}".replace("'", "")])
+    assert code == 0
+    out = tmp_path / "many_models-smoke"
+    for name in ("summary.md", "pairs.csv", "aggregate.csv", "matrix.csv", "clustered.png", "iia_vs_n.png",
+                 "similarity.json"):
+        assert (out / name).exists(), name
+    with open(out / "pairs.csv") as f:
+        rows = list(csv.DictReader(f))
+    # the all-model run holds both reference pairs of these models; each is also trained alone
+    assert sorted({(r["pair"], r["kind"]) for r in rows}) == [("gru_gru", "all"), ("gru_gru", "pairwise"),
+                                                               ("gru_transformer", "all"),
+                                                               ("gru_transformer", "pairwise")]
+    assert all(r["status"] == "trained" and 0 <= float(r["trial_iia"]) <= 1 for r in rows)
+    assert all(float(r["peak_rss_mb"]) > 0 for r in rows)
+    with open(out / "matrix.csv") as f:
+        assert len(list(csv.DictReader(f))) == 9
+    summary = (out / "summary.md").read_text()
+    assert "Smoke run" in summary and "Verdict" in summary
+    # a second call reuses every finished run and trains nothing
+    assert many_models.main(["--smoke", f"out_dir={tmp_path}", "mas_overrides=[data.n_valid=16]",
+                             f"smoke_models={SHIPPED}".replace("'", ""), "--report"]) == 0
+    with open(out / "pairs.csv") as f:
+        assert {r["status"] for r in csv.DictReader(f)} == {"reused"}
+
+
+def _config(**fields) -> RecipeConfig:
+    models = [f"multiobject-{a}-s{s}" for a in ("gru", "lstm", "transformer") for s in range(5)]
+    return RecipeConfig(models=models, reference_pairs=[
+        ReferencePair("gru_gru", models[:2]), ReferencePair("gru_transformer", [models[0], models[10]])], **fields)
+
+
+def test_added_models_are_nested_seeded_and_of_the_right_kind():
+    config = _config()
+    pair = ["multiobject-gru-s0", "multiobject-gru-s1"]
+    like5 = added_models(config, pair, config.models, "like", 5, seed=0)
+    like9 = added_models(config, pair, config.models, "like", 9, seed=0)
+    assert like9[:3] == like5 and len(like9) == 7
+    assert not any("transformer" in m or m in pair for m in like9)
+    assert added_models(config, pair, config.models, "like", 11, seed=0) is None  # only 8 recurrent left
+    unlike9 = added_models(config, pair, config.models, "unlike", 9, seed=0)
+    assert sum("transformer" in m for m in unlike9) == 5 and len(unlike9) == 7  # 5 Transformers, then filled
+    assert added_models(config, pair, config.models, "like", 5, seed=1) != like5
+
+
+def test_direction_budget_is_passed_only_to_runs_that_exceed_it():
+    assert budget_overrides(3, 32, "balanced") == []  # 9 directions
+    assert budget_overrides(15, 32, "balanced") == ["train.directions_per_step=32",
+                                                    "train.direction_sampling=balanced"]
+    assert budget_overrides(15, 0, "uniform") == []
+
+
+def test_plan_names_sizes_and_rows(tmp_path):
+    config = _config(ns=[3, 5], seeds=[0], directions_per_step=0)
+    mapping = {m: m for m in config.models}
+    plans = many_models.plan(config, config.models, mapping, [], config.ns, config.seeds, tmp_path, False)
+    names = [p.name for p in plans]
+    assert names[0] == "joint_all_s0" and len(plans[0].config.models) == 15
+    assert {"pair_gru_gru_s0", "gru_gru_like_n3_s0", "gru_gru_unlike_n5_s0",
+            "gru_transformer_like_n5_s0"} <= set(names)
+    run = plans[names.index("gru_gru_unlike_n5_s0")]
+    assert len(run.config.models) == 5 and run.config.k == 32
+    assert [(labels["direction"], s, t) for labels, s, t in run.rows] == [("a→b", 0, 1), ("b→a", 1, 0)]
+    assert len(plans[0].rows) == 4  # both reference pairs, both directions
+
+
+@pytest.mark.skipif("directions_per_step" not in TrainerConfig.__dataclass_fields__,
+                    reason="the core's per-step direction budget is not merged yet")
+def test_plan_with_direction_budget_builds(tmp_path):
+    config = _config(ns=[3], seeds=[0], directions_per_step=32)
+    plans = many_models.plan(config, config.models, {m: m for m in config.models}, [], [3], [0], tmp_path, False)
+    assert plans[0].config.train.directions_per_step == 32
+
+
+def test_steps_to_target_reads_the_history(tmp_path):
+    key = "a->b:full:trial_iia", "b->a:full:trial_iia"
+    with open(tmp_path / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", *key])
+        writer.writeheader()
+        for step, ab, ba in ((0, 0.1, 0.1), (25, 0.95, 0.5), (50, 0.92, 0.91), (75, 0.99, 0.99)):
+            writer.writerow({"step": step, key[0]: ab, key[1]: ba})
+    assert steps_to_target(tmp_path, "a", "b", "full", 0.9) == 50
+    assert math.isnan(steps_to_target(tmp_path, "a", "b", "full", 0.999))
+    assert math.isnan(steps_to_target(Path(tmp_path) / "missing", "a", "b", "full", 0.9))
+
+
+def test_clustering_order_on_a_block_matrix():
+    # three blocks {0, 3, 6}, {1, 4}, {2, 5}, interleaved; within-block similarity high, across low;
+    # the matrix is not symmetric (IIA s→t ≠ t→s) and clustering uses its symmetrized form
+    groups = [0, 1, 2, 0, 1, 2, 0]
+    s = np.array([[0.95 if a == b else 0.1 + 0.05 * (a + b) for b in groups] for a in groups])
+    s[0, 3], s[3, 0] = 1.0, 0.8
+    order, tree = cluster_order(s)
+    assert sorted(order) == list(range(7))
+    blocks = [groups[i] for i in order]
+    assert blocks in ([0, 0, 0, 1, 1, 2, 2], [0, 0, 0, 2, 2, 1, 1], [1, 1, 2, 2, 0, 0, 0],
+                      [2, 2, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 2, 2], [2, 2, 0, 0, 0, 1, 1])
+    # merges: the three blocks form first (at distance 1 − 0.9 for {0, 3}, 0.05 for the others)
+    assert tree.shape == (6, 4) and np.all(tree[:4, 2] <= 0.1 + 1e-12)
+    distance = similarity_distance(s)
+    assert distance[0, 3] == pytest.approx(0.1) and np.allclose(distance, distance.T)
+    s[1, 2] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        cluster_order(s)
