@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine_info, markdown_table, median, print_table, write_result
+from common import markdown_table, median, print_table, write_result
 
 HERE = Path(__file__).resolve().parent
 ORDER = [f"multiobject-{arch}-s{seed}" for seed in range(5) for arch in ("gru", "lstm", "transformer")]

@@ -30,9 +30,22 @@ import torch
 
 import llm_mas
 from recipes.common.cli import recipe_main
-from recipes.common.plans import SMOKE_MAS_OVERRIDES, PlannedRun, mas_config_from_preset, plan_rows, preset_path
+from recipes.common.plans import (
+    SMOKE_MAS_OVERRIDES,
+    PlannedRun,
+    mas_config_from_preset,
+    plan_rows,
+    preset_path,
+)
 from recipes.common.plots import plot_grouped_bars
-from recipes.common.report import SMOKE_NOTE, early_stop_note, fmt_ci, markdown_table, write_csv, write_summary
+from recipes.common.report import (
+    SMOKE_NOTE,
+    early_stop_note,
+    fmt_ci,
+    markdown_table,
+    write_csv,
+    write_summary,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_LMS = Path(llm_mas.__file__).parent / "data" / "lms"

@@ -37,7 +37,13 @@ from ..backends import get_backend
 from ..backends.base import Edit
 from ..errors import ConfigError
 from ..llm.record import IGNORE_INDEX
-from ..tasks.counterfactual_data import EncodedPairs, encode_task_pairs, encode_text_rows, load_dataset, split_rows
+from ..tasks.counterfactual_data import (
+    EncodedPairs,
+    encode_task_pairs,
+    encode_text_rows,
+    load_dataset,
+    split_rows,
+)
 from .base import DirectionPairs, ModelEntry, PairScores, ProblemBase, Shard
 
 SPLIT_IDS = {"train": 0, "valid": 1}
@@ -317,7 +323,6 @@ def _natural_length_pairs(task, base, variable, n: int, rng, data):
 
 def encode_pairs(config, tokenizers: list, log) -> tuple[dict[str, dict[str, list[EncodedPairs]]], bool]:
     """{split: {variable: [pairs in model i's token space]}} and whether they are stepwise."""
-    from ..tasks import make_pairs
     from ..tasks.binding import get_text_task
 
     data = config.data

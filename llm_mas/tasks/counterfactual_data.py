@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 
 from llm_mas.errors import ConfigError, DataError
-
 from llm_mas.tasks.base import PAD, SequenceBatch, Task
 from llm_mas.tasks.text import render_texts, resolve_positions
 
