@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -272,6 +273,9 @@ def _run_locked(config: MASConfig, run_dir: RunDir, shard: Shard | None, log: Ca
                 command: str | None) -> MASResult | None:
     main = run_dir.writes
     say = log if main else (lambda s: None)
+    if main:  # temporary files of a write killed before its rename (we hold the lock: nobody else writes)
+        for debris in run_dir.path.glob(".*.tmp"):
+            debris.unlink(missing_ok=True)
     fingerprint = run_fingerprint(config)
     resuming = run_dir.check_resume(config, fingerprint)
     # read (weights_only: nothing in the file runs) before anything is built or written
@@ -279,7 +283,15 @@ def _run_locked(config: MASConfig, run_dir: RunDir, shard: Shard | None, log: Ca
         if resuming and run_dir.checkpoint.exists() else None
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
-    problem = build_problem(config, shard=shard, log=say)
+    # a line for a build that takes a while (loading models, building pairs, caching latents)
+    notice = threading.Timer(2.0, say, args=[f"[{config.name}] loading {len(config.models)} models, building "
+                                             "pairs and caching latents ..."])
+    notice.daemon = True
+    notice.start()
+    try:
+        problem = build_problem(config, shard=shard, log=say)
+    finally:
+        notice.cancel()
     if not resuming and run_dir.existing_outputs():
         say(f"[{config.name}] resume=false: starting over in {run_dir.path} (its earlier outputs removed)")
         run_dir.clear()  # only now that the new run's models have loaded

@@ -146,6 +146,9 @@ class CLConfig:
 class EvalConfig:
     batch_size: int = 1000
 
+    def validate(self) -> list[str]:
+        return [] if self.batch_size >= 1 else [f"eval.batch_size must be >= 1, got {self.batch_size}"]
+
 
 @dataclass
 class MASConfig:
