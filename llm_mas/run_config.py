@@ -325,6 +325,22 @@ def _raw_model_problems(data: dict) -> list[str]:
             task = get_task((entry or {}).get("task") or read_run_config(run_dir)["train"]["task"])
         except (MASError, KeyError, TypeError):
             continue
+        site = m.get("site", "hidden")
+        if isinstance(site, str):
+            try:  # the architecture from config.yaml (no weights): does the site exist?
+                from .backends.torch_hooks import get_module
+                from .models.task_models import build_task_model
+                from .sites import resolve_site
+
+                settings = dict(read_run_config(run_dir)["model"])
+                model = build_task_model(settings.pop("arch"), settings.pop("task_name"),
+                                         settings.pop("vocab_size"), seed=settings.pop("seed", 0), **settings)
+                get_module(model, resolve_site(model, site))
+            except MASError as e:
+                if not isinstance(e, DataError):
+                    problems.append(f"models.{i}.site: {e}")
+            except (KeyError, TypeError):
+                pass
         variable_map = m.get("variable_map") if isinstance(m.get("variable_map"), dict) else {}
         for v in variables if isinstance(variables, list) else []:
             own = variable_map.get(v, v)

@@ -341,8 +341,7 @@ def test_planted_pickle_checkpoint_does_not_run(finished, tmp_path):
     with pytest.raises(DataError, match="not a plain tensor file"):
         run(_config(tmp_path), log=lambda s: None)
     assert not marker.exists()
-    result = subprocess.run([sys.executable, "-m", "llm_mas.cli", "mas", str(victim / "config.yaml")],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = _cli("mas", str(victim / "config.yaml"), f"out_dir={tmp_path}")
     assert result.returncode == 2 and "not a plain tensor file" in result.stderr
     assert "Traceback" not in result.stderr and not marker.exists()
 
