@@ -200,8 +200,8 @@ class RunDir:
         diffs = [f"{key}: {old.get(key, unset)!r} -> {new.get(key, unset)!r}" for key in sorted(set(old) | set(new))
                  if old.get(key, unset) != new.get(key, unset)]
         if diffs:
-            raise ConfigError([f"run directory {str(self.path)!r} holds a run of another configuration; "
-                               f"{ways_out}. What differs (old -> new):"] + diffs)
+            raise ConfigError(f"run directory {str(self.path)!r} holds a run of another configuration; {ways_out}. "
+                              "What differs (old -> new):\n" + "\n".join(f"  - {d}" for d in diffs))
         return True
 
     def clear(self) -> None:
