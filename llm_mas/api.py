@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .config import apply_overrides, from_dict
-from .errors import ConfigError
+from .errors import ConfigError, MASError
 
 
 def compare(models: Sequence[str], site: str | Sequence[str] = "hidden", task: str | None = None,
@@ -26,8 +26,10 @@ def compare(models: Sequence[str], site: str | Sequence[str] = "hidden", task: s
     task: optional check that every model was trained on this task.
     config: further `MASConfig` fields as keyword arguments (data=..., train=..., directions=..., seed=...).
     overrides: ``key.sub=value`` strings applied last (same syntax as the CLI).
+    name: the run directory's name under `out_dir`; by default ``compare-<models>-<hash>`` with a short hash
+          of everything that determines the result, so different arguments never share a directory.
     """
-    from .run import run
+    from .run import fingerprint_hash, run
     from .run_config import MASConfig, check_models
 
     sites = [site] * len(models) if isinstance(site, str) else list(site)
@@ -42,6 +44,12 @@ def compare(models: Sequence[str], site: str | Sequence[str] = "hidden", task: s
     data.setdefault("data", {})
     data["data"] = {**data["data"], "stepwise": stepwise}
     cfg = from_dict(MASConfig, apply_overrides(data, overrides))
+    if name is None and not any(o.split("=", 1)[0].strip() == "name" for o in overrides):
+        # two calls whose arguments change the result never share (and never resume) one directory
+        try:
+            cfg.name = f"{cfg.name}-{fingerprint_hash(cfg)}"
+        except MASError:
+            pass  # run() reports what is wrong with the config
     if task is not None:
         infos = check_models(cfg)
         wrong = [f"{m.name} ({i['task']})" for m, i in zip(cfg.models, infos) if i["task"] != task]

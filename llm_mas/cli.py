@@ -14,6 +14,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: 1]" or "[lo, hi]" must not be read as markup
 )
 
 # command name -> "module:function" (module under llm_mas.commands)

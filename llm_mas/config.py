@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -70,10 +71,14 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: expected a number, got {value!r}")
             return value
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             problems.append(f"{path}: expected a number, got {value!r}")
             return value
+        if not math.isfinite(number):
+            problems.append(f"{path}: {value!r} is not a finite number; give a finite value (e.g. 1e-3)")
+            return value
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
@@ -102,7 +107,10 @@ def _coerce_union(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         if isinstance(value, tuple(kinds.values())):
             return value
         if not isinstance(value, dict):
-            problems.append(f"{path}: expected a mapping, got {value!r}")
+            hint = ""
+            if isinstance(value, str) and all("name" in typing.get_type_hints(a) for a in kinds.values()):
+                hint = f"; give mappings, e.g. {{name: {value}}}"
+            problems.append(f"{path}: expected a mapping, got {value!r}{hint}")
             return value
         kind = value.get("kind", next(iter(kinds)))
         if kind not in kinds:
@@ -277,8 +285,13 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; pass a YAML file (e.g. {str(path / 'config.yaml')!r}) "
+                          "or a preset name (`llm-mas list-presets`)")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not a text (YAML) file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -296,6 +309,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     return from_dict(cls, data)
 
 
+def config_text(obj: Any, header: str | None = None) -> str:
+    """The config as YAML text, headed by ``# header`` when given."""
+    return (f"# {header}\n" if header else "") + yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
 def save_config(obj: Any, path: str | Path, header: str | None = None) -> None:
-    text = yaml.safe_dump(to_dict(obj), sort_keys=False)
-    Path(path).write_text((f"# {header}\n" if header else "") + text)
+    Path(path).write_text(config_text(obj, header))

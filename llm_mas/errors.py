@@ -38,6 +38,10 @@ class DataError(MASError, ValueError):
     """Input data are missing, malformed or stale."""
 
 
+class NumericalError(MASError, ArithmeticError):
+    """Training produced a non-finite loss or gradient (names the step and the directions)."""
+
+
 class HubUnavailableError(MASError, OSError):
     """A model or dataset was requested from the hub, which cannot be reached."""
 

@@ -5,7 +5,13 @@ the alignments with ``MASTrainer``, evaluates them with CIs and writes the run d
 
 A run writes ``runs/<name>/``: the resolved ``config.yaml``, ``alignments.safetensors``, ``results.json``
 (one record per source, target, variable), ``history.csv``, ``summary.json`` and ``iia_matrix.png``;
-``checkpoint.pt`` makes a killed run resumable (run the same command again). Creating ``runs/<name>/STOP``
+``checkpoint.pt`` makes a killed run resumable (run the same command again). ``fingerprint.json`` records
+everything that determines the result (the config up to its cosmetic keys and step budget, a digest of
+every model's weights, recording and adapter): a rerun continues only a run of the same fingerprint
+(a larger ``train.max_steps`` / ``max_epochs`` continues it), anything else is refused with the keys that
+differ; ``resume=false`` starts over in place. Every file is written atomically, one process at a time
+(``.lock``); nothing in a run directory is read as code (``checkpoint.pt`` loads with
+``weights_only=True``). Creating ``runs/<name>/STOP``
 ends training early: the best checkpoint is evaluated and every output written (the stop reason in
 ``summary.json``). The data-parallel launcher (``llm_mas.distributed``) calls the same ``run`` with this
 process's ``Shard``; only rank 0 writes.
@@ -13,24 +19,35 @@ process's ``Shard``; only rank 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
+import io
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .alignments import make_alignment
-from .config import save_config, to_dict
+from .config import config_text, to_dict
 from .errors import ConfigError
+from .files import (DirectoryLock, atomic_save_tensors, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                    file_digest, load_torch_state, tree_digest)
 from .problems import PROBLEMS, InterventionProblem, Record, Shard
 from .results import MASResult
-from .run_config import MASConfig
+from .run_config import MASConfig, preflight
 from .trainer import FitResult, MASTrainer, TrainerConfig
+
+# top-level keys that do not change a run's result (``name`` and ``out_dir`` only say where it goes), and
+# the step budget, which a rerun may raise to continue a run
+COSMETIC_KEYS = ("name", "out_dir", "progress", "resume")
+BUDGET_KEYS = ("train.max_steps", "train.max_epochs")
 
 
 def build_problem(config: MASConfig, *, shard: Shard | None = None,
@@ -58,13 +75,91 @@ def build_alignments(config: MASConfig, problem: InterventionProblem) -> nn.Modu
     return nn.ModuleList(alignments).to(config.device)
 
 
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b.0.c": value} of nested dicts and lists."""
+    if isinstance(data, dict):
+        items = list(data.items())
+    elif isinstance(data, list):
+        items = [(str(i), v) for i, v in enumerate(data)]
+    else:
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in items:
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    if not items and prefix:
+        out[prefix] = data  # an empty list or mapping
+    return out
+
+
+def _hf_weights_digest(name: str) -> str:
+    """A digest of an HF model's (or adapter's) weight files and config; hub ids from the local cache only."""
+    from .llm.loading import resolve_model_location
+
+    try:
+        location, local = resolve_model_location(name)
+    except ConfigError:
+        return f"not found: {name}"
+    if not local:
+        try:  # the local HF cache only (no network)
+            from huggingface_hub import snapshot_download
+
+            location = snapshot_download(name, local_files_only=True)
+        except Exception:
+            return f"hub id {name} (not resolvable locally: weights not fingerprinted)"
+    files = [p for p in Path(location).iterdir() if p.is_file() and (
+        p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.name in ("config.json", "adapter_config.json"))]
+    return tree_digest(files)
+
+
+def model_fingerprints(config: MASConfig) -> list[dict[str, str]]:
+    """Per model, digests of what its result depends on beyond the config: task models: its directory's
+    model.safetensors and config.yaml; HF models: the weight files and config.json, the adapter, the
+    recording."""
+    from .models.registry import resolve_model_dir
+
+    out = []
+    for m in config.models:
+        if m.kind == "task":
+            model_dir = resolve_model_dir(m.name)[0]
+            out.append({name: file_digest(model_dir / name) if (model_dir / name).exists() else "missing"
+                        for name in ("model.safetensors", "config.yaml")})
+        else:
+            entry = {"weights": _hf_weights_digest(m.name)}
+            if m.adapter is not None:
+                entry["adapter"] = _hf_weights_digest(m.adapter)
+            recording = Path(m.recording) / "recording.safetensors" if m.recording else None
+            entry["recording"] = file_digest(recording) if recording and recording.is_file() else "missing"
+            out.append(entry)
+    return out
+
+
+def run_fingerprint(config: MASConfig) -> dict[str, Any]:
+    """What determines a run's result: the resolved config (flattened; without its cosmetic keys and step
+    budget), the data seed and a digest of every model's weights (``fingerprint.json``)."""
+    flat = _flatten({k: v for k, v in to_dict(config).items() if k not in COSMETIC_KEYS})
+    for key in BUDGET_KEYS:
+        flat.pop(key, None)
+    flat.update({f"models.{i}.{key}": value for i, digests in enumerate(model_fingerprints(config))
+                 for key, value in digests.items()})
+    flat["seed"] = config.seed
+    return {"version": 1, "values": flat}
+
+
+def fingerprint_hash(config: MASConfig, n: int = 8) -> str:
+    """A short hash of ``run_fingerprint(config)`` (e.g. for default run names)."""
+    text = json.dumps(run_fingerprint(config)["values"], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
 class RunDir:
-    """The files of one run directory; ``writes=False`` (a data-parallel rank other than 0) writes nothing."""
+    """The files of one run directory; ``writes=False`` (a data-parallel rank other than 0) writes nothing.
+    Every file is written atomically (a temporary file renamed over the old one)."""
 
     def __init__(self, path: str | Path, writes: bool = True):
         self.path = Path(path)
         self.writes = writes
         self.config = self.path / "config.yaml"
+        self.fingerprint = self.path / "fingerprint.json"
         self.results = self.path / "results.json"
         self.alignments = self.path / "alignments.safetensors"
         self.history = self.path / "history.csv"
@@ -73,30 +168,76 @@ class RunDir:
         self.checkpoint = self.path / "checkpoint.pt"
         self.stop = self.path / "STOP"   # creating it ends training early
 
-    def write_config(self, config: MASConfig, command: str) -> None:
-        """The resolved config, headed by the command that reruns (resumes) the run."""
+    @property
+    def outputs(self) -> list[Path]:
+        return [self.config, self.fingerprint, self.results, self.alignments, self.history, self.summary,
+                self.plot, self.checkpoint]
+
+    def existing_outputs(self) -> list[Path]:
+        return [p for p in self.outputs if p.exists()]
+
+    def check_resume(self, config: MASConfig, fingerprint: dict) -> bool:
+        """Whether this run continues what the directory holds (True) or starts afresh (False: nothing there,
+        or ``resume=false``, whose old outputs are removed once the new run has loaded its models). Raises one
+        ConfigError when ``resume`` is on and the directory holds another run, naming every key that
+        differs (old -> new) and the ways out."""
+        existing = self.existing_outputs()
+        if not existing or not config.resume:
+            return False
+        ways_out = (f"choose a new name (name=...) to keep both runs, or set resume=false to start over in "
+                    f"{str(self.path)!r} (its outputs are replaced)")
+        if not self.fingerprint.exists():
+            raise ConfigError(f"run directory {str(self.path)!r} holds outputs "
+                              f"({', '.join(p.name for p in existing)}) but no fingerprint.json (written by an older "
+                              "llm_mas, or not by a run): it cannot be checked that they belong to this config; "
+                              f"{ways_out}")
+        try:
+            old = json.loads(self.fingerprint.read_text())["values"]
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{str(self.fingerprint)!r} is not a valid fingerprint; {ways_out}") from None
+        new = json.loads(json.dumps(fingerprint["values"]))  # as it reads back from the file
+        unset = "(unset)"
+        diffs = [f"{key}: {old.get(key, unset)!r} -> {new.get(key, unset)!r}" for key in sorted(set(old) | set(new))
+                 if old.get(key, unset) != new.get(key, unset)]
+        if diffs:
+            raise ConfigError(f"run directory {str(self.path)!r} holds a run of another configuration; {ways_out}. "
+                              "What differs (old -> new):\n" + "\n".join(f"  - {d}" for d in diffs))
+        return True
+
+    def clear(self) -> None:
+        """Remove the outputs of an earlier run (``resume=false``: start over in place)."""
         if self.writes:
-            self.path.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.config, header=command)
+            for p in self.outputs:
+                p.unlink(missing_ok=True)
+
+    def write_config(self, config: MASConfig, command: str, fingerprint: dict | None = None) -> None:
+        """The resolved config, headed by the command that reruns (resumes) the run, and its fingerprint."""
+        if self.writes:
+            if fingerprint is not None:
+                atomic_write_json(self.fingerprint, fingerprint, indent=1, sort_keys=True)
+            atomic_write_text(self.config, config_text(config, header=command))
 
     def write_outputs(self, result: MASResult, alignments: nn.ModuleList, fit: FitResult, summary: dict) -> None:
         if not self.writes:
             return
-        result.save(self.path)
-        save_file({f"model{i}.{k}": v.detach().cpu().contiguous() for i, a in enumerate(alignments)
-                   for k, v in a.state_dict().items()}, str(self.alignments))
+        atomic_write_json(self.results, [r.to_dict() for r in result.records], indent=1, sort_keys=True)
+        atomic_save_tensors(self.alignments, {f"model{i}.{k}": v for i, a in enumerate(alignments)
+                                              for k, v in a.state_dict().items()})
         write_history(fit.history, self.history)
-        self.summary.write_text(json.dumps(summary, indent=1))
-        result.plot(self.plot)
+        atomic_write_json(self.summary, summary, indent=1)
+        buffer = io.BytesIO()
+        result.plot().savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+        atomic_write_bytes(self.plot, buffer.getvalue())
 
 
 def write_history(history: Sequence[dict], path: Path) -> None:
     """One CSV row per validation (columns: the union of every row's keys, in first-seen order)."""
     keys = list(dict.fromkeys(k for row in history for k in row))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, text.getvalue())
 
 
 def run(config: MASConfig, *, shard: Shard | None = None, log: Callable[[str], None] = print,
@@ -106,18 +247,55 @@ def run(config: MASConfig, *, shard: Shard | None = None, log: Callable[[str], N
     shard:   this process's part of a data-parallel run (``llm_mas.distributed``, which also sets
              ``config.device`` to the process's device); None: one process.
     command: the first line of the written config.yaml (default: ``llm-mas mas RUN/config.yaml``).
+
+    Every problem findable without loading weights is reported (one error) before the run directory is
+    touched; the directory is locked for the run (rank 0 under a shard); a directory holding a run of
+    another fingerprint is refused unless ``resume=false`` (module docstring).
     """
     if shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("run was started in several processes (WORLD_SIZE > 1); every copy would write the "
                           "same run directory. For data-parallel LLM MAS launch "
                           "`accelerate launch ... -m llm_mas.distributed CONFIG.yaml` instead")
+    preflight(config)
     main = shard is None or shard.is_main
-    say = log if main else (lambda s: None)
-    torch.manual_seed(config.seed)
     run_dir = RunDir(Path(config.out_dir) / config.name, writes=main)
-    run_dir.write_config(config, command or f"llm-mas mas {run_dir.config}")
+    existed = run_dir.path.exists()
+    lock = DirectoryLock(run_dir.path) if main else contextlib.nullcontext()
+    try:
+        with lock:
+            return _run_locked(config, run_dir, shard, log, command)
+    finally:
+        if main and not existed and run_dir.path.is_dir() and not any(run_dir.path.iterdir()):
+            run_dir.path.rmdir()  # a run that failed before writing anything leaves nothing behind
+
+
+def _run_locked(config: MASConfig, run_dir: RunDir, shard: Shard | None, log: Callable[[str], None],
+                command: str | None) -> MASResult | None:
+    main = run_dir.writes
+    say = log if main else (lambda s: None)
+    if main:  # temporary files of a write killed before its rename (we hold the lock: nobody else writes)
+        for debris in run_dir.path.glob(".*.tmp"):
+            debris.unlink(missing_ok=True)
+    fingerprint = run_fingerprint(config)
+    resuming = run_dir.check_resume(config, fingerprint)
+    # read (weights_only: nothing in the file runs) before anything is built or written
+    state = load_torch_state(run_dir.checkpoint, map_location=config.device) \
+        if resuming and run_dir.checkpoint.exists() else None
+    torch.manual_seed(config.seed)
     t0 = time.perf_counter()
-    problem = build_problem(config, shard=shard, log=say)
+    # a line for a build that takes a while (loading models, building pairs, caching latents)
+    notice = threading.Timer(2.0, say, args=[f"[{config.name}] loading {len(config.models)} models, building "
+                                             "pairs and caching latents ..."])
+    notice.daemon = True
+    notice.start()
+    try:
+        problem = build_problem(config, shard=shard, log=say)
+    finally:
+        notice.cancel()
+    if not resuming and run_dir.existing_outputs():
+        say(f"[{config.name}] resume=false: starting over in {run_dir.path} (its earlier outputs removed)")
+        run_dir.clear()  # only now that the new run's models have loaded
+    run_dir.write_config(config, command or f"llm-mas mas {run_dir.config}", fingerprint)
     processes = f"{shard.world} process(es); " if shard is not None else ""
     say(f"[{config.name}] {processes}pairs built and latents cached in {time.perf_counter() - t0:.1f}s "
         f"({len(problem.models)} models, k={problem.k}, variables {problem.all_variables}, "
@@ -133,14 +311,17 @@ def run(config: MASConfig, *, shard: Shard | None = None, log: Callable[[str], N
                          stop_file=run_dir.stop if shard is None else None)
     # every process resumes from rank 0's checkpoint; the barrier keeps rank 0 from writing a new one before
     # every process has read (or not found) the old one
-    if config.resume and run_dir.checkpoint.exists():
-        trainer.load_state_dict(torch.load(run_dir.checkpoint, weights_only=False, map_location=config.device))
+    if state is not None:
+        trainer.load_state_dict(state)
         say(f"resumed from {run_dir.checkpoint} at step {trainer.step}")
     if shard is not None:
         shard.barrier()
     fit = trainer.fit(resume=False)
+    t_eval = time.perf_counter()
     with torch.no_grad():  # collective under a shard: every process evaluates its rows
         records: list[Record] = problem.evaluate(trainer.materialize(), split="valid", with_ci=True)
+    if time.perf_counter() - t_eval > 2.0:
+        say(f"[{config.name}] final evaluation (rollouts and bootstrap CIs) took {time.perf_counter() - t_eval:.1f}s")
     if not main:
         return None
     for r in records:

@@ -17,9 +17,11 @@ from typing import Any, Literal
 
 from .alignments import ALIGNMENTS, make_alignment
 from .config import apply_overrides, from_dict, load_yaml
-from .errors import ConfigError, MASError
+from .errors import ConfigError, DataError, MASError
+from .interventions import variable_blocks
 from .llm.loading import DTYPES
 from .models.registry import resolve_model_dir
+from .models.training import read_run_config
 from .problems.task import task_model_infos
 from .sites import Site
 from .trainer import TrainerConfig
@@ -150,6 +152,9 @@ class CLConfig:
 class EvalConfig:
     batch_size: int = 1000
 
+    def validate(self) -> list[str]:
+        return [] if self.batch_size >= 1 else [f"eval.batch_size must be >= 1, got {self.batch_size}"]
+
 
 @dataclass
 class MASConfig:
@@ -182,6 +187,10 @@ class MASConfig:
 
     def validate(self) -> list[str]:
         p = []
+        if not isinstance(self.name, str) or not self.name or self.name.startswith(".") or any(
+                c in self.name for c in "/\\") or ".." in self.name:
+            p.append(f"name: {self.name!r} must be a plain directory name (not empty, no '/', '\\' or '..', not "
+                     "starting with '.'); the run directory is out_dir/name, e.g. name: gru-vs-lstm")
         if not self.models:
             p.append("models: list at least one model (shipped names: see `llm-mas list-models`)")
         built = [m for m in self.models if isinstance(m, ModelConfigBase)]  # entries with problems are reported
@@ -211,6 +220,9 @@ class MASConfig:
         if isinstance(self.directions, str):
             if self.directions not in ("all", "cross", "self"):
                 p.append(f"directions: {self.directions!r} must be all, cross, self or a list of [source, target]")
+            elif self.directions == "cross" and len(self.models) < 2:
+                p.append(f"directions: 'cross' trains between different models but only {len(self.models)} "
+                         "model is listed; list a second model or use directions: self")
         else:
             for d in self.directions:
                 if len(d) != 2 or not all(0 <= x < len(self.models) for x in d):
@@ -228,6 +240,12 @@ class MASConfig:
                 p.append(f"data.value_range restricts one named variable's values; it cannot apply to "
                          f"{sorted(set(whole))}: list named variables only (e.g. variables: [count]) and set "
                          "null_subspace: false")
+        if self.null_subspace:
+            stacked = [f"models.{i}" for i, m in enumerate(built) if m.alignment in ("low_rank", "gram_schmidt")]
+            if stacked:
+                p.append(f"null_subspace: {', '.join(stacked)} use a low_rank/gram_schmidt alignment, whose aligned "
+                         "width is k·(number of variables): it has no coordinates left for the null block; use "
+                         "alignment: orthogonal for null_subspace: true, or set null_subspace: false")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             p.append(f"device {self.device!r} must be cpu or cuda[:i]")
         return p
@@ -288,19 +306,221 @@ def load_mas_config(path: str | Path | None, overrides=(), base: dict | None = N
     except ConfigError as e:
         problems.extend(e.problems)
         cfg = None
+    data_problems: list[str] = []
     if cfg is not None:
         if cfg.kind == "task":
-            problems.extend(task_model_infos(cfg)[0])
-    else:  # the config did not build: still check the task-model names it gives
-        for i, m in enumerate(data.get("models") or []):
-            if isinstance(m, dict) and m.get("kind", "task") == "task" and isinstance(m.get("name"), str):
-                try:
-                    resolve_model_dir(m["name"])
-                except ConfigError as e:
-                    problems.append(f"models.{i}.name: {e}")
+            found, infos = task_model_infos(cfg)
+            problems.extend(found)
+            if not found:
+                config_found, data_problems = task_model_header_problems(cfg)
+                problems.extend(config_found)
+    else:  # the config did not build: still check the task-model names (and variables) it gives
+        problems.extend(_raw_model_problems(data))
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems + data_problems)
+    if data_problems:
+        raise DataError(data_problems[0] if len(data_problems) == 1 else "\n".join(data_problems))
     return cfg
+
+
+def _raw_model_problems(data: dict) -> list[str]:
+    """Unknown task-model names and variables their tasks lack, from a config that did not build."""
+    from .tasks import get_task
+
+    problems = []
+    variables = data.get("variables", ["full"])
+    for i, m in enumerate(data.get("models") or []):
+        if not (isinstance(m, dict) and m.get("kind", "task") == "task" and isinstance(m.get("name"), str)):
+            continue
+        try:
+            run_dir, entry = resolve_model_dir(m["name"])
+        except ConfigError as e:
+            problems.append(f"models.{i}.name: {e}")
+            continue
+        try:
+            task = get_task((entry or {}).get("task") or read_run_config(run_dir)["train"]["task"])
+        except (MASError, KeyError, TypeError):
+            continue
+        site = m.get("site", "hidden")
+        if isinstance(site, str):
+            try:  # the architecture from config.yaml (no weights): does the site exist?
+                from .backends.torch_hooks import get_module
+                from .models.task_models import build_task_model
+                from .sites import resolve_site
+
+                settings = dict(read_run_config(run_dir)["model"])
+                model = build_task_model(settings.pop("arch"), settings.pop("task_name"),
+                                         settings.pop("vocab_size"), seed=settings.pop("seed", 0), **settings)
+                get_module(model, resolve_site(model, site))
+            except MASError as e:
+                if not isinstance(e, DataError):
+                    problems.append(f"models.{i}.site: {e}")
+            except (KeyError, TypeError):
+                pass
+        variable_map = m.get("variable_map") if isinstance(m.get("variable_map"), dict) else {}
+        for v in variables if isinstance(variables, list) else []:
+            own = variable_map.get(v, v)
+            if isinstance(own, str) and own not in ("full", "null", *task.variables):
+                problems.append(f"variables: {own!r} is not a variable of task {task.name!r} (models.{i}); valid: "
+                                f"full, {', '.join(task.variables)}")
+    return list(dict.fromkeys(problems))
+
+
+def task_model_header_problems(config: MASConfig) -> tuple[list[str], list[str]]:
+    """(config problems, data problems) of the task models found from their config.yaml and the header of
+    their weights file, without loading any weights: the site exists in the architecture, k and the
+    variable blocks fit the smallest latent width (d_model; LSTM: [h; c]), the manifest's architecture is
+    the one config.yaml describes, and the weights file holds exactly that architecture's tensors."""
+    from safetensors import safe_open
+
+    from .backends.torch_hooks import get_module
+    from .models.task_models import build_task_model
+    from .models.training import check_fits
+    from .sites import resolve_site
+
+    problems, data_problems, widths = [], [], []
+    for i, m in enumerate(config.models):
+        try:
+            run_dir, entry = resolve_model_dir(m.name)
+            settings = dict(read_run_config(run_dir)["model"])
+        except MASError as e:
+            data_problems.append(f"models.{i} ({m.name}): {e}")
+            continue
+        arch = settings.get("arch")
+        if entry is not None and entry.get("arch") not in (None, arch):
+            data_problems.append(
+                f"models.{i} ({m.name}): the manifest lists a {entry['arch']!r} model but "
+                f"{str(run_dir / 'config.yaml')!r} describes a {arch!r} one; the directory holds another "
+                "checkpoint: restore it, or rebuild the manifest with `python -m llm_mas.models.registry`")
+            continue
+        try:
+            model = build_task_model(settings.pop("arch"), settings.pop("task_name"), settings.pop("vocab_size"),
+                                     seed=settings.pop("seed", 0), **settings)
+        except (MASError, KeyError, TypeError) as e:
+            data_problems.append(f"models.{i} ({m.name}): {str(run_dir / 'config.yaml')!r} does not describe a "
+                                 f"task model ({e}); restore it or retrain with `llm-mas train-model`")
+            continue
+        widths.append(model.d_model)
+        try:
+            get_module(model, resolve_site(model, m.site))
+        except MASError as e:
+            problems.append(f"models.{i}.site: {e}")
+        weights = run_dir / "model.safetensors"
+        if not weights.exists():
+            data_problems.append(f"models.{i} ({m.name}): {str(run_dir)!r} has no model.safetensors (training "
+                                 "not finished?)")
+            continue
+        try:
+            with safe_open(str(weights), "pt") as f:  # reads the header only
+                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            if weights.stat().st_size < _data_end(weights):
+                raise ValueError("the file is shorter than its header says (truncated)")
+        except Exception as e:  # safetensors raises its own error type
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            data_problems.append(f"models.{i} ({m.name}): {str(weights)!r} is not a readable safetensors file "
+                                 f"({first}); the checkpoint is corrupted: retrain or restore it")
+            continue
+        try:
+            check_fits(weights, model, shapes)
+        except DataError as e:
+            data_problems.append(f"models.{i} ({m.name}): {e}")
+    if widths and not problems:
+        d_min = min(widths)
+        k = config.k if config.k is not None else d_min // 2
+        if k > d_min:
+            problems.append(f"k={k} is larger than the smallest latent width among the models ({d_min}); use "
+                            f"k <= {d_min}")
+        else:
+            try:
+                variable_blocks(config.variables, k, d_min, null=config.null_subspace)
+            except ConfigError as e:
+                problems.extend(f"k: {p}" for p in e.problems)
+    return problems, data_problems
+
+
+def _data_end(path: Path) -> int:
+    """Where the last tensor of a safetensors file ends (8-byte header length + header + data)."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + n + max(ends, default=0)
+
+
+def hf_header_problems(config: MASConfig) -> list[str]:
+    """Problems of HF model entries found without loading weights: missing recordings, k larger than the
+    smallest hidden size (from each local directory's config.json)."""
+    import json
+
+    from .llm.loading import resolve_model_location
+
+    problems, widths = [], []
+    for i, m in enumerate(config.models):
+        if m.recording is not None and not (Path(m.recording) / "recording.safetensors").is_file():
+            problems.append(f"models.{i}.recording: {m.recording!r} holds no recording.safetensors; make it with "
+                            f"`llm-mas record --model {m.name} --texts TEXTS --out {m.recording}`")
+        try:
+            location, local = resolve_model_location(m.name)
+        except ConfigError as e:
+            problems.append(f"models.{i}.name: {e}")
+            continue
+        if local:
+            try:
+                hf_config = json.loads((Path(location) / "config.json").read_text())
+            except (OSError, ValueError):
+                problems.append(f"models.{i}.name: {location!r} has no readable config.json; pass a directory "
+                                "written by save_pretrained / `hf download`")
+                continue
+            width = hf_config.get("hidden_size") or hf_config.get("n_embd") or hf_config.get("d_model")
+            if isinstance(width, int):
+                widths.append(width)
+    if widths and config.k is not None and config.k > min(widths):
+        problems.append(f"k={config.k} is larger than the smallest hidden size among the models ({min(widths)}); "
+                        f"use k <= {min(widths)}")
+    return problems
+
+
+def device_problems(config: MASConfig) -> list[str]:
+    """Devices of the config (the run's and each HF model's) that this machine does not have."""
+    import torch
+
+    wanted = [("device", config.device)] + [(f"models.{i}.device", m.device) for i, m in enumerate(config.models)
+                                            if isinstance(m, HFModelConfig) and m.device is not None]
+    problems = []
+    for where, device in wanted:
+        if not isinstance(device, str) or not device.startswith("cuda"):
+            continue
+        if not torch.cuda.is_available():
+            problems.append(f"{where}: {device!r} requested but CUDA is not available here; use {where}=cpu")
+            continue
+        index = device.split(":", 1)[1] if ":" in device else "0"
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            problems.append(f"{where}: {device!r} does not exist: this machine has {torch.cuda.device_count()} "
+                            f"CUDA device(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return problems
+
+
+def preflight(config: MASConfig) -> None:
+    """Everything a run can check before it touches its run directory or loads weights (one error):
+    the config's own validation, model names, variables, sites, k, weight-file headers, recordings and
+    devices. ConfigError for config problems, DataError when only files are at fault."""
+    problems = config.validate()
+    data_problems: list[str] = []
+    if not problems:
+        if config.kind == "task":
+            problems, _ = task_model_infos(config)
+            if not problems:
+                problems, data_problems = task_model_header_problems(config)
+        else:
+            problems = hf_header_problems(config)
+    problems = problems + device_problems(config)
+    if problems:
+        raise ConfigError(problems + data_problems)
+    if data_problems:
+        raise DataError(data_problems[0] if len(data_problems) == 1 else "\n".join(data_problems))
 
 
 def config_from_kwargs(**kwargs) -> MASConfig:

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, NumericalError
+from .files import atomic_torch_save, load_torch_state
 from .problems.base import InterventionProblem, Record
 
 # Every step allocates tensors whose sizes change with the batch (run widths, scored-token counts), and glibc's
@@ -124,6 +125,9 @@ class MASTrainer:
         self.config = config
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.progress = progress
+        # a progress bar on a terminal only; elsewhere (a log file, a notebook's captured stderr) one plain
+        # log line per validation instead of tqdm's carriage-return fragments
+        self.bar = progress and sys.stderr.isatty()
         self.log = log or (lambda s: None)
         self.sync_gradients = sync_gradients  # e.g. all-reduce under data parallelism
         params = [p for p in alignments.parameters() if p.requires_grad]
@@ -188,33 +192,50 @@ class MASTrainer:
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
+        """Plain data only (tensors, numbers, strings, lists, dicts): it loads with ``weights_only=True``."""
         return {"alignments": self.alignments.state_dict(),
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
                 "step": self.step, "best_score": self.best_score, "best_step": self.best_step,
-                "best_state": self.best_state, "best_records": self.best_records,
-                "evals_since_best": self.evals_since_best, "history": self.history, "stopped": self.stopped}
+                "best_state": self.best_state, "best_records": [r.to_dict() for r in self.best_records],
+                "evals_since_best": self.evals_since_best, "history": [dict(row) for row in self.history],
+                "stopped": self.stopped}
 
     def load_state_dict(self, state: dict) -> None:
         self.alignments.load_state_dict(state["alignments"])
         if self.optimizer and state["optimizer"]:
             self.optimizer.load_state_dict(state["optimizer"])
-        for key in ("step", "best_score", "best_step", "best_state", "best_records", "evals_since_best", "history"):
+        for key in ("step", "best_score", "best_step", "best_state", "evals_since_best", "history"):
             setattr(self, key, state[key])
+        self.best_records = [r if isinstance(r, Record) else Record.from_dict(r) for r in state["best_records"]]
         self.stopped = state.get("stopped")
 
     def save_checkpoint(self) -> None:
         if self.checkpoint_path is None:
             return
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        tmp.replace(self.checkpoint_path)  # atomic: a kill never leaves a half-written checkpoint
+        atomic_torch_save(self.checkpoint_path, self.state_dict())  # a kill never leaves a half-written one
 
     def try_resume(self) -> bool:
         if self.checkpoint_path is None or not self.checkpoint_path.exists():
             return False
-        self.load_state_dict(torch.load(self.checkpoint_path, weights_only=False))
+        self.load_state_dict(load_torch_state(self.checkpoint_path))
         self.log(f"resumed from {self.checkpoint_path} at step {self.step}")
         return True
+
+    def _non_finite(self, what: str, total: float, rows: torch.Tensor) -> NumericalError:
+        """The error for a non-finite loss or gradient at this step, naming the directions whose own loss is
+        non-finite (asked of the problem only now: the normal path pays nothing)."""
+        where = ""
+        per_direction = getattr(self.problem, "direction_losses", None)
+        if per_direction is not None:
+            with torch.no_grad():
+                losses = per_direction(self.materialize(), rows)
+            bad = [f"{s}→{t}:{v} ({value})" for (s, t, v), value in losses.items() if not math.isfinite(value)]
+            where = (f" in direction(s) {', '.join(bad)}" if bad else
+                     f" (every direction's own loss is finite: {', '.join(f'{s}→{t}:{v} {x:.4g}' for (s, t, v), x in losses.items())})")
+        return NumericalError(
+            f"training step {self.step + 1}: the {what} is not finite (total loss {total}){where}; nothing of this "
+            f"step was applied and the last checkpoint (step {self.step}) is intact. Lower train.lr, check the "
+            "models' weights and latents for NaN/inf, or set models.i.standardize: true")
 
     # ------------------------------------------------------------ loop
     def _last_loss(self) -> float | None:
@@ -267,8 +288,12 @@ class MASTrainer:
         if self.step == 0 and self.best_state is None:
             stopped = self.stopped = self._after_eval(self.evaluate(), 0.0)  # step-0 baseline: the random init
             self.save_checkpoint()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="MAS", leave=False,
-                   dynamic_ncols=True)
+        names = [getattr(m, "name", str(i)) for i, m in enumerate(getattr(self.problem, "models", []))]
+        if names:
+            self.log("directions are shown as source→target:variable; " +
+                     ", ".join(f"{i} = {name}" for i, name in enumerate(names)))
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.bar, desc="MAS", leave=False,
+                   ncols=100)
         steps_this_call = 0
         try:
             while stopped is None and self.step < self.total_steps:
@@ -289,12 +314,19 @@ class MASTrainer:
                         loss, _ = self.problem.loss(self._step_maps(directions), micro, **budget)
                         (loss / self.config.grad_accum).backward()
                         total += float(loss.detach()) / self.config.grad_accum
+                    if not math.isfinite(total):
+                        raise self._non_finite("loss", total, rows)
                     if self.sync_gradients is not None:
                         self.sync_gradients(self.alignments)
+                    grads = [p.grad for p in self.alignments.parameters() if p.grad is not None]
+                    if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+                        raise self._non_finite("gradient", total, rows)
                     self.optimizer.step()
                 else:
                     with torch.no_grad():
                         total = float(self.problem.loss(self._step_maps(directions), rows, **budget)[0])
+                    if not math.isfinite(total):
+                        raise self._non_finite("loss", total, rows)
                 self._loss_sum += total
                 self._loss_n += 1
                 self.step += 1
@@ -308,8 +340,9 @@ class MASTrainer:
                     # budget on resume continues the run)
                     stopped = self.stopped = self._after_eval(records, time.perf_counter() - t0)
                     self.save_checkpoint()
-                    bar.set_postfix_str(_postfix(total, records))
-                    if not self.progress:
+                    if self.bar:
+                        bar.set_postfix_str(_short_postfix(total, records), refresh=False)
+                    else:
                         self.log(f"step {self.step}/{self.total_steps} ({time.perf_counter() - t0:.0f}s) "
                                  f"{_postfix(self._last_loss(), records)}")
             if stopped is None:
@@ -343,8 +376,23 @@ class _LazyMaps(Sequence):
         return self._done[i]
 
 
+def _label(r: Record) -> str:
+    """``0→1:full``: source and target by index (the legend logged at the start names them)."""
+    return f"{r.source_index}→{r.target_index}:{r.variable}"
+
+
 def _postfix(loss: float | None, records: Sequence[Record]) -> str:
+    """Every direction's validation trial IIA (a log line)."""
     parts = [] if loss is None else [f"loss {loss:.3f}"]
-    for r in records[:9]:
-        parts.append(f"{r.source}>{r.target}:{r.variable[:5]} {r.trial_iia:.2f}")
+    parts.extend(f"{_label(r)} {r.trial_iia:.2f}" for r in records)
     return " ".join(parts)
+
+
+def _short_postfix(loss: float | None, records: Sequence[Record]) -> str:
+    """What fits beside a 100-column bar: loss, mean and the weakest trained direction."""
+    trained = [r for r in records if r.trained] or list(records)
+    parts = [] if loss is None else [f"loss {loss:.3f}"]
+    if trained:
+        worst = min(trained, key=lambda r: r.trial_iia)
+        parts.append(f"IIA {_score(records):.2f} (min {_label(worst)} {worst.trial_iia:.2f})")
+    return " ".join(parts)[:48]

@@ -118,7 +118,7 @@ def test_hub_id_offline_raises_hub_unavailable(monkeypatch):
         load_causal_lm("no-such-org/no-such-model")
     message = str(info.value)
     assert "no-such-org/no-such-model" in message and "local directory" in message
-    assert "build_tiny_qwen2" in message and "huggingface-cli download" in message
+    assert "build_tiny_qwen2" in message and "hf download" in message
     assert time.perf_counter() - started < 20  # no retries against an unreachable hub
 
 

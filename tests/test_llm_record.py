@@ -100,7 +100,7 @@ def test_stale_recordings_are_refused(tiny, recording, tmp_path):
     # Same fingerprint, but the recorded predictions no longer match the model.
     broken = Recording(recording.ids, (recording.predicted + 1) % 512, dict(recording.meta))
     broken_path = broken.save(tmp_path / "broken")
-    with pytest.raises(DataError, match=r"reproduces only 0\.00%.*Re-record"):
+    with pytest.raises(DataError, match=r"reproduces only 0\.00%.*Rebuild it with: llm-mas record --model"):
         load_recording(broken_path, model)
     # Without a model nothing is checked.
     assert len(load_recording(broken_path)) == N

@@ -9,7 +9,7 @@
 Aliases and source are kept in tables beside the model (``llm_mas.sites.register_site_aliases``), never as
 attributes on it.
 
-No network is needed for a local directory (``huggingface-cli download`` on a connected machine, or
+No network is needed for a local directory (``hf download MODEL --local-dir DIR`` on a connected machine, or
 ``llm_mas.llm.tiny.build_tiny_qwen2`` for tests). A hub id that is not a local directory and cannot be
 fetched (``HF_HUB_OFFLINE=1`` or no connection) raises ``HubUnavailableError``.
 """
@@ -80,7 +80,7 @@ def _hub_error(name: str, what: str, cause: BaseException) -> HubUnavailableErro
         f"{what} {name!r} is not a local directory and {reason} (and it is not in the local HF cache): "
         f"{str(cause).splitlines()[0].rstrip('. ') if str(cause) else type(cause).__name__}. "
         "Pass a local directory instead: download it on a connected machine with "
-        f"`huggingface-cli download {name} --local-dir DIR` and copy DIR here, or build a test model offline "
+        f"`hf download {name} --local-dir DIR` and copy DIR here, or build a test model offline "
         "with `llm_mas.llm.tiny.build_tiny_qwen2(DIR)`.")
 
 
@@ -138,7 +138,7 @@ def load_causal_lm(id_or_path: str | os.PathLike, *, dtype: str = "float32", dev
     location, is_local = resolve_model_location(id_or_path)
     if is_local and not (Path(location) / "config.json").exists():
         raise ConfigError(f"model directory {location!r} has no config.json; pass a directory written by "
-                          "save_pretrained / huggingface-cli download")
+                          "save_pretrained / `hf download`")
     if merge_adapter and adapter is None:
         raise ConfigError("merge_adapter=True needs adapter=DIR (the PEFT adapter to merge)")
 

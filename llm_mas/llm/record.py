@@ -322,12 +322,18 @@ def _files(path: str | os.PathLike) -> tuple[Path, Path, Path]:
     return directory, directory / TENSORS_FILE, directory / META_FILE
 
 
-def _stale(tensors_file: Path, meta: dict, reason: str) -> DataError:
+def _stale(tensors_file: Path, meta: dict, reason: str, model: Any = None) -> DataError:
+    """The stale-recording error with the exact command that records it again for the given model (its
+    recorded settings filled in; the prompt texts are listed under "texts" in recording.json)."""
     directory = tensors_file.parent
+    name = _model_id(model) if model is not None else meta.get("model", "MODEL")
+    options = "".join(f" --{flag} {meta[key]}" for flag, key in (
+        ("n", "n_requested"), ("prompt-len", "prompt_len"), ("total-len", "total_len"), ("seed", "seed"),
+        ("dtype", "dtype")) if meta.get(key) is not None)
     return DataError(
-        f"recording {tensors_file} is stale: {reason}. Re-record it with `llm-mas record --model "
-        f"{meta.get('model', 'MODEL')} --texts TEXTS --out {directory}` (or delete {directory} so a cache "
-        "rebuilds it).")
+        f"recording {tensors_file} is stale: {reason}. Rebuild it with: llm-mas record --model {name} --texts "
+        f"TEXTS --out {directory}{options}  (TEXTS: the prompt file it was made from; recording.json lists the "
+        "texts used under \"texts\"), or delete the directory so a recipe's cache rebuilds it.")
 
 
 def verify_recording(recording: Recording, model: Any, tokenizer: Any = None, *, rows: int = 16, seed: int = 0,
@@ -344,16 +350,16 @@ def verify_recording(recording: Recording, model: Any, tokenizer: Any = None, *,
     if meta.get("fingerprint") and meta["fingerprint"] != fingerprint:
         raise _stale(tensors_file, meta, f"it was recorded with model {meta.get('model')!r} (weights fingerprint "
                      f"{meta['fingerprint']}, dtype {meta.get('dtype')}) but the given model's fingerprint is "
-                     f"{fingerprint}")
+                     f"{fingerprint}", model)
     if tokenizer is not None and meta.get("tokenizer_fingerprint") and \
             meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
-        raise _stale(tensors_file, meta, "the given tokenizer differs from the one it was recorded with")
+        raise _stale(tensors_file, meta, "the given tokenizer differs from the one it was recorded with", model)
     sample = torch.randperm(len(recording), generator=torch.Generator().manual_seed(seed))[:rows]
     predicted = teacher_forced_predictions(model, recording.ids[sample], batch_size)
     accuracy = float((predicted == recording.predicted[sample]).float().mean())
     if accuracy < ACCURACY_BAR:
         raise _stale(tensors_file, meta, f"the model reproduces only {accuracy:.2%} of its recorded predictions on "
-                     f"{sample.numel()} rows (needs >= {ACCURACY_BAR:.1%})")
+                     f"{sample.numel()} rows (needs >= {ACCURACY_BAR:.1%})", model)
     return accuracy
 
 

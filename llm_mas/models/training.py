@@ -451,6 +451,33 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     return data
 
 
+def check_fits(weights: Path, model: TaskModel, shapes: dict[str, Any]) -> None:
+    """DataError unless the tensors of ``weights`` (name -> tensor or shape) are exactly ``model``'s: a
+    checkpoint of another architecture (LSTM weights beside a GRU config.yaml) is named, not half-loaded."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    given = {k: tuple(getattr(v, "shape", v)) for k, v in shapes.items()}
+    wrong = [f"{k} {given[k]} (expected {own[k]})" for k in own if k in given and given[k] != own[k]]
+    missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
+    if wrong or missing or unexpected:
+        detail = "; ".join(part for part in (
+            f"shapes differ: {', '.join(wrong[:3])}" if wrong else "",
+            f"missing {', '.join(missing[:3])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:3])}" if unexpected else "") if part)
+        raise DataError(f"{str(weights)!r} does not hold the weights of the {model.arch} model that "
+                        f"{str(weights.parent / 'config.yaml')!r} describes ({detail}); the directory mixes two "
+                        "checkpoints: restore it or retrain with `llm-mas train-model`")
+
+
+def check_finite(weights: Path, state: dict[str, Any]) -> None:
+    """DataError naming the first tensor of ``state`` that holds NaN or inf."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise DataError(f"{str(weights)!r}: tensor {key!r} has {bad} non-finite values; the checkpoint is "
+                                "corrupted: retrain or restore it")
+
+
 def load_run(run_dir: str | Path, device: str = "cpu") -> TaskModel:
     """Rebuild the model of a run directory and load its weights (eval mode, frozen)."""
     from safetensors.torch import load_file
@@ -462,7 +489,14 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> TaskModel:
         raise DataError(f"{str(run_dir)!r} has no model.safetensors (training not finished?)")
     model = build_task_model(model_cfg.pop("arch"), model_cfg.pop("task_name"), model_cfg.pop("vocab_size"),
                              seed=model_cfg.pop("seed"), **model_cfg)
-    state = load_file(str(weights), device="cpu")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as e:  # safetensors raises its own error type for a truncated or overwritten file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{str(weights)!r} is not a readable safetensors file ({first}); the checkpoint is "
+                        "corrupted: retrain or restore it") from None
+    check_fits(weights, model, state)
+    check_finite(weights, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise DataError(f"{str(weights)!r} does not fit the model in config.yaml: missing {missing}, "

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from ..alignments import AlignmentMap
 from ..backends import get_backend
 from ..backends.base import Edit
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..llm.loading import load_causal_lm, parse_device, parse_dtype
 from ..llm.record import IGNORE_INDEX, Recording, StepwisePairs, load_recording, stepwise_pairs
 from ..sites import Site
@@ -210,6 +210,19 @@ class LLMProblem(ProblemBase):
             return torch.zeros((), device=self._loss_device, requires_grad=True), {}
         return total / len(trained), {}
 
+    def direction_losses(self, maps: Sequence[AlignmentMap], batch_index: torch.Tensor
+                         ) -> dict[tuple[int, int, str], float]:
+        """Each trained direction's own token-averaged loss on this process's rows (asked by the trainer only
+        when the total loss is not finite, to name the culprits)."""
+        rows = self.shard.rows(batch_index)
+        out = {}
+        for d in self.splits["train"]:
+            if d.trained and len(rows):
+                logits, labels = self._run(maps, [d], "train", rows)
+                n_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)
+                out[(d.source, d.target, d.variable)] = float(_row_cross_entropy(logits, labels).sum() / n_tokens)
+        return out
+
     @property
     def _loss_device(self) -> torch.device:
         return self.models[0].device
@@ -273,6 +286,13 @@ class LLMProblem(ProblemBase):
 def _load_entry(m, index: int, device: str, log) -> tuple[Any, Any, Any, Recording]:
     """(backend model, tokenizer, backend, verified recording) of one HF model entry of the config."""
     hf_model, tokenizer = load_causal_lm(m.name, dtype=m.dtype, device=device, adapter=m.adapter)
+    for key, tensor in hf_model.state_dict().items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise DataError(f"models.{index} ({m.name}): tensor {key!r} has {bad} non-finite values after "
+                                f"loading (dtype {m.dtype}); the checkpoint is corrupted or overflows this dtype: "
+                                "restore it, or load it in float32")
     recording = load_recording(m.recording, hf_model, tokenizer)
     backend = get_backend(m.backend)
     model = hf_model
@@ -347,6 +367,12 @@ def build_llm_problem(config, *, shard: Shard | None = None, log: Callable[[str]
             latents_cache[cache_key] = {name: collect_latents(backend, model, site, rec.ids, torch.device(device),
                                                               config.eval.batch_size) for name, rec in splits.items()}
         latents = latents_cache[cache_key]
+        for split, cached in latents.items():
+            bad = int((~torch.isfinite(cached)).sum())
+            if bad:
+                raise DataError(f"models.{i} ({m.name}): {bad} non-finite values in its cached {split} latents at "
+                                f"site {m.site!r}; the model overflows in dtype {m.dtype}: load it in float32 or "
+                                "pick another site")
         width = int(latents["train"].shape[-1])
         entries.append(LLMModelEntry(name=names[i], model=model, site=site, width=width, tokenizer=tokenizer,
                                      backend=backend, device=torch.device(device),

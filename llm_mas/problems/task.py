@@ -407,6 +407,19 @@ class TaskModelProblem(ProblemBase):
             return l_behaviour, info
         return (1 - self.cl_epsilon) * l_behaviour + self.cl_epsilon * l_cl, info
 
+    def direction_losses(self, maps, batch_index: torch.Tensor) -> dict[tuple[int, int, str], float]:
+        """Each trained (source, target, variable)'s own loss on these rows (the trainer asks only when the
+        total loss is not finite, to name the culprits)."""
+        rows = batch_index.to(self.device)
+        out = {}
+        for c in self.splits["train"]:
+            if c.cl:
+                out[(c.source, c.target, c.variable)] = float(self.cl_loss(maps, c, rows))
+            elif c.trained:
+                logits, labels, _ = self._run(maps, [c], [rows], rollout=False)
+                out[(c.source, c.target, c.variable)] = float(F.cross_entropy(logits, labels))
+        return out
+
     def intervened_latents(self, maps, chunk: TaskPairs, rows: torch.Tensor) -> torch.Tensor:
         """ĥ (rows, d_t): the intervened target latent at target_pos in the target's native space."""
         return self.intervention(maps, chunk.target_latents[rows], chunk.source_latents(rows), chunk.source,
@@ -519,7 +532,10 @@ def build_task_problem(config, *, shard: Shard | None = None, log: Callable[[str
         raise ConfigError(problems)
     entries = []
     for i, m in enumerate(config.models):
-        model = load_task_model(m.name).to(config.device)
+        try:
+            model = load_task_model(m.name).to(config.device)
+        except DataError as e:
+            raise DataError(f"models.{i} ({m.name}): {e}") from None
         if m.untrained:  # control: same architecture, fresh random weights (a new model; the loaded one is dropped)
             settings = dict(model.config)
             arch, task_name, vocab = settings.pop("arch"), settings.pop("task_name"), settings.pop("vocab_size")
