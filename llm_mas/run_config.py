@@ -459,6 +459,8 @@ def hf_header_problems(config: MASConfig) -> list[str]:
 
     problems, widths = [], []
     for i, m in enumerate(config.models):
+        if not isinstance(m, HFModelConfig):  # a task model next to LMs (counterfactual runs): checked by name
+            continue
         if m.recording is not None and not (Path(m.recording) / "recording.safetensors").is_file():
             problems.append(f"models.{i}.recording: {m.recording!r} holds no recording.safetensors; make it with "
                             f"`llm-mas record --model {m.name} --texts TEXTS --out {m.recording}`")
