@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-import llm_mas
+from llm_mas.resources import package_path
 from recipes.common.cli import recipe_main
 from recipes.common.plans import (
     SMOKE_MAS_OVERRIDES,
@@ -48,7 +48,7 @@ from recipes.common.report import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED_LMS = Path(llm_mas.__file__).parent / "data" / "lms"
+SHIPPED_LMS = package_path("data", "lms")
 DIRECTIONS = (("A→B", 0, 1), ("B→A", 1, 0), ("A→A", 0, 0), ("B→B", 1, 1))
 
 
