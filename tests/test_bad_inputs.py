@@ -10,15 +10,14 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from llm_mas.errors import ConfigError, DataError, MASError, NumericalError
+from llm_mas.errors import ConfigError, DataError, NumericalError
 from llm_mas.models.registry import shipped_models_dir
-from llm_mas.run import RunDir, run
+from llm_mas.run import run
 from llm_mas.run_config import load_mas_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -387,6 +386,39 @@ def test_non_finite_loss_stops_training_naming_the_step_and_direction(finished, 
     monkeypatch.setattr(TaskModelProblem, "direction_losses", poisoned_direction)
     with pytest.raises(NumericalError, match=r"training step 2: the loss is not finite.*0→1:full"):
         run(_config(tmp_path, "train.eval_every=1"), log=lambda s: None)
+
+
+def test_non_finite_latents_are_refused_before_the_run_directory_changes(tmp_path, monkeypatch):
+    """Finite weights that still give inf latents (an overflow on the model's own inputs): one DataError naming
+    the model and the site, and no run directory."""
+    from llm_mas.backends.torch_hooks import TorchHookBackend
+
+    real = TorchHookBackend.collect
+
+    def overflowing(self, model, inputs, sites, **kwargs):
+        out = real(self, model, inputs, sites, **kwargs)
+        if getattr(model, "arch", None) == "gru" and model is overflowing.target:
+            for latents in out.values():
+                latents[0, 1, 0] = math.inf
+        return out
+
+    config = _config(tmp_path)
+    from llm_mas.problems import task as task_problem
+
+    real_load = task_problem.load_task_model
+
+    def load(name, *args, **kwargs):
+        model = real_load(name, *args, **kwargs)
+        if str(name).endswith("gru-s1"):
+            overflowing.target = model
+        return model
+
+    overflowing.target = None
+    monkeypatch.setattr(task_problem, "load_task_model", load)
+    monkeypatch.setattr(TorchHookBackend, "collect", overflowing)
+    with pytest.raises(DataError, match=r"models\.1 \(multiobject-gru-s1\): 1 non-finite latent values at site"):
+        run(config, log=lambda s: None)
+    assert not (tmp_path / config.name).exists()
 
 
 # ------------------------------------------------------------------------------- killed inside every write

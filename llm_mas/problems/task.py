@@ -222,7 +222,13 @@ class TaskModelProblem(ProblemBase):
                 x = torch.as_tensor(ids[lo:lo + 2000], device=self.device)
                 latents = self.backend.collect(entry.model, {"input_ids": x}, [entry.site])[str(entry.site)]
                 out.append(latents[torch.as_tensor(nonpad[lo:lo + 2000], device=self.device)])  # (tokens, d)
-        return LatentCache(torch.cat(out), torch.as_tensor(lengths, device=self.device))
+        packed = torch.cat(out)                                                 # (tokens, d)
+        bad = int((~torch.isfinite(packed)).sum())
+        if bad:
+            raise DataError(f"models.{self.models.index(entry)} ({entry.name}): {bad} non-finite latent values at "
+                            f"site {entry.site} on its own base sequences; its weights are finite, so the model "
+                            "overflows on this input: check the model (llm-mas eval-model) or choose another site")
+        return LatentCache(packed, torch.as_tensor(lengths, device=self.device))
 
     def _variable_spec(self, s: int, t: int, v: str):
         if v in ("full", "null"):
