@@ -37,8 +37,16 @@ from torch import nn
 from .alignments import make_alignment
 from .config import config_text, to_dict
 from .errors import ConfigError
-from .files import (DirectoryLock, atomic_save_tensors, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                    file_digest, load_torch_state, tree_digest)
+from .files import (
+    DirectoryLock,
+    atomic_save_tensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    file_digest,
+    load_torch_state,
+    tree_digest,
+)
 from .problems import PROBLEMS, InterventionProblem, Record, Shard
 from .results import MASResult
 from .run_config import MASConfig, preflight
