@@ -89,6 +89,20 @@ def load_torch_state(path: str | Path, map_location: Any = "cpu") -> Any:
                         "by llm_mas. Delete it (or the run directory) and run again") from None
 
 
+# ------------------------------------------------------------------------------------------ reading rows
+def jsonl_rows(path: str | Path):
+    """(line number, parsed value) of every non-blank line of a JSONL file; a line that is not JSON is a
+    DataError naming the file and the line."""
+    path = Path(path)
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: row {number}: not valid JSON ({e.msg}): {line[:80]!r}") from None
+
+
 # ------------------------------------------------------------------------------------------ fingerprints
 def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
     """sha256 of a file's bytes (hex, first 16 characters)."""

@@ -8,7 +8,6 @@ Only the standard library and typer are imported here; the work happens in ``llm
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -19,6 +18,7 @@ from . import run_command
 def read_texts(path: str | Path) -> list[str]:
     """Texts from a ``.txt`` (one per non-empty line) or ``.jsonl`` (a "text" field per line) file."""
     from ..errors import ConfigError, DataError
+    from ..files import jsonl_rows
 
     file = Path(path)
     if not file.is_file():
@@ -29,15 +29,9 @@ def read_texts(path: str | Path) -> list[str]:
         return [line.rstrip("\r") for line in file.read_text(encoding="utf-8").split("\n") if line.strip()]
     if suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{file}:{number} is not valid JSON ({e.msg})") from None
+        for number, row in jsonl_rows(file):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DataError(f"{file}:{number} needs a string field \"text\"; got {line[:80]!r}")
+                raise DataError(f"{file}:{number} needs a string field \"text\"; got {str(row)[:80]!r}")
             texts.append(row["text"])
         return texts
     raise ConfigError(f"texts file {str(file)!r} has suffix {suffix!r}; valid choices: .jsonl, .txt")

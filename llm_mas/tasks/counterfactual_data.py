@@ -30,7 +30,6 @@ position p of the base takes the source latent at the source's task position p (
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from llm_mas.errors import ConfigError, DataError
+from llm_mas.files import jsonl_rows
 from llm_mas.tasks.base import PAD, SequenceBatch, Task
 from llm_mas.tasks.text import render_texts, resolve_positions
 
@@ -149,13 +149,7 @@ def load_dataset(path: str | Path) -> list[TextRow]:
         raise ConfigError(f"dataset {str(path)!r} does not exist")
     rows = []
     if path.suffix.lower() == ".jsonl":
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                values = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: row {number}: not valid JSON ({e.msg}): {line[:80]!r}") from None
+        for number, values in jsonl_rows(path):
             rows.append(_row(values, number, path, csv_cell=False))
     else:
         with open(path, newline="", encoding="utf-8") as f:
