@@ -122,34 +122,39 @@ def _hf_weights_digest(name: str) -> str:
 def model_fingerprints(config: MASConfig) -> list[dict[str, str]]:
     """Per model, digests of what its result depends on beyond the config: task models: its directory's
     model.safetensors and config.yaml; HF models: the weight files and config.json, the adapter, the
-    recording."""
+    recording. A model listed twice (a model and its copy) is read once."""
     from .models.registry import resolve_model_dir
 
-    out = []
-    for m in config.models:
+    def entry(m) -> dict[str, str]:
         if m.kind == "task":
             model_dir = resolve_model_dir(m.name)[0]
-            out.append({name: file_digest(model_dir / name) if (model_dir / name).exists() else "missing"
-                        for name in ("model.safetensors", "config.yaml")})
-        else:
-            entry = {"weights": _hf_weights_digest(m.name)}
-            if m.adapter is not None:
-                entry["adapter"] = _hf_weights_digest(m.adapter)
-            recording = Path(m.recording) / "recording.safetensors" if m.recording else None
-            entry["recording"] = file_digest(recording) if recording and recording.is_file() else "missing"
-            out.append(entry)
+            return {name: file_digest(model_dir / name) if (model_dir / name).exists() else "missing"
+                    for name in ("model.safetensors", "config.yaml")}
+        digests = {"weights": _hf_weights_digest(m.name)}
+        if m.adapter is not None:
+            digests["adapter"] = _hf_weights_digest(m.adapter)
+        recording = Path(m.recording) / "recording.safetensors" if m.recording else None
+        digests["recording"] = file_digest(recording) if recording and recording.is_file() else "missing"
+        return digests
+
+    seen: dict[tuple, dict[str, str]] = {}
+    out = []
+    for m in config.models:
+        key = (m.kind, m.name, getattr(m, "adapter", None), getattr(m, "recording", None))
+        if key not in seen:
+            seen[key] = entry(m)
+        out.append(dict(seen[key]))
     return out
 
 
 def run_fingerprint(config: MASConfig) -> dict[str, Any]:
     """What determines a run's result: the resolved config (flattened; without its cosmetic keys and step
-    budget), the data seed and a digest of every model's weights (``fingerprint.json``)."""
+    budget; the data seed is its ``seed``) and a digest of every model's weights (``fingerprint.json``)."""
     flat = _flatten({k: v for k, v in to_dict(config).items() if k not in COSMETIC_KEYS})
     for key in BUDGET_KEYS:
         flat.pop(key, None)
     flat.update({f"models.{i}.{key}": value for i, digests in enumerate(model_fingerprints(config))
                  for key, value in digests.items()})
-    flat["seed"] = config.seed
     return {"version": 1, "values": flat}
 
 

@@ -31,8 +31,9 @@ from .problems.base import InterventionProblem, Record
 # Every step allocates tensors whose sizes change with the batch (run widths, scored-token counts), and glibc's
 # allocator keeps the freed blocks: the resident memory of a 2-model run at full size grew ~11 MB per step
 # (1.2 GB after 20 steps, 2.1 GB after 100) while the live tensors stayed under 0.8 GB. Handing freed heap
-# pages back to the OS every 10 steps keeps it at 1.1-1.2 GB (peak 1.2 GB after 100 steps) for ~3 % of the
-# step's CPU time (measured on the gru_gru_hidden preset, batch 512, 1 thread). No allocator setting changes.
+# pages back to the OS every 10 steps keeps it at 1.1-1.2 GB (peak 1.2 GB after 100 steps); CPU per step
+# was within the noise of a loaded machine (0.560 vs 0.546 s in separate runs; gru_gru_hidden preset,
+# batch 512, 1 thread; BENCHMARKS.md). No allocator setting changes.
 RELEASE_MEMORY_EVERY = 10
 _LIBC = None
 
