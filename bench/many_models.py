@@ -8,7 +8,8 @@ budget of directions per step.
 The models are the 15 shipped MultiObject models, interleaved by architecture (gru-s0, lstm-s0,
 transformer-s0, gru-s1, ...; the first n are used), each at its hidden site, variable ``full``, k = 32,
 orthogonal alignments, every direction trained (n² of them) and ``train.directions_per_step`` = the
-budget (balanced sampling). Each measurement is one fresh subprocess (so its peak RSS, read with
+budget (each sampling of ``--sampling``: balanced spreads a step's directions over many targets,
+by_target groups them by target). Each measurement is one fresh subprocess (so its peak RSS, read with
 ``getrusage(RUSAGE_SELF).ru_maxrss``, is its own): it builds the problem (sampling, latent caches, pairs),
 runs `--steps` training steps (the MASTrainer loop body with the step's sampled directions) after 2
 warm-up steps, and reports the median step time (wall and process CPU), the peak RSS after building and
@@ -42,7 +43,7 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(n: int, n_train: int, n_valid: int, budget: int, batch: int, steps: int) -> dict:
+def child(n: int, n_train: int, n_valid: int, budget: int, batch: int, steps: int, sampling: str) -> dict:
     """One measurement in this (fresh) process; returns the JSON-able result."""
     import torch
 
@@ -55,7 +56,7 @@ def child(n: int, n_train: int, n_valid: int, budget: int, batch: int, steps: in
     config = config_from_kwargs(
         models=[{"name": name, "site": "hidden"} for name in ORDER[:n]], variables=["full"], k=32,
         directions="all", data={"n_train": n_train, "n_valid": n_valid}, progress=False,
-        train={"batch_size": batch, "directions_per_step": budget, "direction_sampling": "balanced"})
+        train={"batch_size": batch, "directions_per_step": budget, "direction_sampling": sampling})
     after_imports = _rss_now_mib()
     t0 = time.perf_counter()
     problem = build_problem(config)
@@ -78,7 +79,7 @@ def child(n: int, n_train: int, n_valid: int, budget: int, batch: int, steps: in
         if step >= 2:
             wall.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
-    return {"n": n, "models": ORDER[:n], "directions": n * n, "budget": budget, "batch": batch,
+    return {"n": n, "models": ORDER[:n], "directions": n * n, "budget": budget, "sampling": sampling, "batch": batch,
             "n_train": n_train, "n_valid": n_valid, "steps": steps, "build_s": build_s,
             "step_wall_s": median(wall), "step_cpu_s": median(cpu), "rss_after_imports_mib": after_imports,
             "peak_rss_after_build_mib": peak_build, "peak_rss_mib": _peak_mib(),
@@ -93,6 +94,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--n-train", type=int, default=None)
     parser.add_argument("--n-valid", type=int, default=None)
     parser.add_argument("--budget", type=int, default=8, help="directions per step")
+    parser.add_argument("--sampling", nargs="+", default=["balanced", "by_target"],
+                        choices=["uniform", "balanced", "by_target"], help="direction samplings to compare")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
@@ -102,34 +105,36 @@ def main(argv=None) -> dict:
     n_valid = args.n_valid or (100 if args.quick else 1000)
     steps = args.steps or (5 if args.quick else 20)
     repeats = args.repeats or (1 if args.quick else 2)
-    runs: dict[int, list[dict]] = {n: [] for n in ns}
+    cells = [(sampling, n) for sampling in args.sampling for n in ns]
+    runs: dict[tuple[str, int], list[dict]] = {cell: [] for cell in cells}
     for r in range(repeats):
-        order = ns[r % len(ns):] + ns[:r % len(ns)]
-        for n in order:
+        order = cells[r % len(cells):] + cells[:r % len(cells)]
+        for sampling, n in order:
             command = [sys.executable, str(HERE / "many_models.py"), "--child", str(n), str(n_train), str(n_valid),
-                       str(args.budget), str(args.batch), str(steps)]
+                       str(args.budget), str(args.batch), str(steps), sampling]
             out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if out.returncode != 0:
-                raise RuntimeError(f"n={n} failed: {out.stderr[-3000:]}")
+                raise RuntimeError(f"n={n} ({sampling}) failed: {out.stderr[-3000:]}")
             result = json.loads(out.stdout.strip().splitlines()[-1])
-            runs[n].append(result)
-            print(f"[many_models] n={n}: step {result['step_cpu_s']:.3f}s CPU / {result['step_wall_s']:.3f}s wall, "
-                  f"peak RSS {result['peak_rss_mib']:.0f} MiB (caches {result['cache_mib']:.0f} MiB, direction "
-                  f"arrays {result['direction_arrays_mib']:.1f} MiB), build {result['build_s']:.0f}s, "
-                  f"load {result['loadavg'][0]:.1f}", flush=True)
-    header = ["n models", "directions", "budget", "CPU s/step", "wall s/step", "peak RSS MiB", "after build MiB",
-              "caches MiB", "direction arrays MiB", "build s"]
+            runs[(sampling, n)].append(result)
+            print(f"[many_models] n={n} {sampling}: step {result['step_cpu_s']:.3f}s CPU / "
+                  f"{result['step_wall_s']:.3f}s wall, peak RSS {result['peak_rss_mib']:.0f} MiB (caches "
+                  f"{result['cache_mib']:.0f} MiB, direction arrays {result['direction_arrays_mib']:.1f} MiB), "
+                  f"build {result['build_s']:.0f}s, load {result['loadavg'][0]:.1f}", flush=True)
+    header = ["sampling", "n models", "directions", "budget", "CPU s/step", "wall s/step", "peak RSS MiB",
+              "after build MiB", "caches MiB", "direction arrays MiB", "build s"]
     rows = []
-    for n in ns:
-        rs = runs[n]
-        rows.append([n, n * n, args.budget, median([r["step_cpu_s"] for r in rs]),
+    for sampling, n in cells:
+        rs = runs[(sampling, n)]
+        rows.append([sampling, n, n * n, min(args.budget, n * n), median([r["step_cpu_s"] for r in rs]),
                      median([r["step_wall_s"] for r in rs]), max(r["peak_rss_mib"] for r in rs),
                      max(r["peak_rss_after_build_mib"] for r in rs), rs[0]["cache_mib"],
                      rs[0]["direction_arrays_mib"], median([r["build_s"] for r in rs])])
     print_table(f"Step time and peak memory versus n (budget {args.budget} directions/step, batch {args.batch}, "
                 f"n_train {n_train}, n_valid {n_valid}, 1 thread)", header, rows)
     payload = {"n_train": n_train, "n_valid": n_valid, "budget": args.budget, "batch": args.batch, "steps": steps,
-               "repeats": repeats, "runs": {str(n): rs for n, rs in runs.items()},
+               "repeats": repeats, "samplings": args.sampling,
+               "runs": {f"{sampling}:{n}": rs for (sampling, n), rs in runs.items()},
                "table_markdown": markdown_table(header, rows)}
     write_result("many_models", payload)
     return payload
@@ -138,6 +143,6 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         n, n_train, n_valid, budget, batch, steps = map(int, sys.argv[2:8])
-        print(json.dumps(child(n, n_train, n_valid, budget, batch, steps)))
+        print(json.dumps(child(n, n_train, n_valid, budget, batch, steps, sys.argv[8])))
     else:
         main(sys.argv[1:])

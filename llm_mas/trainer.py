@@ -52,7 +52,7 @@ def release_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-DIRECTION_SAMPLING = ("uniform", "balanced")
+DIRECTION_SAMPLING = ("uniform", "balanced", "by_target")
 
 
 @dataclass
@@ -68,7 +68,7 @@ class TrainerConfig:
     grad_accum: int = 1               # micro-batches per optimiser step
     # trained directions per step (None: every trained direction every step); all are still evaluated
     directions_per_step: int | None = None
-    direction_sampling: str = "uniform"   # uniform | balanced (see MASTrainer.step_directions)
+    direction_sampling: str = "uniform"   # uniform | balanced | by_target (see MASTrainer.step_directions)
     seed: int = 0
 
     def validate(self) -> list[str]:
@@ -90,7 +90,7 @@ class TrainerConfig:
                      f"{self.directions_per_step}")
         if self.direction_sampling not in DIRECTION_SAMPLING:
             p.append(f"train.direction_sampling {self.direction_sampling!r} must be "
-                     f"{' or '.join(DIRECTION_SAMPLING)}")
+                     f"{', '.join(DIRECTION_SAMPLING[:-1])} or {DIRECTION_SAMPLING[-1]}")
         if not 0 < self.target_iia <= 1.0 + 1e-9:
             p.append(f"train.target_iia must be in (0, 1], got {self.target_iia}")
         return p
@@ -174,18 +174,31 @@ class MASTrainer:
         - balanced: steps are grouped into cycles of ceil(D / b) steps; cycle c takes a permutation of the D
           directions and step j of the cycle trains its elements j·b .. j·b + b − 1 (the last step of a
           cycle trains the remaining D − (ceil(D / b) − 1)·b). Every direction is trained exactly once per
-          cycle, so with directions all, cross or self every model is a source and a target equally often.
-        Both are seeded by (seed, step) (balanced: by (seed, cycle)) alone, so a resumed run trains the same
-        directions as an uninterrupted one. Returned sorted.
+          cycle, so with directions all, cross or self every model is a source and a target equally often;
+        - by_target: cycles as in balanced, but the cycle's order lists the directions target by target (a
+          seeded permutation of the targets, and of each target's directions within it), so a step's b
+          directions share as few targets as possible. The problem runs one patched forward pass per target,
+          so a step costs about the same whatever the number of models (uniform or balanced sampling spread
+          b directions over up to b targets: b small passes). Coverage per cycle is that of balanced.
+        All are seeded by (seed, step) (balanced, by_target: by (seed, cycle)) alone, so a resumed run trains
+        the same directions as an uninterrupted one. Returned sorted.
         """
         budget, every = self.config.directions_per_step, self.trained_directions
         if budget is None or budget >= len(every):
             return None
-        if self.config.direction_sampling == "balanced":
+        if self.config.direction_sampling in ("balanced", "by_target"):
             per_cycle = math.ceil(len(every) / budget)
             cycle, pos = divmod(step, per_cycle)
             g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 500_009 + cycle)
-            picked = torch.randperm(len(every), generator=g)[pos * budget:(pos + 1) * budget]
+            if self.config.direction_sampling == "balanced":
+                order = torch.randperm(len(every), generator=g).tolist()
+            else:
+                targets = sorted({t for _, t in every})
+                order = []
+                for ti in torch.randperm(len(targets), generator=g).tolist():
+                    mine = [i for i, (_, t) in enumerate(every) if t == targets[ti]]
+                    order += [mine[j] for j in torch.randperm(len(mine), generator=g).tolist()]
+            picked = torch.tensor(order[pos * budget:(pos + 1) * budget], dtype=torch.long)
         else:
             g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 700_001 + step)
             picked = torch.randperm(len(every), generator=g)[:budget]

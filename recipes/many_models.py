@@ -74,7 +74,7 @@ from recipes.common.report import (
     write_summary,
 )
 
-SAMPLINGS = ("uniform", "balanced")
+SAMPLINGS = ("uniform", "balanced", "by_target")
 KINDS = ("pairwise", "like", "unlike", "all")
 SMOKE_SIMILARITY = {"per_quantity": 2}
 

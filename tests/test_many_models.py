@@ -40,7 +40,7 @@ def _trainer(problem, path=None, **train) -> tuple[MASTrainer, torch.nn.ModuleLi
     return MASTrainer(aligns, problem, cfg, checkpoint_path=path, progress=False), aligns
 
 
-@pytest.mark.parametrize("sampling", ["uniform", "balanced"])
+@pytest.mark.parametrize("sampling", ["uniform", "balanced", "by_target"])
 def test_sampled_directions_are_seeded_and_a_killed_run_resumes_bit_identically(sampling, tmp_path):
     problem = _problem(3)
     budget = {"directions_per_step": 2, "direction_sampling": sampling}
@@ -92,9 +92,10 @@ def test_a_step_trains_only_its_directions():
     assert _trainer(problem, directions_per_step=9)[0].step_directions(0) is None
 
 
+@pytest.mark.parametrize("sampling", ["balanced", "by_target"])
 @pytest.mark.parametrize("n,budget", [(3, 2), (4, 5), (5, 8)])
-def test_balanced_sampling_covers_every_direction_once_per_cycle(n, budget):
-    trainer, _ = _trainer(_FakeProblem(n), directions_per_step=budget, direction_sampling="balanced")
+def test_balanced_sampling_covers_every_direction_once_per_cycle(n, budget, sampling):
+    trainer, _ = _trainer(_FakeProblem(n), directions_per_step=budget, direction_sampling=sampling)
     every = [(s, t) for s in range(n) for t in range(n)]
     per_cycle = -(-len(every) // budget)
     for cycle in range(3):
@@ -106,6 +107,24 @@ def test_balanced_sampling_covers_every_direction_once_per_cycle(n, budget):
     first = [trainer.step_directions(j) for j in range(per_cycle)]
     second = [trainer.step_directions(per_cycle + j) for j in range(per_cycle)]
     assert first != second                                      # a fresh permutation per cycle
+
+
+@pytest.mark.parametrize("n,budget", [(5, 4), (15, 16), (15, 8), (9, 20)])
+def test_by_target_sampling_touches_as_few_targets_as_a_step_can(n, budget):
+    """A by_target step's b directions span at most ceil(b / n) + 1 targets (n directions per target), and
+    over a cycle each target's directions arrive together; balanced draws spread over many more targets."""
+    grouped, _ = _trainer(_FakeProblem(n), directions_per_step=budget, direction_sampling="by_target")
+    spread, _ = _trainer(_FakeProblem(n), directions_per_step=budget, direction_sampling="balanced")
+    per_cycle = -(-n * n // budget)
+    limit = -(-budget // n) + 1
+    grouped_targets = [len({t for _, t in grouped.step_directions(j)}) for j in range(2 * per_cycle)]
+    spread_targets = [len({t for _, t in spread.step_directions(j)}) for j in range(2 * per_cycle)]
+    assert max(grouped_targets) <= limit
+    assert sum(grouped_targets) < sum(spread_targets)
+    # a target's n directions fall into at most two consecutive steps of a cycle
+    for t in range(n):
+        steps = [j for j in range(per_cycle) if any(tt == t for _, tt in grouped.step_directions(j))]
+        assert steps == list(range(steps[0], steps[0] + len(steps))) and len(steps) <= 2 + (n - 1) // budget
 
 
 class _FakeProblem:
@@ -121,7 +140,7 @@ def test_a_bad_budget_is_one_clear_error():
     problem = _FakeProblem(2)
     with pytest.raises(ConfigError, match="directions_per_step must be >= 1"):
         MASTrainer(torch.nn.ModuleList(), problem, TrainerConfig(directions_per_step=0))
-    with pytest.raises(ConfigError, match="direction_sampling 'random' must be uniform or balanced"):
+    with pytest.raises(ConfigError, match="direction_sampling 'random' must be uniform, balanced or by_target"):
         MASTrainer(torch.nn.ModuleList(), problem, TrainerConfig(direction_sampling="random"))
 
 
