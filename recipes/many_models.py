@@ -103,6 +103,7 @@ class RecipeConfig:
     k: int = 32
     mas_preset: str = "llm_mas/presets/three_grus.yaml"
     mas_overrides: list[str] = field(default_factory=list)
+    all_model_overrides: list[str] = field(default_factory=list)  # applied after mas_overrides to the all-model runs
     directions_per_step: int = 0      # 0: every direction every step; else passed to runs with more directions
     direction_sampling: str = "balanced"
     ns: list[int] = field(default_factory=lambda: [3, 5, 9, 15])
@@ -191,15 +192,15 @@ def added_models(config: RecipeConfig, pair: list[str], pool: list[str], kind: s
 
 
 def plan(config: RecipeConfig, names: list[str], mapping: dict[str, str], overrides: list[str], ns: list[int],
-         seeds: list[int], mas_dir: Path, progress: bool) -> list[PlannedRun]:
+         seeds: list[int], mas_dir: Path, progress: bool, all_model_overrides: list[str] = ()) -> list[PlannedRun]:
     """Every MAS run: the all-model runs first (one per seed), then per seed the pairwise runs and the joint
     runs of each reference pair by n. Each plan's rows are the reference pairs' cross directions it holds."""
     pairs = [p for p in config.reference_pairs if all(m in names for m in p.models)]
 
-    def cfg(run_name: str, models: list[str], seed: int):
+    def cfg(run_name: str, models: list[str], seed: int, extra: list[str] = ()):
         return mas_config_from_preset(
-            config.mas_preset, [*overrides, *budget_overrides(len(models), config.directions_per_step,
-                                                             config.direction_sampling)],
+            config.mas_preset, [*overrides, *extra, *budget_overrides(len(models), config.directions_per_step,
+                                                                     config.direction_sampling)],
             name=run_name, out_dir=str(mas_dir), seed=seed, device=config.device, progress=progress,
             models=[{"name": mapping[m], "site": config.site} for m in models], k=config.k, directions="all",
             variables=["full"])
@@ -216,7 +217,8 @@ def plan(config: RecipeConfig, names: list[str], mapping: dict[str, str], overri
 
     runs: dict[str, PlannedRun] = {}
     for seed in seeds:
-        runs[f"joint_all_s{seed}"] = PlannedRun(cfg(f"joint_all_s{seed}", names, seed), rows(names, "all", -1))
+        runs[f"joint_all_s{seed}"] = PlannedRun(cfg(f"joint_all_s{seed}", names, seed, all_model_overrides),
+                                                rows(names, "all", -1))
     for seed in seeds:
         for p in pairs:
             runs[f"pair_{p.name}_s{seed}"] = PlannedRun(cfg(f"pair_{p.name}_s{seed}", p.models, seed),
@@ -570,6 +572,7 @@ def write_outputs(config: RecipeConfig, names: list[str], plans: list[PlannedRun
     sections += [
         f"{seconds:.0f} s this call. Models: {', '.join(labels)} at `{config.site}`, k = {config.k}; MAS settings "
         f"from `{config.mas_preset}` with {', '.join(config.mas_overrides) or 'no overrides'}"
+        + (f" (the all-model runs also {', '.join(config.all_model_overrides)})" if config.all_model_overrides else "")
         + (f"; runs with more than {config.directions_per_step} directions sample {config.directions_per_step} "
            f"trained directions per step ({config.direction_sampling})" if config.directions_per_step else "")
         + ". Trial IIA: validation, best checkpoint, 95% bootstrap CIs per direction in `pairs.csv`.",
@@ -637,7 +640,8 @@ def main(argv: list[str] | None = None) -> int:
         ns = [len(names)] if args.smoke else config.ns
         seeds = config.seeds[:1] if args.smoke else config.seeds
         plans = plan(config, names, mapping, overrides, ns, seeds, run_dir / "mas",
-                     progress=not args.smoke and sys.stdout.isatty())
+                     progress=not args.smoke and sys.stdout.isatty(),
+                     all_model_overrides=[] if args.smoke else config.all_model_overrides)
         only = [s for s in args.only.split(",") if s]
         unknown = [s for s in only if s not in {p.name for p in plans}]
         if unknown:
