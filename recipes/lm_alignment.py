@@ -167,7 +167,7 @@ def plan(config: RecipeConfig, overrides: list[str], mas_dir: Path, untrained: P
                 [f"data.task={config.task}", f"data.stepwise={str(config.stepwise).lower()}"])
         return mas_config_from_preset(config.mas_preset, [*data, *overrides], name=name, out_dir=str(mas_dir),
                                       seed=config.seed, device=config.device, progress=progress, k=config.k,
-                                      variables=[config.variable], directions="all", models=entries)
+                                      variables=["full" if dataset is not None else config.variable], directions="all", models=entries)
 
     def two(group, comparison, a, b, run_name, entries):
         return PlannedRun(cfg(run_name, entries), [({"group": group, "comparison": comparison, "model_a": a,
@@ -248,13 +248,13 @@ def build(config: RecipeConfig, run_dir: Path, smoke: bool, scratch_dir: Path | 
                 dataset=dataset)
 
 
-def publish(run_dir: Path, docs: Path = REPO / "docs") -> None:
-    """Copy the outputs to docs/results/lm_alignment.{md,csv} and docs/figures/lm_alignment.png."""
+def publish(run_dir: Path, docs: Path = REPO / "docs", stem: str = "lm_alignment") -> None:
+    """Copy the outputs to docs/results/<stem>.{md,csv} and docs/figures/<stem>.png (stem: the config's name)."""
     (docs / "results").mkdir(parents=True, exist_ok=True)
     (docs / "figures").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run_dir / "summary.md", docs / "results" / "lm_alignment.md")
-    shutil.copyfile(run_dir / "results.csv", docs / "results" / "lm_alignment.csv")
-    shutil.copyfile(run_dir / "lm_alignment.png", docs / "figures" / "lm_alignment.png")
+    shutil.copyfile(run_dir / "summary.md", docs / "results" / f"{stem}.md")
+    shutil.copyfile(run_dir / "results.csv", docs / "results" / f"{stem}.csv")
+    shutil.copyfile(run_dir / "lm_alignment.png", docs / "figures" / f"{stem}.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
         config_path = next((a for a in argv if a.endswith(".yaml")), str(REPO / "recipes/configs/lm_alignment.yaml"))
         config = load_config(RecipeConfig, config_path, [a for a in argv if "=" in a and not a.startswith("--")])
-        publish(Path(config.out_dir) / (config.name + ("-smoke" if "--smoke" in argv else "")))
+        publish(Path(config.out_dir) / (config.name + ("-smoke" if "--smoke" in argv else "")), stem=config.name)
     return code
 
 
