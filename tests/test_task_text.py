@@ -215,3 +215,55 @@ def test_binding_errors():
         task.sample(3, np.random.default_rng(0), quantities=[7])
     with pytest.raises(ConfigError, match="valid choices"):
         get_text_task("bindings")
+
+
+# ------------------------------------------------------------------- binding counterfactuals at the query
+def test_golden_query_counterfactual_labels():
+    """Intervening at '?': hand-computed answers of the causal model."""
+    from llm_mas.tasks.binding import query_counterfactual_labels
+
+    task = binding()
+    base = task.from_strings(["B a = 3 , b = 5 , c = 1 ; b ? 5 E", "B d = 4 ; d ? 4 E"]).ids
+    source = task.from_strings(["B e = 9 , a = 2 ; a ? 2 E", "B c = 7 , d = 0 ; c ? 7 E"])
+    src = np.zeros_like(base)
+    src[:, : source.ids.shape[1]] = source.ids
+    # answer: the source's retrieved value (a -> 2; c -> 7)
+    assert query_counterfactual_labels(base, src, "answer").tolist() == [2, 7]
+    # query: the base's binding of the source's query name (a -> 3 in row 0; c is unbound in row 1: -1)
+    assert query_counterfactual_labels(base, src, "query").tolist() == [3, -1]
+    with pytest.raises(ConfigError, match="valid choices: answer, query"):
+        query_counterfactual_labels(base, src, "value")
+
+
+def test_binding_counterfactual_rows_follow_the_causal_model(tmp_path):
+    from llm_mas.llm.train_lm import build_word_tokenizer
+    from llm_mas.tasks.binding import binding_counterfactual_rows, write_counterfactual_dataset
+    from llm_mas.tasks.counterfactual_data import encode_text_rows, load_dataset
+
+    task = binding()
+    for mode in ("answer", "query"):
+        rows = binding_counterfactual_rows(300, seed=5, mode=mode)
+        assert len(rows) == 300 and rows == binding_counterfactual_rows(300, seed=5, mode=mode)
+        vocab = {w: i for i, w in enumerate(task_words(task))}
+        for row in rows:
+            base = [vocab[w] for w in row["base"].split()]
+            source = [vocab[w] for w in row["source"].split()]
+            assert base[-1] == vocab["?"] and source[-1] == vocab["?"]
+            binds = {base[i]: int(row["base"].split()[i + 2]) for i in range(1, len(base) - 3, 4)}
+            s_binds = {source[i]: int(row["source"].split()[i + 2]) for i in range(1, len(source) - 3, 4)}
+            expected = s_binds[source[-2]] if mode == "answer" else binds[source[-2]]
+            assert int(row["continuation"]) == expected != binds[base[-2]]  # informative: not the base's answer
+        lengths = {len(r["base"].split()) for r in rows}
+        assert lengths >= {4 * n + 3 for n in range(2, 7)}  # N = 2..6 in the bases (N = 1 too for answer)
+        assert (4 * 1 + 3 in lengths) == (mode == "answer")
+    path = write_counterfactual_dataset(tmp_path / "cf" / "answer.jsonl", 20, seed=1)
+    loaded = load_dataset(path)
+    assert [r.continuation for r in loaded] == [r["continuation"] for r in binding_counterfactual_rows(20, 1)]
+    encoded = encode_text_rows(loaded, build_word_tokenizer(task))
+    rows_ = np.arange(len(loaded))
+    assert (encoded.target_ids[rows_, encoded.target_pos[:, 0]] == vocab["?"]).all()  # intervened at '?'
+    assert (encoded.source_ids[rows_, encoded.source_pos[:, 0]] == vocab["?"]).all()
+    with pytest.raises(ConfigError, match="valid choices"):
+        binding_counterfactual_rows(5, 0, mode="name")
+    with pytest.raises(ConfigError, match="positive integer"):
+        binding_counterfactual_rows(0, 0)

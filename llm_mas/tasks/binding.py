@@ -281,3 +281,80 @@ def get_text_task(name: str) -> Task:
     if key not in TASK_NAMES:
         raise choice_error("task", name, TEXT_TASK_NAMES)
     return get_task(key)
+
+
+# ---- counterfactual datasets at the query ('?') position ------------------------------------------------------
+CF_MODES = ("answer", "query")
+
+
+def query_counterfactual_labels(base_ids: np.ndarray, source_ids: np.ndarray, mode: str) -> np.ndarray:
+    """(n,) the value (0..9) the causal model answers after intervening at the '?' of each base with its source.
+
+    base_ids / source_ids (n, L): binding sequences (at least up to their '?'). The causal model's state at
+    '?' (stage 7) holds the bindings and the query; ``answer`` swaps the retrieved value (the answer becomes
+    the source's answer, bind[query] of the source), ``query`` swaps the queried name (the answer becomes
+    the base's binding of the source's query name; -1 where the base does not bind that name).
+    """
+    if mode not in CF_MODES:
+        raise ConfigError(f"unknown binding counterfactual mode {mode!r}; valid choices: {', '.join(CF_MODES)}")
+    task = binding()
+    states = []
+    for ids in (base_ids, source_ids):
+        ids = np.asarray(ids, dtype=np.int64)
+        state = task._read(ids)
+        at = np.argmax(ids == QUESTION, axis=1)  # (n,) column of '?'
+        if not (ids[np.arange(len(ids)), at] == QUESTION).all():
+            raise DataError("every binding sequence of a query counterfactual needs its '?'")
+        rows = np.arange(len(ids))
+        states.append({k: v[rows, at] for k, v in state.items()})  # {var: (n,)} the state at '?'
+    base, source = states
+    rows = np.arange(len(base_ids))
+    if mode == "answer":
+        return task._bindings(source)[rows, source["query"]]
+    return task._bindings(base)[rows, source["query"]]
+
+
+def binding_counterfactual_rows(n: int, seed: int, mode: str = "answer", quantities=None) -> list[dict]:
+    """`n` counterfactual rows (`llm_mas.tasks.counterfactual_data` format) intervening at '?' in base and source.
+
+    Both texts end at the query's '?'; base and source positions are ``last`` (the '?'); the continuation is
+    the value `query_counterfactual_labels` gives (one word):
+    - ``answer``: the retrieved value is swapped: label = the source's answer;
+    - ``query``: the queried name is swapped: label = the base's value bound to the source's query name.
+    Only informative pairs are kept: the label differs from the base's own answer (and, for ``query``, the
+    base binds the source's query name). N (bindings) is drawn per sequence from `quantities` (default
+    1..6), for base and source independently; seeded by `seed`.
+    """
+    if mode not in CF_MODES:
+        raise ConfigError(f"unknown binding counterfactual mode {mode!r}; valid choices: {', '.join(CF_MODES)}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ConfigError(f"number of rows must be a positive integer, got {n!r}")
+    from llm_mas.tasks.text import task_words
+
+    task = binding()
+    words = task_words(task)
+    rng = np.random.default_rng([seed, 1407])
+    rows: list[dict] = []
+    while len(rows) < n:
+        want = 2 * (n - len(rows)) + 16
+        base, source = task.sample(want, rng, quantities), task.sample(want, rng, quantities)
+        labels = query_counterfactual_labels(base.ids, source.ids, mode)  # (want,)
+        answers = base.ids[np.arange(want), base.lengths - 2] - VALUE0  # (want,) the base's own answers
+        for r in np.flatnonzero((labels >= 0) & (labels != answers))[: n - len(rows)]:
+            b_end, s_end = int(base.lengths[r]) - 2, int(source.lengths[r]) - 2  # up to and including '?'
+            rows.append({"base": " ".join(words[t] for t in base.ids[r, :b_end]),
+                         "source": " ".join(words[t] for t in source.ids[r, :s_end]),
+                         "continuation": str(int(labels[r])), "base_position": "last", "source_position": "last"})
+    return rows
+
+
+def write_counterfactual_dataset(path, n: int, seed: int, mode: str = "answer") -> "Path":
+    """Write `binding_counterfactual_rows(n, seed, mode)` as JSONL to `path` (its folder is created)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = binding_counterfactual_rows(n, seed, mode)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
