@@ -38,7 +38,7 @@ from .problems.base import InterventionProblem, Record
 RELEASE_MEMORY_EVERY = 10
 # ... and sooner when the resident set has grown this much since the last release: over a 200-step run the
 # freed blocks scatter, each step touches other pages, and ten steps grew it by up to 0.8 GB (peak 1.53 GB);
-# a release on growth holds the 2-model preset near 1.3 GB whatever the step count (BENCHMARKS.md).
+# releasing every 3 or 5 steps did not bound that (BENCHMARKS.md), a release on growth does by construction.
 RELEASE_MEMORY_GROWTH_MIB = 256
 _LIBC = None
 
