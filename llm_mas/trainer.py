@@ -14,6 +14,7 @@ import copy
 import ctypes
 import ctypes.util
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +36,10 @@ from .problems.base import InterventionProblem, Record
 # was within the noise of a loaded machine (0.560 vs 0.546 s in separate runs; gru_gru_hidden preset,
 # batch 512, 1 thread; BENCHMARKS.md). No allocator setting changes.
 RELEASE_MEMORY_EVERY = 10
+# ... and sooner when the resident set has grown this much since the last release: over a 200-step run the
+# freed blocks scatter, each step touches other pages, and ten steps grew it by up to 0.8 GB (peak 1.53 GB);
+# releasing every 3 or 5 steps did not bound that (BENCHMARKS.md), a release on growth does by construction.
+RELEASE_MEMORY_GROWTH_MIB = 256
 _LIBC = None
 
 
@@ -50,6 +55,15 @@ def release_freed_memory() -> None:
             _LIBC = False
     if _LIBC:
         _LIBC.malloc_trim(0)
+
+
+def resident_mib() -> float | None:
+    """This process's resident set (MiB) from /proc; None where that is not available."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 DIRECTION_SAMPLING = ("uniform", "balanced", "by_target")
@@ -308,6 +322,8 @@ class MASTrainer:
                      ", ".join(f"{i} = {name}" for i, name in enumerate(names)))
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.bar, desc="MAS", leave=False,
                    ncols=100)
+        release_freed_memory()  # start from a trimmed heap (the build leaves freed blocks behind)
+        released_at = resident_mib() or 0.0
         steps_this_call = 0
         try:
             while stopped is None and self.step < self.total_steps:
@@ -345,11 +361,16 @@ class MASTrainer:
                 self._loss_n += 1
                 self.step += 1
                 steps_this_call += 1
-                if self.step % RELEASE_MEMORY_EVERY == 0:
+                resident = resident_mib()
+                if self.step % RELEASE_MEMORY_EVERY == 0 or (
+                        resident is not None and resident > released_at + RELEASE_MEMORY_GROWTH_MIB):
                     release_freed_memory()
+                    released_at = resident_mib() or 0.0
                 bar.update(1)
                 if self.step % self.eval_every == 0 or self.step == self.total_steps:
                     records = self.evaluate()
+                    release_freed_memory()  # what the validation passes freed
+                    released_at = resident_mib() or 0.0
                     # target / patience stops are kept in the checkpoint; a step-budget stop is not (a larger
                     # budget on resume continues the run)
                     stopped = self.stopped = self._after_eval(records, time.perf_counter() - t0)

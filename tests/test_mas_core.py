@@ -316,3 +316,21 @@ def test_mas_config_value_range_validation():
     with pytest.raises(ConfigError, match=r"two integers \[lo, hi\], got \[1\]"):
         mas_config_from_preset(resolve_preset("gru_gru_hidden"), ["data.value_range=[1]",
                                                                  "variables=[count]"])
+
+
+@pytest.mark.parametrize("archs,stepwise,site", [(("gru", "lstm"), False, "hidden"),
+                                                 (("gru", "transformer"), False, "hidden"),
+                                                 (("gru", "transformer"), True, "embeddings")])
+def test_rows_per_evaluation_pass_change_no_record(archs, stepwise, site):
+    """Capping the rows of one patched evaluation pass (each length bucket then runs in slices) gives the same
+    records, bit for bit, teacher-forced and rollout."""
+    prob = _problem(archs, stepwise=stepwise, site=site, n_train=64, n_valid=80, variables=("count", "phase"))
+    prob.eval_batch_size = 80                 # 80 rows x 4 directions per target: one pass of 320 rows, 3 buckets
+    maps = [make_alignment("orthogonal", 128, seed=s).materialize() for s in (1, 2)]
+    assert prob.eval_rows_per_pass >= 320
+    whole = prob.evaluate(maps, with_ci=True)
+    for cap in (24, 64, 100):                 # 5, 2 and 2 slices per bucket
+        prob.eval_rows_per_pass = cap
+        assert prob.evaluate(maps, with_ci=True) == whole, cap
+    with pytest.raises(ConfigError, match="eval_rows_per_pass"):
+        _problem(archs, eval_rows_per_pass=0)

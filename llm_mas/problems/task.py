@@ -39,6 +39,11 @@ from ..tasks import get_task, make_pairs
 from .base import DirectionPairs, ModelEntry, PairScores, ProblemBase, Record, Shard
 
 
+# Most rows (pairs of all the directions of a target together) one patched evaluation pass runs at once:
+# bounds an evaluation's memory whatever eval.batch_size and the number of directions per target.
+EVAL_ROWS_PER_PASS = 1024
+
+
 @dataclass
 class TaskModelEntry(ModelEntry):
     """A resolved task model taking part in a MAS run."""
@@ -179,11 +184,15 @@ class TaskModelProblem(ProblemBase):
                  intervention: str = "interchange", eval_batch_size: int = 1000,
                  fast_path: bool = True, device: str = "cpu", progress: bool = True,
                  cl_directions: Sequence[tuple[int, int]] = (), cl_epsilon: float = 0.0,
-                 cl_match_on: Sequence[str] | None = None, value_range: Sequence[int] | None = None):
+                 cl_match_on: Sequence[str] | None = None, value_range: Sequence[int] | None = None,
+                 eval_rows_per_pass: int = EVAL_ROWS_PER_PASS):
         super().__init__(models, variables, k, null_subspace=null_subspace, stepwise=stepwise,
                          train_directions=train_directions, cl_directions=cl_directions, intervention=intervention,
                          n_train=n_train, n_valid=n_valid, seed=seed, eval_batch_size=eval_batch_size)
         self.device = torch.device(device)
+        if eval_rows_per_pass < 1:
+            raise ConfigError(f"eval_rows_per_pass must be >= 1, got {eval_rows_per_pass}")
+        self.eval_rows_per_pass = eval_rows_per_pass
         self.fast_path = fast_path
         self.backend = TorchHookBackend()
         if self.cl_directions and stepwise:
@@ -335,11 +344,15 @@ class TaskModelProblem(ProblemBase):
         order = torch.argsort(needed, stable=True)
         return list(order.chunk(3))
 
-    def _run(self, maps, chunks: Sequence[TaskPairs], rows: Sequence[torch.Tensor], rollout: bool):
+    def _run(self, maps, chunks: Sequence[TaskPairs], rows: Sequence[torch.Tensor], rollout: bool,
+             max_rows: int | None = None):
         """Run the target of `chunks` on their concatenated `rows` (rows of chunk i follow those of chunk i-1).
 
         Returns entry-level outputs at the scored positions only (the head never runs elsewhere):
         logits (n, V), labels (n,), and the concatenated-batch row of each entry (n,).
+        max_rows: run each length bucket in consecutive slices of at most this many rows (evaluation: memory
+        bounded whatever the number of rows). The buckets and their widths are those of the whole run and
+        the entries come out in the same order, so slicing changes no number (tested).
         """
         model = self.models[chunks[0].target].model
         site = self.models[chunks[0].target].site
@@ -357,8 +370,13 @@ class TaskModelProblem(ProblemBase):
         state0 = torch.cat([b.state0 for b in batches]) if chunks[0].fast else None
         needed = (inputs != 0).sum(1)                                                      # (R,) real length
         out_logits, out_labels, out_rows = [], [], []
-        for bucket in self._buckets(needed):
-            wb = max(int(needed[bucket].max()), 1)
+        buckets = self._buckets(needed)
+        widths = [max(int(needed[bucket].max()), 1) for bucket in buckets]
+        if max_rows is not None:
+            # even slices (no small remainder: a few rows alone could take another matrix kernel)
+            buckets, widths = zip(*[(piece, wb) for bucket, wb in zip(buckets, widths)
+                                    for piece in bucket.tensor_split(max(1, -(-len(bucket) // max_rows)))])
+        for bucket, wb in zip(buckets, widths):
             x, lab = inputs[bucket, :wb], labels[bucket, :wb]                              # (Rb, Wb)
             edits = []
             for i in chunk_of[bucket].unique().tolist():
@@ -459,14 +477,16 @@ class TaskModelProblem(ProblemBase):
                 rows = torch.arange(lo, min(n, lo + self.eval_batch_size), device=self.device)
                 R = len(rows) * len(group)
                 with torch.no_grad():
-                    logits, labels, row = self._run(maps, group, [rows] * len(group), rollout=False)
+                    logits, labels, row = self._run(maps, group, [rows] * len(group), rollout=False,
+                                                    max_rows=self.eval_rows_per_pass)
                     ok = logits.argmax(-1) == labels
                     tok_ok = torch.zeros(R, device=ok.device).index_add(0, row, ok.float())   # (R,)
                     tok_n = torch.bincount(row, minlength=R).float()
                     ce_rows = torch.zeros(R, device=ok.device).index_add(
                         0, row, F.cross_entropy(logits, labels, reduction="none"))
                     if rollout:
-                        ro_logits, ro_labels, ro_row = self._run(maps, group, [rows] * len(group), rollout=True)
+                        ro_logits, ro_labels, ro_row = self._run(maps, group, [rows] * len(group), rollout=True,
+                                                                 max_rows=self.eval_rows_per_pass)
                         ro_ok = torch.zeros(R, device=ok.device).index_add(
                             0, ro_row, (ro_logits.argmax(-1) == ro_labels).float())
                         trial = ro_ok == tok_n
