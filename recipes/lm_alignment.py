@@ -22,8 +22,8 @@ dataset (``data.dataset``) that the recipe writes into its run folder from the b
 intervention is; label: the source's answer, or the base's binding of the source's query name), with
 ``data.n_train + data.n_valid`` rows; ``gru: null`` leaves out the run against a GRU.
 Outputs in ``runs/<name>/``: ``results.csv`` (run, direction, trial IIA with its 95 % bootstrap CI, token
-IIA), ``lm_alignment.png``, ``summary.md``; ``--publish`` copies them to ``docs/results/lm_alignment.{md,csv}``
-and ``docs/figures/lm_alignment.png``. Restartable (finished runs are reused, unfinished ones resume).
+IIA), ``lm_alignment.png``, ``summary.md``; ``--publish`` copies them to ``docs/results/<name>.{md,csv}``
+and ``docs/figures/<name>.png`` (name: the config's). Restartable (finished runs are reused, unfinished ones resume).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import torch
 from llm_mas.resources import package_path
 from recipes.common.cli import recipe_main
 from recipes.common.plans import (
+    REPO,
     SMOKE_MAS_OVERRIDES,
     PlannedRun,
     mas_config_from_preset,
@@ -54,7 +55,6 @@ from recipes.common.report import (
     write_summary,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 SHIPPED_LMS = package_path("data", "lms")
 DIRECTIONS = (("A→B", 0, 1), ("B→A", 1, 0), ("A→A", 0, 0), ("B→B", 1, 1))
 
