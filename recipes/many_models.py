@@ -23,7 +23,10 @@
     b → a with CIs, steps to ``steps_target`` (first validation at which both cross directions reach it),
     wall time, peak memory (resident set size sampled during the run, above the level before it), number
     of alignment matrices and directions; and the cost of the n(n − 1)/2 pairwise runs the same
-    comparisons would need, estimated from the measured pairwise runs.
+    comparisons would need, estimated from the measured pairwise runs. For n in ``every_direction_ns``
+    ``<name>_<kind>_n<n>_every_s<seed>`` repeats the joint run on the same models without the direction
+    budget: every direction every step, so each direction gets as many updates as in the pairwise run
+    (kind ``like_every`` / ``unlike_every``): it separates fewer updates from conflicting models.
 
 Outputs in ``runs/<name>[-smoke]/``: ``matrix.csv``, ``similarity.json``, ``clustered.png``, ``pairs.csv``,
 ``iia_vs_n.png``, ``summary.md`` (rewritten after every run); with ``publish`` (not under --smoke) also
@@ -75,7 +78,8 @@ from recipes.common.report import (
 )
 
 SAMPLINGS = ("uniform", "balanced", "by_target")
-KINDS = ("pairwise", "like", "unlike", "all")
+KINDS = ("pairwise", "like", "unlike", "all", "like_every", "unlike_every")
+EVERY = "_every"  # kind / run-name suffix: the same models, every direction trained every step (no budget)
 SMOKE_SIMILARITY = {"per_quantity": 2}
 
 
@@ -107,6 +111,8 @@ class RecipeConfig:
     directions_per_step: int = 0      # 0: every direction every step; else passed to runs with more directions
     direction_sampling: str = "balanced"
     ns: list[int] = field(default_factory=lambda: [3, 5, 9, 15])
+    every_direction_ns: list[int] = field(default_factory=list)  # joint sizes also run without the budget:
+                                      # the same models, every direction every step (updates matched to pairwise)
     seeds: list[int] = field(default_factory=lambda: [0])
     steps_target: float = 0.9
     unlike_arch: str = "transformer"
@@ -144,6 +150,9 @@ class RecipeConfig:
         bad = [n for n in self.ns if n < 3]
         if bad or not self.ns:
             p.append(f"ns: list joint-run sizes >= 3 (n = 2 is the pairwise run), got {self.ns}")
+        bad = [n for n in self.every_direction_ns if n not in self.ns]
+        if bad:
+            p.append(f"every_direction_ns: {bad} not in ns {self.ns}; list joint-run sizes that are also in ns")
         if self.minutes_per_run < 0:
             p.append(f"minutes_per_run must be >= 0 (0: no budget), got {self.minutes_per_run}")
         if not self.seeds:
@@ -184,7 +193,7 @@ def added_models(config: RecipeConfig, pair: list[str], pool: list[str], kind: s
     others = [m for m in pool if m not in pair]
     like = [m for m in others if architecture(m) != config.unlike_arch]
     unlike = [m for m in others if architecture(m) == config.unlike_arch]
-    rng = np.random.default_rng([seed, 1 + KINDS.index(kind)])
+    rng = np.random.default_rng([seed, 1 + KINDS.index(kind.removesuffix(EVERY))])
     like = [like[i] for i in rng.permutation(len(like))]
     unlike = [unlike[i] for i in rng.permutation(len(unlike))]
     order = like if kind == "like" else unlike + like
@@ -197,10 +206,10 @@ def plan(config: RecipeConfig, names: list[str], mapping: dict[str, str], overri
     runs of each reference pair by n. Each plan's rows are the reference pairs' cross directions it holds."""
     pairs = [p for p in config.reference_pairs if all(m in names for m in p.models)]
 
-    def cfg(run_name: str, models: list[str], seed: int, extra: list[str] = ()):
+    def cfg(run_name: str, models: list[str], seed: int, extra: list[str] = (), budget: bool = True):
+        sampled = budget_overrides(len(models), config.directions_per_step, config.direction_sampling) if budget else []
         return mas_config_from_preset(
-            config.mas_preset, [*overrides, *extra, *budget_overrides(len(models), config.directions_per_step,
-                                                                     config.direction_sampling)],
+            config.mas_preset, [*overrides, *extra, *sampled],
             name=run_name, out_dir=str(mas_dir), seed=seed, device=config.device, progress=progress,
             models=[{"name": mapping[m], "site": config.site} for m in models], k=config.k, directions="all",
             variables=["full"])
@@ -234,6 +243,10 @@ def plan(config: RecipeConfig, names: list[str], mapping: dict[str, str], overri
                     n_unlike = sum(architecture(m) == config.unlike_arch for m in extra)
                     run_name = f"{p.name}_{kind}_n{n}_s{seed}"
                     runs[run_name] = PlannedRun(cfg(run_name, models, seed), rows(models, kind, n_unlike, p.name))
+                    if n in config.every_direction_ns:
+                        run_name = f"{p.name}_{kind}_n{n}{EVERY}_s{seed}"
+                        runs[run_name] = PlannedRun(cfg(run_name, models, seed, budget=False),
+                                                    rows(models, kind + EVERY, n_unlike, p.name))
     return list(runs.values())
 
 
@@ -410,7 +423,7 @@ def verdict(table: list[dict]) -> list[str]:
                 word = "undecided (one seed)"
             parts.append(f"n = {r['n']} {r['kind']}: {fmt_ci(r)} vs pairwise {fmt_ci(base)} → {word}")
         lines.append(f"- **{pair}**: " + ("; ".join(parts) if parts else "no joint run finished yet") + ".")
-    for kind in ("like", "unlike", "all"):
+    for kind in ("like", "unlike", "all", "like_every", "unlike_every"):
         words = [line.rsplit("→ ", 1)[-1] for line in "; ".join(lines).split("; ") if f" {kind}: " in line]
         if words:
             counts = {w: sum(x.startswith(w) for x in words) for w in ("helps", "hurts", "no difference", "undecided")}
@@ -505,19 +518,24 @@ def plot_iia_vs_n(table: list[dict], path: Path, title: str) -> None:
     pairs = list(dict.fromkeys(r["pair"] for r in table))
     fig = Figure(figsize=(4.2 * max(len(pairs), 1), 3.8))
     axes = np.atleast_1d(fig.subplots(1, max(len(pairs), 1), sharey=True))
-    styles = {"like": ("C0", "o", "like added"), "unlike": ("C3", "s", "unlike added")}
+    styles = {"like": ("C0", "o", "like added", "-"), "unlike": ("C3", "s", "unlike added", "-"),
+              "like_every": ("C0", "^", "like added, every direction every step", ":"),
+              "unlike_every": ("C3", "v", "unlike added, every direction every step", ":")}
     for ax, pair in zip(axes, pairs):
         rows = [r for r in table if r["pair"] == pair]
         base = [r for r in rows if r["kind"] == "pairwise"]
         full = [r for r in rows if r["kind"] == "all"]
-        for kind, (color, marker, label) in styles.items():
-            line = sorted(base + [r for r in rows if r["kind"] == kind] + full, key=lambda r: r["n"])
+        for kind, (color, marker, label, style) in styles.items():
+            extra = [r for r in rows if r["kind"] == kind]
+            if not extra and kind.endswith(EVERY):
+                continue
+            line = sorted(base + extra + ([] if kind.endswith(EVERY) else full), key=lambda r: r["n"])
             xs = [r["n"] for r in line]
             y = np.array([r["trial_iia"] for r in line], dtype=float)
             lo = np.array([r["trial_iia_lo"] for r in line], dtype=float)
             hi = np.array([r["trial_iia_hi"] for r in line], dtype=float)
             err = np.stack([np.nan_to_num(y - lo), np.nan_to_num(hi - y)])  # (2, points)
-            ax.errorbar(xs, y, yerr=err, color=color, marker=marker, capsize=3, label=label)
+            ax.errorbar(xs, y, yerr=err, color=color, marker=marker, capsize=3, label=label, linestyle=style)
         ax.set_xscale("log", base=2)
         ticks = sorted({r["n"] for r in rows})
         ax.set_xticks(ticks, [str(t) for t in ticks])

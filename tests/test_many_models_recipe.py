@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from llm_mas.errors import DataError
-from llm_mas.trainer import TrainerConfig
 from recipes import many_models
 from recipes.common.clustering import cluster_order, similarity_distance
 from recipes.many_models import RecipeConfig, ReferencePair, added_models, budget_overrides, steps_to_target
@@ -86,12 +85,23 @@ def test_plan_names_sizes_and_rows(tmp_path):
     assert len(plans[0].rows) == 4  # both reference pairs, both directions
 
 
-@pytest.mark.skipif("directions_per_step" not in TrainerConfig.__dataclass_fields__,
-                    reason="the core's per-step direction budget is not merged yet")
 def test_plan_with_direction_budget_builds(tmp_path):
     config = _config(ns=[3], seeds=[0], directions_per_step=32)
     plans = many_models.plan(config, config.models, {m: m for m in config.models}, [], [3], [0], tmp_path, False)
     assert plans[0].config.train.directions_per_step == 32
+
+
+def test_every_direction_runs_repeat_the_joint_run_without_the_budget(tmp_path):
+    config = _config(ns=[3, 5], seeds=[0], directions_per_step=16, every_direction_ns=[5])
+    plans = {p.name: p for p in many_models.plan(config, config.models, {m: m for m in config.models}, [],
+                                                   config.ns, config.seeds, tmp_path, False)}
+    budgeted, every = plans["gru_gru_like_n5_s0"], plans["gru_gru_like_n5_every_s0"]
+    assert [m.name for m in every.config.models] == [m.name for m in budgeted.config.models]
+    assert budgeted.config.train.directions_per_step == 16
+    assert every.config.train.directions_per_step is None  # all 25 directions every step
+    assert {labels["kind"] for labels, _, _ in every.rows} == {"like_every"}
+    assert "gru_gru_like_n3_every_s0" not in plans
+    assert any("every_direction_ns" in problem for problem in _config(ns=[3], every_direction_ns=[5]).validate())
 
 
 def test_steps_to_target_reads_the_history(tmp_path):
