@@ -28,7 +28,7 @@ def test_mas_with_an_exact_copy_reaches_the_models_own_accuracy(tmp_path):
     cfg = _config()
     problem = build_problem(cfg)
     aligns = torch.nn.ModuleList([make_alignment("orthogonal", 128, seed=s) for s in (0, 1)])
-    trainer = MASTrainer(aligns, problem, TrainerConfig(lr=3e-3, batch_size=256, max_steps=160, eval_every=40,
+    trainer = MASTrainer(aligns, problem, TrainerConfig(lr=3e-3, batch_size=256, max_steps=320, eval_every=40,
                                                         target_iia=accuracy - 0.01), progress=False)
     trainer.fit(resume=False)
     records = problem.evaluate(trainer.materialize(), with_ci=True)   # real autoregressive rollouts
