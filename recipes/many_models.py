@@ -193,7 +193,8 @@ def added_models(config: RecipeConfig, pair: list[str], pool: list[str], kind: s
     others = [m for m in pool if m not in pair]
     like = [m for m in others if architecture(m) != config.unlike_arch]
     unlike = [m for m in others if architecture(m) == config.unlike_arch]
-    rng = np.random.default_rng([seed, 1 + KINDS.index(kind.removesuffix(EVERY))])
+    kind = kind.removesuffix(EVERY)  # an every-direction run adds the same models as its budgeted twin
+    rng = np.random.default_rng([seed, 1 + KINDS.index(kind)])
     like = [like[i] for i in rng.permutation(len(like))]
     unlike = [unlike[i] for i in rng.permutation(len(unlike))]
     order = like if kind == "like" else unlike + like

@@ -101,6 +101,10 @@ def test_every_direction_runs_repeat_the_joint_run_without_the_budget(tmp_path):
     assert every.config.train.directions_per_step is None  # all 25 directions every step
     assert {labels["kind"] for labels, _, _ in every.rows} == {"like_every"}
     assert "gru_gru_like_n3_every_s0" not in plans
+    pair = config.reference_pairs[0].models
+    for kind in ("like", "unlike"):
+        assert added_models(config, pair, config.models, kind + "_every", 5, seed=0) == \
+            added_models(config, pair, config.models, kind, 5, seed=0)
     assert any("every_direction_ns" in problem for problem in _config(ns=[3], every_direction_ns=[5]).validate())
 
 
