@@ -27,11 +27,22 @@ EXACT = GOLDEN.get("platform") == record.platform_probe()
 
 def _same(a, b, path=""):
     """Exact equality of nested JSON values (NaN equals NaN); returns the first difference or None."""
+    return _compare(a, b, path, exact=True)
+
+
+def _close(a, b, path=""):
+    """Numbers within _tolerance and alignment tensors by their summaries (no hashes)."""
+    return _compare(a, b, path, exact=False)
+
+
+def _compare(a, b, path: str, exact: bool):
     if isinstance(a, dict) and isinstance(b, dict):
+        if not exact and "sha256" in a and "sample" in a:
+            return _tensor_close(a, b, path)
         if a.keys() != b.keys():
             return f"{path}: keys {sorted(set(a) ^ set(b))} differ"
         for k in a:
-            d = _same(a[k], b[k], f"{path}.{k}")
+            d = _compare(a[k], b[k], f"{path}.{k}", exact)
             if d:
                 return d
         return None
@@ -39,13 +50,21 @@ def _same(a, b, path=""):
         if len(a) != len(b):
             return f"{path}: length {len(a)} != {len(b)}"
         for i, (x, y) in enumerate(zip(a, b)):
-            d = _same(x, y, f"{path}[{i}]")
+            d = _compare(x, y, f"{path}[{i}]", exact)
             if d:
                 return d
         return None
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return None
-    return None if a == b else f"{path}: {a!r} != {b!r}"
+    if exact:
+        if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+            return None
+        return None if a == b else f"{path}: {a!r} != {b!r}"
+    x, y = _number(a), _number(b)
+    if x is None or y is None:
+        return None if a == b else f"{path}: {a!r} != {b!r}"
+    if math.isnan(x) or math.isnan(y):
+        return None if math.isnan(x) and math.isnan(y) else f"{path}: {a!r} != {b!r}"
+    tolerance = _tolerance(path, x)
+    return None if abs(x - y) <= tolerance else f"{path}: {a!r} != {b!r} (beyond {tolerance:.3g})"
 
 
 def _number(x):
@@ -88,34 +107,6 @@ def _tensor_close(a: dict, b: dict, path: str):
         if abs(x - y) > 1e-2 * (abs(x) + scale):
             return f"{path}.sample[{i}]: {x!r} != {y!r}"
     return None
-
-
-def _close(a, b, path=""):
-    """Like _same, numbers within _tolerance and alignment tensors by their summaries (no hashes)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        if "sha256" in a and "sample" in a:
-            return _tensor_close(a, b, path)
-        if a.keys() != b.keys():
-            return f"{path}: keys {sorted(set(a) ^ set(b))} differ"
-        for k in a:
-            d = _close(a[k], b[k], f"{path}.{k}")
-            if d:
-                return d
-        return None
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return f"{path}: length {len(a)} != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            d = _close(x, y, f"{path}[{i}]")
-            if d:
-                return d
-        return None
-    x, y = _number(a), _number(b)
-    if x is None or y is None:
-        return None if a == b else f"{path}: {a!r} != {b!r}"
-    if math.isnan(x) or math.isnan(y):
-        return None if math.isnan(x) and math.isnan(y) else f"{path}: {a!r} != {b!r}"
-    return None if abs(x - y) <= _tolerance(path, x) else f"{path}: {a!r} != {b!r} (beyond {_tolerance(path, x):.3g})"
 
 
 @pytest.mark.slow
