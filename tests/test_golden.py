@@ -4,7 +4,7 @@ A small seeded run per kind (indywise, stepwise, DAS, stitch, linear stitch, CLM
 with a null subspace on a GRU and a Transformer, tiny LLMs): every evaluation record, the training history
 and every alignment tensor must equal what was recorded. On a machine whose float kernels give the recording
 machine's bits (same platform probe) the comparison is bit for bit, tensor hashes included. On another CPU
-the last bits differ (measured between an Intel and an AMD machine over these cases: losses by up to
+the last bits differ (measured between the recording machine and an AMD EPYC over these cases: losses by up to
 4.5e-3, token IIA by one token, 1.2e-3; trial IIA identical), so every number is compared within a tolerance
 that such noise passes and a changed result does not.
 """
