@@ -95,9 +95,7 @@ def _tolerance(path: str, value: float) -> float:
 def _tensor_close(a: dict, b: dict, path: str):
     if a["shape"] != b["shape"]:
         return f"{path}: shape {a['shape']} != {b['shape']}"
-    n = 1
-    for size in a["shape"]:
-        n *= size
+    n = math.prod(a["shape"])
     scale = math.sqrt(max(a["sum_sq"], 1e-12) / max(n, 1))  # RMS of the entries
     if abs(a["sum_sq"] - b["sum_sq"]) > 1e-2 * a["sum_sq"] + 1e-9:
         return f"{path}.sum_sq: {a['sum_sq']!r} != {b['sum_sq']!r}"

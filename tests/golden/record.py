@@ -61,7 +61,8 @@ def _tensor_summaries(path: Path) -> dict[str, dict]:
 
 def platform_probe() -> str:
     """sha256 of a fixed float computation: equal on machines whose kernels give the same bits."""
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the recorded runs use one thread; restored below
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(64, 17, 32, generator=g)
     a = torch.randn(32, 32, generator=g)
@@ -70,6 +71,7 @@ def platform_probe() -> str:
         for p in gru.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
         out = [x @ a, gru(x)[0], torch.linalg.matrix_exp((a - a.T) * 0.1)]
+    torch.set_num_threads(threads)
     return hashlib.sha256(b"".join(t.contiguous().numpy().tobytes() for t in out)).hexdigest()
 
 
