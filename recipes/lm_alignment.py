@@ -18,8 +18,8 @@ Runs (``llm_mas.run.run``; pairs of the MultiObject causal model rendered as tex
 - ``das_s0_{site}``: DAS on the first LM at every site of ``layer_sites``: which layer carries the count.
 With ``binding_counterfactual`` (``answer`` or ``query``, task binding) every run reads one counterfactual
 dataset (``data.dataset``) that the recipe writes into its run folder from the binding causal model
-(`llm_mas.tasks.binding.binding_counterfactual_rows`: both texts end at the query's '?', where the
-intervention is; label: the source's answer, or the base's binding of the source's query name), with
+(`llm_mas.tasks.binding.binding_counterfactual_rows`: both texts end at the queried name after '?',
+where the answer is predicted and the intervention is; label: the source's answer, or the base's binding of the source's query name), with
 ``data.n_train + data.n_valid`` rows; ``gru: null`` leaves out the run against a GRU.
 Outputs in ``runs/<name>/``: ``results.csv`` (run, direction, trial IIA with its 95 % bootstrap CI, token
 IIA), ``lm_alignment.png``, ``summary.md``; ``--publish`` copies them to ``docs/results/<name>.{md,csv}``
@@ -81,7 +81,7 @@ class RecipeConfig:
     seed: int = 0
     device: str = "cpu"
     reuse_dirs: list[str] = field(default_factory=lambda: ["runs"])
-    # binding only: intervene at the query's '?' on a dataset from the causal model (answer | query)
+    # binding only: intervene at the queried name on a dataset from the causal model (answer | query)
     binding_counterfactual: str | None = None
     title: str = "Aligning language models on a counting task"
 
@@ -211,7 +211,7 @@ def write(config: RecipeConfig, plans: list[PlannedRun], outcomes: dict, run_dir
     groups = [li["comparison"] for li in lines]
     bars = {d: [next((r for r in rows if r["comparison"] == g and r["direction"] == d), {}) for g in groups]
             for d, _, _ in DIRECTIONS}
-    what = (f"'{config.binding_counterfactual}' swapped at '?'" if config.binding_counterfactual else
+    what = (f"'{config.binding_counterfactual}' swapped at the queried name" if config.binding_counterfactual else
             f"`{config.variable}`")
     plot_grouped_bars(groups, bars, run_dir / "lm_alignment.png",
                       f"{config.task} LMs: {what} at {config.site}, k = {config.k}")
@@ -232,7 +232,7 @@ def _data_sentence(config: RecipeConfig, seconds: float) -> str:
     if config.binding_counterfactual:
         label = ("label = the source's answer" if config.binding_counterfactual == "answer" else
                  "label = the base's binding of the source's query name")
-        return (f"Task binding, a counterfactual dataset intervening at the query's '?' in base and source "
+        return (f"Task binding, a counterfactual dataset intervening at the queried name (after '?') in base and source "
                 f"(`{config.binding_counterfactual}` swapped: {label}; informative pairs only, N = 1..6 "
                 f"bindings; `llm_mas.tasks.binding.binding_counterfactual_rows`), {iia}")
     return (f"Task {config.task}, variable `{config.variable}` swapped "

@@ -52,7 +52,7 @@ def test_binding_smoke_reads_its_counterfactual_dataset(tmp_path):
     lines = dataset.read_text().splitlines()
     assert len(lines) == 32 + 16 and all(line.startswith('{"base": "<bos> ') for line in lines)
     summary = (out / "summary.md").read_text()
-    assert "variable binding" in summary and "query's '?'" in summary
+    assert "variable binding" in summary and "queried name (after '?')" in summary
 
 
 def test_binding_config_errors(tmp_path, capsys):

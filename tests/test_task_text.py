@@ -148,19 +148,19 @@ def test_golden_arithmetic_counterfactuals():
 
 def test_golden_binding_counterfactuals():
     task = binding()
-    base, source = ["B a = 3 , b = 5 , c = 1 ; b ? 5 E"], ["B e = 9 , a = 2 ; a ? 2 E"]
+    base, source = ["B a = 3 , b = 5 , c = 1 ; ? b 5 E"], ["B e = 9 , a = 2 ; ? a 2 E"]
     # b's value (pos 7) <- 9: b is queried, the answer becomes 9
     (row,) = rows_for(task, base, source, "value", [7], [3])
-    assert row["base"] == "<bos> a = 3 , b = 5" and row["continuation"] == ", c = 1 ; b ? 9 <eos>"
+    assert row["base"] == "<bos> a = 3 , b = 5" and row["continuation"] == ", c = 1 ; ? b 9 <eos>"
     assert row["scored"] == [0, 0, 0, 0, 0, 0, 0, 1, 1]
     # a's value (pos 3) or c's value (pos 11) swapped: not queried, the answer stays 5
     (row,) = rows_for(task, base, source, "value", [3], [3])
-    assert row["continuation"] == ", b = 5 , c = 1 ; b ? 5 <eos>"
+    assert row["continuation"] == ", b = 5 , c = 1 ; ? b 5 <eos>"
     (row,) = rows_for(task, base, source, "value", [11], [7])
-    assert row["continuation"] == "; b ? 5 <eos>"
+    assert row["continuation"] == "; ? b 5 <eos>"
     # stepwise at i = 7: the source's state at 7 is a's value 2; b now holds 2
     (row,) = rows_for(task, base, source, "value", [7], [7], stepwise=True)
-    assert row["base"] == "<bos> a = 3 , b = 5" and row["continuation"] == ", c = 1 ; b ? 2 <eos>"
+    assert row["base"] == "<bos> a = 3 , b = 5" and row["continuation"] == ", c = 1 ; ? b 2 <eos>"
 
 
 # ---------------------------------------------------------------------------------------------- binding
@@ -172,7 +172,7 @@ def test_binding_sampling_and_causal_model():
     assert set(n_vars.tolist()) == set(range(1, 7)) and (batch.lengths == 4 * n_vars + 5).all()
     states = task.states(batch)
     rows = np.arange(len(batch))
-    answer_col = batch.lengths - 2  # ... q ? answer E
+    answer_col = batch.lengths - 2  # ... ? q answer E
     binds = np.stack([states[f"bind_{c}"][rows, answer_col - 1] for c in "abcdefgh"], axis=1)  # (n, 8)
     query = states["query"][rows, answer_col - 1]
     assert (batch.ids[rows, answer_col] - 11 == binds[rows, query]).all()
@@ -189,7 +189,7 @@ def test_binding_pairs_follow_the_query():
     states = task.states(base)
     t, tp = pairs.target_index, pairs.target_pos
     swapped_name = states["current"][t, tp]
-    query = states["query"][t, base.lengths[t] - 3]  # at '?'
+    query = states["query"][t, base.lengths[t] - 3]  # at the queried name
     source_value = states["value"][pairs.source_index, pairs.source_pos]
     original_answer = base.ids[t, base.lengths[t] - 2] - 11
     cf_answer = pairs.ids[np.arange(len(pairs)), pairs.lengths - 2] - 11
@@ -208,9 +208,9 @@ def test_binding_pairs_follow_the_query():
 def test_binding_errors():
     task = binding()
     with pytest.raises(DataError, match="row 1, position 5"):  # a name bound twice
-        task.from_strings(["B a = 1 ; a ? 1 E", "B a = 1 , a = 2 ; a ? 2 E"])
-    with pytest.raises(DataError, match="row 0, position 5"):  # a query of an unbound name
-        task.from_strings(["B a = 1 ; b ? 1 E"])
+        task.from_strings(["B a = 1 ; ? a 1 E", "B a = 1 , a = 2 ; ? a 2 E"])
+    with pytest.raises(DataError, match="row 0, position 6"):  # a query of an unbound name
+        task.from_strings(["B a = 1 ; ? b 1 E"])
     with pytest.raises(ConfigError, match="1..6"):
         task.sample(3, np.random.default_rng(0), quantities=[7])
     with pytest.raises(ConfigError, match="valid choices"):
@@ -219,12 +219,12 @@ def test_binding_errors():
 
 # ------------------------------------------------------------------- binding counterfactuals at the query
 def test_golden_query_counterfactual_labels():
-    """Intervening at '?': hand-computed answers of the causal model."""
+    """Intervening at the queried name: hand-computed answers of the causal model."""
     from llm_mas.tasks.binding import query_counterfactual_labels
 
     task = binding()
-    base = task.from_strings(["B a = 3 , b = 5 , c = 1 ; b ? 5 E", "B d = 4 ; d ? 4 E"]).ids
-    source = task.from_strings(["B e = 9 , a = 2 ; a ? 2 E", "B c = 7 , d = 0 ; c ? 7 E"])
+    base = task.from_strings(["B a = 3 , b = 5 , c = 1 ; ? b 5 E", "B d = 4 ; ? d 4 E"]).ids
+    source = task.from_strings(["B e = 9 , a = 2 ; ? a 2 E", "B c = 7 , d = 0 ; ? c 7 E"])
     src = np.zeros_like(base)
     src[:, : source.ids.shape[1]] = source.ids
     # answer: the source's retrieved value (a -> 2; c -> 7)
@@ -248,11 +248,11 @@ def test_binding_counterfactual_rows_follow_the_causal_model(tmp_path):
         for row in rows:
             base = [vocab[w] for w in row["base"].split()]
             source = [vocab[w] for w in row["source"].split()]
-            assert base[-1] == vocab["?"] and source[-1] == vocab["?"]
+            assert base[-2] == vocab["?"] and source[-2] == vocab["?"]  # both end at the queried name
             binds = {base[i]: int(row["base"].split()[i + 2]) for i in range(1, len(base) - 3, 4)}
             s_binds = {source[i]: int(row["source"].split()[i + 2]) for i in range(1, len(source) - 3, 4)}
-            expected = s_binds[source[-2]] if mode == "answer" else binds[source[-2]]
-            assert int(row["continuation"]) == expected != binds[base[-2]]  # informative: not the base's answer
+            expected = s_binds[source[-1]] if mode == "answer" else binds[source[-1]]
+            assert int(row["continuation"]) == expected != binds[base[-1]]  # informative: not the base's answer
         lengths = {len(r["base"].split()) for r in rows}
         assert lengths >= {4 * n + 3 for n in range(2, 7)}  # N = 2..6 in the bases (N = 1 too for answer)
         assert (4 * 1 + 3 in lengths) == (mode == "answer")
@@ -261,9 +261,44 @@ def test_binding_counterfactual_rows_follow_the_causal_model(tmp_path):
     assert [r.continuation for r in loaded] == [r["continuation"] for r in binding_counterfactual_rows(20, 1)]
     encoded = encode_text_rows(loaded, build_word_tokenizer(task))
     rows_ = np.arange(len(loaded))
-    assert (encoded.target_ids[rows_, encoded.target_pos[:, 0]] == vocab["?"]).all()  # intervened at '?'
-    assert (encoded.source_ids[rows_, encoded.source_pos[:, 0]] == vocab["?"]).all()
+    names = [vocab[c] for c in "abcdefgh"]
+    target_tokens = encoded.target_ids[rows_, encoded.target_pos[:, 0]]  # intervened at the queried name
+    assert np.isin(target_tokens, names).all()
+    assert (encoded.target_ids[rows_, encoded.target_pos[:, 0] - 1] == vocab["?"]).all()
+    assert (target_tokens == [vocab[r.base.split()[-1]] for r in loaded]).all()
+    assert (encoded.source_ids[rows_, encoded.source_pos[:, 0] - 1] == vocab["?"]).all()
     with pytest.raises(ConfigError, match="valid choices"):
         binding_counterfactual_rows(5, 0, mode="name")
     with pytest.raises(ConfigError, match="positive integer"):
         binding_counterfactual_rows(0, 0)
+
+
+def test_extra_queries_ask_bound_names_and_score_their_values():
+    from llm_mas.tasks.binding import EOS, QUESTION, SEMICOLON, with_extra_queries
+
+    task = binding()
+    rng = np.random.default_rng(11)
+    batch = task.sample(300, rng)
+    ids, scored = with_extra_queries(batch, 4, 0.5, rng)
+    assert ids.shape == scored.shape == (300, task.max_len + 12)
+    drilled = (ids == QUESTION).sum(axis=1) == 4
+    assert 0.4 < drilled.mean() < 0.6 and ((ids == QUESTION).sum(axis=1)[~drilled] == 1).all()
+    assert (ids[~drilled, : batch.ids.shape[1]] == batch.ids[~drilled]).all()
+    assert (scored[~drilled, : batch.ids.shape[1]] == batch.task_mask[~drilled]).all()
+    words = task_words(task)
+    for r in np.flatnonzero(drilled)[:50]:
+        tokens = [words[t] for t in ids[r] if t != 0]
+        cut = tokens.index("?")
+        assert tokens[:cut] == [words[t] for t in batch.ids[r, :cut]]  # the bindings are kept
+        binds = {tokens[i]: tokens[i + 2] for i in range(1, cut - 1, 4)}
+        questions = tokens[cut:]
+        assert len(questions) == 16 and questions[-1] == words[EOS]
+        for j in range(4):
+            mark, name, value, end = questions[4 * j: 4 * j + 4]
+            assert mark == "?" and binds[name] == value and end == (words[EOS] if j == 3 else words[SEMICOLON])
+        assert (np.flatnonzero(scored[r]) == cut + 2 + 4 * np.arange(4)).all()  # the answers only
+    assert with_extra_queries(batch, 1, 0.0, rng)[0].shape == batch.ids.shape
+    with pytest.raises(ConfigError, match="positive integer, got 0"):
+        with_extra_queries(batch, 0, 0.5, rng)
+    with pytest.raises(ConfigError, match=r"in \[0, 1\], got 2"):
+        with_extra_queries(batch, 2, 2, rng)

@@ -70,7 +70,11 @@ def test_manifest_lists_the_promised_lms():
     widths = sorted(e["width"] for e in multi)
     assert len(multi) >= 3 and len(set(widths)) >= 2 and max(widths.count(w) for w in widths) >= 2
     assert all(e["passes_bar"] for e in multi)
-    for entry in lms:  # an LM below the bar (binding) is shipped marked as failing it
+    bind = [e for e in lms if e["task"] == "binding"]  # the template task: same promise
+    bind_widths = sorted(e["width"] for e in bind)
+    assert len(bind) >= 3 and len(set(bind_widths)) >= 2 and max(bind_widths.count(w) for w in bind_widths) >= 2
+    assert all(e["passes_bar"] for e in bind)
+    for entry in lms:
         assert entry["passes_bar"] == (entry["min_accuracy"] >= ACCURACY_BAR)
         assert entry["min_accuracy"] == min(entry["accuracy_per_n"].values())
         assert entry["weights_bytes"] < 3 * 2**20
@@ -106,3 +110,35 @@ def test_train_lm_llama_keeps_the_word_tokenizer(tmp_path):
         train_lm("binding", tmp_path / "x", arch="qwen2", steps=1)
     with pytest.raises(ConfigError, match="valid choices: task, all"):
         train_lm("binding", tmp_path / "y", loss_on="everything", steps=1)
+
+
+def test_train_lm_curriculum_and_extra_queries(tmp_path, monkeypatch):
+    """The curriculum starts at N = 2, adds the next N once the quick evaluation clears the bar on every N so far,
+    and trains on the full range once N = 6 is in; extra questions lengthen the training rows (positions)."""
+    import llm_mas.llm.train_lm as train_module
+    from llm_mas.tasks.binding import binding
+
+    seen = []
+    original_sample = type(binding()).sample
+
+    def recording_sample(self, n, rng, quantities=None, hold_outs=()):
+        seen.append(None if quantities is None else tuple(quantities))
+        return original_sample(self, n, rng, quantities, hold_outs)
+
+    monkeypatch.setattr(type(binding()), "sample", recording_sample)
+    # every quick evaluation reports perfect accuracy: the curriculum moves on at every evaluation
+    monkeypatch.setattr(train_module, "free_running_accuracy",
+                        lambda model, task, per_n=200, seed=0, **kw: {n: 1.0 for n in range(1, 7)})
+    metrics = train_lm("binding", tmp_path / "c", arch="llama", width=32, layers=1, heads=2, steps=12,
+                       eval_every=2, curriculum=True, extra_queries=3, extra_query_fraction=0.5)
+    trained = [q for q in seen[:10]]  # the training batches (evaluations are patched out)
+    assert trained[:2] == [(2,), (2,)] and trained[2:4] == [(2, 3), (2, 3)] and trained[4:6] == [(2, 3, 4)] * 2
+    assert trained[8] is None  # N = 6 added at step 8: the full range 1..6 (the sampler's default)
+    assert metrics["curriculum_steps"] == {"2": 0, "3": 2, "4": 4, "5": 6, "6": 8}
+    assert metrics["steps"] == 12 and metrics["extra_queries"] == 3 and metrics["extra_query_fraction"] == 0.5
+    model, _ = load_causal_lm(tmp_path / "c")
+    assert model.config.max_position_embeddings >= binding().max_len + 8
+    with pytest.raises(ConfigError, match="only the binding task"):
+        train_lm("multiobject", tmp_path / "m", steps=1, extra_queries=2)
+    with pytest.raises(ConfigError, match=r"extra_query_fraction must be in \[0, 1\], got 1.5"):
+        train_lm("binding", tmp_path / "f", steps=1, extra_queries=2, extra_query_fraction=1.5)

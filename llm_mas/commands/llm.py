@@ -88,6 +88,12 @@ def train_lm(
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop training after this many minutes."),
     loss_on: str = typer.Option("task", "--loss-on", help="task (task tokens only) | all (every next token)."),
     arch: str = typer.Option("gpt2", "--arch", help="gpt2 (learned positions) | llama (rotary positions)."),
+    curriculum: bool = typer.Option(False, "--curriculum/--no-curriculum",
+                                    help="Start at N = lo+1 and add the next N once every N so far is >= 0.95."),
+    extra_queries: int = typer.Option(0, "--extra-queries",
+                                      help="binding only: questions per drilled row (0: none)."),
+    extra_query_fraction: float = typer.Option(0.75, "--extra-query-fraction",
+                                               help="binding only: fraction of rows drilled with --extra-queries."),
     threads: int = typer.Option(1, "--threads", help="torch threads for this process."),
     overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace a non-empty --out."),
     manifest: bool = typer.Option(False, "--manifest/--no-manifest",
@@ -104,7 +110,9 @@ def train_lm(
         torch.set_num_threads(threads)
         metrics = train(task, out, width=width, layers=layers, heads=heads, seed=seed, steps=steps,
                         batch_size=batch_size, lr=lr, eval_every=eval_every, eval_per_n=eval_per_n,
-                        max_minutes=max_minutes, loss_on=loss_on, arch=arch, overwrite=overwrite, log=typer.echo)
+                        max_minutes=max_minutes, loss_on=loss_on, arch=arch, curriculum=curriculum,
+                        extra_queries=extra_queries, extra_query_fraction=extra_query_fraction, overwrite=overwrite,
+                        log=typer.echo)
         if manifest:
             typer.echo(f"manifest: {write_manifest(Path(out).parent)}")
         if not metrics["passes_bar"]:

@@ -37,6 +37,7 @@ import numpy as np
 from llm_mas.errors import ConfigError
 
 ACCURACY_BAR = 0.99
+CURRICULUM_BAR = 0.95  # quick-evaluation accuracy on every N trained so far that adds the next N
 PERFECT_EVALS_TO_STOP = 3  # quick evaluations in a row without a single error end training early
 UNK_WORD = "<unk>"
 METRICS_FILE = "metrics.json"
@@ -68,8 +69,9 @@ def build_word_tokenizer(task, *, padding_side: str = "right"):
                                    pad_token=SPECIAL_WORDS["P"], unk_token=UNK_WORD, padding_side=padding_side)
 
 
-def lm_config(task, *, width: int, layers: int, heads: int, vocab_size: int, arch: str = "gpt2"):
-    """A dropout-free config sized for the task (positions: max_len rounded up to a multiple of 16).
+def lm_config(task, *, width: int, layers: int, heads: int, vocab_size: int, arch: str = "gpt2",
+              max_len: int | None = None):
+    """A dropout-free config sized for the task (positions: max_len, default the task's, rounded up to 16).
 
     gpt2: learned absolute positions, MLP 4·width. llama: rotary positions (previous-token attention comes
     for free, which the binding task's lookup needs), SwiGLU MLP 2·width, as many KV heads as heads.
@@ -81,7 +83,7 @@ def lm_config(task, *, width: int, layers: int, heads: int, vocab_size: int, arc
         raise ConfigError(f"width {width} is not divisible by heads {heads}; pick heads dividing the width")
     from llm_mas.tasks.base import BOS, EOS, PAD
 
-    positions = 16 * math.ceil(task.max_len / 16)
+    positions = 16 * math.ceil(max(task.max_len, max_len or 0) / 16)
     if arch == "llama":
         from transformers import LlamaConfig
 
@@ -159,11 +161,20 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 def train_lm(task_name: str, out_dir: str | Path, *, width: int = 128, layers: int = 2, heads: int = 4,
              seed: int = 0, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3, warmup: int = 100,
              eval_every: int = 100, eval_per_n: int = 200, max_minutes: float | None = None, arch: str = "gpt2",
-             loss_on: str = "task", overwrite: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+             loss_on: str = "task", curriculum: bool = False, extra_queries: int = 0,
+             extra_query_fraction: float = 0.75, overwrite: bool = False,
+             log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train one LM on `task_name` and save it (HF directory + metrics.json) into `out_dir`; returns metrics.
 
     loss_on: "task" (the task tokens only, default) or "all" (every next token, given ones included: for
     binding, predicting a fresh name or a bound query name trains attention to the names seen so far).
+    curriculum: train on N = lo+1 only at first (lo..hi: the task's quantity range; lo+1 is the smallest
+    N with a choice to make for binding), and add the next N after each quick evaluation that is >= 0.95
+    on every N trained so far; once hi is added, train on the full range lo..hi.
+    extra_queries (binding only): a fraction `extra_query_fraction` of each batch's rows ask this many
+    questions instead of one (`llm_mas.tasks.binding.with_extra_queries`).
+    Binding LMs learn the lookup with ``arch="llama", curriculum=True, extra_queries=8`` in about a thousand
+    steps; without the curriculum and the extra questions they stay at guessing among the bound values.
     """
     import torch
     import torch.nn.functional as F
@@ -184,8 +195,21 @@ def train_lm(task_name: str, out_dir: str | Path, *, width: int = 128, layers: i
     if loss_on not in LOSS_CHOICES:
         raise ConfigError(f"unknown loss_on {loss_on!r}; valid choices: {', '.join(LOSS_CHOICES)}")
     task = _get_task(task_name)
+    if not isinstance(extra_queries, int) or isinstance(extra_queries, bool) or extra_queries < 0:
+        raise ConfigError(f"extra_queries must be an integer >= 0, got {extra_queries!r}")
+    if extra_queries and task.name != "binding":
+        raise ConfigError(f"extra_queries={extra_queries} asks for extra questions, which only the binding task has "
+                          f"(task {task.name!r}); leave it at 0")
+    if extra_queries and not 0.0 <= float(extra_query_fraction) <= 1.0:
+        raise ConfigError(f"extra_query_fraction must be in [0, 1], got {extra_query_fraction!r}")
+    lo, hi = _quantity_range(task)[0], _quantity_range(task)[-1]
+    start = min(lo + 1, hi)  # curriculum: the first N trained
+    trained_up_to = start if curriculum else hi
+    curriculum_steps = {str(start): 0} if curriculum else {}
     tokenizer = build_word_tokenizer(task)
-    config = lm_config(task, width=width, layers=layers, heads=heads, vocab_size=len(tokenizer), arch=arch)
+    width_needed = task.max_len + 4 * max(extra_queries - 1, 0)
+    config = lm_config(task, width=width, layers=layers, heads=heads, vocab_size=len(tokenizer), arch=arch,
+                       max_len=width_needed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
@@ -198,9 +222,16 @@ def train_lm(task_name: str, out_dir: str | Path, *, width: int = 128, layers: i
     perfect_in_a_row, step, loss_value, history = 0, 0, float("nan"), []
     model.train()
     for step in range(1, steps + 1):
-        batch = task.sample(batch_size, rng)
-        ids = torch.as_tensor(batch.ids)  # (B, L)
-        scored = torch.as_tensor(batch.task_mask) if loss_on == "task" else ids != PAD
+        quantities = None if trained_up_to >= hi else list(range(start, trained_up_to + 1))
+        batch = task.sample(batch_size, rng, quantities=quantities)
+        if extra_queries:
+            from llm_mas.tasks.binding import with_extra_queries
+
+            batch_ids, task_mask = with_extra_queries(batch, extra_queries, extra_query_fraction, rng)
+        else:
+            batch_ids, task_mask = batch.ids, batch.task_mask
+        ids = torch.as_tensor(batch_ids)  # (B, L)
+        scored = torch.as_tensor(task_mask) if loss_on == "task" else ids != PAD
         targets = torch.where(scored, ids, torch.full_like(ids, -100))[:, 1:]  # (B, L-1)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step - 1, steps, lr, warmup)
@@ -221,7 +252,11 @@ def train_lm(task_name: str, out_dir: str | Path, *, width: int = 128, layers: i
                             "seconds": time.perf_counter() - started})
             log(f"  step {step}: loss {loss_value:.4f}, quick free-running accuracy min over N {worst:.3f} "
                 f"({time.perf_counter() - started:.0f}s)")
-            perfect_in_a_row = perfect_in_a_row + 1 if worst == 1.0 else 0
+            if trained_up_to < hi and min(quick[n] for n in range(start, trained_up_to + 1)) >= CURRICULUM_BAR:
+                trained_up_to += 1
+                curriculum_steps[str(trained_up_to)] = step
+                log(f"  curriculum: N up to {trained_up_to}" + (f" (now {lo}..{hi})" if trained_up_to >= hi else ""))
+            perfect_in_a_row = perfect_in_a_row + 1 if worst == 1.0 and trained_up_to >= hi else 0
             if perfect_in_a_row >= PERFECT_EVALS_TO_STOP or out_of_time:
                 break
     train_seconds = time.perf_counter() - started
@@ -231,6 +266,8 @@ def train_lm(task_name: str, out_dir: str | Path, *, width: int = 128, layers: i
     metrics = {
         "task": task.name, "arch": arch, "width": width, "layers": layers, "heads": heads, "params": params,
         "seed": seed, "steps": step, "max_steps": steps, "batch_size": batch_size, "lr": lr, "loss_on": loss_on,
+        "curriculum": curriculum, "curriculum_steps": curriculum_steps, "extra_queries": extra_queries,
+        "extra_query_fraction": extra_query_fraction if extra_queries else 0.0,
         "final_loss": loss_value, "train_seconds": round(train_seconds, 1),
         "accuracy_per_n": {str(k): v for k, v in accuracy.items()}, "min_accuracy": worst,
         "eval_per_n": eval_per_n, "bar": ACCURACY_BAR, "passes_bar": bool(worst >= ACCURACY_BAR),

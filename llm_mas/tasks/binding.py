@@ -1,18 +1,24 @@
-"""Variable binding, a language template task with its own causal model: `a = 3 , b = 5 ; b ? 5`.
+"""Variable binding, a language template task with its own causal model: `a = 3 , b = 5 ; ? b 5`.
 
-A sequence binds N distinct variable names (N = n_vars, 1..6, names from a..h) to values 0..9, then
-queries one of them; the answer is the value bound to the queried name:
+A sequence binds N distinct variable names (N = n_vars, 1..6, names from a..h) to values 0..9, then asks
+for one of them ('?' then the name); the answer, right after the queried name, is the value bound to it:
 
-    B a = 3 , b = 5 , c = 1 ; b ? 5 E          (length 4·N + 5; text: "<bos> a = 3 , b = 5 , c = 1 ; b ? 5 <eos>")
+    B a = 3 , b = 5 , c = 1 ; ? b 5 E          (length 4·N + 5; text: "<bos> a = 3 , b = 5 , c = 1 ; ? b 5 <eos>")
 
-Given tokens: B, names, '=', values, ',', ';', the query name and '?'. Task tokens: the answer and E.
+The question mark comes before the name so that the answer is predicted at the queried name itself: a
+lookup keyed on the current token (find the binding of this name, copy its value), which small LMs learn
+in about a thousand steps. With the name first (`; b ? 5`) the answer is predicted at '?', the query
+name has to be moved there first, and no LM we trained (GPT-2 and Llama, 2-4 layers, up to 30 000 steps,
+curricula, extra queries) got beyond guessing among the bound values.
+
+Given tokens: B, names, '=', values, ',', ';', '?' and the query name. Task tokens: the answer and E.
 Vocabulary: P=0 B=1 E=2, names a..h = 3..10, values "0".."9" = 11..20, "=" 21, "," 22, ";" 23, "?" 24.
 
 Causal model. State after each token (-1 where undefined, i.e. at/after E and on PAD):
 - stage: 0 after B, 1 after a binding's name, 2 after '=', 3 after its value, 4 after ',', 5 after ';',
-  6 after the query name, 7 after '?', 8 after the answer;
+  6 after '?', 7 after the query name, 8 after the answer;
 - current: the name (0..7) being bound (stages 1-3); value: the value just bound (stage 3 only);
-- bind_a .. bind_h: the value bound to each name so far (-1 unbound); query: the queried name (stages 6-8).
+- bind_a .. bind_h: the value bound to each name so far (-1 unbound); query: the queried name (stages 7-8).
 Emission: the answer is bind[query], then E.
 Swappable variable: `value` (domain 0..9). Valid intervention positions: the value tokens (stage 3). The
 post-intervention function writes the swapped value into bind[current]; so swapping the value of the
@@ -45,7 +51,7 @@ NAME0 = 3  # id of "a"
 VALUE0 = NAME0 + len(NAMES)  # id of "0"
 EQUALS, COMMA, SEMICOLON, QUESTION = VALUE0 + N_VALUES, VALUE0 + N_VALUES + 1, VALUE0 + N_VALUES + 2, VALUE0 + N_VALUES + 3
 UNDEF = -1
-(S_START, S_NAME, S_EQUALS, S_VALUE, S_COMMA, S_SEMICOLON, S_QUERY, S_QUESTION, S_ANSWER) = range(9)
+(S_START, S_NAME, S_EQUALS, S_VALUE, S_COMMA, S_SEMICOLON, S_QUESTION, S_QUERY, S_ANSWER) = range(9)
 BIND_VARIABLES = tuple(f"bind_{name}" for name in NAMES)
 
 
@@ -91,9 +97,9 @@ class BindingTask(Task):
         ids = np.where(in_bindings & (off == 1), EQUALS, ids)
         ids = np.where(in_bindings & (off == 2), VALUE0 + values[rows[:, None], slot_b], ids)
         ids = np.where(in_bindings & (off == 3), np.where(slot == nv - 1, SEMICOLON, COMMA), ids)
-        q = 4 * nv + 1  # (n, 1) column of the query name
-        ids = np.where(pos == q, NAME0 + names[rows, query_slot][:, None], ids)
-        ids = np.where(pos == q + 1, QUESTION, ids)
+        q = 4 * nv + 1  # (n, 1) column of '?'
+        ids = np.where(pos == q, QUESTION, ids)
+        ids = np.where(pos == q + 1, NAME0 + names[rows, query_slot][:, None], ids)
         ids = np.where(pos == q + 2, VALUE0 + values[rows, query_slot][:, None], ids)
         ids = np.where(pos == q + 3, EOS, ids)
         task_mask = (pos == q + 2) | (pos == q + 3)
@@ -123,14 +129,14 @@ class BindingTask(Task):
         bound = binds[rows, name] >= 0
         legal = np.select(
             [stage == S_START, stage == S_NAME, stage == S_EQUALS, stage == S_VALUE, stage == S_COMMA,
-             stage == S_SEMICOLON, stage == S_QUERY, stage == S_QUESTION, stage == S_ANSWER],
+             stage == S_SEMICOLON, stage == S_QUESTION, stage == S_QUERY, stage == S_ANSWER],
             [is_name, tok == EQUALS, is_value, (tok == COMMA) | (tok == SEMICOLON), is_name & ~bound,
-             is_name & bound, tok == QUESTION, is_value, tok == EOS],
+             tok == QUESTION, is_name & bound, is_value, tok == EOS],
             tok == PAD)
         new_stage = np.select(
             [stage == S_START, stage == S_NAME, stage == S_EQUALS, (stage == S_VALUE) & (tok == COMMA),
-             stage == S_VALUE, stage == S_COMMA, stage == S_SEMICOLON, stage == S_QUERY, stage == S_QUESTION],
-            [S_NAME, S_EQUALS, S_VALUE, S_COMMA, S_SEMICOLON, S_NAME, S_QUERY, S_QUESTION, S_ANSWER], UNDEF)
+             stage == S_VALUE, stage == S_COMMA, stage == S_SEMICOLON, stage == S_QUESTION, stage == S_QUERY],
+            [S_NAME, S_EQUALS, S_VALUE, S_COMMA, S_SEMICOLON, S_NAME, S_QUESTION, S_QUERY, S_ANSWER], UNDEF)
         new = dict(state)
         new["stage"] = new_stage
         new["current"] = np.where(np.isin(new_stage, (S_NAME, S_EQUALS, S_VALUE)),
@@ -140,8 +146,8 @@ class BindingTask(Task):
         for j, b in enumerate(BIND_VARIABLES):
             kept = np.where(writes & (new["current"] == j), tok - VALUE0, state[b])
             new[b] = np.where(new_stage == UNDEF, UNDEF, kept)
-        new["query"] = np.where(np.isin(new_stage, (S_QUERY, S_QUESTION, S_ANSWER)),
-                                np.where(stage == S_SEMICOLON, name, state["query"]), UNDEF)
+        new["query"] = np.where(np.isin(new_stage, (S_QUERY, S_ANSWER)),
+                                np.where(stage == S_QUESTION, name, state["query"]), UNDEF)
         return {k: v.astype(np.int64) for k, v in new.items()}, legal
 
     def _read(self, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -161,7 +167,7 @@ class BindingTask(Task):
             if not legal.all():
                 r = int(np.flatnonzero(~legal)[0])
                 raise DataError(f"not a binding sequence (row {r}, position {p}): {self.render(ids[r])!r}; expected "
-                                "'B <name> = <value> (, <name> = <value>)... ; <bound name> ? <value> E'")
+                                "'B <name> = <value> (, <name> = <value>)... ; ? <bound name> <value> E'")
             for k in self.state_variables:
                 states[k][:, p] = state[k]
         ended = (np.cumsum(ids == EOS, axis=1) > 0) | (ids == PAD)
@@ -241,12 +247,12 @@ class BindingTask(Task):
             answer = VALUE0 + binds[rows, np.maximum(state["query"], 0)]
             tok = np.select(
                 [stage == S_START, stage == S_NAME, stage == S_EQUALS, stage == S_VALUE, stage == S_COMMA,
-                 stage == S_SEMICOLON, stage == S_QUERY, stage == S_QUESTION, stage == S_ANSWER],
-                [new_binding, np.full(n, EQUALS), value, separator, new_binding, query, np.full(n, QUESTION), answer,
+                 stage == S_SEMICOLON, stage == S_QUESTION, stage == S_QUERY, stage == S_ANSWER],
+                [new_binding, np.full(n, EQUALS), value, separator, new_binding, np.full(n, QUESTION), query, answer,
                  np.full(n, EOS)], PAD)
             tok = np.where(active, tok, PAD)
             ids[rows[active], c[active]] = tok[active]
-            mask[rows[active], c[active]] = np.isin(stage[active], (S_QUESTION, S_ANSWER))
+            mask[rows[active], c[active]] = np.isin(stage[active], (S_QUERY, S_ANSWER))
             state, legal = self._transition(state, tok)
             if not legal[active].all():  # cannot happen for states the causal model produced itself
                 r = int(np.flatnonzero(active & ~legal)[0])
@@ -283,15 +289,16 @@ def get_text_task(name: str) -> Task:
     return get_task(key)
 
 
-# ---- counterfactual datasets at the query ('?') position ------------------------------------------------------
+# ---- counterfactual datasets at the queried name -----------------------------------------------------------
 CF_MODES = ("answer", "query")
 
 
 def query_counterfactual_labels(base_ids: np.ndarray, source_ids: np.ndarray, mode: str) -> np.ndarray:
-    """(n,) the value (0..9) the causal model answers after intervening at the '?' of each base with its source.
+    """(n,) the value (0..9) the causal model answers after intervening at the queried name of each base.
 
-    base_ids / source_ids (n, L): binding sequences (at least up to their '?'). The causal model's state at
-    '?' (stage 7) holds the bindings and the query; ``answer`` swaps the retrieved value (the answer becomes
+    base_ids / source_ids (n, L): binding sequences (at least up to the name after '?', where the answer is
+    predicted). The causal model's state there (stage 7) holds the bindings and the query; ``answer`` swaps
+    the retrieved value (the answer becomes
     the source's answer, bind[query] of the source), ``query`` swaps the queried name (the answer becomes
     the base's binding of the source's query name; -1 where the base does not bind that name).
     """
@@ -302,11 +309,13 @@ def query_counterfactual_labels(base_ids: np.ndarray, source_ids: np.ndarray, mo
     for ids in (base_ids, source_ids):
         ids = np.asarray(ids, dtype=np.int64)
         state = task._read(ids)
-        at = np.argmax(ids == QUESTION, axis=1)  # (n,) column of '?'
-        if not (ids[np.arange(len(ids)), at] == QUESTION).all():
-            raise DataError("every binding sequence of a query counterfactual needs its '?'")
         rows = np.arange(len(ids))
-        states.append({k: v[rows, at] for k, v in state.items()})  # {var: (n,)} the state at '?'
+        has_question = (ids == QUESTION).any(axis=1)
+        at = np.argmax(ids == QUESTION, axis=1) + 1  # (n,) column of the queried name
+        if not has_question.all() or (at >= ids.shape[1]).any():
+            bad = int(np.flatnonzero(~has_question | (at >= ids.shape[1]))[0])
+            raise DataError(f"row {bad}: a binding sequence of a query counterfactual needs '? <name>'")
+        states.append({k: v[rows, at] for k, v in state.items()})  # {var: (n,)} the state at the queried name
     base, source = states
     rows = np.arange(len(base_ids))
     if mode == "answer":
@@ -315,9 +324,10 @@ def query_counterfactual_labels(base_ids: np.ndarray, source_ids: np.ndarray, mo
 
 
 def binding_counterfactual_rows(n: int, seed: int, mode: str = "answer", quantities=None) -> list[dict]:
-    """`n` counterfactual rows (`llm_mas.tasks.counterfactual_data` format) intervening at '?' in base and source.
+    """`n` counterfactual rows (`llm_mas.tasks.counterfactual_data` format) intervening at the queried name.
 
-    Both texts end at the query's '?'; base and source positions are ``last`` (the '?'); the continuation is
+    Both texts end at the name after '?' (where the answer is predicted); base and source positions are
+    ``last`` (that name); the continuation is
     the value `query_counterfactual_labels` gives (one word):
     - ``answer``: the retrieved value is swapped: label = the source's answer;
     - ``query``: the queried name is swapped: label = the base's value bound to the source's query name.
@@ -341,7 +351,7 @@ def binding_counterfactual_rows(n: int, seed: int, mode: str = "answer", quantit
         labels = query_counterfactual_labels(base.ids, source.ids, mode)  # (want,)
         answers = base.ids[np.arange(want), base.lengths - 2] - VALUE0  # (want,) the base's own answers
         for r in np.flatnonzero((labels >= 0) & (labels != answers))[: n - len(rows)]:
-            b_end, s_end = int(base.lengths[r]) - 2, int(source.lengths[r]) - 2  # up to and including '?'
+            b_end, s_end = int(base.lengths[r]) - 2, int(source.lengths[r]) - 2  # up to the queried name
             rows.append({"base": " ".join(words[t] for t in base.ids[r, :b_end]),
                          "source": " ".join(words[t] for t in source.ids[r, :s_end]),
                          "continuation": str(int(labels[r])), "base_position": "last", "source_position": "last"})
@@ -358,3 +368,44 @@ def write_counterfactual_dataset(path, n: int, seed: int, mode: str = "answer") 
     rows = binding_counterfactual_rows(n, seed, mode)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+# ---- training rows with several questions ---------------------------------------------------------------------
+def with_extra_queries(batch: SequenceBatch, n_queries: int, fraction: float,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows for a binding LM: a `fraction` of the rows ask `n_queries` questions instead of one.
+
+    A drilled row keeps its bindings and then asks ``? <name> <value> ;`` `n_queries` times (each name drawn
+    uniformly among the row's bound names, with replacement), the last answer followed by E; its scored
+    positions are the answers. The other rows are the batch's own, scored on its task mask. Every question
+    is a lookup, so a drilled row gives the LM `n_queries` answers to learn from instead of one. Drilled rows
+    are training data only (the causal model reads one question per sequence).
+    Returns (ids, scored), both (n, max_len + 4·(n_queries - 1)).
+    """
+    if not isinstance(n_queries, int) or isinstance(n_queries, bool) or n_queries < 1:
+        raise ConfigError(f"extra queries: the number of questions per row must be a positive integer, got {n_queries!r}")
+    if not 0.0 <= float(fraction) <= 1.0:
+        raise ConfigError(f"extra queries: the fraction of drilled rows must be in [0, 1], got {fraction!r}")
+    n, width = len(batch.lengths), binding().max_len + 4 * (n_queries - 1)
+    ids = np.full((n, width), PAD, dtype=np.int64)
+    ids[:, : batch.ids.shape[1]] = batch.ids
+    scored = np.zeros((n, width), dtype=bool)
+    scored[:, : batch.ids.shape[1]] = batch.task_mask
+    drilled = rng.random(n) < fraction  # (n,)
+    n_vars = (np.asarray(batch.lengths) - 5) // 4  # (n,)
+    slots = np.floor(rng.random((n, n_queries)) * n_vars[:, None]).astype(np.int64)  # (n, Q) bound slots
+    rows = np.flatnonzero(drilled)
+    if len(rows) == 0:
+        return ids, scored
+    first = 4 * n_vars[rows] + 1  # (r,) column of the first '?'
+    ids[rows] = np.where(np.arange(width)[None, :] >= first[:, None], PAD, ids[rows])
+    scored[rows] = False
+    for j in range(n_queries):
+        col = first + 4 * j  # (r,)
+        slot = slots[rows, j]
+        ids[rows, col] = QUESTION
+        ids[rows, col + 1] = batch.ids[rows, 1 + 4 * slot]  # the slot's name
+        ids[rows, col + 2] = batch.ids[rows, 3 + 4 * slot]  # its value: the answer
+        ids[rows, col + 3] = EOS if j == n_queries - 1 else SEMICOLON
+        scored[rows, col + 2] = True
+    return ids, scored
