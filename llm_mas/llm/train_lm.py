@@ -173,8 +173,9 @@ def train_lm(task_name: str, out_dir: str | Path, *, width: int = 128, layers: i
     on every N trained so far; once hi is added, train on the full range lo..hi.
     extra_queries (binding only): a fraction `extra_query_fraction` of each batch's rows ask this many
     questions instead of one (`llm_mas.tasks.binding.with_extra_queries`).
-    Binding LMs learn the lookup with ``arch="llama", curriculum=True, extra_queries=8`` in about a thousand
-    steps; without the curriculum and the extra questions they stay at guessing among the bound values.
+    Binding LMs learned the lookup with ``arch="llama", curriculum=True, extra_queries=8, lr=2e-3`` in
+    1 500-3 400 steps for 3 of the 5 seeds tried; without the curriculum and the extra questions none got
+    past guessing among the bound values. With the curriculum, early stopping waits until every N is in.
     """
     import torch
     import torch.nn.functional as F
@@ -202,7 +203,8 @@ def train_lm(task_name: str, out_dir: str | Path, *, width: int = 128, layers: i
                           f"(task {task.name!r}); leave it at 0")
     if extra_queries and not 0.0 <= float(extra_query_fraction) <= 1.0:
         raise ConfigError(f"extra_query_fraction must be in [0, 1], got {extra_query_fraction!r}")
-    lo, hi = _quantity_range(task)[0], _quantity_range(task)[-1]
+    all_quantities = _quantity_range(task)
+    lo, hi = all_quantities[0], all_quantities[-1]
     start = min(lo + 1, hi)  # curriculum: the first N trained
     trained_up_to = start if curriculum else hi
     curriculum_steps = {str(start): 0} if curriculum else {}
