@@ -7,9 +7,10 @@ for one of them ('?' then the name); the answer, right after the queried name, i
 
 The question mark comes before the name so that the answer is predicted at the queried name itself: a
 lookup keyed on the current token (find the binding of this name, copy its value). Small LMs learn it in
-1 500-3 400 steps with `train_lm`'s curriculum and extra questions (3 of the 5 seeds tried). With the name first (`; b ? 5`) the answer is predicted at '?', the query
-name has to be moved there first, and no LM we trained (GPT-2 and Llama, 2-4 layers, up to 30 000 steps,
-curricula, extra queries) got beyond guessing among the bound values.
+1 500-3 400 steps with `train_lm`'s curriculum and extra questions (3 of the 5 seeds tried). With the
+name first (`; b ? 5`) the answer is predicted at '?', the query name has to be moved there first, and
+no LM we trained (GPT-2 and Llama, 2-4 layers, up to 30 000 steps, curricula, extra queries) got beyond
+guessing among the bound values.
 
 Given tokens: B, names, '=', values, ',', ';', '?' and the query name. Task tokens: the answer and E.
 Vocabulary: P=0 B=1 E=2, names a..h = 3..10, values "0".."9" = 11..20, "=" 21, "," 22, ";" 23, "?" 24.
