@@ -131,7 +131,7 @@ def test_train_lm_curriculum_and_extra_queries(tmp_path, monkeypatch):
                         lambda model, task, per_n=200, seed=0, **kw: {n: 1.0 for n in range(1, 7)})
     metrics = train_lm("binding", tmp_path / "c", arch="llama", width=32, layers=1, heads=2, steps=12,
                        eval_every=2, curriculum=True, extra_queries=3, extra_query_fraction=0.5)
-    trained = [q for q in seen[:10]]  # the training batches (evaluations are patched out)
+    trained = seen[:10]  # the training batches (evaluations are patched out)
     assert trained[:2] == [(2,), (2,)] and trained[2:4] == [(2, 3), (2, 3)] and trained[4:6] == [(2, 3, 4)] * 2
     assert trained[8] is None  # N = 6 added at step 8: the full range 1..6 (the sampler's default)
     assert metrics["curriculum_steps"] == {"2": 0, "3": 2, "4": 4, "5": 6, "6": 8}

@@ -196,22 +196,21 @@ def train_lm(task_name: str, out_dir: str | Path, *, width: int = 128, layers: i
     if loss_on not in LOSS_CHOICES:
         raise ConfigError(f"unknown loss_on {loss_on!r}; valid choices: {', '.join(LOSS_CHOICES)}")
     task = _get_task(task_name)
-    if not isinstance(extra_queries, int) or isinstance(extra_queries, bool) or extra_queries < 0:
-        raise ConfigError(f"extra_queries must be an integer >= 0, got {extra_queries!r}")
-    if extra_queries and task.name != "binding":
-        raise ConfigError(f"extra_queries={extra_queries} asks for extra questions, which only the binding task has "
-                          f"(task {task.name!r}); leave it at 0")
-    if extra_queries and not 0.0 <= float(extra_query_fraction) <= 1.0:
-        raise ConfigError(f"extra_query_fraction must be in [0, 1], got {extra_query_fraction!r}")
+    if extra_queries:  # 0: one question per row
+        from llm_mas.tasks.binding import check_extra_queries, extra_query_length, with_extra_queries
+
+        if task.name != "binding":
+            raise ConfigError(f"extra_queries={extra_queries} asks for extra questions, which only the binding task "
+                              f"has (task {task.name!r}); leave it at 0")
+        check_extra_queries(extra_queries, extra_query_fraction)
     all_quantities = _quantity_range(task)
     lo, hi = all_quantities[0], all_quantities[-1]
     start = min(lo + 1, hi)  # curriculum: the first N trained
     trained_up_to = start if curriculum else hi
     curriculum_steps = {str(start): 0} if curriculum else {}
     tokenizer = build_word_tokenizer(task)
-    width_needed = task.max_len + 4 * max(extra_queries - 1, 0)
     config = lm_config(task, width=width, layers=layers, heads=heads, vocab_size=len(tokenizer), arch=arch,
-                       max_len=width_needed)
+                       max_len=extra_query_length(extra_queries) if extra_queries else None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
@@ -227,8 +226,6 @@ def train_lm(task_name: str, out_dir: str | Path, *, width: int = 128, layers: i
         quantities = None if trained_up_to >= hi else list(range(start, trained_up_to + 1))
         batch = task.sample(batch_size, rng, quantities=quantities)
         if extra_queries:
-            from llm_mas.tasks.binding import with_extra_queries
-
             batch_ids, task_mask = with_extra_queries(batch, extra_queries, extra_query_fraction, rng)
         else:
             batch_ids, task_mask = batch.ids, batch.task_mask

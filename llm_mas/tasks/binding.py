@@ -298,10 +298,10 @@ def query_counterfactual_labels(base_ids: np.ndarray, source_ids: np.ndarray, mo
     """(n,) the value (0..9) the causal model answers after intervening at the queried name of each base.
 
     base_ids / source_ids (n, L): binding sequences (at least up to the name after '?', where the answer is
-    predicted). The causal model's state there (stage 7) holds the bindings and the query; ``answer`` swaps
-    the retrieved value (the answer becomes
-    the source's answer, bind[query] of the source), ``query`` swaps the queried name (the answer becomes
-    the base's binding of the source's query name; -1 where the base does not bind that name).
+    predicted). The causal model's state there (stage 7) holds the bindings and the query. ``answer`` swaps
+    the retrieved value: the answer becomes the source's answer, bind[query] of the source. ``query`` swaps
+    the queried name: the answer becomes the base's binding of the source's query name (-1 where the base
+    does not bind that name).
     """
     if mode not in CF_MODES:
         raise ConfigError(f"unknown binding counterfactual mode {mode!r}; valid choices: {', '.join(CF_MODES)}")
@@ -311,8 +311,9 @@ def query_counterfactual_labels(base_ids: np.ndarray, source_ids: np.ndarray, mo
         ids = np.asarray(ids, dtype=np.int64)
         state = task._read(ids)
         rows = np.arange(len(ids))
-        has_question = (ids == QUESTION).any(axis=1)
-        at = np.argmax(ids == QUESTION, axis=1) + 1  # (n,) column of the queried name
+        is_question = ids == QUESTION  # (n, L)
+        has_question = is_question.any(axis=1)
+        at = np.argmax(is_question, axis=1) + 1  # (n,) column of the queried name
         if not has_question.all() or (at >= ids.shape[1]).any():
             bad = int(np.flatnonzero(~has_question | (at >= ids.shape[1]))[0])
             raise DataError(f"row {bad}: a binding sequence of a query counterfactual needs '? <name>'")
@@ -328,8 +329,7 @@ def binding_counterfactual_rows(n: int, seed: int, mode: str = "answer", quantit
     """`n` counterfactual rows (`llm_mas.tasks.counterfactual_data` format) intervening at the queried name.
 
     Both texts end at the name after '?' (where the answer is predicted); base and source positions are
-    ``last`` (that name); the continuation is
-    the value `query_counterfactual_labels` gives (one word):
+    ``last`` (that name); the continuation is the value `query_counterfactual_labels` gives (one word):
     - ``answer``: the retrieved value is swapped: label = the source's answer;
     - ``query``: the queried name is swapped: label = the base's value bound to the source's query name.
     Only informative pairs are kept: the label differs from the base's own answer (and, for ``query``, the
@@ -372,6 +372,19 @@ def write_counterfactual_dataset(path, n: int, seed: int, mode: str = "answer") 
 
 
 # ---- training rows with several questions ---------------------------------------------------------------------
+def check_extra_queries(n_queries, fraction) -> None:
+    """ConfigError unless `n_queries` is a positive integer and `fraction` (of drilled rows) is in [0, 1]."""
+    if not isinstance(n_queries, int) or isinstance(n_queries, bool) or n_queries < 1:
+        raise ConfigError(f"extra_queries (questions per drilled row) must be a positive integer, got {n_queries!r}")
+    if not 0.0 <= float(fraction) <= 1.0:
+        raise ConfigError(f"extra_query_fraction must be in [0, 1], got {fraction!r} (the fraction of rows drilled)")
+
+
+def extra_query_length(n_queries: int) -> int:
+    """Length of a row asking `n_queries` questions: the longest binding sequence plus 4 per extra question."""
+    return binding().max_len + 4 * (n_queries - 1)
+
+
 def with_extra_queries(batch: SequenceBatch, n_queries: int, fraction: float,
                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Training rows for a binding LM: a `fraction` of the rows ask `n_queries` questions instead of one.
@@ -381,13 +394,10 @@ def with_extra_queries(batch: SequenceBatch, n_queries: int, fraction: float,
     positions are the answers. The other rows are the batch's own, scored on its task mask. Every question
     is a lookup, so a drilled row gives the LM `n_queries` answers to learn from instead of one. Drilled rows
     are training data only (the causal model reads one question per sequence).
-    Returns (ids, scored), both (n, max_len + 4·(n_queries - 1)).
+    Returns (ids, scored), both (n, `extra_query_length(n_queries)`).
     """
-    if not isinstance(n_queries, int) or isinstance(n_queries, bool) or n_queries < 1:
-        raise ConfigError(f"extra queries: the number of questions per row must be a positive integer, got {n_queries!r}")
-    if not 0.0 <= float(fraction) <= 1.0:
-        raise ConfigError(f"extra queries: the fraction of drilled rows must be in [0, 1], got {fraction!r}")
-    n, width = len(batch.lengths), binding().max_len + 4 * (n_queries - 1)
+    check_extra_queries(n_queries, fraction)
+    n, width = len(batch.lengths), extra_query_length(n_queries)
     ids = np.full((n, width), PAD, dtype=np.int64)
     ids[:, : batch.ids.shape[1]] = batch.ids
     scored = np.zeros((n, width), dtype=bool)
