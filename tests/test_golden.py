@@ -1,12 +1,18 @@
-"""Every preset kind reproduces its recorded golden results (tests/golden/record.py).
+"""Every preset kind reproduces its recorded golden results (tests/golden/record.py), on any x86-64 CPU.
 
 A small seeded run per kind (indywise, stepwise, DAS, stitch, linear stitch, CLMAS, three models, variables
-with a null subspace on a GRU and a Transformer, tiny LLMs): every evaluation record, the training history
-and every alignment tensor must equal what was recorded. On a machine whose float kernels give the recording
-machine's bits (same platform probe) the comparison is bit for bit, tensor hashes included. On another CPU
-the last bits differ (measured between the recording machine and an AMD EPYC over these cases: losses by up to
-4.5e-3, token IIA by one token, 1.2e-3; trial IIA identical), so every number is compared within a tolerance
-that such noise passes and a changed result does not.
+with a null subspace on a GRU and a Transformer, tiny LLMs). What is compared is what the result means:
+every evaluation record, the training history, and what each trained alignment does (its transfer operators
+between models, block by block; see record.py). Never the bits: the comparison is the same on every CPU.
+
+Tolerances, from measurement: the cases were run on one AMD EPYC under ``ATEN_CPU_CAPABILITY=default``,
+``avx2`` and its native AVX-512 kernels (three sets of float kernels), and earlier between an Intel CPU and
+that AMD one. Across them: losses moved by up to 6.6e-3 (of ~2.3), token IIA by 1.2e-3, trial IIA not at
+all; an operator moved by at most 2.1e-3 (Frobenius, the DAS and null-subspace cases), i.e. at most 1.1 % of
+how far training moved it from the untrained alignment. A real change moves it far more: the learning rate
+×1.1 moves operators by 10–15 % of their displacement, one step fewer by 16–20 %, and records beyond their
+tolerances in most cases; `test_changed_runs_are_caught` reruns cases changed that way and asserts the
+comparison fails.
 """
 
 from __future__ import annotations
@@ -17,32 +23,30 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent / "golden"))
 import record  # noqa: E402
 
 GOLDEN = json.loads(record.GOLDEN.read_text())
-EXACT = GOLDEN.get("platform") == record.platform_probe()
+GOLDEN_MAPS = load_file(str(record.GOLDEN_MAPS))
 
-
-def _same(a, b, path=""):
-    """Exact equality of nested JSON values (NaN equals NaN); returns the first difference or None."""
-    return _compare(a, b, path, exact=True)
+# An operator may move by this fraction of its training displacement (measured cross-CPU: <= 1.1 %).
+MAP_TOLERANCE = 0.05
 
 
 def _close(a, b, path=""):
-    """Numbers within _tolerance and alignment tensors by their summaries (no hashes)."""
-    return _compare(a, b, path, exact=False)
+    """Records and history within `_tolerance`; the first difference or None."""
+    return _compare(a, b, path)
 
 
-def _compare(a, b, path: str, exact: bool):
+def _compare(a, b, path: str):
     if isinstance(a, dict) and isinstance(b, dict):
-        if not exact and "sha256" in a and "sample" in a:
-            return _tensor_close(a, b, path)
         if a.keys() != b.keys():
             return f"{path}: keys {sorted(set(a) ^ set(b))} differ"
         for k in a:
-            d = _compare(a[k], b[k], f"{path}.{k}", exact)
+            d = _compare(a[k], b[k], f"{path}.{k}")
             if d:
                 return d
         return None
@@ -50,14 +54,10 @@ def _compare(a, b, path: str, exact: bool):
         if len(a) != len(b):
             return f"{path}: length {len(a)} != {len(b)}"
         for i, (x, y) in enumerate(zip(a, b)):
-            d = _compare(x, y, f"{path}[{i}]", exact)
+            d = _compare(x, y, f"{path}[{i}]")
             if d:
                 return d
         return None
-    if exact:
-        if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-            return None
-        return None if a == b else f"{path}: {a!r} != {b!r}"
     x, y = _number(a), _number(b)
     if x is None or y is None:
         return None if a == b else f"{path}: {a!r} != {b!r}"
@@ -92,47 +92,86 @@ def _tolerance(path: str, value: float) -> float:
     return 1e-6 + 1e-3 * abs(value)
 
 
-def _tensor_close(a: dict, b: dict, path: str):
-    if a["shape"] != b["shape"]:
-        return f"{path}: shape {a['shape']} != {b['shape']}"
-    n = math.prod(a["shape"])
-    scale = math.sqrt(max(a["sum_sq"], 1e-12) / max(n, 1))  # RMS of the entries
-    if abs(a["sum_sq"] - b["sum_sq"]) > 1e-2 * a["sum_sq"] + 1e-9:
-        return f"{path}.sum_sq: {a['sum_sq']!r} != {b['sum_sq']!r}"
-    if abs(a["sum"] - b["sum"]) > 1e-2 * scale * math.sqrt(n) * 3 + 1e-9:
-        return f"{path}.sum: {a['sum']!r} != {b['sum']!r}"
-    for i, (x, y) in enumerate(zip(a["sample"], b["sample"])):
-        if abs(x - y) > 1e-2 * (abs(x) + scale):
-            return f"{path}.sample[{i}]: {x!r} != {y!r}"
+def _maps_close(golden: dict, golden_factors: dict, summary: dict, factors: dict, blocks: dict, path: str):
+    """Every operator of the run within MAP_TOLERANCE of its displacement of the golden one."""
+    if golden.keys() != summary.keys():
+        return f"{path}: maps {sorted(set(golden) ^ set(summary))} differ"
+    blocks = {name: slice(*span) for name, span in blocks.items()}
+    want = record.operators(golden_factors, blocks)
+    got = record.operators(factors, blocks)
+    for name, info in golden.items():
+        if list(got[name].shape) != info["shape"]:
+            return f"{path}.{name}: shape {list(got[name].shape)} != {info['shape']}"
+        moved = float((got[name] - want[name]).norm())
+        allowed = MAP_TOLERANCE * info["displacement"] + 1e-6 * info["norm"]
+        if moved > allowed:
+            return (f"{path}.{name}: the operator moved by {moved:.3g} (allowed {allowed:.3g}: "
+                    f"{MAP_TOLERANCE:g} of its training displacement {info['displacement']:.3g})")
     return None
+
+
+def _compare_case(case: str, got: tuple[dict, dict]):
+    summary, tensors = got
+    summary = json.loads(json.dumps(summary))
+    want = GOLDEN[case]
+    for part in ("records", "history"):
+        d = _close(want[part], summary[part], f"{case}.{part}")
+        if d:
+            return d
+    golden_factors = record.factors_from_tensors(GOLDEN_MAPS, case)
+    factors = {i: {k: v.double() for k, v in f.items()} for i, f in
+               record.factors_from_tensors({f"{case}.{k}": v for k, v in tensors.items()}, case).items()}
+    if summary["blocks"] != want["blocks"]:
+        return f"{case}.blocks: {summary['blocks']} != {want['blocks']}"
+    return _maps_close(want["maps"], golden_factors, summary["maps"], factors, want["blocks"], f"{case}.maps")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", record.all_cases())
 def test_golden_run(case, tmp_path):
-    got = json.loads(json.dumps(record.run_case(case, tmp_path)))
-    diff = _same(GOLDEN[case], got, case) if EXACT else _close(GOLDEN[case], got, case)
+    diff = _compare_case(case, record.run_case(case, tmp_path))
     assert diff is None, diff
 
 
-def test_tolerant_comparison_passes_noise_and_catches_changes():
-    case = GOLDEN["indywise"]
-    noisy = json.loads(json.dumps(case))
-    record0 = noisy["records"][0]
+@pytest.mark.slow
+@pytest.mark.parametrize(("case", "change"), [("das", "train.lr=5.5e-3"), ("null_subspace_cayley", "train.lr=5.5e-3"),
+                                              ("indywise", "train.max_steps=5")])
+def test_changed_runs_are_caught(case, change, tmp_path):
+    """A run with a slightly different learning rate or one step fewer is not mistaken for the golden one."""
+    diff = _compare_case(case, record.run_case(case, tmp_path, extra_overrides=(change,)))
+    assert diff is not None
+
+
+def _golden_as_run(case: str, scale: float = 0.0, seed: int = 0):
+    """The golden case as `run_case` would return it, its factors moved by `scale` of each operator's
+    displacement (in a random direction)."""
+    summary = json.loads(json.dumps(GOLDEN[case]))
+    tensors = {k[len(case) + 1:]: v.double().clone() for k, v in GOLDEN_MAPS.items() if k.startswith(case + ".")}
+    if scale:
+        g = torch.Generator().manual_seed(seed)
+        smallest = min(info["displacement"] / math.sqrt(info["shape"][0] * info["shape"][1])
+                       for info in summary["maps"].values())
+        for v in tensors.values():
+            # an RMS entry change of scale × the smallest operator's RMS displacement per entry
+            v += scale * smallest * torch.randn(v.shape, generator=g, dtype=v.dtype)
+    return summary, tensors
+
+
+def test_comparison_passes_noise_and_catches_changes():
+    case = "null_subspace_cayley"
+    assert _compare_case(case, _golden_as_run(case)) is None
+    noisy = _golden_as_run(case, scale=0.003)
+    record0 = noisy[0]["records"][0]
     record0["loss"] *= 1 + 1e-3
     record0["token_iia"] += 0.001
-    for tensor in noisy["alignments"].values():
-        tensor["sha256"] = "0" * 64
-        tensor["sample"] = [v * (1 + 1e-4) for v in tensor["sample"]]
-    assert _close(case, noisy) is None
-    assert _same(case, noisy) is not None
-    changed = json.loads(json.dumps(case))
-    changed["records"][0]["trial_iia"] += 2 / 96
-    assert "trial_iia" in _close(case, changed)
-    changed = json.loads(json.dumps(case))
-    name = next(iter(changed["alignments"]))
-    changed["alignments"][name]["sample"][3] += 0.05 * (abs(changed["alignments"][name]["sample"][3]) + 1)
-    assert "sample[3]" in _close(case, changed)
-    changed = json.loads(json.dumps(case))
-    changed["history"][-1]["train_loss"] = str(float(changed["history"][-1]["train_loss"]) * 1.1)
-    assert "train_loss" in _close(case, changed)
+    assert _compare_case(case, noisy) is None
+    assert "maps" in _compare_case(case, _golden_as_run(case, scale=0.3))
+    changed = _golden_as_run(case)
+    changed[0]["records"][0]["trial_iia"] += 2 / 96
+    assert "trial_iia" in _compare_case(case, changed)
+    changed = _golden_as_run(case)
+    changed[0]["history"][-1]["train_loss"] = str(float(changed[0]["history"][-1]["train_loss"]) * 1.1)
+    assert "train_loss" in _compare_case(case, changed)
+    changed = _golden_as_run(case)
+    changed[0]["blocks"]["count"] = [0, 7]
+    assert "blocks" in _compare_case(case, changed)
