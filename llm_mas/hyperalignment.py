@@ -17,12 +17,15 @@ Fit (Gower 1975; Haxby et al. 2011 call it hyperalignment):
 2. latents narrower than the widest model are zero-padded on the right to the common width w
    (``pad=False`` makes unequal widths an error instead);
 3. start: ``init="sequential"`` maps model 0 by the identity and each later model by the orthogonal
-   Procrustes map onto the mean of the models mapped before it (deterministic); ``init="random"`` draws
-   every map from a Haar-random orthogonal matrix seeded by ``seed``;
+   Procrustes map onto the mean of the models mapped before it (deterministic); ``init="random"`` fits from
+   that start *and* from ``n_starts`` starts of Haar-random maps seeded by ``seed``, and keeps the fit with
+   the lowest residual (random starts can stop at worse local optima);
 4. repeat: template T = mean over models of X_i R_i; each R_i = the orthogonal Procrustes solution of
-   X_i R ≈ T (SVD of X_iᵀT = UΣVᵀ, R_i = UVᵀ); stop when the template moved less than ``tol``
-   relative to its norm (‖T_new − T‖_F ≤ tol·‖T‖_F) or after ``max_iter`` rounds. Each round cannot
-   increase Σ_i ‖X_i R_i − T‖²_F.
+   X_i R ≈ T (SVD of X_iᵀT = UΣVᵀ, R_i = UVᵀ); stop when a round lowers the residual
+   Σ_i ‖X_i R_i − T‖²_F by at most ``tol``·Σ_i ‖X_i‖²_F or after ``max_iter`` rounds. Each round cannot
+   increase the residual. Two models are solved exactly instead, in one step: the residual is
+   ‖X_0 R_0 − X_1 R_1‖²_F / 2, whose global minimum given R_0 is R_1 = the Procrustes map of X_1 onto
+   X_0 R_0 (alternating rounds from a random start can stall at a map of the wrong determinant sign).
 5. the maps are defined up to one rotation shared by all models; it is fixed by making model 0's map the
    identity (the shared space is model 0's padded latent space).
 
@@ -82,7 +85,8 @@ class GPAResult:
         was divided by (1.0 with ``normalize=False``); widths: d_i.
     template: (n_rows, w) mean of the mapped training latents at the end.
     similarity: (n, n) s_ij of the module docstring; residuals: Σ_i ‖X_i R_i − T‖²_F at the start and after
-        each round.
+        each round of the kept fit; start_residuals: the final residual of every start tried (the sequential
+        one first, then each random one).
     """
 
     maps: list[np.ndarray]
@@ -94,6 +98,7 @@ class GPAResult:
     iterations: int
     converged: bool
     residuals: list[float] = field(default_factory=list)
+    start_residuals: list[float] = field(default_factory=list)
 
     @property
     def width(self) -> int:
@@ -126,7 +131,7 @@ def _check_integer(name: str, value: Any, minimum: int) -> None:
 
 
 def generalized_procrustes(latents: Sequence[Any], *, normalize: bool = True, pad: bool = True,
-                           init: str = "sequential", seed: int = 0, tol: float = 1e-12,
+                           init: str = "sequential", seed: int = 0, n_starts: int = 1, tol: float = 1e-12,
                            max_iter: int = 200) -> GPAResult:
     """Fit one orthogonal map per model into a shared space (the algorithm of the module docstring).
 
@@ -134,7 +139,10 @@ def generalized_procrustes(latents: Sequence[Any], *, normalize: bool = True, pa
         latents: n ≥ 2 arrays (numpy, torch or lists) of shape (n_rows, d_i), the same rows in every model.
         normalize: divide each centred input by its Frobenius norm (models weigh the same).
         pad: zero-pad narrower models to the widest width; False: unequal widths are an error.
-        init: ``"sequential"`` (deterministic) or ``"random"`` (Haar-random maps from `seed`).
+        init: ``"sequential"`` (deterministic start) or ``"random"``: also `n_starts` starts from Haar-random
+            maps drawn from `seed`; the fit with the lowest residual is kept (the sequential one unless a random
+            start ends lower by more than round-off), so a random start never reports a worse optimum.
+        n_starts: random starts with ``init="random"`` (ignored with ``"sequential"``).
         tol: stop when a round lowers the residual by ≤ tol·Σ_i‖X_i‖²; max_iter: rounds at most
             (``converged`` says which stop it was).
 
@@ -143,6 +151,7 @@ def generalized_procrustes(latents: Sequence[Any], *, normalize: bool = True, pa
     if init not in INITS:
         raise choice_error("GPA init", init, INITS)
     _check_integer("max_iter", max_iter, 1)
+    _check_integer("n_starts", n_starts, 1)
     if not tol >= 0:
         raise ConfigError(f"tol={tol!r} must be >= 0, e.g. 1e-12")
     if len(latents) < 2:
@@ -185,22 +194,41 @@ def generalized_procrustes(latents: Sequence[Any], *, normalize: bool = True, pa
                           for i in range(n_models) for j in range(n_models)) / n_models ** 2
         return max(total - n_models * template_sq, 0.0)
 
+    def iterate(maps: list[np.ndarray]) -> tuple[list[np.ndarray], list[float], bool, int]:
+        """Alternate template and Procrustes updates from `maps` → (maps, residuals, converged, rounds)."""
+        residuals, converged, iterations = [residual(maps)], False, 0
+        if n_models == 2:
+            # Two models: the residual is ‖X_0 R_0 − X_1 R_1‖²/2, and given R_0 its global minimum over R_1 is
+            # the Procrustes map onto X_0 R_0. One exact step; alternating updates from a random start can stall
+            # at a map of the other determinant sign (a worse local optimum) and stop there.
+            maps = [maps[0], polar(cross[1][0] @ maps[0])]
+            residuals.append(residual(maps))
+            return maps, residuals, True, 1
+        while iterations < max_iter:
+            iterations += 1
+            # R_i = Procrustes of X_i onto T = mean_j X_j R_j: polar factor of X_iᵀT ∝ Σ_j C_ij R_j
+            maps = [polar(sum(cross[i][j] @ maps[j] for j in range(n_models))) for i in range(n_models)]
+            residuals.append(residual(maps))
+            if residuals[-2] - residuals[-1] <= tol * total:
+                converged = True
+                break
+        return maps, residuals, converged, iterations
+
+    # model 0 as is, each later model onto the mean of those before it: R_i = polar(X_iᵀ Σ_{j<i} X_j R_j)
+    sequential = [np.eye(width)]
+    for i in range(1, n_models):
+        sequential.append(polar(sum(cross[i][j] @ sequential[j] for j in range(i))))
+    maps, residuals, converged, iterations = iterate(sequential)
+    start_residuals = [residuals[-1]]
     if init == "random":
+        # Each random start may stop at a worse local optimum than the sequential one: keep the lowest residual,
+        # and the sequential fit unless a random start beats it by more than round-off.
         rng = np.random.default_rng(seed)
-        maps = [_random_orthogonal(width, rng) for _ in xs]
-    else:  # model 0 as is, each later model onto the mean of those before it: R_i = polar(X_iᵀ Σ_{j<i} X_j R_j)
-        maps = [np.eye(width)]
-        for i in range(1, n_models):
-            maps.append(polar(sum(cross[i][j] @ maps[j] for j in range(i))))
-    residuals, converged, iterations = [residual(maps)], False, 0
-    while iterations < max_iter:
-        iterations += 1
-        # R_i = Procrustes of X_i onto T = mean_j X_j R_j: polar factor of X_iᵀT ∝ Σ_j C_ij R_j
-        maps = [polar(sum(cross[i][j] @ maps[j] for j in range(n_models))) for i in range(n_models)]
-        residuals.append(residual(maps))
-        if residuals[-2] - residuals[-1] <= tol * total:
-            converged = True
-            break
+        for _ in range(n_starts):
+            fit = iterate([_random_orthogonal(width, rng) for _ in xs])
+            start_residuals.append(fit[1][-1])
+            if fit[1][-1] < residuals[-1] - 1e-12 * total:
+                maps, residuals, converged, iterations = fit
     # fix the rotation shared by every map: model 0's map becomes the identity
     gauge = maps[0].T  # (w, w)
     maps = [r @ gauge for r in maps]
@@ -212,7 +240,7 @@ def generalized_procrustes(latents: Sequence[Any], *, normalize: bool = True, pa
     np.fill_diagonal(similarity, 1.0)
     return GPAResult(maps=maps, means=means, scales=[float(s) for s in scales], widths=widths,
                      template=template, similarity=similarity, iterations=iterations, converged=converged,
-                     residuals=residuals)
+                     residuals=residuals, start_residuals=start_residuals)
 
 
 __all__ = ["GPAResult", "INITS", "generalized_procrustes", "procrustes"]

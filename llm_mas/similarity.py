@@ -9,11 +9,15 @@ positions of the same sequences run through both models). Everything is computed
     >>> rsa(X[:1000], Y[:1000], metric="cosine", method="spearman")
     >>> compare_representations(X, Y, n_rows=1000, n_repeats=10, seed=0)   # every variant, mean ± std
 
-Memory: nothing here builds an (n, n, d) tensor. RDMs come from Gram-matrix identities computed in
-row blocks (``‖x−y‖² = ‖x‖² + ‖y‖² − 2x·y``, clamped at 0); RSA only ever holds the upper triangles
-(n(n−1)/2 values per model). CKA never builds an n×n matrix: both estimators are written with d×e
-feature products and row norms, O(n·(d² + e² + de)) time and O(d² + e² + de) extra memory, so
-n = 10 000, d = 128 takes milliseconds.
+Memory: nothing here builds an (n, n, d) tensor. RDMs are computed once per pair of *distinct* rows
+(duplicated rows are collapsed first), in blocks: Euclidean distances from the differences x_i − x_j, as
+``scipy.spatial.distance.pdist`` computes them (not ``‖x‖² + ‖y‖² − 2x·y``, whose cancellation left
+duplicated rows ~1e-7 apart and broke exact ties before ranking), cosine distances from products of unit
+rows. So a row and its copy are exactly 0 apart and every copy of a pair of rows has the same distance bit
+for bit: embedding-layer latents (a few distinct token vectors, each repeated) rank as they should. RSA
+only ever holds the upper triangles (n(n−1)/2 values per model). CKA never builds an n×n matrix: both
+estimators are written with d×e feature products and row norms, O(n·(d² + e² + de)) time and
+O(d² + e² + de) extra memory, so n = 10 000, d = 128 takes milliseconds.
 
 Definitions (K = XXᵀ, L = YYᵀ, linear kernels; H the centring matrix):
 - Biased linear CKA (Kornblith et al. 2019): HSIC_b(K, L) = tr(KHLH)/(n−1)², which for centred
@@ -28,10 +32,10 @@ Definitions (K = XXᵀ, L = YYᵀ, linear kernels; H the centring matrix):
   two RDMs. The paper's reference code keeps the zero diagonal in the triangle, which inflates the
   correlation by n perfectly matched zeros; we do not.
 
-Libraries: no maintained CKA/RSA package is installed in this environment (no scikit-learn,
-rsatoolbox or torchmetrics) and the closed forms above are a few lines; the tests check them against
-naive n×n implementations, a brute-force U-statistic, and scipy's ``cdist``/``pdist``. The
-correlations are computed here rather than by ``scipy.stats.spearmanr`` / ``pearsonr``, to which
+Libraries: scipy and rsatoolbox are test dependencies only (the [dev] extra): the tests check RDMs and
+RSA against ``pdist`` + ``scipy.stats.spearmanr``/``pearsonr`` and rsatoolbox's RDMs (duplicated rows,
+constant features, float32/float64), and CKA against naive n×n implementations and a brute-force
+U-statistic. The correlations are computed here rather than by ``scipy.stats.spearmanr`` / ``pearsonr``, to which
 the tests compare them to 1e-12: ranking is the cost of RSA (a 1 000-row subsample has 499 500
 distances) and scipy's ``rankdata`` uses a stable merge sort, slower than the quicksort-plus-tie-averaging
 used here (measured on a 1 000-row triangle: ranks 1.2× faster, Spearman 1.5× and Pearson ~14× faster
@@ -41,7 +45,7 @@ once for all its correlations. scipy is therefore only a test dependency.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -82,77 +86,124 @@ def _paired_rows(X: Any, Y: Any, minimum: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------- RDMs
-def _prepare(X: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Rows ready for Gram products: unit rows (cosine) or centred rows and squared norms (euclidean)."""
+def _check_metric(X: np.ndarray, metric: str) -> None:
+    """Metric name and, for cosine, no all-zero rows (their cosine distance is undefined)."""
+    if metric not in METRICS:
+        raise choice_error("RDM metric", metric, METRICS)
     if metric == "cosine":
-        norms = np.linalg.norm(X, axis=1)  # (n,)
-        if np.any(norms == 0):
-            rows = np.flatnonzero(norms == 0)[:5].tolist()
-            raise DataError(f"rows {rows} are all-zero, so their cosine distance is undefined; drop them "
-                            f"(pad positions?) or use metric='euclidean'")
-        return X / norms[:, None], None
-    if metric == "euclidean":
-        centred = X - X.mean(axis=0)  # distances are translation invariant; smaller norms, less round-off
-        return centred, np.einsum("ij,ij->i", centred, centred)  # (n,) squared norms
-    raise choice_error("RDM metric", metric, METRICS)
+        zero = np.flatnonzero(~X.any(axis=1))
+        if zero.size:
+            raise DataError(f"rows {zero[:5].tolist()} are all-zero, so their cosine distance is undefined; "
+                            f"drop them (pad positions?) or use metric='euclidean'")
 
 
-def _distance_block(prepared: np.ndarray, squared: np.ndarray | None, start: int, stop: int,
-                    metric: str) -> np.ndarray:
-    """Distances of prepared rows start:stop to rows start: → (stop − start, n − start)."""
-    gram = prepared[start:stop] @ prepared[start:].T  # (b, n - start); every step below is in place
+def _row_pairs(rows: np.ndarray, metric: str) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Distances of every pair i < j of `rows` (k, d), each pair computed exactly once, in pdist order.
+
+    Yields ``(i, j0, values)``: the distances of row i to rows j0, j0 + 1, … (j0 > i). Euclidean distances
+    come from the differences x_i − x_j themselves (as ``pdist`` computes them), not from
+    ‖x‖² + ‖y‖² − 2x·y, whose cancellation leaves close rows up to ~1e-8·‖x‖ apart and reorders small
+    distances. Cosine distances are 1 − (x_i/‖x_i‖)·(x_j/‖x_j‖) from Gram blocks, clipped to [0, 2].
+    Temporaries hold at most ``_BLOCK_ELEMENTS`` values.
+    """
+    k, width = rows.shape
     if metric == "cosine":
-        np.subtract(1.0, gram, out=gram)
-        return np.clip(gram, 0.0, 2.0, out=gram)
-    gram *= -2.0
-    gram += squared[start:stop, None]
-    gram += squared[None, start:]  # ‖x‖² + ‖y‖² − 2x·y
-    # Round-off can make it slightly negative for (near-)duplicate rows: clamp to 0.
-    np.maximum(gram, 0.0, out=gram)
-    return np.sqrt(gram, out=gram)
+        unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)  # (k, d)
+        block = max(1, _BLOCK_ELEMENTS // max(k, 1))
+        for start in range(0, k - 1, block):
+            stop = min(start + block, k - 1)
+            gram = unit[start:stop] @ unit[start + 1:].T  # (b, k - start - 1): column c is row start + 1 + c
+            np.subtract(1.0, gram, out=gram)
+            np.clip(gram, 0.0, 2.0, out=gram)
+            for r in range(stop - start):  # row start + r pairs with rows start + r + 1, …: columns ≥ r
+                yield start + r, start + r + 1, gram[r, r:]
+        return
+    chunk = max(1, _BLOCK_ELEMENTS // max(width, 1))  # rows j per difference block
+    for i in range(k - 1):
+        for start in range(i + 1, k, chunk):
+            difference = rows[start:start + chunk] - rows[i]  # (c, d)
+            yield i, start, np.sqrt(np.einsum("ij,ij->i", difference, difference))
+
+
+class _Distances:
+    """Pairwise distances of X's rows, computed once per pair of *distinct* rows.
+
+    Duplicated rows are collapsed first (``np.unique``), so a row and its copy are exactly 0 apart and
+    every copy of a pair of rows gets bit for bit the same distance: exact ties stay ties for the ranking
+    of RSA-Spearman (embedding layers have a handful of distinct vectors repeated many times).
+    """
+
+    def __init__(self, X: np.ndarray, metric: str):
+        _check_metric(X, metric)
+        self.n = X.shape[0]
+        unique, inverse = np.unique(X, axis=0, return_inverse=True)  # (k, d), (n,)
+        self.duplicates = unique.shape[0] < self.n
+        self.rows = unique if self.duplicates else X  # without duplicates keep X's order (pdist's triangle)
+        self.inverse = inverse.reshape(-1).astype(np.int64) if self.duplicates else None
+        self.k = self.rows.shape[0]
+        self.metric = metric
+
+    def condensed(self) -> np.ndarray:
+        """Distances of the k distinct rows in pdist order, (k(k−1)/2,)."""
+        out = np.empty(self.k * (self.k - 1) // 2 + 1)  # one spare slot: 0, the distance of a row to itself
+        out[-1] = 0.0
+        for i, start, values in _row_pairs(self.rows, self.metric):
+            offset = i * self.k - i * (i + 1) // 2 + start - i - 1  # position of pair (i, start)
+            out[offset:offset + values.size] = values
+        return out
+
+    @staticmethod
+    def gather(pairs: np.ndarray, k: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Distances of distinct-row indices u, v (broadcast) from `pairs` = :meth:`condensed`."""
+        low, high = np.minimum(u, v), np.maximum(u, v)
+        position = low * k - low * (low + 1) // 2 + high - low - 1  # pair (low, high) in pdist order
+        position[low == high] = pairs.size - 1  # the spare 0
+        return pairs[position]
 
 
 def rdm(X: Any, metric: str = "cosine") -> np.ndarray:
     """Representational dissimilarity matrix: (n, d) → (n, n), exactly symmetric with a zero diagonal.
 
-    ``metric="cosine"``: 1 − cos(x_i, x_j) (all-zero rows are an error); ``"euclidean"``: ‖x_i − x_j‖.
-    Computed in row blocks from Gram products; the only n×n allocation is the result (8·n² bytes:
-    800 MB at n = 10 000 — subsample rows for RSA, see :func:`subsampled`).
+    ``metric="cosine"``: 1 − cos(x_i, x_j) (all-zero rows are an error); ``"euclidean"``: ‖x_i − x_j‖,
+    from the differences (as ``scipy.spatial.distance.pdist``). Each pair of distinct rows is computed
+    once: duplicated rows are exactly 0 apart and every copy of a pair gets the same distance. Memory:
+    the result (8·n² bytes: 800 MB at n = 10 000 — subsample rows for RSA, see :func:`subsampled`), plus
+    the k(k−1)/2 distances of the k distinct rows when some rows are duplicated.
     """
     x = _as_rows(X)
-    prepared, squared = _prepare(x, metric)
+    distances = _Distances(x, metric)
     n = x.shape[0]
-    out = np.empty((n, n))  # (n, n)
+    out = np.zeros((n, n))  # (n, n)
+    if not distances.duplicates:
+        for i, start, values in _row_pairs(x, metric):
+            out[i, start:start + values.size] = values
+            out[start:start + values.size, i] = values
+        return out
+    pairs = distances.condensed()
     block = max(1, _BLOCK_ELEMENTS // max(n, 1))
     for start in range(0, n, block):
         stop = min(start + block, n)
-        # Upper part of these rows (columns ≥ start); the lower part mirrors rows already done.
-        out[start:stop, start:] = _distance_block(prepared, squared, start, stop, metric)
-        square = out[start:stop, start:stop]  # (b, b): make its lower triangle the mirror of its upper one
-        lower = np.tril_indices(stop - start, -1)
-        square[lower] = square.T[lower]
-        out[start:stop, :start] = out[:start, start:stop].T
-        np.fill_diagonal(square, 0.0)
+        out[start:stop] = distances.gather(pairs, distances.k, distances.inverse[start:stop, None],
+                                           distances.inverse[None, :])
     return out
 
 
 def condensed_rdm(X: Any, metric: str = "cosine") -> np.ndarray:
     """Off-diagonal upper triangle of :func:`rdm`, (n(n−1)/2,), in ``scipy.spatial.distance.pdist`` order.
 
-    Never allocates the n×n matrix (row blocks of the triangle are written straight into the result).
+    Never allocates the n×n matrix. Duplicated rows are exactly 0 apart and every copy of a pair gets the
+    same distance bit for bit (see :func:`rdm`).
     """
     x = _as_rows(X)
-    prepared, squared = _prepare(x, metric)
+    distances = _Distances(x, metric)
     n = x.shape[0]
+    if not distances.duplicates:
+        return distances.condensed()[:-1]
+    pairs = distances.condensed()
     out = np.empty(n * (n - 1) // 2)  # (n(n-1)/2,)
-    block = max(1, _BLOCK_ELEMENTS // max(n, 1))
     offset = 0
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        distances = _distance_block(prepared, squared, start, stop, metric)  # (b, n - start)
-        # Row r of the block is global row start + r; keep columns c > r, row-major = pdist order.
-        above = np.arange(n - start)[None, :] > np.arange(stop - start)[:, None]  # (b, n - start)
-        values = distances[above]
+    for i in range(n - 1):  # row i against rows i+1 … n−1, in pdist order
+        values = distances.gather(pairs, distances.k, distances.inverse[i], distances.inverse[i + 1:])
         out[offset:offset + values.size] = values
         offset += values.size
     return out

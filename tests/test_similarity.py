@@ -7,6 +7,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+import rsatoolbox
 import scipy.stats
 import torch
 from scipy.spatial.distance import cdist, pdist
@@ -288,3 +289,87 @@ def test_compare_representations_on_rotated_copy_and_independent_data():
     direct = subsampled(lambda a, b: rsa(a, b, "euclidean", "pearson"), x, _data(n=400, d=16, seed=16),
                         n_rows=100, n_repeats=3, seed=0)
     assert direct["values"] == pytest.approx(other["rsa_euclidean_pearson"]["values"], abs=1e-12)
+
+
+# ------------------------------------------------- exact ties; scipy and rsatoolbox as oracles (issue 21)
+def _oracle_cases():
+    """(name, X, Y) pairs: duplicated rows, constant features, n = 5 and n = 2000; float64 as drawn."""
+    rng = np.random.default_rng(21)
+    distinct = rng.normal(size=(5, 64))  # 5 distinct 64-d rows, each repeated 100 times, shuffled
+    order = rng.permutation(500)
+    x_dup = np.repeat(distinct, 100, axis=0)[order]
+    # A noisy rotation of the 5 rows, repeated the same way, so Y's copies are exact copies as well.
+    y_dup = np.repeat(distinct @ _orthogonal(64, seed=5) + 0.3 * rng.normal(size=(5, 64)), 100, axis=0)[order]
+    x_const = rng.normal(size=(300, 12))
+    x_const[:, [2, 7]] = 3.0  # constant features: every distance ignores them
+    y_const = np.concatenate([x_const @ _orthogonal(12, seed=6), np.full((300, 3), -1.5)], axis=1)
+    y_const += 0.5 * rng.normal(size=y_const.shape) * (y_const != -1.5)
+    x_small, y_small = rng.normal(size=(5, 7)), rng.normal(size=(5, 4))
+    x_big = rng.normal(size=(2000, 16))
+    y_big = np.tanh(x_big @ rng.normal(size=(16, 10)))
+    return [("duplicated", x_dup, y_dup), ("constant_features", x_const, y_const), ("n5", x_small, y_small),
+            ("n2000", x_big, y_big)]
+
+
+def _pdist_oracle(x, metric):
+    """scipy's pdist, with 0 for identical rows. scipy's cosine computes 1 − u·u/‖u‖² for a row and its
+    copy, which is 0 or ±1e-16 depending on the row: its own round-off would break the ties we test."""
+    expected = pdist(x, metric)
+    if metric == "cosine":
+        expected[pdist(x, "hamming") == 0] = 0.0
+    return expected
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", range(4), ids=["duplicated", "constant_features", "n5", "n2000"])
+def test_rdm_and_rsa_equal_scipy_with_exact_ties(case, dtype):
+    name, x, y = _oracle_cases()[case]
+    x, y = x.astype(dtype), y.astype(dtype)  # pdist and ours both read float32 rows as float64
+    for metric in ("cosine", "euclidean"):
+        expected_x, expected_y = _pdist_oracle(x, metric), _pdist_oracle(y, metric)
+        ours_x, ours_y = condensed_rdm(x, metric), condensed_rdm(y, metric)
+        np.testing.assert_allclose(ours_x, expected_x, atol=1e-10, rtol=0)
+        np.testing.assert_allclose(ours_y, expected_y, atol=1e-10, rtol=0)
+        # Exact ties: a row and its copy are exactly 0 apart; copies of one pair share one value.
+        identical = pdist(x, "hamming") == 0
+        assert np.all(ours_x[identical] == 0.0)
+        if name == "duplicated":
+            assert identical.sum() == 5 * 100 * 99 // 2
+            assert np.unique(ours_x).size == np.unique(ours_y).size == 10 + 1  # 10 pairs of distinct rows, 0
+        square = rdm(x, metric)
+        np.testing.assert_array_equal(square, square.T)
+        np.testing.assert_array_equal(square[np.triu_indices(x.shape[0], 1)], ours_x)
+        spearman = scipy.stats.spearmanr(expected_x, expected_y).statistic
+        pearson = scipy.stats.pearsonr(expected_x, expected_y).statistic
+        assert abs(rsa(x, y, metric, "spearman") - spearman) <= 1e-10, (name, metric)
+        assert abs(rsa(x, y, metric, "pearson") - pearson) <= 1e-10, (name, metric)
+
+
+def test_duplicated_rows_rsa_of_the_issue():
+    # Issue 21's case through the public entry point. The Gram identity left copies ~1e-7 apart, which
+    # ranked them apart: here 0.946446 (Euclidean) and 0.958833 (cosine) for scipy's 0.949903 and 0.962427.
+    _, x, y = _oracle_cases()[0]
+    for metric in ("cosine", "euclidean"):
+        expected = scipy.stats.spearmanr(_pdist_oracle(x, metric), _pdist_oracle(y, metric)).statistic
+        result = compare_representations(x, y, n_rows=500, n_repeats=1)
+        assert abs(result[f"rsa_{metric}_spearman"]["mean"] - expected) <= 1e-10
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", range(4), ids=["duplicated", "constant_features", "n5", "n2000"])
+def test_rdms_equal_rsatoolbox(case, dtype):
+    name, x, y = _oracle_cases()[case]
+    for z in (x.astype(dtype).astype(np.float64), y.astype(dtype).astype(np.float64)):
+        data = rsatoolbox.data.Dataset(z)
+        # rsatoolbox's "euclidean" RDM is the squared distance over the number of features.
+        squared = rsatoolbox.rdm.calc_rdm(data, method="euclidean").get_vectors()[0]
+        np.testing.assert_allclose(condensed_rdm(z, "euclidean") ** 2 / z.shape[1], squared, atol=1e-10, rtol=0)
+        # Its "correlation" RDM is the cosine distance of rows centred over their features.
+        centred = z - z.mean(axis=1, keepdims=True)
+        correlation = rsatoolbox.rdm.calc_rdm(data, method="correlation").get_vectors()[0]
+        np.testing.assert_allclose(condensed_rdm(centred, "cosine"), correlation, atol=1e-10, rtol=0)
+    if name == "n2000":  # no tied distances: rsatoolbox's Gram-identity RDMs rank as the exact ones
+        rdms = [rsatoolbox.rdm.calc_rdm(rsatoolbox.data.Dataset(z.astype(dtype).astype(np.float64)),
+                                        method="euclidean") for z in (x, y)]
+        expected = rsatoolbox.rdm.compare(rdms[0], rdms[1], method="spearman")[0, 0]
+        assert abs(rsa(x.astype(dtype), y.astype(dtype), "euclidean") - expected) <= 1e-10
