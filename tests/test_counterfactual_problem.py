@@ -151,7 +151,7 @@ def test_old_readme_format_is_refused_naming_rows_models_and_words(tmp_path, mon
 
 
 def test_corrected_format_runs_and_the_opt_in_allows_the_old_one(tmp_path):
-    from llm_mas.problems.counterfactual import encode_pairs, _load_tokenizer
+    from llm_mas.problems.counterfactual import _load_tokenizer, encode_pairs
 
     cfg = _dataset_config(tmp_path, _binding_rows(24, old_format=False))
     tokenizers = [_load_tokenizer(m.name) for m in cfg.models]
