@@ -174,3 +174,37 @@ def test_corrected_format_runs_and_the_opt_in_allows_the_old_one(tmp_path):
     from llm_mas.run import run_fingerprint
 
     assert "data.allow_unknown_tokens" not in run_fingerprint(old)["values"]
+
+
+def test_readme_shows_the_text_each_shipped_lm_reads():
+    """The README's section on the shipped LMs' text: its vocabulary lists are their tokenizers' vocabularies,
+    its whole sequences are what each LM generates (greedy) from their prefix, and its JSONL rows read with no
+    unknown token, the continuation being what the source itself goes on with."""
+    import re
+
+    from llm_mas.llm.loading import load_causal_lm
+    from llm_mas.tasks.counterfactual_data import TextRow, encode_text_rows
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("#### The text each shipped LM reads", 1)[1].split("\n#", 1)[0]
+    table = [line for line in section.splitlines() if line.startswith("| `")]
+    rows = [json.loads(line) for line in section.split("```jsonl\n", 1)[1].split("```", 1)[0].splitlines()]
+    assert len(table) == len(rows) == 2
+    for line, row in zip(table, rows):
+        names = re.findall(r"`([a-z]+-w\d+-s\d+)`", line.split("|")[1])
+        whole = re.findall(r"`([^`]+)`", line.split("|")[3])[0]
+        prefix, generated = whole.rsplit(" ", 2)[0], " ".join(whole.split()[-2:])
+        assert len(names) == 3
+        for name in names:
+            model, tokenizer = load_causal_lm(LMS / name)
+            cell = re.sub(r"`(.)`–`(.)`", lambda m: " ".join(f"`{chr(c)}`" for c in range(ord(m[1]), ord(m[2]) + 1)),
+                          line.split("|")[2])  # `a`–`h` -> `a` `b` ... `h`
+            listed = {word for code in re.findall(r"`([^`]+)`", cell) for word in code.split()}
+            assert listed == set(tokenizer.get_vocab()) - {"<pad>", "<unk>"}, name
+            enc = encode_text_rows([TextRow(1, **row)], tokenizer)
+            assert enc.unknown == [], name
+            for text, expected in ((prefix, generated), (row["source"], row["continuation"])):
+                ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+                n_new = len(expected.split())
+                out = model.generate(ids, max_new_tokens=n_new, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                assert tokenizer.decode(out[0, ids.shape[1]:]) == expected, (name, text)
