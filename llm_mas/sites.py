@@ -206,7 +206,10 @@ def llm_site_aliases(model: Any) -> dict[str, str]:
     aliases: dict[str, str] = {}
     get_emb = getattr(model, "get_input_embeddings", None)
     if callable(get_emb):
-        emb = get_emb()
+        try:
+            emb = get_emb()
+        except NotImplementedError:  # a model class without input embeddings (transformers raises this)
+            emb = None
         name = _module_name(model, emb) if emb is not None else None
         if name:
             aliases["embeddings"] = name
