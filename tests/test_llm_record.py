@@ -235,9 +235,21 @@ def test_prompts_with_unknown_tokens_are_refused_unless_allowed(tmp_path):
     assert "the word '44' as its unknown token '<unk>', in prompt of texts 3" in message
     assert "allow_unknown_tokens=True" in message and "--allow-unknown-tokens" in message
     with pytest.warns(UserWarning, match="recording prompts with unknown tokens"):
-        allowed = record_generations(model, tokenizer, bad, prompt_len=8, total_len=10, n=3, progress=False,
+        allowed = record_generations(model, tokenizer, bad, prompt_len=8, total_len=24, n=3, progress=False,
                                      allow_unknown_tokens=True)
     assert allowed.meta["unknown_tokens"] == 3 == int((allowed.ids[:, :8] == tokenizer.unk_token_id).sum())
+    # a MAS run reading that recording says so in its log
+    from llm_mas.run import run
+    from llm_mas.run_config import load_mas_config
+
+    allowed.save(tmp_path / "rec")
+    entry = {"kind": "hf", "name": lm, "recording": str(tmp_path / "rec"), "site": "layer0"}
+    lines = []
+    run(load_mas_config(None, [], base={"name": "m", "out_dir": str(tmp_path / "runs"), "models": [entry, entry],
+                                        "k": 4, "progress": False, "data": {"stepwise": True, "n_train": 4,
+                                                                            "n_valid": 2},
+                                        "train": {"max_steps": 1}}), log=lines.append)
+    assert any("was recorded with 3 prompt tokens its tokenizer reads as the unknown token" in line for line in lines)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         clean = record_generations(model, tokenizer, good, prompt_len=8, total_len=10, n=3, progress=False)
