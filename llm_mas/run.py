@@ -151,7 +151,8 @@ def model_fingerprints(config: MASConfig) -> list[dict[str, str]]:
 
 def run_fingerprint(config: MASConfig) -> dict[str, Any]:
     """What determines a run's result: the resolved config (flattened; without its cosmetic keys, step
-    budget and permissions; the data seed is its ``seed``) and a digest of every model's weights (``fingerprint.json``)."""
+    budget and permissions; the data seed is its ``seed``) and a digest of every model's weights
+    (``fingerprint.json``)."""
     flat = _flatten({k: v for k, v in to_dict(config).items() if k not in COSMETIC_KEYS})
     for key in BUDGET_KEYS + PERMISSION_KEYS:
         flat.pop(key, None)

@@ -185,6 +185,10 @@ def test_unknown_words_are_listed_per_row_and_field(tmp_path, word_tokenizer, bp
         "continuation of rows 2",
         "cf.jsonl: models.0 (lm) reads the word 'X' as its unknown token '<unk>', in source of rows 2"]
     assert encode_text_rows(rows[:1], word_tokenizer).unknown == []
+    csv_path = tmp_path / "cf.csv"
+    csv_path.write_text("base,source,continuation\n<bos> D0 T,<bos> D1 T,R <eos>\nB D0 T,<bos> D1 T,R E\n")
+    assert encode_text_rows(load_dataset(csv_path), word_tokenizer).unknown == [(2, "base", "B"),
+                                                                               (2, "continuation", "E")]
     assert encode_text_rows(rows, bpe_tokenizer).unknown == []  # a byte-level BPE has no unknown token
 
 
