@@ -56,6 +56,8 @@ from .trainer import FitResult, MASTrainer, TrainerConfig
 # the step budget, which a rerun may raise to continue a run
 COSMETIC_KEYS = ("name", "out_dir", "progress", "resume")
 BUDGET_KEYS = ("train.max_steps", "train.max_epochs")
+# permissions that change no result: a run that could start at all reads the same tokens either way
+PERMISSION_KEYS = ("data.allow_unknown_tokens",)
 
 
 def build_problem(config: MASConfig, *, shard: Shard | None = None,
@@ -148,10 +150,11 @@ def model_fingerprints(config: MASConfig) -> list[dict[str, str]]:
 
 
 def run_fingerprint(config: MASConfig) -> dict[str, Any]:
-    """What determines a run's result: the resolved config (flattened; without its cosmetic keys and step
-    budget; the data seed is its ``seed``) and a digest of every model's weights (``fingerprint.json``)."""
+    """What determines a run's result: the resolved config (flattened; without its cosmetic keys, step
+    budget and permissions; the data seed is its ``seed``) and a digest of every model's weights
+    (``fingerprint.json``)."""
     flat = _flatten({k: v for k, v in to_dict(config).items() if k not in COSMETIC_KEYS})
-    for key in BUDGET_KEYS:
+    for key in BUDGET_KEYS + PERMISSION_KEYS:
         flat.pop(key, None)
     flat.update({f"models.{i}.{key}": value for i, digests in enumerate(model_fingerprints(config))
                  for key, value in digests.items()})

@@ -107,6 +107,10 @@ class DataConfig:
     # models and read as ids by task models (kinds may be mixed)
     dataset: str | None = None
     task: str | None = None
+    # a counterfactual run refuses text (dataset rows or a task rendered as text) that an HF model's tokenizer
+    # reads as its unknown token, naming the model, the word and the rows; true: run anyway (the words are
+    # listed in the log)
+    allow_unknown_tokens: bool = False
 
     def validate(self) -> list[str]:
         p = []

@@ -8,9 +8,13 @@ Positions: ``given`` (per-example positions supplied with the batch: the default
 ``all`` (every position) or an explicit comma list such as ``0,3,5``.
 
 Aliases (``embeddings``, ``layer{l}``, ``hidden`` ...) map short names to module paths. A model gets them
-from its own ``site_aliases()`` method (the task models) or from a table the library keeps beside the model
-(``register_site_aliases``: what ``load_causal_lm`` and ``to_hooked_transformer`` do); no attribute is ever
-set on the model. ``llm_site_aliases`` derives them for any Hugging Face causal LM.
+from a table the library keeps beside the model (``register_site_aliases``: what ``load_causal_lm`` and
+``to_hooked_transformer`` do) or from its own ``site_aliases()`` method (the task models); no attribute is
+ever set on the model. Without either, they are derived from the model's layout: ``llm_site_aliases`` for a
+Hugging Face model (``embeddings`` -> the input embedding module, ``layer{l}`` -> decoder block l),
+``tlens_site_aliases`` for a TransformerLens model (``hook_embed``, ``blocks.{l}.hook_resid_post``: the same
+latents). ``site_aliases`` / ``resolve_site`` are the one resolution every backend uses, so a site string
+names the same latent under every backend however the model was loaded.
 """
 
 from __future__ import annotations
@@ -117,13 +121,39 @@ def registered_site_aliases(model: Any) -> dict[str, str] | None:
     return None if aliases is None else dict(aliases)
 
 
+def is_tlens_model(model: Any) -> bool:
+    """Whether ``model`` is a TransformerLens model (``HookedTransformer`` or ``TransformerBridge``).
+
+    Duck-typed (hook points plus ``run_with_hooks``) so that this module never imports transformer_lens.
+    """
+    return isinstance(getattr(model, "hook_dict", None), dict) and callable(getattr(model, "run_with_hooks", None))
+
+
+def is_hf_model(model: Any) -> bool:
+    """Whether ``model`` is a Hugging Face model (or a PEFT wrapper of one): it has ``get_input_embeddings``."""
+    return not is_tlens_model(model) and callable(getattr(model, "get_input_embeddings", None))
+
+
 def site_aliases(model: Any) -> dict[str, str]:
-    """Aliases of ``model``: registered ones, else its own ``site_aliases()`` method, else none."""
+    """Aliases of ``model`` (a copy), the one table every backend resolves site strings with.
+
+    In order: the aliases registered for this very object (``register_site_aliases``); for a TransformerLens
+    model, ``tlens_site_aliases`` (never an attribute looked up through it: a ``TransformerBridge`` forwards
+    unknown attributes to the HF model it wraps, whose aliases name HF modules); the model's own
+    ``site_aliases()`` method; for a Hugging Face model, ``llm_site_aliases`` (so a model loaded with plain
+    ``AutoModelForCausalLM.from_pretrained`` resolves as one loaded with ``load_causal_lm``); else none.
+    """
     registered = registered_site_aliases(model)
     if registered is not None:
         return registered
+    if is_tlens_model(model):
+        return tlens_site_aliases(model)
     own = getattr(model, "site_aliases", None)
-    return dict(own()) if callable(own) else {}
+    if callable(own):
+        return dict(own())
+    if is_hf_model(model):
+        return llm_site_aliases(model)
+    return {}
 
 
 def resolve_alias(site: str | Site, aliases: Mapping[str, str]) -> Site:
@@ -137,7 +167,7 @@ def resolve_alias(site: str | Site, aliases: Mapping[str, str]) -> Site:
 
 
 def resolve_site(model: Any, site: str | Site) -> Site:
-    """Resolve aliases of ``model`` (``site_aliases(model)``)."""
+    """``site`` with the aliases of ``model`` (``site_aliases(model)``) resolved; every backend's ``resolve``."""
     return resolve_alias(site, site_aliases(model))
 
 
@@ -176,7 +206,10 @@ def llm_site_aliases(model: Any) -> dict[str, str]:
     aliases: dict[str, str] = {}
     get_emb = getattr(model, "get_input_embeddings", None)
     if callable(get_emb):
-        emb = get_emb()
+        try:
+            emb = get_emb()
+        except NotImplementedError:  # a model class without input embeddings (transformers raises this)
+            emb = None
         name = _module_name(model, emb) if emb is not None else None
         if name:
             aliases["embeddings"] = name
@@ -184,4 +217,14 @@ def llm_site_aliases(model: Any) -> dict[str, str]:
     if layers is not None:
         for i in range(len(model.get_submodule(layers))):
             aliases[f"layer{i}"] = f"{layers}.{i}"
+    return aliases
+
+
+# ------------------------------------------------------------------ TransformerLens models
+def tlens_site_aliases(model: Any) -> dict[str, str]:
+    """``embeddings`` -> ``hook_embed``; ``layer{l}`` -> ``blocks.{l}.hook_resid_post``."""
+    aliases = {"embeddings": "hook_embed"}
+    n_layers = getattr(getattr(model, "cfg", None), "n_layers", None) or len(getattr(model, "blocks", []))
+    for layer in range(n_layers):
+        aliases[f"layer{layer}"] = f"blocks.{layer}.hook_resid_post"
     return aliases

@@ -177,6 +177,29 @@ def _hf_garbage_recording(out, tmp_path, monkeypatch):
     _hf(recording=str(rec))(out, tmp_path, monkeypatch)
 
 
+LMS = Path(__file__).resolve().parents[1] / "llm_mas" / "data" / "lms"
+
+
+def _cf_run(models, **data):
+    """A counterfactual run of shipped LMs (kind: hf) on ``data`` (dataset or task)."""
+    def call(out, tmp_path, monkeypatch):
+        if "rows" in data:
+            path = tmp_path / "cf.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in data.pop("rows")))
+            data["dataset"] = str(path)
+        base = {"name": "bad", "out_dir": str(out), "variables": ["full"], "k": 8, "train": {"max_steps": 1},
+                "models": [{"kind": "hf", "name": str(LMS / m), "site": "layer0"} for m in models],
+                "data": {"n_train": 8, "n_valid": 4, **data}}
+        run(load_mas_config(None, [], base=base), log=lambda s: None)
+    return call
+
+
+# the README's old text for the binding task: the binding LMs' tokenizer has '<bos>' / '<eos>', not 'B' / 'E'
+OLD_BINDING_ROWS = [{"base": "B a = 3 , b = 5 , c = 1 ; ? b", "source": "B d = 7 , b = 2 ; ? b",
+                     "continuation": "2 E"},
+                    {"base": "<bos> a = 3 , b = 5 , c = 1 ; ? b", "source": "<bos> d = 7 , b = 2 ; ? b",
+                     "continuation": "2 <eos>"}] * 3
+
 CASES = [
     ("unknown key", _api("nosuchkey=1"), ConfigError, ["nosuchkey", "unknown key"]),
     ("malformed override", _api("trainlr"), ConfigError, ["trainlr", "key.sub=value"]),
@@ -240,6 +263,12 @@ CASES = [
     ("hf: unknown dtype", _hf(dtype="float8"), ConfigError, ["dtype", "'float8'"]),
     ("hf: site hidden", _hf(site="hidden"), ConfigError, ["'hidden' is a task-model site", "embeddings"]),
     ("hf: garbage recording", _hf_garbage_recording, DataError, ["recording"]),
+    ("hf dataset: the README's old binding text", _cf_run(["binding-w64-s1"], rows=OLD_BINDING_ROWS), DataError,
+     ["binding-w64-s1", "the word 'B' (did you mean '<bos>'?)", "unknown token '<unk>'", "base of rows 1, 3, 5",
+      "source of rows 1, 3, 5", "the word 'E'", "continuation of rows 1, 3, 5", "data.allow_unknown_tokens: true"]),
+    ("hf task: words the LM's tokenizer lacks", _cf_run(["multiobject-w128-s0"], task="binding"), DataError,
+     ["multiobject-w128-s0", "data.task binding", "the word '='", "target of pairs", "source of pairs",
+      "data.allow_unknown_tokens: true"]),
 ]
 
 

@@ -158,3 +158,56 @@ def test_split_rows_is_seeded_and_disjoint(tmp_path):
     assert sorted(r.row for r in a["train"] + a["valid"]) == list(range(1, 11))
     with pytest.raises(DataError, match="at least 2 rows"):
         split_rows(rows[:1], 10, 10, seed=0)
+
+
+# ------------------------------------------------------------------------------------------- unknown tokens
+def test_unknown_words_are_listed_per_row_and_field(tmp_path, word_tokenizer, bpe_tokenizer):
+    """The word-level tokenizer (unknown token '<unk>', id 8) reads the task's own notation 'B'/'E' and a
+    stray word as '<unk>'; each one is listed with its row and field, and the report names all of them."""
+    from llm_mas.tasks.counterfactual_data import unknown_token_id, unknown_token_report
+
+    rows = load_dataset(write_jsonl(tmp_path / "cf.jsonl", [
+        GOLDEN,
+        {"base": "B D0 D2 T", "source": "<bos> D1 X T R", "continuation": "R R R E"},
+        {"base": "B D1 T", "source": "<bos> D1 T", "continuation": "R <eos>", "base_position": "T"},
+        {"base": "B D2 T", "source": "B D1 T", "continuation": "R <eos>"},
+    ]))
+    assert unknown_token_id(word_tokenizer) == 8 and unknown_token_id(bpe_tokenizer) is None
+    enc = encode_text_rows(rows, word_tokenizer)
+    assert enc.unknown == [(2, "base", "B"), (2, "continuation", "E"), (2, "source", "X"), (3, "base", "B"),
+                           (4, "base", "B"), (4, "source", "B")]
+    assert enc.target_ids[1, 0] == 8 and enc.target_ids[1, 7] == 8  # what the model would have read
+    lines = unknown_token_report(enc.unknown, word_tokenizer, "models.0 (lm)", "cf.jsonl")
+    assert lines == [
+        "cf.jsonl: models.0 (lm) reads the word 'B' (did you mean '<bos>'?) as its unknown token '<unk>', in base "
+        "of rows 2-4; source of rows 4",
+        "cf.jsonl: models.0 (lm) reads the word 'E' (did you mean '<eos>'?) as its unknown token '<unk>', in "
+        "continuation of rows 2",
+        "cf.jsonl: models.0 (lm) reads the word 'X' as its unknown token '<unk>', in source of rows 2"]
+    assert encode_text_rows(rows[:1], word_tokenizer).unknown == []
+    csv_path = tmp_path / "cf.csv"
+    csv_path.write_text("base,source,continuation\n<bos> D0 T,<bos> D1 T,R <eos>\nB D0 T,<bos> D1 T,R E\n")
+    assert encode_text_rows(load_dataset(csv_path), word_tokenizer).unknown == [(2, "base", "B"),
+                                                                               (2, "continuation", "E")]
+    assert encode_text_rows(rows, bpe_tokenizer).unknown == []  # a byte-level BPE has no unknown token
+
+
+def test_task_pairs_list_words_another_task_uses(word_tokenizer):
+    """The MultiObject word tokenizer reading the binding task: its names, digits and signs are unknown."""
+    from llm_mas.tasks.binding import get_text_task
+
+    task = get_text_task("binding")
+    rng = np.random.default_rng(0)
+    base = task.sample(6, rng)
+    pairs = make_pairs(task, base, task, base, "full", 6, rng)
+    enc = encode_task_pairs(task, pairs, base, word_tokenizer)
+    words = {word for _, _, word in enc.unknown}
+    assert {"=", ",", ";", "?"} <= words and not words & {"<bos>", "<eos>"}
+    assert {field for _, field, _ in enc.unknown} == {"target", "source"}
+    # per pair and text: exactly the tokens that are '<unk>'
+    n_unknown_target = int((enc.target_ids == 8).sum())
+    assert sum(1 for _, field, _ in enc.unknown if field == "target") == n_unknown_target > 0
+    multiobject = get_task("multiobject")
+    mo_base = multiobject.sample(6, rng)
+    mo_pairs = make_pairs(multiobject, mo_base, multiobject, mo_base, "full", 6, rng)
+    assert encode_task_pairs(multiobject, mo_pairs, mo_base, word_tokenizer).unknown == []

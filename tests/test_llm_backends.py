@@ -258,3 +258,84 @@ def test_nnsight_learns_the_executed_module_order():
     assert torch.equal(backend.patch(model, x, edits()), expected)  # the learned order is kept
     got = backend.collect(model, x, ["late", "early"])
     assert torch.equal(got["late:output@given"], model(x))
+
+
+# --------------------------------------------------------------- one site resolution, however the model was loaded
+ALIAS_SITES = ["embeddings", "layer0", "layer1", "layer1:input", "embeddings@all"]
+
+
+def test_aliases_resolve_alike_for_a_plain_from_pretrained_model():
+    """A model loaded by plain ``AutoModelForCausalLM.from_pretrained`` (no alias table registered) resolves the
+    same site strings to the same latents and the same patched logits under torch, nnsight and TransformerLens."""
+    from transformers import AutoModelForCausalLM
+
+    from llm_mas.backends.tlens_backend import to_hooked_transformer
+    from llm_mas.sites import registered_site_aliases
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir()).eval().requires_grad_(False)
+    loaded, tokenizer = load_tiny()
+    assert registered_site_aliases(plain) is None and registered_site_aliases(loaded) is not None
+    assert site_aliases(plain) == site_aliases(loaded)
+    # A converted model whose alias table was not registered (a copy) derives the same TransformerLens aliases.
+    hooked = copy.deepcopy(to_hooked_transformer(plain, tokenizer))
+    assert registered_site_aliases(hooked) is None and site_aliases(hooked)["embeddings"] == "hook_embed"
+    backends = {"torch": (TorchHookBackend(), plain), "nnsight": (get_backend("nnsight"), plain),
+                "loaded": (TorchHookBackend(), loaded), "tlens": (get_backend("tlens"), hooked)}
+    for name in ("torch", "nnsight", "loaded"):
+        backend, model = backends[name]
+        assert [str(backend.resolve(model, s)) for s in ALIAS_SITES] == [
+            "model.embed_tokens:output@given", "model.layers.0:output@given", "model.layers.1:output@given",
+            "model.layers.1:input@given", "model.embed_tokens:output@all"], name
+
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 512, (3, 8), generator=generator)
+    other = torch.randint(0, 512, (3, 8), generator=generator)
+    # Oracle latents from HF itself: the embedding table and the hidden states after each decoder layer.
+    hidden = plain(input_ids=ids, output_hidden_states=True).hidden_states
+    oracle = {"embeddings": plain.model.embed_tokens.weight[ids], "layer0": hidden[1], "layer1:input": hidden[1]}
+    collected = {name: backend.collect(model, {"input_ids": ids}, ["embeddings", "layer0", "layer1"])
+                 for name, (backend, model) in backends.items() if name != "tlens"}
+    collected["tlens"] = backends["tlens"][0].collect(hooked, {"input_ids": ids}, ["embeddings", "layer0", "layer1"])
+    keys = {name: list(values) for name, values in collected.items()}
+    assert keys["torch"] == keys["nnsight"] == keys["loaded"] == [
+        "model.embed_tokens:output@given", "model.layers.0:output@given", "model.layers.1:output@given"]
+    assert keys["tlens"] == ["hook_embed:output@given", "blocks.0.hook_resid_post:output@given",
+                             "blocks.1.hook_resid_post:output@given"]
+    ref_layer1 = list(collected["torch"].values())[2]
+    for name, values in collected.items():
+        embeddings, layer0, layer1 = values.values()
+        tolerance = 1e-5 if name == "tlens" else 0  # TransformerLens runs its own (converted) modules
+        assert torch.equal(embeddings, oracle["embeddings"]), name
+        assert (layer0 - oracle["layer0"]).abs().max() <= tolerance, name
+        assert (layer1 - ref_layer1).abs().max() <= tolerance, name
+    assert torch.equal(backends["torch"][0].collect(plain, {"input_ids": ids}, ["layer1:input"])
+                       ["model.layers.1:input@given"], oracle["layer1:input"])
+
+    # Patched logits: replacing every embedding by another sequence's gives that sequence's logits (a hand-made
+    # counterfactual), and a scaled layer-0 output at two positions gives the same logits under every backend.
+    everywhere = torch.ones(3, 8, dtype=torch.bool)
+    some = torch.zeros(3, 8, dtype=torch.bool)
+    some[:, [2, 5]] = True
+    other_embeddings = plain.model.embed_tokens.weight[other][everywhere]  # (24, d), row-major like the mask
+    expected_swap = plain(input_ids=other).logits
+    patched = {}
+    for name, (backend, model) in backends.items():
+        swap = backend.patch(model, {"input_ids": ids}, [Edit(Site.parse("embeddings"), everywhere,
+                                                              lambda x, which: other_embeddings[which])])
+        assert (swap - expected_swap).abs().max() <= (1e-5 if name == "tlens" else 0), name
+        patched[name] = backend.patch(model, {"input_ids": ids},
+                                      [Edit(Site.parse("layer0"), some, lambda x, which: 3.0 * x)])
+    assert (patched["torch"] - plain(input_ids=ids).logits).abs().max() > 1e-2  # the edit changes the output
+    assert torch.equal(patched["nnsight"], patched["torch"]) and torch.equal(patched["loaded"], patched["torch"])
+    assert (patched["tlens"] - patched["torch"]).abs().max() <= 1e-4
+
+
+def test_site_aliases_derived_only_for_hf_and_tlens_models():
+    """A plain torch module with no alias table and no ``site_aliases()`` gets no aliases (a module literally
+    called ``layer0`` keeps its name), under every torch-module backend."""
+    model = torch.nn.Sequential()
+    model.add_module("layer0", torch.nn.Linear(4, 4))
+    model.add_module("layers", torch.nn.ModuleList([torch.nn.Linear(4, 4)]))
+    assert site_aliases(model) == {}
+    for backend in (TorchHookBackend(), get_backend("nnsight")):
+        assert str(backend.resolve(model, "layer0")) == "layer0:output@given"

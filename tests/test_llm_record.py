@@ -208,3 +208,61 @@ def test_cli_record(tmp_path, texts):
     result = runner.invoke(app, ["record", "--model", str(tiny_qwen2_dir()), "--texts", str(tmp_path / "t.csv"),
                                  "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "'.csv'; valid choices: .jsonl, .txt" in result.output
+
+
+def test_prompts_with_unknown_tokens_are_refused_unless_allowed(tmp_path):
+    """A shipped binding LM (word-level tokenizer, '<unk>') given the task's own notation 'B': refused naming the
+    texts and the word before anything is generated; the opt-in records them with a warning and a count;
+    texts in the LM's words record without either."""
+    import typer
+    from typer.testing import CliRunner
+
+    import llm_mas
+    from llm_mas.commands.llm import record
+    from llm_mas.llm.loading import load_causal_lm
+    from llm_mas.llm.record import record_generations
+
+    lm = os.path.join(os.path.dirname(llm_mas.__file__), "data", "lms", "binding-w64-s1")
+    model, tokenizer = load_causal_lm(lm)
+    good = ["<bos> a = 3 , b = 5 , c = 1 ; ? b", "<bos> d = 7 , b = 2 ; ? d", "<bos> h = 0 , e = 4 ; ? e"]
+    bad = [good[0], good[1].replace("<bos>", "B"), good[2].replace("<bos>", "B").replace("e = 4", "e = 44")]
+    with pytest.raises(DataError) as err:
+        record_generations(model, tokenizer, bad, prompt_len=8, total_len=10, n=3, progress=False)
+    message = str(err.value)
+    assert message.startswith("2 word(s) the model reads as its unknown token")
+    assert (f"texts: {lm} reads the word 'B' (did you mean '<bos>'?) as its unknown token '<unk>', in prompt of "
+            "texts 2-3") in message
+    assert "the word '44' as its unknown token '<unk>', in prompt of texts 3" in message
+    assert "allow_unknown_tokens=True" in message and "--allow-unknown-tokens" in message
+    with pytest.warns(UserWarning, match="recording prompts with unknown tokens"):
+        allowed = record_generations(model, tokenizer, bad, prompt_len=8, total_len=24, n=3, progress=False,
+                                     allow_unknown_tokens=True)
+    assert allowed.meta["unknown_tokens"] == 3 == int((allowed.ids[:, :8] == tokenizer.unk_token_id).sum())
+    # a MAS run reading that recording says so in its log
+    from llm_mas.run import run
+    from llm_mas.run_config import load_mas_config
+
+    allowed.save(tmp_path / "rec")
+    entry = {"kind": "hf", "name": lm, "recording": str(tmp_path / "rec"), "site": "layer0"}
+    lines = []
+    run(load_mas_config(None, [], base={"name": "m", "out_dir": str(tmp_path / "runs"), "models": [entry, entry],
+                                        "k": 4, "progress": False, "data": {"stepwise": True, "n_train": 4,
+                                                                            "n_valid": 2},
+                                        "train": {"max_steps": 1}}), log=lines.append)
+    assert any("was recorded with 3 prompt tokens its tokenizer reads as the unknown token" in line for line in lines)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clean = record_generations(model, tokenizer, good, prompt_len=8, total_len=10, n=3, progress=False)
+    assert clean.meta["unknown_tokens"] == 0
+
+    app = typer.Typer()
+    app.command("record")(record)
+    app.command("unused")(lambda: None)
+    (tmp_path / "bad.txt").write_text("\n".join(bad) + "\n")
+    runner = CliRunner()
+    args = ["record", "--model", lm, "--texts", str(tmp_path / "bad.txt"), "--n", "3", "--prompt-len", "8",
+            "--total-len", "10", "--device", "cpu", "--no-progress"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "refused")])
+    assert result.exit_code == 2 and "the word 'B'" in result.output and not (tmp_path / "refused").exists()
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "allowed"), "--allow-unknown-tokens"])
+    assert result.exit_code == 0, result.output

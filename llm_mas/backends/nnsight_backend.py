@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import InterventionError, SiteError, closest
-from ..sites import Site, llm_site_aliases, resolve_alias, site_aliases
+from ..sites import Site, resolve_site, site_aliases
 from .base import (
     Edit,
     apply_edit_to_chunk,
@@ -55,11 +55,6 @@ def unwrap_model(model: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise SiteError(f"the nnsight backend needs a torch module or an nnsight wrapper, got {type(model).__name__}")
     return model
-
-
-def _aliases(module: nn.Module) -> dict[str, str]:
-    """Registered or own aliases of the model; for any other HF model, those derived from its layout."""
-    return site_aliases(module) or llm_site_aliases(module)
 
 
 def _static_forward_order(model: nn.Module) -> ForwardOrder:
@@ -181,10 +176,10 @@ class NNsightBackend:
         return observed if observed is not None else _static_forward_order(module)
 
     def resolve(self, model: Any, site: Site | str) -> Site:
-        """Resolve aliases (``embeddings``, ``layer{l}``) and check the module exists."""
+        """Resolve aliases (``embeddings``, ``layer{l}``: ``llm_mas.sites.resolve_site``) and check the module
+        exists."""
         module = unwrap_model(model)
-        aliases = _aliases(module)
-        resolved = resolve_alias(site, aliases)
+        resolved = resolve_site(module, site)
         if resolved.module == "":
             raise SiteError(f"site {site} names the whole model; name a submodule such as 'layer0'")
         try:
@@ -193,7 +188,7 @@ class NNsightBackend:
             names = [n for n, _ in module.named_modules() if n]
             raise SiteError(
                 f"no module {resolved.module!r} in {type(module).__name__}; closest valid names: "
-                f"{', '.join(closest(resolved.module, names + list(aliases)))}") from None
+                f"{', '.join(closest(resolved.module, names + list(site_aliases(module))))}") from None
         return resolved
 
     # ------------------------------------------------------------ planning

@@ -22,17 +22,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, InterventionError, SiteError, closest
-from ..sites import Site, register_site_aliases, registered_site_aliases, resolve_alias
+from ..sites import Site, register_site_aliases, resolve_site, site_aliases, tlens_site_aliases
 from .base import Edit, apply_edit_to_chunk, check_edits_fired, edit_entry_index
-
-
-def tlens_site_aliases(model: Any) -> dict[str, str]:
-    """``embeddings`` -> ``hook_embed``; ``layer{l}`` -> ``blocks.{l}.hook_resid_post``."""
-    aliases = {"embeddings": "hook_embed"}
-    n_layers = getattr(getattr(model, "cfg", None), "n_layers", None) or len(getattr(model, "blocks", []))
-    for layer in range(n_layers):
-        aliases[f"layer{layer}"] = f"blocks.{layer}.hook_resid_post"
-    return aliases
 
 
 def _hook_names(model: Any) -> list[str]:
@@ -61,18 +52,13 @@ class TLensBackend:
     name = "tlens"
 
     def resolve(self, model: Any, site: Site | str) -> Site:
-        """Resolve aliases; the site must be a hook point (hook points hold one tensor: no tuple index)."""
-        # Only aliases registered for this very object count (never a `site_aliases` attribute looked up through
-        # it): a TransformerBridge forwards unknown attributes to the HF model it wraps, whose aliases name HF
-        # modules.
-        aliases = registered_site_aliases(model)
-        if aliases is None:
-            aliases = tlens_site_aliases(model)
-        resolved = resolve_alias(site, aliases)
-        names = _hook_names(model)
+        """Resolve aliases (``llm_mas.sites.resolve_site``); the site must be a hook point (hook points hold one
+        tensor: no tuple index)."""
+        names = _hook_names(model)  # a clear error for a model that is not a TransformerLens one
+        resolved = resolve_site(model, site)
         if resolved.module not in model.hook_dict:
             raise SiteError(f"no hook point {resolved.module!r} in {type(model).__name__}; closest valid names: "
-                            f"{', '.join(closest(resolved.module, names + list(aliases)))}")
+                            f"{', '.join(closest(resolved.module, names + list(site_aliases(model))))}")
         if resolved.index is not None:
             raise SiteError(f"site {resolved}: a TransformerLens hook point holds one tensor; drop the tuple index "
                             f"[{resolved.index}]")

@@ -53,6 +53,9 @@ def record(
                                        help="Fold the adapter into the weights before recording."),
     progress: bool | None = typer.Option(None, "--progress/--no-progress",
                                             help="Progress bar [only on a terminal]."),
+    allow_unknown_tokens: bool = typer.Option(
+        False, "--allow-unknown-tokens/--no-allow-unknown-tokens",
+        help="Record prompts holding words the tokenizer reads as its unknown token [refused]."),
 ) -> None:
     """Record greedy continuations and teacher-forced predictions of a model (stepwise LLM MAS data)."""
 
@@ -64,7 +67,8 @@ def record(
         lm, tokenizer = load_causal_lm(model, dtype=dtype, device=device, adapter=adapter,
                                        merge_adapter=merge_adapter)
         recording = record_generations(lm, tokenizer, prompts, prompt_len=prompt_len, total_len=total_len, n=n,
-                                       batch_size=batch_size, seed=seed, progress=progress)
+                                       batch_size=batch_size, seed=seed, progress=progress,
+                                       allow_unknown_tokens=allow_unknown_tokens)
         path = recording.save(out)
         typer.echo(f"recorded {len(recording)} sequences of {recording.total_len} tokens "
                    f"(greedy agreement {recording.meta['greedy_agreement']:.4f}) into {path}")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from ..tasks.counterfactual_data import unknown_token_id
 from .loading import model_source
 
 TENSORS_FILE = "recording.safetensors"
@@ -201,6 +202,30 @@ def select_prompts(tokenizer: Any, texts: Sequence[str], *, prompt_len: int, n: 
     return torch.tensor(prompts, dtype=torch.long).view(-1, prompt_len), used
 
 
+def unknown_prompt_words(tokenizer: Any, texts: Sequence[str], prompts: Any, all_texts: Sequence[str],
+                         model: str) -> list[str]:
+    """One line per word that ``tokenizer`` reads as its unknown token in the selected ``prompts``
+    ((m, prompt_len) ids of ``texts``), naming the model, the word and the texts (numbered 1.. in
+    ``all_texts``, the list given to `record_generations`); [] when the tokenizer has no unknown token."""
+    from ..tasks.counterfactual_data import unknown_token_report
+
+    unk = unknown_token_id(tokenizer)
+    if unk is None or len(texts) == 0:
+        return []
+    number = {text: i + 1 for i, text in reversed(list(enumerate(all_texts)))}
+    unknown = []
+    for text, ids in zip(texts, prompts.tolist(), strict=True):
+        if unk not in ids:
+            continue
+        words = [tokenizer.unk_token] * ids.count(unk)
+        if getattr(tokenizer, "is_fast", False):  # the word each unknown token covers
+            enc = tokenizer(text, truncation=True, max_length=len(ids), return_offsets_mapping=True)
+            words = [text[a:b] or tokenizer.unk_token
+                     for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True) if i == unk]
+        unknown += [(number[text], "prompt", word) for word in words]
+    return unknown_token_report(unknown, tokenizer, model, "texts", rows_name="texts")
+
+
 def greedy_continue(model: Any, prompts: Any, total_len: int) -> Any:
     """(B, prompt_len) -> (B, total_len): greedy decoding with the KV cache; never stops early at EOS."""
     import torch
@@ -242,7 +267,7 @@ def _cache_key(fingerprint: str, tok_fp: str, texts: Sequence[str], **settings: 
 def record_generations(model: Any, tokenizer: Any, texts: Sequence[str], *, prompt_len: int = 32,
                        total_len: int = 64, n: int = 1000, batch_size: int = 16, seed: int = 0,
                        cache_dir: str | os.PathLike | None = None, model_id: str | None = None,
-                       progress: bool | None = None) -> Recording:
+                       progress: bool | None = None, allow_unknown_tokens: bool = False) -> Recording:
     """Record ``n`` greedy generations of ``model`` and its teacher-forced predictions.
 
     Texts (in a seeded random order) with at least ``prompt_len`` tokens seed the prompts (their first
@@ -251,6 +276,9 @@ def record_generations(model: Any, tokenizer: Any, texts: Sequence[str], *, prom
     If fewer than ``n`` texts are long enough, all of them are used (with a warning).
     cache_dir: reuse a matching recording there (verified against the model) or save the new one there.
     progress:  tqdm bar (None: only on a terminal).
+    allow_unknown_tokens: record prompts in which the tokenizer reads a word as its unknown token (with a
+               warning naming them; ``meta["unknown_tokens"]`` counts them). Default: refuse them (DataError
+               naming the texts and words) before anything is generated.
     """
     import torch
     from tqdm.auto import tqdm
@@ -265,6 +293,19 @@ def record_generations(model: Any, tokenizer: Any, texts: Sequence[str], *, prom
     if problems:
         raise ConfigError(problems)
     texts = list(texts)
+    prompts, used = select_prompts(tokenizer, texts, prompt_len=prompt_len, n=n, seed=seed)
+    if len(used) == 0:
+        raise DataError(f"none of the {len(texts)} texts has {prompt_len} tokens or more; pass longer texts or a "
+                        "smaller prompt_len")
+    unknown = unknown_prompt_words(tokenizer, used, prompts, texts, model_id or _model_id(model))
+    if unknown and not allow_unknown_tokens:
+        raise DataError(f"{len(unknown)} word(s) the model reads as its unknown token (it would not read the text "
+                        "written):\n" + "\n".join(f"  - {line}" for line in unknown) + "\nwrite the texts in words "
+                        "its tokenizer knows, or allow them (allow_unknown_tokens=True, `llm-mas record "
+                        "--allow-unknown-tokens`)")
+    if unknown:
+        warnings.warn("recording prompts with unknown tokens:\n" + "\n".join(f"  - {line}" for line in unknown),
+                      stacklevel=2)
     fingerprint = model_fingerprint(model)
     tok_fp = tokenizer_fingerprint(tokenizer)
     path = None
@@ -274,10 +315,6 @@ def record_generations(model: Any, tokenizer: Any, texts: Sequence[str], *, prom
         if (path / TENSORS_FILE).exists():
             return load_recording(path, model, tokenizer)
 
-    prompts, used = select_prompts(tokenizer, texts, prompt_len=prompt_len, n=n, seed=seed)
-    if len(used) == 0:
-        raise DataError(f"none of the {len(texts)} texts has {prompt_len} tokens or more; pass longer texts or a "
-                        "smaller prompt_len")
     if len(used) < n:
         warnings.warn(f"only {len(used)} of {len(texts)} texts have >= {prompt_len} tokens; recording {len(used)} "
                       f"sequences instead of {n}", stacklevel=2)
@@ -309,6 +346,9 @@ def record_generations(model: Any, tokenizer: Any, texts: Sequence[str], *, prom
         "batch_size": batch_size, "greedy_agreement": agreement, "seconds": round(time.time() - started, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "texts": used,
     }
+    unk = unknown_token_id(tokenizer)
+    if unk is not None:
+        meta["unknown_tokens"] = int((prompts == unk).sum())
     recording = Recording(ids, predicted, meta)
     if path is not None:
         recording.save(path)

@@ -35,14 +35,16 @@ import torch.nn.functional as F
 
 from ..backends import get_backend
 from ..backends.base import Edit
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..llm.record import IGNORE_INDEX
 from ..tasks.counterfactual_data import (
     EncodedPairs,
+    TextRow,
     encode_task_pairs,
     encode_text_rows,
     load_dataset,
     split_rows,
+    unknown_token_report,
 )
 from .base import DirectionPairs, ModelEntry, PairScores, ProblemBase, Shard
 
@@ -321,14 +323,49 @@ def _natural_length_pairs(task, base, variable, n: int, rng, data):
                       f"{task.max_len}")
 
 
+UNKNOWN_TOKENS_FIX = ("write every text in words each model's tokenizer knows (README: 'The text each shipped LM "
+                      "reads'), or set data.allow_unknown_tokens: true to run with them")
+
+
+def check_unknown_tokens(config, tokenizers: list, encoded: dict[str, dict[str, list[EncodedPairs]]], log,
+                         rows: list[TextRow] | None = None) -> None:
+    """Refuse (one DataError listing every model, word and row) text that a model's tokenizer reads as its
+    unknown token, unless ``data.allow_unknown_tokens``; then log the same lines and go on. A dataset run
+    passes every row of its file (``rows``): a row the split leaves out is checked too."""
+    data = config.data
+    lines = []
+    for i, (m, tok) in enumerate(zip(config.models, tokenizers)):
+        if tok is None:  # a task model reads task ids
+            continue
+        model = f"models.{i} ({m.name})"
+        if rows is not None:
+            lines += unknown_token_report(encode_text_rows(rows, tok).unknown, tok, model,
+                                          f"data.dataset {data.dataset}")
+            continue
+        for split, per_variable in encoded.items():
+            for v, encs in per_variable.items():
+                lines += unknown_token_report(encs[i].unknown, tok, model,
+                                              f"data.task {data.task} ({split} pairs of {v})", rows_name="pairs")
+    if not lines:
+        return
+    if data.allow_unknown_tokens:
+        log("data.allow_unknown_tokens: running with unknown tokens:\n" + "\n".join(f"  - {line}" for line in lines))
+        return
+    raise DataError(f"{len(lines)} word(s) a model reads as its unknown token (the text it reads is not the one "
+                    "written):\n" + "\n".join(f"  - {line}" for line in lines) + f"\n{UNKNOWN_TOKENS_FIX}")
+
+
 def encode_pairs(config, tokenizers: list, log) -> tuple[dict[str, dict[str, list[EncodedPairs]]], bool]:
-    """{split: {variable: [pairs in model i's token space]}} and whether they are stepwise."""
+    """{split: {variable: [pairs in model i's token space]}} and whether they are stepwise; words a model reads
+    as its unknown token are refused (`check_unknown_tokens`)."""
     from ..tasks.binding import get_text_task
 
     data = config.data
     encoded: dict[str, dict[str, list[EncodedPairs]]] = {}
     if data.dataset is not None:
-        rows = split_rows(load_dataset(data.dataset), data.n_train, data.n_valid, config.seed)
+        all_rows = load_dataset(data.dataset)
+        check_unknown_tokens(config, tokenizers, encoded, log, rows=all_rows)
+        rows = split_rows(all_rows, data.n_train, data.n_valid, config.seed)
         for split, part in rows.items():
             encoded[split] = {"full": [encode_text_rows(part, tok) for tok in tokenizers]}
         log(f"data.dataset {data.dataset}: {len(rows['train'])} train / {len(rows['valid'])} valid rows")
@@ -341,6 +378,7 @@ def encode_pairs(config, tokenizers: list, log) -> tuple[dict[str, dict[str, lis
         for v in config.variables:
             pairs = _natural_length_pairs(task, base, v, n, rng, data)
             encoded[split][v] = [encode_task_pairs(task, pairs, base, tok) for tok in tokenizers]
+    check_unknown_tokens(config, tokenizers, encoded, log)
     log(f"data.task {task.name}: {data.n_train} train / {data.n_valid} valid pairs per variable "
         f"({'stepwise' if data.stepwise else 'indywise'})")
     return encoded, bool(data.stepwise)

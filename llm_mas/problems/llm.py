@@ -303,6 +303,9 @@ def _load_entry(m, index: int, device: str, log) -> tuple[Any, Any, Any, Recordi
         del hf_model
     log(f"models.{index}: {m.name} ({m.dtype}, {device}, backend {m.backend}); recording {m.recording} "
         f"({len(recording)} sequences of {recording.total_len} tokens, verified)")
+    if recording.meta.get("unknown_tokens"):  # recorded with allow_unknown_tokens: say so on every use
+        log(f"models.{index}: recording {m.recording} was recorded with {recording.meta['unknown_tokens']} prompt "
+            "tokens its tokenizer reads as the unknown token (allow_unknown_tokens)")
     return model, tokenizer, backend, recording
 
 

@@ -30,7 +30,7 @@ position p of the base takes the source latent at the source's task position p (
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ import numpy as np
 from llm_mas.errors import ConfigError, DataError
 from llm_mas.files import jsonl_rows
 from llm_mas.tasks.base import PAD, SequenceBatch, Task
-from llm_mas.tasks.text import render_texts, resolve_positions
+from llm_mas.tasks.text import SPECIAL_WORDS, render_texts, resolve_positions
 
 FIELDS = ("base", "source", "continuation", "base_position", "source_position")
 REQUIRED = ("base", "source", "continuation")
@@ -78,6 +78,10 @@ class EncodedPairs:
     source_ids: np.ndarray
     source_mask: np.ndarray
     source_pos: np.ndarray
+    # (row, field, word) of every token this tokenizer read as its unknown token: row = the file's row number
+    # (dataset) or the pair index (task pairs); field = base | continuation | source (dataset) or target |
+    # source (task pairs); word = the text the token covers
+    unknown: list[tuple[int, str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.target_ids)
@@ -215,10 +219,28 @@ def _resolve_marker(marker: int | str, text: str, offsets: np.ndarray, n_tokens:
     return int(overlapping[-1])
 
 
+def unknown_token_id(tokenizer) -> int | None:
+    """The id of ``tokenizer``'s unknown token, or None when it has none (e.g. a byte-level BPE)."""
+    if getattr(tokenizer, "unk_token", None) is None:
+        return None
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return None if unk is None else int(unk)
+
+
+def _unknown_spans(ids, offsets: np.ndarray, unk: int | None) -> list[tuple[int, int]]:
+    """Character spans (start, end) of the tokens that are the unknown token."""
+    if unk is None:
+        return []
+    return [(int(offsets[j, 0]), int(offsets[j, 1])) for j in np.flatnonzero(np.asarray(ids) == unk)]
+
+
 def encode_text_rows(rows: list[TextRow], tokenizer) -> EncodedPairs:
     """User rows in this tokenizer's space (module docstring); DataError naming the row for a marker that
-    does not resolve or a continuation without tokens."""
+    does not resolve or a continuation without tokens. Words read as the unknown token are listed in
+    ``EncodedPairs.unknown`` (the caller refuses them: `unknown_token_report`)."""
     target_ids, labels, target_pos, source_ids, source_pos = [], [], [], [], []
+    unk = unknown_token_id(tokenizer)
+    unknown: list[tuple[int, str, str]] = []
     for row in rows:
         where = f"row {row.row}"
         glue = "" if row.base[-1:].isspace() or row.continuation[:1].isspace() else " "
@@ -241,12 +263,17 @@ def encode_text_rows(rows: list[TextRow], tokenizer) -> EncodedPairs:
         t = _resolve_marker(row.base_position, text, offsets, first, f"{where}: base_position")
         s_ids, s_offsets = _tokens(tokenizer, row.source)
         s = _resolve_marker(row.source_position, row.source, s_offsets, len(s_ids), f"{where}: source_position")
+        for start, end in _unknown_spans(ids, offsets, unk):
+            unknown.append((row.row, "continuation" if start >= cont_start else "base", text[start:end]))
+        unknown += [(row.row, "source", row.source[a:b]) for a, b in _unknown_spans(s_ids, s_offsets, unk)]
         target_ids.append(ids)
         labels.append(label)
         target_pos.append([t])
         source_ids.append(s_ids)
         source_pos.append([s])
-    return _assemble(target_ids, labels, target_pos, source_ids, source_pos)
+    encoded = _assemble(target_ids, labels, target_pos, source_ids, source_pos)
+    encoded.unknown = unknown
+    return encoded
 
 
 def _assemble(target_ids, labels, target_pos, source_ids, source_pos) -> EncodedPairs:
@@ -290,8 +317,9 @@ def encode_task_pairs(task: Task, pairs, source_base: SequenceBatch, tokenizer=N
         s_len = (source_rows != PAD).sum(1)
         source_ids = [source_rows[r, :s_len[r]].tolist() for r in range(len(pairs))]
         return _assemble(target_ids, labels, t_slots, source_ids, s_slots)
-    target_tok = resolve_positions(tokenizer, render_texts(task, pairs.ids))
-    source_tok = resolve_positions(tokenizer, render_texts(task, source_rows))
+    target_text, source_text = render_texts(task, pairs.ids), render_texts(task, source_rows)
+    target_tok = resolve_positions(tokenizer, target_text)
+    source_tok = resolve_positions(tokenizer, source_text)
     t_first, t_len = _right_aligned(target_tok)
     s_first, s_len = _right_aligned(source_tok)
     target_ids, labels, target_pos, source_ids, source_pos = [], [], [], [], []
@@ -312,4 +340,42 @@ def encode_task_pairs(task: Task, pairs, source_base: SequenceBatch, tokenizer=N
     for r, (tp, sp) in enumerate(zip(target_pos, source_pos)):
         if min(tp + sp) < 0:
             raise DataError(f"pair {r}: an intervened task position has no token in this tokenizer")
-    return _assemble(target_ids, labels, target_pos, source_ids, source_pos)
+    encoded = _assemble(target_ids, labels, target_pos, source_ids, source_pos)
+    unk = unknown_token_id(tokenizer)
+    if unk is not None:
+        for name, text, tok in (("target", target_text, target_tok), ("source", source_text, source_tok)):
+            for r, j in zip(*np.nonzero((tok.input_ids == unk) & (tok.attention_mask == 1))):
+                p = int(tok.word_of_token[r, j])
+                word = text.texts[r][text.spans[r][p, 0]:text.spans[r][p, 1]] if p >= 0 else tokenizer.unk_token
+                encoded.unknown.append((int(r), name, word))
+    return encoded
+
+
+# ------------------------------------------------------------------------------------------- unknown tokens
+def _row_ranges(rows: list[int]) -> str:
+    """Sorted distinct row numbers as ranges: [1, 2, 3, 7, 9, 10] -> '1-3, 7, 9-10'."""
+    rows = sorted(set(rows))
+    parts, start = [], rows[0]
+    for prev, cur in zip(rows, rows[1:] + [None]):
+        if cur is None or cur != prev + 1:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(parts)
+
+
+def unknown_token_report(unknown: list[tuple[int, str, str]], tokenizer, model: str, where: str,
+                         rows_name: str = "rows") -> list[str]:
+    """One line per word ``tokenizer`` reads as its unknown token, naming the model, the word, and the
+    fields and rows it occurs in (all of them, as ranges); a hint where the word is a task's special
+    token written the task's way (``B`` for ``<bos>``)."""
+    by_word: dict[str, dict[str, list[int]]] = {}
+    for row, field_name, word in unknown:
+        by_word.setdefault(word, {}).setdefault(field_name, []).append(row)
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    lines = []
+    for word, fields in by_word.items():
+        places = "; ".join(f"{name} of {rows_name} {_row_ranges(rows)}" for name, rows in fields.items())
+        hint = f" (did you mean {SPECIAL_WORDS[word]!r}?)" if SPECIAL_WORDS.get(word) in vocab else ""
+        lines.append(f"{where}: {model} reads the word {word!r}{hint} as its unknown token "
+                     f"{tokenizer.unk_token!r}, in {places}")
+    return lines
