@@ -126,6 +126,9 @@ class MASConfig:
     device: str = "cpu"
     progress: bool = True
     resume: bool = True
+    # modules imported before the models are read (``package.module``, the user's own code): they register
+    # model kinds (llm_mas.register_kind / register_problem) that this config's models then name
+    plugins: list[str] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -285,7 +288,7 @@ def load_mas_config(path: str | Path | None, overrides=(), base: dict | None = N
     if path is not None:
         data.update(load_yaml(path))
     data = apply_overrides(data, overrides)
-    problems: list[str] = []
+    problems: list[str] = import_plugins(data.get("plugins"))
     try:
         cfg = from_dict(MASConfig, data)
     except ConfigError as e:
@@ -306,6 +309,25 @@ def load_mas_config(path: str | Path | None, overrides=(), base: dict | None = N
     if data_problems:
         raise DataError(data_problems[0] if len(data_problems) == 1 else "\n".join(data_problems))
     return cfg
+
+
+def import_plugins(plugins: Any) -> list[str]:
+    """Import a config's ``plugins`` (modules that register model kinds); the problems of those that do not
+    import (each named, with its error)."""
+    import importlib
+
+    if plugins is None:
+        return []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        return [f"plugins: expected a list of module names (package.module), got {plugins!r}"]
+    problems = []
+    for name in plugins:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # the user's code: whatever it raises on import is reported
+            problems.append(f"plugins: {name!r} does not import ({type(e).__name__}: {e}); check the name and "
+                            "that its package is on PYTHONPATH (or installed)")
+    return problems
 
 
 def _raw_model_problems(data: dict) -> list[str]:

@@ -413,7 +413,8 @@ class CounterfactualTensors:
         self.validate()
         directory = Path(directory)
         tensors, meta = self._flat()
-        atomic_save_tensors(directory / TENSOR_FILE, tensors)
+        # one tensor may fill several fields (e.g. the same inputs for two models); safetensors stores each once
+        atomic_save_tensors(directory / TENSOR_FILE, {k: v.detach().cpu().clone() for k, v in tensors.items()})
         atomic_write_json(directory / META_FILE, meta, indent=1, sort_keys=True)
         return directory
 
