@@ -272,3 +272,29 @@ def test_the_trainer_alone_refuses_a_checkpoint_of_another_k_or_data(tmp_path):
     assert "k: 1 -> 8" in str(err.value) and "blocks" in str(err.value)
     with pytest.raises(ConfigError, match="data: "):
         trainer_for(1, decision_data(n=100, seed=6)).try_resume()
+
+
+# ---------------------------------------------------------------------------------- correlative reach
+def test_collect_rows_and_similarity_take_continuous_inputs_and_any_module(tmp_path):
+    from safetensors.torch import save_file
+
+    from llm_mas.correlative import collect_rows, run_similarity, similarity_config
+
+    nets = [GRUNet(8, 0).eval(), GRUNet(8, 1).eval()]
+    x, _ = decision_trials(20, np.random.default_rng(0))
+    rows = collect_rows(nets, "rnn", x, batch_size=7)
+    assert len(rows) == 20 * T and rows.sites == ["rnn.hook:output@given"] * 2
+    with torch.no_grad():
+        np.testing.assert_array_equal(rows.latents[1], nets[1].rnn(x)[0].reshape(-1, 8).numpy())
+    assert (rows.token_id == -1).all() and rows.position[:T].tolist() == list(range(T))
+    save_file(nets[0].state_dict(), str(tmp_path / "a.safetensors"))
+    save_file({"inputs": x}, str(tmp_path / "inputs.safetensors"))
+    entry = {"kind": "module", "name": "a", "site": "rnn", "factory": "open_fixtures:gru_net",
+             "kwargs": {"hidden": 8, "seed": 0}, "weights": str(tmp_path / "a.safetensors")}
+    cfg = similarity_config(models=[entry, {**entry, "name": "a-again"}], sequences={"file": str(tmp_path / "inputs.safetensors")},
+                            n_rows=100, n_repeats=2, out_dir=str(tmp_path))
+    result = run_similarity(cfg, log=lambda s: None)
+    metrics = result["pairs"][0]["metrics"]
+    assert result["n_sequences"] == 20 and result["n_rows_total"] == 20 * T
+    for key in ("cka_biased", "rsa_cosine_pearson", "rsa_euclidean_spearman"):   # a model against itself
+        assert metrics[key]["mean"] == pytest.approx(1.0, abs=1e-5), key

@@ -22,13 +22,13 @@ common keys and ``options``).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import ConfigError, DataError, MASError
+from ..models.modules import build_module, read_weights, state_digest
 from ..sites import Site
 
 ProblemBuilder = Callable[..., Any]
@@ -254,61 +254,6 @@ def tensor_dataset(config):
 
 
 # ------------------------------------------------------------------------------------------ module kind
-def state_digest(module) -> str:
-    """A content hash of a module's state_dict (names, dtypes, shapes, bytes)."""
-    import torch
-
-    h = hashlib.sha256()
-    for key, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def build_module(entry: ModuleModelConfig, where: str):
-    """The module of a ``kind: module`` entry built by its factory (ConfigError naming the factory)."""
-    from torch import nn
-
-    from ..tasks.tensor_data import import_object
-
-    try:
-        factory = import_object(entry.factory, f"{where}.factory")
-    except ConfigError as e:
-        raise ConfigError(e.problems) from None
-    if not callable(factory):
-        raise ConfigError(f"{where}.factory: {entry.factory!r} is not callable")
-    try:
-        module = factory(**entry.kwargs)
-    except MASError:
-        raise
-    except Exception as e:  # the user's code
-        raise ConfigError(f"{where}.factory: {entry.factory}(**{entry.kwargs}) raised {type(e).__name__}: {e}; "
-                          f"check {where}.kwargs") from None
-    if not isinstance(module, nn.Module):
-        raise ConfigError(f"{where}.factory: {entry.factory!r} returned a {type(module).__name__}, not a "
-                          "torch.nn.Module")
-    return module
-
-
-def read_weights(path: str | Path, where: str) -> dict:
-    from ..files import load_torch_state
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors' own error type
-            raise DataError(f"{where}.weights: {str(path)!r} is not a readable safetensors file ({e})") from None
-    state = load_torch_state(path)
-    if not isinstance(state, dict):
-        raise DataError(f"{where}.weights: {str(path)!r} holds a {type(state).__name__}, not a state_dict")
-    return state
-
-
 def _load_module(entry: ModuleModelConfig, index: int, device: str, log) -> LoadedModel:
     from ..backends.torch_hooks import TorchHookBackend, get_module
     from ..models.recurrent import stepped_site
@@ -318,7 +263,7 @@ def _load_module(entry: ModuleModelConfig, index: int, device: str, log) -> Load
     if entry.module is not None:
         module = entry.module
     else:
-        module = build_module(entry, where)
+        module = build_module(entry.factory, entry.kwargs, where)
         if entry.weights is not None:
             state = read_weights(entry.weights, where)
             result = module.load_state_dict(state, strict=False)
@@ -341,7 +286,7 @@ def _check_module(config, index: int) -> list[str]:
     entry = config.models[index]
     where = f"models.{index}"
     try:
-        module = entry.module if entry.module is not None else build_module(entry, where)
+        module = entry.module if entry.module is not None else build_module(entry.factory, entry.kwargs, where)
     except ConfigError as e:
         return list(e.problems)
     problems = []
