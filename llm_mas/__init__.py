@@ -16,6 +16,13 @@ _LAZY = {
     "MASConfig": "llm_mas.run_config",
     "run_mas": "llm_mas.run:run",
     "get_task": "llm_mas.tasks",
+    "CounterfactualTensors": "llm_mas.tasks.tensor_data",
+    "Scorer": "llm_mas.tasks.tensor_data",
+    "HookPoint": "llm_mas.hooks",
+    "register_kind": "llm_mas.problems.kinds",
+    "ModelKind": "llm_mas.problems.kinds",
+    "register_problem": "llm_mas.problems",
+    "stepped": "llm_mas.models.recurrent",
 }
 
 

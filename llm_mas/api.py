@@ -6,44 +6,87 @@
     res.matrix()          # (n, n) trial IIA, rows = source, columns = target
     res.to_dataframe()    # one row per (source, target, variable) with CIs
     res.plot()
+
+Any torch modules, on counterfactual tensors (`llm_mas.CounterfactualTensors`):
+
+    res = llm_mas.compare(models=[gru_a, gru_b], data=cf, site="rnn", k=8, names=["gru-a", "gru-b"])
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from .config import apply_overrides, from_dict
 from .errors import ConfigError, MASError
 
 
-def compare(models: Sequence[str], site: str | Sequence[str] = "hidden", task: str | None = None,
-            k: int | None = None, variables: Sequence[str] = ("full",), stepwise: bool = False,
+def compare(models: Sequence[Any], site: str | Sequence[str] = "hidden", task: str | None = None,
+            k: int | None = None, variables: Sequence[str] | None = None, stepwise: bool = False,
             alignment: str = "orthogonal", name: str | None = None, out_dir: str = "runs",
-            overrides: Sequence[str] = (), **config):
-    """Run MAS between `models` (shipped names or checkpoint directories) and return a `MASResult`.
+            overrides: Sequence[str] = (), data: Any = None, names: Sequence[str] | None = None, **config):
+    """Run MAS between `models` and return a `MASResult`.
 
-    site: one site for every model or one per model ("embeddings", "hidden", "layer{l}", a hook path).
+    models: shipped task-model names or checkpoint directories, ``torch.nn.Module`` objects (any module;
+            ``kind: module``, frozen for the run: eval mode, no gradients), or model-entry mappings
+            (e.g. ``{"kind": "hf", "name": "gpt2"}``); kinds may be mixed on counterfactual tensors.
+    data: `llm_mas.CounterfactualTensors` (what module models run on), or a mapping of ``data`` settings
+          (n_train, n_valid, dataset, task, ...).
+    site: one site for every model or one per model ("embeddings", "hidden", "layer{l}", a module path or
+          a HookPoint's path; at an nn.RNN/GRU/LSTM: its state at each step).
+    names: display names of the models (default: the checkpoint's name, the module's class name).
     task: optional check that every model was trained on this task.
     config: further `MASConfig` fields as keyword arguments (data=..., train=..., directions=..., seed=...).
     overrides: ``key.sub=value`` strings applied last (same syntax as the CLI).
     name: the run directory's name under `out_dir`; by default ``compare-<models>-<hash>`` with a short hash
           of everything that determines the result, so different arguments never share a directory.
     """
+    from torch import nn
+
     from .run import fingerprint_hash, run
     from .run_config import MASConfig, check_models
+    from .tasks.tensor_data import CounterfactualTensors
 
+    models = list(models)
     sites = [site] * len(models) if isinstance(site, str) else list(site)
     if len(sites) != len(models):
         raise ConfigError(f"site: got {len(sites)} sites for {len(models)} models; give one or one per model")
-    data = {
-        "name": name or "compare-" + "-".join(m.split("/")[-1] for m in models),
-        "models": [{"name": m, "site": s, "alignment": alignment} for m, s in zip(models, sites)],
-        "k": k, "variables": list(variables), "out_dir": out_dir,
+    if names is not None and len(names) != len(models):
+        raise ConfigError(f"names: got {len(names)} names for {len(models)} models; give one per model")
+    entries = []
+    for i, (m, s) in enumerate(zip(models, sites)):
+        if isinstance(m, nn.Module):
+            entry = {"kind": "module", "name": type(m).__name__, "module": m}
+        elif isinstance(m, dict):
+            entry = dict(m)
+        elif isinstance(m, str):
+            entry = {"name": m}
+        else:
+            raise ConfigError(f"models[{i}]: expected a model name, a torch.nn.Module or a model-entry mapping, got "
+                              f"{type(m).__name__}")
+        entry.setdefault("site", s)
+        entry.setdefault("alignment", alignment)
+        if names is not None:
+            entry["name"] = names[i]
+        entries.append(entry)
+    if isinstance(data, CounterfactualTensors):
+        data_settings = {"tensors": data}
+        variables = [data.variable] if variables is None else variables
+    elif data is None or isinstance(data, dict):
+        data_settings = dict(data or {})
+        if isinstance(data_settings.get("tensors"), CounterfactualTensors) and variables is None:
+            variables = [data_settings["tensors"].variable]
+    else:
+        raise ConfigError(f"data: expected llm_mas.CounterfactualTensors or a mapping of data settings, got "
+                          f"{type(data).__name__}")
+    settings = {
+        "name": name or "compare-" + "-".join(str(e["name"]).split("/")[-1] for e in entries),
+        "models": entries,
+        "k": k, "variables": list(variables if variables is not None else ("full",)), "out_dir": out_dir,
         **config,
     }
-    data.setdefault("data", {})
-    data["data"] = {**data["data"], "stepwise": stepwise}
-    cfg = from_dict(MASConfig, apply_overrides(data, overrides))
+    settings["data"] = {**data_settings, "stepwise": stepwise}
+    cfg = from_dict(MASConfig, apply_overrides(settings, overrides))
     if name is None and not any(o.split("=", 1)[0].strip() == "name" for o in overrides):
         # two calls whose arguments change the result never share (and never resume) one directory
         try:

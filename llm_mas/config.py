@@ -32,6 +32,9 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
+    arms = getattr(tp, "__config_arms__", None)
+    if callable(arms) and not isinstance(tp, type):  # a registry of dataclasses told apart by `kind`
+        return _coerce_kinds(value, arms(), path, problems)
     if origin in (Union, types.UnionType):
         return _coerce_union(value, tp, path, problems)
     if origin is Literal:
@@ -104,20 +107,7 @@ def _coerce_union(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         return None
     kinds = _discriminated(args)
     if kinds:  # a union of dataclasses told apart by their `kind` field
-        if isinstance(value, tuple(kinds.values())):
-            return value
-        if not isinstance(value, dict):
-            hint = ""
-            if isinstance(value, str) and all("name" in typing.get_type_hints(a) for a in kinds.values()):
-                hint = f"; give mappings, e.g. {{name: {value}}}"
-            problems.append(f"{path}: expected a mapping, got {value!r}{hint}")
-            return value
-        kind = value.get("kind", next(iter(kinds)))
-        if kind not in kinds:
-            problems.append(f"{path + '.' if path else ''}kind: {kind!r} is not one of "
-                            f"{', '.join(map(repr, kinds))}")
-            return value
-        return _build(kinds[kind], value, path, problems)
+        return _coerce_kinds(value, kinds, path, problems)
     errs: list[str] = []
     for arg in args:
         if arg is type(None):
@@ -129,6 +119,24 @@ def _coerce_union(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         errs.extend(trial)
     problems.append(errs[0] if len(errs) == 1 else f"{path}: {value!r} does not fit {_type_name(tp)}")
     return value
+
+
+def _coerce_kinds(value: Any, kinds: dict[str, type], path: str, problems: list[str]) -> Any:
+    """Build the dataclass of the mapping's ``kind`` (the first of `kinds` when it gives none)."""
+    if isinstance(value, tuple(kinds.values())):
+        return value
+    if not isinstance(value, dict):
+        hint = ""
+        if isinstance(value, str) and all("name" in typing.get_type_hints(a) for a in kinds.values()):
+            hint = f"; give mappings, e.g. {{name: {value}}}"
+        problems.append(f"{path}: expected a mapping, got {value!r}{hint}")
+        return value
+    kind = value.get("kind", next(iter(kinds)))
+    if kind not in kinds:
+        problems.append(f"{path + '.' if path else ''}kind: {kind!r} is not one of "
+                        f"{', '.join(map(repr, kinds))}")
+        return value
+    return _build(kinds[kind], value, path, problems)
 
 
 def _discriminated(args: tuple) -> dict[str, type] | None:
@@ -196,9 +204,11 @@ def from_dict(cls: type[T], data: dict) -> T:
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain-data form of a config (for YAML)."""
+    """Plain-data form of a config (for YAML). Fields marked ``metadata={"runtime": True}`` (Python objects a
+    run was handed, e.g. an ``nn.Module``) are left out: a run's fingerprint digests them instead."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not f.metadata.get("runtime")}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

@@ -84,7 +84,7 @@ class Rows:
     """Latents of the same token positions in several models.
 
     latents: one float32 array (n_rows, d_i) per model, row i = the same token of the same sequence in all.
-    sequence_index, position, token_id: (n_rows,) where each row comes from.
+    sequence_index, position, token_id: (n_rows,) where each row comes from (token_id -1: continuous inputs).
     sites: the resolved site (canonical string) per model.
     """
 
@@ -98,31 +98,47 @@ class Rows:
         return int(self.sequence_index.shape[0])
 
 
-def _as_inputs(sequences: Any) -> tuple[dict[str, Any], np.ndarray]:
-    """Backend inputs {name: (B, T) LongTensor} and the (B, T) bool mask of row positions."""
+def _as_inputs(sequences: Any) -> tuple[Any, np.ndarray]:
+    """Backend inputs and the (B, T) bool mask of row positions. Inputs: {name: (B, T) LongTensor} for token
+    sequences, the tensor itself for continuous inputs (B, T, n_in) (``model(x)``), or a mapping of tensors
+    passed as keyword arguments (rows: ``attention_mask`` where given, else every step of the time axis)."""
     import torch
 
     from .tasks import PAD, SequenceBatch
+    from .tasks.tensor_data import time_length
 
     if isinstance(sequences, SequenceBatch):
         ids = torch.as_tensor(sequences.ids, dtype=torch.long)  # (B, T)
         return {"input_ids": ids}, sequences.ids != PAD
+    if isinstance(sequences, (torch.Tensor, np.ndarray)):
+        x = torch.as_tensor(sequences)
+        if x.is_floating_point():
+            if x.dim() != 3:
+                raise DataError(f"continuous inputs have shape {tuple(x.shape)}; expected (batch, steps, n_in)")
+            return x.float(), np.ones(tuple(x.shape[:2]), dtype=bool)
+        sequences = {"input_ids": x}
     if isinstance(sequences, Mapping):
-        if "input_ids" not in sequences:
-            raise DataError(f"sequences has keys {sorted(sequences)}; pass 'input_ids' (B, T) and optionally "
-                            f"'attention_mask' (B, T), or a task SequenceBatch")
         inputs = {k: torch.as_tensor(np.asarray(v) if not hasattr(v, "detach") else v) for k, v in sequences.items()}
-        ids = inputs["input_ids"]
-        if ids.dim() != 2:
-            raise DataError(f"input_ids has shape {tuple(ids.shape)}; expected (batch, seq)")
+        ids = inputs.get("input_ids")
+        if ids is None:
+            if not inputs:
+                raise DataError("sequences is an empty mapping; pass 'input_ids' (B, T) or the model's inputs")
+            first = next(iter(inputs.values()))
+            shape = (int(first.shape[0]), time_length(inputs))
+        elif ids.dim() != 2:
+            raise DataError(f"input_ids has shape {tuple(ids.shape)}; expected (batch, seq) token ids (continuous "
+                            "inputs (batch, steps, n_in): pass the float tensor itself)")
+        else:
+            shape = tuple(ids.shape)
         mask = inputs.get("attention_mask")
         if mask is None:
-            return inputs, np.ones(tuple(ids.shape), dtype=bool)
-        if tuple(mask.shape) != tuple(ids.shape):
-            raise DataError(f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}")
+            return inputs, np.ones(shape, dtype=bool)
+        if tuple(mask.shape) != shape:
+            raise DataError(f"attention_mask has shape {tuple(mask.shape)} but the inputs {shape}")
         return inputs, mask.detach().cpu().numpy() != 0
     raise DataError(f"sequences of type {type(sequences).__name__} are not supported; pass a task SequenceBatch "
-                    f"(llm_mas.correlative.default_sequences) or a mapping with 'input_ids'")
+                    f"(llm_mas.correlative.default_sequences), token ids (B, T), continuous inputs (B, T, n_in) or "
+                    "a mapping of the models' input tensors")
 
 
 def _backends(backend: Any, n: int) -> list[Any]:
@@ -139,12 +155,14 @@ def collect_rows(models: Sequence[Any], sites: str | Sequence[str], sequences: A
     """Latents of every non-pad position of the same sequences in every model (teacher forced).
 
     Args:
-        models: task models (or any ``nn.Module`` the backend can run).
+        models: task models, HF models, or any ``nn.Module`` the backend can run.
         sites: one site for every model or one per model (``"embeddings"``, ``"hidden"``, ``"layer0"``,
-            a hook path such as ``"hook_layers.0"``, or an HF module path for LLMs).
-        sequences: a task ``SequenceBatch`` (rows = positions whose id is not PAD) or a mapping with
-            ``input_ids`` (B, T) and optionally ``attention_mask`` (rows = positions where it is 1);
-            default: :func:`default_sequences` of the models' task.
+            a hook path such as ``"hook_layers.0"``, an HF module path for LLMs, or a module path; at an
+            ``nn.RNN``/``nn.GRU``/``nn.LSTM`` its state at every step).
+        sequences: a task ``SequenceBatch`` (rows = positions whose id is not PAD), token ids (B, T),
+            continuous inputs (B, T, n_in) (a float tensor: rows = every step), or a mapping of the models'
+            input tensors, e.g. ``input_ids`` (B, T) and ``attention_mask`` (rows = positions where it is
+            1); default: :func:`default_sequences` of the models' task.
         backend: a backend object or registry name (``torch``, ``nnsight``, ``tlens``), or one per model;
             default the plain-torch hook backend.
         batch_size: sequences per forward pass.
@@ -163,12 +181,23 @@ def collect_rows(models: Sequence[Any], sites: str | Sequence[str], sequences: A
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
     backends = _backends(backend, len(models))
+    from .backends import TorchHookBackend
+    from .sites import resolve_site
+
     if sequences is None:
         sequences = default_sequences(_model_task(models))
     inputs, row_mask = _as_inputs(sequences)  # row_mask (B, T) bool
     if not row_mask.any():
         raise DataError("the sequences have no non-pad positions; nothing to collect")
-    resolved = [b.resolve(m, s) for b, m, s in zip(backends, models, site_list)]
+    from .models.recurrent import stepped_site
+
+    views = []
+    for i, (model, site) in enumerate(zip(models, site_list)):
+        if isinstance(backends[i], TorchHookBackend):  # an RNN module's site: its state at every step
+            model, site = stepped_site(model, resolve_site(model, site))
+            site_list[i] = site
+        views.append(model)
+    resolved = [b.resolve(m, s) for b, m, s in zip(backends, views, site_list)]
     n_seq = row_mask.shape[0]
     latents: list[list[np.ndarray]] = [[] for _ in models]
     for i, (model, bk, site) in enumerate(zip(models, backends, resolved)):
@@ -180,38 +209,59 @@ def collect_rows(models: Sequence[Any], sites: str | Sequence[str], sequences: A
             dev = device or (params[0].device if params else "cpu")
             for start in range(0, n_seq, batch_size):
                 stop = min(start + batch_size, n_seq)
-                chunk = {k: v[start:stop].to(dev) for k, v in inputs.items()}  # each (b, T)
+                chunk = (inputs[start:stop].to(dev) if isinstance(inputs, torch.Tensor)
+                         else {k: v[start:stop].to(dev) for k, v in inputs.items()})  # each (b, T, ...)
                 with torch.no_grad():
-                    out = bk.collect(model, chunk, [site])[str(site)]  # (b, T', d)
-                if out.dim() != 3 or tuple(out.shape[:2]) != tuple(chunk["input_ids"].shape):
-                    raise DataError(f"site {site} of model {i} gave latents of shape {tuple(out.shape)} for inputs "
-                                    f"of shape {tuple(chunk['input_ids'].shape)}; pick a site with one latent per "
-                                    f"position (B, T, d)")
+                    try:
+                        out = bk.collect(views[i], chunk, [site])[str(site)]  # (b, T', d)
+                    except TypeError as e:  # the model's forward does not take these inputs
+                        given = (f"keyword inputs {sorted(chunk)}" if isinstance(chunk, dict)
+                                 else f"a tensor of shape {tuple(chunk.shape)}")
+                        raise DataError(f"model {i} ({type(model).__name__}) does not take {given}: {e}; pass "
+                                        "token ids as 'input_ids' (B, T), continuous inputs (B, T, n_in) as a float "
+                                        "tensor, or the names its forward takes") from None
+                if out.dim() != 3 or tuple(out.shape[:2]) != (stop - start, row_mask.shape[1]):
+                    raise DataError(f"site {site} of model {i} gave latents of shape {tuple(out.shape)} for "
+                                    f"{stop - start} sequences of {row_mask.shape[1]} steps; pick a site with one "
+                                    "latent per position (B, T, d)")
                 mask = torch.as_tensor(row_mask[start:stop], device=out.device)  # (b, T)
                 latents[i].append(out[mask].float().cpu().numpy())  # (rows in chunk, d), row-major order
         finally:
             if hasattr(model, "train"):
                 model.train(was_training)
     seq_index, position = np.nonzero(row_mask)  # row-major: the order of out[mask] above
-    ids = inputs["input_ids"].detach().cpu().numpy()
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+    # continuous inputs have no token: token_id -1
+    token_id = (ids.detach().cpu().numpy()[seq_index, position] if ids is not None
+                else np.full(len(seq_index), -1))
     return Rows(latents=[np.concatenate(parts) for parts in latents], sequence_index=seq_index.astype(np.int64),
-                position=position.astype(np.int64), token_id=ids[seq_index, position].astype(np.int64),
+                position=position.astype(np.int64), token_id=token_id.astype(np.int64),
                 sites=[str(s) for s in resolved])
 
 
 # =============================================================================================== config
 @dataclass
 class SimilarityModelConfig:
-    name: str                          # shipped task model (llm-mas list-models) or a checkpoint directory
-    site: str = "hidden"               # embeddings | hidden | layer{l} | a hook path
+    name: str                          # task: shipped task model (llm-mas list-models) or a checkpoint directory;
+                                       # module: a display name
+    site: str = "hidden"               # embeddings | hidden | layer{l} | a hook path | a module path
     backend: str = "torch"             # torch | nnsight | tlens
+    kind: str = "task"                 # task | module (any torch module: factory + weights, as in MAS configs)
+    factory: str | None = None         # module: "package.module:function" building it
+    weights: str | None = None         # module: its state_dict (.safetensors or a torch file of tensors)
+    kwargs: dict[str, Any] = field(default_factory=dict)   # module: the factory's arguments
 
     def validate(self) -> list[str]:
         from .backends import BACKENDS  # the one backend registry (imports torch: not at module import)
 
+        p = []
         if self.backend not in BACKENDS:
-            return [f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}"]
-        return []
+            p.append(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.kind not in ("task", "module"):
+            p.append(f"kind {self.kind!r} is not one of 'task', 'module'")
+        elif self.kind == "module" and self.factory is None:
+            p.append("factory: a module model needs 'package.module:function' that builds it (and weights)")
+        return p
 
 
 @dataclass
@@ -220,9 +270,15 @@ class SequencesConfig:
     per_quantity: int = DEFAULT_PER_QUANTITY
     quantities: list[int] = field(default_factory=lambda: list(DEFAULT_QUANTITIES))
     seed: int | None = None            # default: the run's seed
+    # instead of task sequences: a .safetensors file of the models' inputs: "inputs" (B, T, n_in) float or
+    # (B, T) ids passed positionally, or named tensors passed as keyword arguments (rows: every step, or
+    # where "attention_mask" is 1)
+    file: str | None = None
 
     def validate(self) -> list[str]:
         p = []
+        if self.file is not None and not Path(self.file).is_file():
+            p.append(f"sequences.file: {self.file!r} does not exist")
         if self.per_quantity < 1:
             p.append(f"sequences.per_quantity must be >= 1, got {self.per_quantity}")
         if not self.quantities:
@@ -296,16 +352,37 @@ def similarity_config(**values: Any) -> SimilarityConfig:
 def _load_models(config: SimilarityConfig) -> list[Any]:
     """Load every model; every name that fails is reported at once."""
     from .models import load_task_model
+    from .models.modules import build_module, read_weights
 
     models, problems = [], []
     for i, entry in enumerate(config.models):
         try:
-            models.append(load_task_model(entry.name, device=config.device))
+            if entry.kind == "module":
+                module = build_module(entry.factory, entry.kwargs, f"models.{i}")
+                if entry.weights is not None:
+                    module.load_state_dict(read_weights(entry.weights, f"models.{i}"))
+                models.append(module.eval().requires_grad_(False).to(config.device))
+            else:
+                models.append(load_task_model(entry.name, device=config.device))
         except (ConfigError, DataError) as e:
-            problems.append(f"models.{i}.name: {e}")
+            problems.append(f"models.{i}.name: {e}" if entry.kind == "task" else str(e))
+        except RuntimeError as e:  # load_state_dict: keys or shapes do not fit
+            problems.append(f"models.{i}.weights: {entry.weights!r} does not fit {entry.factory}: "
+                            f"{str(e).splitlines()[0]}")
     if problems:
         raise ConfigError(problems)
     return models
+
+
+def _file_sequences(path: str) -> Any:
+    """The inputs in a .safetensors file: its "inputs" tensor alone, else its tensors by name."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # safetensors' own error type
+        raise DataError(f"sequences.file: {path!r} is not a readable safetensors file ({e})") from None
+    return tensors["inputs"] if set(tensors) == {"inputs"} else tensors
 
 
 def run_similarity(config: SimilarityConfig, log=print) -> dict[str, Any]:
@@ -325,12 +402,17 @@ def run_similarity(config: SimilarityConfig, log=print) -> dict[str, Any]:
     save_config(config, run_dir / "config.yaml", header=f"llm-mas similarity {run_dir / 'config.yaml'}")
     torch.manual_seed(config.seed)
     models = _load_models(config)
-    task = config.sequences.task or _model_task(models)
-    seq_seed = config.seed if config.sequences.seed is None else config.sequences.seed
-    sequences = default_sequences(task, config.sequences.per_quantity, config.sequences.quantities, seq_seed)
+    if config.sequences.file is not None:
+        sequences = _file_sequences(config.sequences.file)
+        task = f"file {config.sequences.file}"
+    else:
+        task = config.sequences.task or _model_task(models)
+        seq_seed = config.seed if config.sequences.seed is None else config.sequences.seed
+        sequences = default_sequences(task, config.sequences.per_quantity, config.sequences.quantities, seq_seed)
     rows = collect_rows(models, [m.site for m in config.models], sequences,
                         backend=[m.backend for m in config.models], batch_size=config.batch_size)
-    log(f"[{config.name}] {len(rows)} rows from {len(sequences)} {task} sequences "
+    n_sequences = len(next(iter(sequences.values()))) if isinstance(sequences, Mapping) else len(sequences)
+    log(f"[{config.name}] {len(rows)} rows from {n_sequences} {task} sequences "
         f"({time.perf_counter() - t0:.1f}s)")
     pairs = []
     for i, j in config.model_pairs():
@@ -344,7 +426,7 @@ def run_similarity(config: SimilarityConfig, log=print) -> dict[str, Any]:
     result = {"name": config.name, "task": task, "seed": config.seed,
               "models": [{"name": m.name, "site": m.site, "resolved_site": s, "width": int(x.shape[1])}
                          for m, s, x in zip(config.models, rows.sites, rows.latents)],
-              "n_sequences": len(sequences), "n_rows_total": len(rows), "pairs": pairs,
+              "n_sequences": n_sequences, "n_rows_total": len(rows), "pairs": pairs,
               "seconds": round(time.perf_counter() - t0, 2)}
     (run_dir / "similarity.json").write_text(json.dumps(result, indent=1))
     result["run_dir"] = str(run_dir)

@@ -43,11 +43,10 @@ from .files import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    file_digest,
     load_torch_state,
-    tree_digest,
 )
 from .problems import PROBLEMS, InterventionProblem, Record, Shard
+from .problems.kinds import model_fingerprint
 from .results import MASResult
 from .run_config import MASConfig, preflight
 from .trainer import FitResult, MASTrainer, TrainerConfig
@@ -101,63 +100,42 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _hf_weights_digest(name: str) -> str:
-    """A digest of an HF model's (or adapter's) weight files and config; hub ids from the local cache only."""
-    from .llm.loading import resolve_model_location
-
-    try:
-        location, local = resolve_model_location(name)
-    except ConfigError:
-        return f"not found: {name}"
-    if not local:
-        try:  # the local HF cache only (no network)
-            from huggingface_hub import snapshot_download
-
-            location = snapshot_download(name, local_files_only=True)
-        except Exception:
-            return f"hub id {name} (not resolvable locally: weights not fingerprinted)"
-    files = [p for p in Path(location).iterdir() if p.is_file() and (
-        p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.name in ("config.json", "adapter_config.json"))]
-    return tree_digest(files)
-
-
 def model_fingerprints(config: MASConfig) -> list[dict[str, str]]:
-    """Per model, digests of what its result depends on beyond the config: task models: its directory's
-    model.safetensors and config.yaml; HF models: the weight files and config.json, the adapter, the
-    recording. A model listed twice (a model and its copy) is read once."""
-    from .models.registry import resolve_model_dir
-
-    def entry(m) -> dict[str, str]:
-        if m.kind == "task":
-            model_dir = resolve_model_dir(m.name)[0]
-            return {name: file_digest(model_dir / name) if (model_dir / name).exists() else "missing"
-                    for name in ("model.safetensors", "config.yaml")}
-        digests = {"weights": _hf_weights_digest(m.name)}
-        if m.adapter is not None:
-            digests["adapter"] = _hf_weights_digest(m.adapter)
-        recording = Path(m.recording) / "recording.safetensors" if m.recording else None
-        digests["recording"] = file_digest(recording) if recording and recording.is_file() else "missing"
-        return digests
-
+    """Per model, digests of what its result depends on beyond the config, from its kind
+    (``ModelKind.fingerprint``): task models: its directory's model.safetensors and config.yaml; HF models:
+    the weight files and config.json, the adapter, the recording; module models: the weights file (or the
+    object's state_dict). A model listed twice (a model and its copy) is read once."""
     seen: dict[tuple, dict[str, str]] = {}
     out = []
     for m in config.models:
-        key = (m.kind, m.name, getattr(m, "adapter", None), getattr(m, "recording", None))
+        key = (m.kind, m.name, getattr(m, "adapter", None), getattr(m, "recording", None),
+               getattr(m, "weights", None), id(getattr(m, "module", None)))
         if key not in seen:
-            seen[key] = entry(m)
+            seen[key] = model_fingerprint(m)
         out.append(dict(seen[key]))
     return out
 
 
+def data_fingerprint(config: MASConfig) -> dict[str, str]:
+    """A digest of the run's counterfactual tensors (in Python or in data.dataset), when it has them."""
+    if config.kind != "tensors":
+        return {}
+    from .problems.kinds import tensor_dataset
+
+    return {"data.tensors": tensor_dataset(config).digest()}
+
+
 def run_fingerprint(config: MASConfig) -> dict[str, Any]:
     """What determines a run's result: the resolved config (flattened; without its cosmetic keys, step
-    budget and permissions; the data seed is its ``seed``) and a digest of every model's weights
+    budget and permissions; the data seed is its ``seed``), a digest of every model's weights and of
+    counterfactual tensors
     (``fingerprint.json``)."""
     flat = _flatten({k: v for k, v in to_dict(config).items() if k not in COSMETIC_KEYS})
     for key in BUDGET_KEYS + PERMISSION_KEYS:
         flat.pop(key, None)
     flat.update({f"models.{i}.{key}": value for i, digests in enumerate(model_fingerprints(config))
                  for key, value in digests.items()})
+    flat.update(data_fingerprint(config))
     return {"version": 1, "values": flat}
 
 

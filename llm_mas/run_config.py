@@ -4,9 +4,11 @@ every problem at once (one ``ConfigError``) before anything heavy loads.
 
     cfg = load_mas_config(resolve_preset("gru_gru_hidden"), ["train.lr=2e-3", "data.n_train=2000"])
 
-A model entry is one of two kinds, told apart by ``kind`` (a key the other kind does not have is an error):
-``task`` (`TaskModelConfig`, the default: a shipped or trained task model) or ``hf`` (`HFModelConfig`: a
-Hugging Face causal LM with its recording). ``llm_mas.run.run`` runs a config.
+A model entry is one of the registered model kinds (`llm_mas.problems.kinds`), told apart by ``kind`` (a
+key another kind has but this one does not is an error): ``task`` (`TaskModelConfig`, the default: a
+shipped or trained task model), ``hf`` (`HFModelConfig`: a Hugging Face causal LM with its recording),
+``module`` (`ModuleModelConfig`: any torch module, by factory and weights file) or a kind a user
+registered. ``llm_mas.run.run`` runs a config.
 """
 
 from __future__ import annotations
@@ -19,79 +21,22 @@ from .alignments import ALIGNMENTS, make_alignment
 from .config import apply_overrides, from_dict, load_yaml
 from .errors import ConfigError, DataError, MASError
 from .interventions import variable_blocks
-from .llm.loading import DTYPES
 from .models.registry import resolve_model_dir
 from .models.training import read_run_config
+from .problems.kinds import (
+    KINDS,
+    MODEL_CONFIG,
+    GenericModelConfig,  # noqa: F401  (re-exported)
+    HFModelConfig,
+    ModelConfigBase,
+    ModuleModelConfig,
+    TaskModelConfig,
+)
 from .problems.task import task_model_infos
-from .sites import Site
 from .trainer import TrainerConfig
 
-HF_BACKENDS = ("torch", "nnsight", "tlens")
-
-
-@dataclass
-class ModelConfigBase:
-    """What every model entry has: which model, where its latent is, and its alignment."""
-
-    name: str                           # task: shipped name (llm-mas list-models) or checkpoint directory;
-                                        # hf: hub id or local directory
-    site: str = "hidden"                # an alias ("hidden", "embeddings", "layer{l}") or a module/hook path
-    alignment: str = "orthogonal"       # orthogonal | low_rank | gram_schmidt | linear | identity
-    # kind-specific options: orthogonal_map (matrix_exp | cayley | householder; cayley's materialize +
-    # backward is 11.7x cheaper at d = 1024, bench/alignment_cost.py), method (gram_schmidt: qr | cgs2),
-    # bias (linear)
-    alignment_options: dict[str, Any] = field(default_factory=dict)
-    standardize: bool = False           # z-score latents (per feature) inside the alignment
-
-
-@dataclass
-class TaskModelConfig(ModelConfigBase):
-    """A task model (GRU / LSTM / Transformer trained by ``llm-mas train-model``)."""
-
-    kind: Literal["task"] = "task"
-    variable_map: dict[str, str] = field(default_factory=dict)  # shared variable -> this model's variable
-    untrained: bool = False             # control: a freshly initialised copy of this architecture (chance level)
-
-
-@dataclass
-class HFModelConfig(ModelConfigBase):
-    """A Hugging Face causal LM and the recording of its own generations (``llm-mas record``)."""
-
-    kind: Literal["hf"] = "hf"
-    site: str = "embeddings"            # "embeddings", "layer{l}" or a module path
-    recording: str | None = None        # directory written by `llm-mas record` for this model
-    adapter: str | None = None          # optional PEFT adapter directory
-    dtype: str = "float32"              # float32 | bfloat16 | float16 | auto
-    device: str | None = None           # this model's device (default: the run's device)
-    backend: str = "torch"              # torch | nnsight | tlens
-
-    def problems(self, where: str, needs_recording: bool = True) -> list[str]:
-        """What is wrong with this entry (``where``: its config path, e.g. ``models.0``). Whether the recording
-        exists is checked when the run builds its problem (a recipe may plan runs before recording); a
-        counterfactual run (data.dataset / data.task) needs none."""
-        p = []
-        if self.backend not in HF_BACKENDS:
-            p.append(f"{where}.backend: unknown backend {self.backend!r}; valid choices: {', '.join(HF_BACKENDS)}")
-        if self.dtype not in DTYPES:
-            p.append(f"{where}.dtype: unknown dtype {self.dtype!r}; valid choices: {', '.join(DTYPES)}")
-        if self.recording is None and needs_recording:
-            p.append(f"{where}.recording: an HF model needs a recording directory; make one with "
-                     f"`llm-mas record --model {self.name} --texts TEXTS --out DIR`")
-        if self.adapter is not None and self.backend == "tlens":
-            p.append(f"{where}.adapter: the tlens backend needs merged weights; point name at the merged model "
-                     "(`llm-mas finetune ... --merge` writes OUT/merged) and record that model")
-        if self.site == "hidden":
-            p.append(f"{where}.site: 'hidden' is a task-model site; an HF model's sites are 'embeddings' (the "
-                     "default), 'layer{l}' (the output of decoder block l) or a module path")
-        else:
-            try:
-                Site.parse(self.site)
-            except ConfigError as e:
-                p.append(f"{where}.site: {e}")
-        return p
-
-
-ModelConfig = TaskModelConfig | HFModelConfig
+# the model entries' schemas are registry entries (`llm_mas.problems.kinds`); re-exported here
+ModelConfig = TaskModelConfig | HFModelConfig | ModuleModelConfig
 
 
 @dataclass
@@ -104,13 +49,16 @@ class DataConfig:
     value_range: list[int] | None = None
     # a counterfactual run (llm_mas.problems.counterfactual): a JSONL/CSV dataset of (base, source, positions,
     # continuation) rows for HF models, or a built-in task (e.g. multiobject, binding) rendered as text for HF
-    # models and read as ids by task models (kinds may be mixed)
+    # models and read as ids by task models (kinds may be mixed); or a directory of counterfactual tensors
+    # (CounterfactualTensors.save: data.safetensors + data.json) for models of any kind
     dataset: str | None = None
     task: str | None = None
     # a counterfactual run refuses text (dataset rows or a task rendered as text) that an HF model's tokenizer
     # reads as its unknown token, naming the model, the word and the rows; true: run anyway (the words are
     # listed in the log)
     allow_unknown_tokens: bool = False
+    # Python only: the CounterfactualTensors object itself (compare(data=...)); digested into the fingerprint
+    tensors: Any = field(default=None, metadata={"runtime": True})
 
     def validate(self) -> list[str]:
         p = []
@@ -118,6 +66,8 @@ class DataConfig:
             p.append(f"data.n_train must be >= 1, got {self.n_train}")
         if self.n_valid < 1:
             p.append(f"data.n_valid must be >= 1, got {self.n_valid}")
+        if self.tensors is not None and (self.dataset is not None or self.task is not None):
+            p.append("data: give counterfactual tensors or data.dataset / data.task, not both")
         if self.value_range is not None:
             vr = self.value_range
             if not isinstance(vr, (list, tuple)) or len(vr) != 2 or not all(
@@ -162,7 +112,7 @@ class EvalConfig:
 
 @dataclass
 class MASConfig:
-    models: list[TaskModelConfig | HFModelConfig]
+    models: list[MODEL_CONFIG]
     name: str = "mas"
     seed: int = 0
     variables: list[str] = field(default_factory=lambda: ["full"])
@@ -180,10 +130,18 @@ class MASConfig:
     device: str = "cpu"
     progress: bool = True
     resume: bool = True
+    # modules imported before the models are read (``package.module``, the user's own code): they register
+    # model kinds (llm_mas.register_kind / register_problem) that this config's models then name
+    plugins: list[str] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
-        """The kind of every model (``task`` or ``hf``): the kind of problem the run builds."""
+        """The kind of problem the run builds: ``tensors`` (counterfactual tensors: data.tensors, or data.dataset
+        a tensor directory), ``counterfactual`` (data.dataset a text file, or data.task), else the models' kind."""
+        from .tasks.tensor_data import is_tensor_dataset
+
+        if self.data.tensors is not None or (self.data.dataset is not None and is_tensor_dataset(self.data.dataset)):
+            return "tensors"
         if self.data.dataset is not None or self.data.task is not None:
             return "counterfactual"
         kinds = [m.kind for m in self.models if isinstance(m, ModelConfigBase)]
@@ -199,7 +157,9 @@ class MASConfig:
             p.append("models: list at least one model (shipped names: see `llm-mas list-models`)")
         built = [m for m in self.models if isinstance(m, ModelConfigBase)]  # entries with problems are reported
         kinds = sorted({m.kind for m in built})
-        if self.kind == "counterfactual":
+        if self.kind == "tensors":
+            p.extend(self._tensor_problems())
+        elif self.kind == "counterfactual":
             from .problems.counterfactual import counterfactual_problems
 
             p.extend(counterfactual_problems(self))
@@ -211,9 +171,16 @@ class MASConfig:
                      "counterfactual runs (set data.task or data.dataset)")
         elif kinds == ["hf"]:
             p.extend(self._hf_problems())
+        elif kinds == ["module"]:
+            p.append("models: module models run on counterfactual tensors: set data.dataset to a directory "
+                     "written by CounterfactualTensors.save (or pass data=CounterfactualTensors to compare)")
+        elif kinds and KINDS[kinds[0]].build is None:
+            p.append(f"models: kind {kinds[0]!r} has no problem of its own; set data.dataset (counterfactual tensors)")
         for i, m in enumerate(self.models):
             if not isinstance(m, ModelConfigBase):
                 continue
+            if not isinstance(m, (HFModelConfig, TaskModelConfig)):
+                p.extend(m.problems(f"models.{i}"))
             if m.alignment not in ALIGNMENTS:
                 p.append(f"models.{i}.alignment: unknown kind {m.alignment!r}; valid: {', '.join(sorted(ALIGNMENTS))}")
             elif m.alignment_options:
@@ -254,6 +221,27 @@ class MASConfig:
             p.append(f"device {self.device!r} must be cpu or cuda[:i]")
         return p
 
+    def _tensor_problems(self) -> list[str]:
+        p = []
+        if self.null_subspace:
+            p.append("null_subspace: not implemented for tensor runs; set null_subspace: false")
+        if self.intervention not in ("interchange", "stitch"):
+            p.append(f"intervention: {self.intervention!r} is not available for tensor runs; use interchange or "
+                     "stitch")
+        if self.data.stepwise:
+            p.append("data.stepwise: a tensor dataset names its intervened positions per row (positions (N, P)); "
+                     "set data.stepwise: false")
+        if self.data.value_range is not None:
+            p.append("data.value_range applies to built-in tasks only; filter the tensor rows instead")
+        for i, m in enumerate(self.models):
+            if isinstance(m, HFModelConfig):
+                p.extend(m.problems(f"models.{i}", needs_recording=False))
+                if m.recording is not None:
+                    p.append(f"models.{i}.recording: a tensor run reads its data, not a recording; remove it")
+            elif isinstance(m, ModelConfigBase) and KINDS.get(m.kind) is not None and KINDS[m.kind].load is None:
+                p.append(f"models.{i}: kind {m.kind!r} cannot run on counterfactual tensors (no loader registered)")
+        return p
+
     def _hf_problems(self) -> list[str]:
         p = []
         if list(self.variables) != ["full"]:
@@ -287,7 +275,7 @@ class MASConfig:
 
 
 def check_models(config: MASConfig) -> list:
-    """Manifest entries of the task models (None for HF models); raises ConfigError for unknown task-model
+    """Manifest entries of the task models (None for other models); raises ConfigError for unknown task-model
     names and variables their tasks do not have (no weights are loaded)."""
     if config.kind != "task":
         return [None] * len(config.models)
@@ -304,7 +292,7 @@ def load_mas_config(path: str | Path | None, overrides=(), base: dict | None = N
     if path is not None:
         data.update(load_yaml(path))
     data = apply_overrides(data, overrides)
-    problems: list[str] = []
+    problems: list[str] = import_plugins(data.get("plugins"))
     try:
         cfg = from_dict(MASConfig, data)
     except ConfigError as e:
@@ -325,6 +313,25 @@ def load_mas_config(path: str | Path | None, overrides=(), base: dict | None = N
     if data_problems:
         raise DataError(data_problems[0] if len(data_problems) == 1 else "\n".join(data_problems))
     return cfg
+
+
+def import_plugins(plugins: Any) -> list[str]:
+    """Import a config's ``plugins`` (modules that register model kinds); the problems of those that do not
+    import (each named, with its error)."""
+    import importlib
+
+    if plugins is None:
+        return []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        return [f"plugins: expected a list of module names (package.module), got {plugins!r}"]
+    problems = []
+    for name in plugins:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # the user's code: whatever it raises on import is reported
+            problems.append(f"plugins: {name!r} does not import ({type(e).__name__}: {e}); check the name and "
+                            "that its package is on PYTHONPATH (or installed)")
+    return problems
 
 
 def _raw_model_problems(data: dict) -> list[str]:
@@ -511,8 +518,9 @@ def device_problems(config: MASConfig) -> list[str]:
 
 def preflight(config: MASConfig) -> None:
     """Everything a run can check before it touches its run directory or loads weights (one error):
-    the config's own validation, model names, variables, sites, k, weight-file headers, recordings and
-    devices. ConfigError for config problems, DataError when only files are at fault."""
+    the config's own validation, model names, variables, sites, k, weight-file headers, recordings, each
+    model kind's own checks (``ModelKind.check``), counterfactual tensors and devices. ConfigError for
+    config problems, DataError when only files are at fault."""
     problems = config.validate()
     data_problems: list[str] = []
     if not problems:
@@ -522,11 +530,40 @@ def preflight(config: MASConfig) -> None:
                 problems, data_problems = task_model_header_problems(config)
         else:
             problems = hf_header_problems(config)
+        for i, m in enumerate(config.models):
+            check = KINDS[m.kind].check if m.kind in KINDS else None
+            if check is not None:
+                problems.extend(check(config, i))
+        if config.kind == "tensors" and not problems:
+            problems, data_problems = tensor_problems(config)
     problems = problems + device_problems(config)
     if problems:
         raise ConfigError(problems + data_problems)
     if data_problems:
         raise DataError(data_problems[0] if len(data_problems) == 1 else "\n".join(data_problems))
+
+
+def tensor_problems(config: MASConfig) -> tuple[list[str], list[str]]:
+    """(config problems, data problems) of a run on counterfactual tensors: task-model names resolve, the
+    variable is the dataset's, and the tensors are valid for this many models (every row problem at once)."""
+    from .problems.kinds import tensor_dataset
+
+    problems: list[str] = []
+    for i, m in enumerate(config.models):
+        if isinstance(m, TaskModelConfig):
+            try:
+                resolve_model_dir(m.name)
+            except ConfigError as e:
+                problems.append(f"models.{i}.name: {e}")
+    try:
+        data = tensor_dataset(config)
+    except MASError as e:
+        return problems, [f"data.dataset: {e}"]
+    if list(config.variables) != [data.variable]:
+        problems.append(f"variables: counterfactual tensors have one variable, {data.variable!r} (their `variable`); "
+                        f"got {config.variables}")
+    found = data.problems(len(config.models))
+    return problems, ([f"{len(found)} problems in the counterfactual tensors:"] if len(found) > 1 else []) + found
 
 
 def config_from_kwargs(**kwargs) -> MASConfig:

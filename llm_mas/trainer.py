@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import json
 import math
 import os
 import sys
@@ -170,6 +171,7 @@ class MASTrainer:
         self.stopped: str | None = None   # why training ended (kept in the checkpoint: a finished run stays finished)
         self._loss_sum = 0.0
         self._loss_n = 0
+        self._signature: dict | None = None
 
     # ------------------------------------------------------------ data order
     def _batch(self, step: int) -> torch.Tensor:
@@ -219,16 +221,57 @@ class MASTrainer:
         return [every[i] for i in sorted(picked.tolist())]
 
     # ------------------------------------------------------------ checkpoints
+    def signature(self) -> dict:
+        """What a checkpoint's numbers belong to: k, the variable blocks, the evaluated and trained directions,
+        the models (name, width), the alignments (kind, shape), the intervention and a digest of the problem's
+        data (its integer tensors: ids, positions, labels, indices; `problem.data_digest` when it has one).
+        A checkpoint of another signature is refused on resume: an orthogonal alignment's parameters fit any
+        k, so a k = 1 checkpoint would otherwise load silently under k = 8."""
+        if self._signature is None:
+            p = self.problem
+            self._signature = {
+                "k": int(p.k), "variables": list(p.all_variables),
+                "blocks": {v: [b.start, b.stop] for v, b in getattr(p, "blocks", {}).items()},
+                "directions": [list(d) for d in getattr(p, "directions", [])],
+                "trained_directions": [list(d) for d in self.trained_directions],
+                "models": [[str(m.name), int(m.width)] for m in p.models],
+                "alignments": [[type(a).__name__, getattr(a, "kind", None),
+                                {k: list(v.shape) for k, v in a.state_dict().items()}] for a in self.alignments],
+                "intervention": getattr(p.intervention, "name", type(p.intervention).__name__),
+                "n_train": int(p.n_train),
+                "data": getattr(p, "data_digest", None) or splits_digest(p),
+            }
+        return self._signature
+
     def state_dict(self) -> dict:
         """Plain data only (tensors, numbers, strings, lists, dicts): it loads with ``weights_only=True``."""
-        return {"alignments": self.alignments.state_dict(),
+        return {"signature": self.signature(), "alignments": self.alignments.state_dict(),
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
                 "step": self.step, "best_score": self.best_score, "best_step": self.best_step,
                 "best_state": self.best_state, "best_records": [r.to_dict() for r in self.best_records],
                 "evals_since_best": self.evals_since_best, "history": [dict(row) for row in self.history],
                 "stopped": self.stopped}
 
+    def check_signature(self, state: dict, where: str = "the checkpoint") -> None:
+        """ConfigError naming every key in which the checkpoint's signature differs from this trainer's."""
+        old = state.get("signature")
+        if old is None:
+            raise ConfigError(f"{where} records no signature (k, blocks, directions, data; written by an older "
+                              "llm_mas): it cannot be checked that it belongs to this problem; delete it to start over")
+        new = json.loads(json.dumps(self.signature()))
+        old = json.loads(json.dumps(old))
+        diffs = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+                 if old.get(key) != new.get(key)]
+        if diffs:
+            raise ConfigError(f"{where} belongs to another problem (k, blocks, directions, models or data differ); "
+                              "delete it (or use another checkpoint_path) to start over. What differs (checkpoint "
+                              "-> now):\n" + "\n".join(f"  - {d[:300]}" for d in diffs))
+
     def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint: refused (ConfigError) when its signature is another problem's; one without a
+        signature loads only through the runner, whose run fingerprint has already checked it."""
+        if "signature" in state:
+            self.check_signature(state)
         self.alignments.load_state_dict(state["alignments"])
         if self.optimizer and state["optimizer"]:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -245,7 +288,9 @@ class MASTrainer:
     def try_resume(self) -> bool:
         if self.checkpoint_path is None or not self.checkpoint_path.exists():
             return False
-        self.load_state_dict(load_torch_state(self.checkpoint_path))
+        state = load_torch_state(self.checkpoint_path)
+        self.check_signature(state if isinstance(state, dict) else {}, f"checkpoint {str(self.checkpoint_path)!r}")
+        self.load_state_dict(state)
         self.log(f"resumed from {self.checkpoint_path} at step {self.step}")
         return True
 
@@ -390,6 +435,27 @@ class MASTrainer:
                  f"(mean valid trial IIA {self.best_score:.4f})")
         return FitResult(best_step=self.best_step, best_score=self.best_score, steps=self.step, stopped=stopped,
                          history=self.history, best_records=self.best_records)
+
+
+def splits_digest(problem: Any) -> str:
+    """A hash of the integer and boolean tensors / arrays of every item of a problem's splits (ids, positions,
+    labels, masks, indices: the data; float latents are left out, float noise must not refuse a resume)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for split, items in sorted(getattr(problem, "splits", {}).items()):
+        for item in items:
+            h.update(f"{split}:{item.source}:{item.target}:{item.variable}:{item.trained}".encode())
+            values = vars(item).items() if hasattr(item, "__dict__") else []
+            for key, value in values:
+                if isinstance(value, torch.Tensor) and not value.is_floating_point():
+                    value = value.detach().cpu().contiguous().numpy()
+                if isinstance(value, np.ndarray) and value.dtype.kind in "biu":
+                    h.update(f"{key}:{value.dtype}:{value.shape}".encode())
+                    h.update(np.ascontiguousarray(value).tobytes())
+    return h.hexdigest()[:16]
 
 
 class _LazyMaps(Sequence):

@@ -194,11 +194,54 @@ def _cf_run(models, **data):
     return call
 
 
+def _tensors(**change):
+    """Counterfactual tensors for the tiny GRU of `_modules` (5 steps, 3 inputs), with fields changed."""
+    n = 8
+    labels = torch.full((n, 5), -100)
+    labels[:, -1] = torch.arange(n) % 2
+    pos = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    fields = dict(base=torch.randn(n, 5, 3), source=torch.randn(n, 5, 3), base_positions=pos,
+                  source_positions=pos, labels=labels)
+    for key, value in change.items():
+        fields[key] = value(fields[key]) if callable(value) else value
+    from llm_mas import CounterfactualTensors
+    return CounterfactualTensors(**fields)
+
+
+def _modules(data=None, site="rnn", **kwargs):
+    def call(out, tmp_path, monkeypatch):
+        from open_fixtures import GRUNet
+
+        import llm_mas
+        llm_mas.compare(models=[GRUNet(4, 0), GRUNet(4, 1)], data=_tensors() if data is None else data, site=site,
+                        name="bad", out_dir=str(out), train={"max_steps": 1}, progress=False, **kwargs)
+    return call
+
+
+def _module_config(**entry):
+    def call(out, tmp_path, monkeypatch):
+        _tensors().save(tmp_path / "cf")
+        model = {"kind": "module", "name": "m", "site": "rnn", "factory": "open_fixtures:gru_net", **entry}
+        base = {"name": "bad", "out_dir": str(out), "models": [model, dict(model)],
+                "data": {"dataset": str(tmp_path / "cf")}, "train": {"max_steps": 1}}
+        run(load_mas_config(None, [], base=base), log=lambda s: None)
+    return call
+
+
 # the README's old text for the binding task: the binding LMs' tokenizer has '<bos>' / '<eos>', not 'B' / 'E'
 OLD_BINDING_ROWS = [{"base": "B a = 3 , b = 5 , c = 1 ; ? b", "source": "B d = 7 , b = 2 ; ? b",
                      "continuation": "2 E"},
                     {"base": "<bos> a = 3 , b = 5 , c = 1 ; ? b", "source": "<bos> d = 7 , b = 2 ; ? b",
                      "continuation": "2 <eos>"}] * 3
+
+
+def _set(rows, field_value):
+    def change(t):
+        t = t.clone()
+        t[rows] = field_value
+        return t
+    return change
+
 
 CASES = [
     ("unknown key", _api("nosuchkey=1"), ConfigError, ["nosuchkey", "unknown key"]),
@@ -269,6 +312,35 @@ CASES = [
     ("hf task: words the LM's tokenizer lacks", _cf_run(["multiobject-w128-s0"], task="binding"), DataError,
      ["multiobject-w128-s0", "data.task binding", "the word '='", "target of pairs", "source of pairs",
       "data.allow_unknown_tokens: true"]),
+    ("tensors: rows differ", _modules(_tensors(source=torch.randn(9, 5, 3))), DataError,
+     ["source: 9 rows (shape (9, 5, 3)) but other fields have 8"]),
+    ("tensors: token ids of 3 axes", _modules(_tensors(base=torch.zeros(8, 5, 2, dtype=torch.long))), DataError,
+     ["base: integer inputs of shape (8, 5, 2); token ids are (N, T)"]),
+    ("tensors: positions out of range", _modules(_tensors(base_positions=_set([3, 5], 7))), DataError,
+     ["base_positions: rows 3, 5 hold positions outside 0..4", "slot"]),
+    ("tensors: empty labels and no position", _modules(_tensors(labels=_set([2, 6], -100),
+                                                                source_positions=_set(1, -1))),
+     DataError, ["labels: rows 2, 6 score nothing", "source_positions: row 1 have no position"]),
+    ("tensors: float labels for cross-entropy", _modules(_tensors(labels=torch.randn(8, 5))), DataError,
+     ["labels: dtype torch.float32", "scorer='regression'"]),
+    ("tensors: per-model lists for 3 models", _modules(_tensors(base=lambda b: [b, b, b])), DataError,
+     ["3 items but the run has 2 models"]),
+    ("module: site missing", _modules(site="rnnn"), ConfigError, ["models.0.site", "'rnnn'", "rnn"]),
+    ("module: variable not the data's", _modules(variables=["choice"]), ConfigError,
+     ["variables", "one variable, 'full'"]),
+    ("module: factory does not import", _module_config(factory="no_such_pkg.models:make"), ConfigError,
+     ["models.0.factory", "'no_such_pkg.models:make'", "does not import", "ModuleNotFoundError"]),
+    ("module: factory attribute missing", _module_config(factory="open_fixtures:gru_nett"), ConfigError,
+     ["has no attribute 'gru_nett'"]),
+    ("module: factory kwargs wrong", _module_config(kwargs={"width": 3}), ConfigError,
+     ["gru_net(**{'width': 3}) raised TypeError", "models.0.kwargs"]),
+    ("module: weights missing", _module_config(weights="/nonexistent/w.safetensors"), ConfigError,
+     ["models.0.weights", "does not exist"]),
+    ("module: no data", lambda out, tmp, mp: run(load_mas_config(None, [], base={
+        "name": "bad", "out_dir": str(out), "models": [{"kind": "module", "name": "m", "factory": "a.b:c"}]})),
+     ConfigError, ["module models run on counterfactual tensors", "data.dataset"]),
+    ("unknown model kind", _api(base_update={"models": [{"kind": "neurogym", "name": "x"}]}), ConfigError,
+     ["models.0.kind: 'neurogym' is not one of 'task', 'hf', 'module'"]),
 ]
 
 

@@ -30,6 +30,9 @@ leaves the answer unchanged. The target's bindings are needed besides the swappe
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from llm_mas.errors import ConfigError, DataError
@@ -359,10 +362,8 @@ def binding_counterfactual_rows(n: int, seed: int, mode: str = "answer", quantit
     return rows
 
 
-def write_counterfactual_dataset(path, n: int, seed: int, mode: str = "answer") -> "Path":
+def write_counterfactual_dataset(path, n: int, seed: int, mode: str = "answer") -> Path:
     """Write `binding_counterfactual_rows(n, seed, mode)` as JSONL to `path` (its folder is created)."""
-    import json
-    from pathlib import Path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,94 @@
+"""User-side code the open-runner tests import by name (as a user's config would): a GRU on continuous
+inputs, its factory, a perceptual-decision task generated with numpy, and a plugin registering a model kind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+T, STIM, N_IN = 14, 8, 3
+
+
+def decision_trials(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (n, T, 3): fixation (1 during the stimulus), noisy evidence (steps 0..STIM-1), a go cue at the
+    last step; the choice (n,): the sign of the summed evidence (1 = positive)."""
+    coherence = rng.choice([-0.4, -0.2, 0.2, 0.4], n)
+    evidence = coherence[:, None] + rng.normal(0, 1, (n, STIM))
+    x = np.zeros((n, T, N_IN), np.float32)
+    x[:, :STIM, 0] = 1.0
+    x[:, :STIM, 1] = evidence
+    x[:, -1, 2] = 1.0
+    return torch.tensor(x), torch.tensor((evidence.sum(1) > 0).astype(np.int64))
+
+
+class GRUNet(nn.Module):
+    """A plain user GRU: nn.GRU over continuous inputs, a linear readout at every step (no HookPoints)."""
+
+    def __init__(self, hidden: int = 24, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.rnn = nn.GRU(N_IN, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0])
+
+
+def gru_net(hidden: int = 24, seed: int = 0) -> GRUNet:
+    """The factory a `kind: module` config names (``open_fixtures:gru_net``)."""
+    return GRUNet(hidden, seed)
+
+
+def train_decision(net: nn.Module, steps: int, seed: int) -> float:
+    """Train on the choice at the last step; returns held-out accuracy."""
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(steps):
+        x, y = decision_trials(128, rng)
+        loss = nn.functional.cross_entropy(net(x)[:, -1], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, y = decision_trials(1000, rng)
+    with torch.no_grad():
+        return float((net(x)[:, -1].argmax(-1) == y).float().mean())
+
+
+# ---------------------------------------------------------------------------------- a user's model kind
+def _register_toy_kind() -> None:
+    """``kind: toy``: a GRUNet built from (hidden, seed) and trained briefly at load time; importing this
+    module (``plugins: [open_fixtures]`` in a config) registers it."""
+    from llm_mas.backends import TorchHookBackend
+    from llm_mas.models.recurrent import stepped_site
+    from llm_mas.problems.kinds import KINDS, LoadedModel, ModelConfigBase, ModelKind, register_kind
+    from llm_mas.sites import Site
+
+    if "toy" in KINDS:
+        return
+
+    @dataclass
+    class ToyConfig(ModelConfigBase):
+        kind: Literal["toy"] = "toy"
+        site: str = "rnn"
+        hidden: int = 24
+        seed: int = 0
+        train_steps: int = 60
+
+    def load(entry, index, device, log):
+        net = GRUNet(entry.hidden, entry.seed)
+        train_decision(net, entry.train_steps, entry.seed)
+        net.eval().requires_grad_(False)
+        view, site = stepped_site(net, Site.parse(entry.site))
+        return LoadedModel(view, TorchHookBackend(), site, None)
+
+    def fingerprint(entry):
+        return {"recipe": f"GRUNet({entry.hidden}, seed={entry.seed}), {entry.train_steps} steps"}
+
+    register_kind(ModelKind("toy", ToyConfig, load=load, fingerprint=fingerprint))
+
+
+_register_toy_kind()
