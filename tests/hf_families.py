@@ -79,6 +79,18 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 _BUILT: dict[str, Any] = {}
+_TOKENIZER: list[Any] = []
+
+
+def tiny_tokenizer():
+    """The tiny Qwen2's byte-level BPE tokenizer (512 ids), loaded from its directory: TransformerLens wants a
+    tokenizer that knows its own path. The tests feed token ids; the tokenizer only has to exist."""
+    if not _TOKENIZER:
+        from llm_fixtures import tiny_qwen2_dir
+        from transformers import AutoTokenizer
+
+        _TOKENIZER.append(AutoTokenizer.from_pretrained(tiny_qwen2_dir()))
+    return _TOKENIZER[0]
 
 
 def build_family(name: str, seed: int = 0):
@@ -90,8 +102,9 @@ def build_family(name: str, seed: int = 0):
 
         config_cls, model_cls, values = FAMILIES[name]
         config = getattr(transformers, config_cls)(**_TOKENS, **values)
-        torch.manual_seed(seed)
-        model = getattr(transformers, model_cls)(config).eval()
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+            torch.manual_seed(seed)
+            model = getattr(transformers, model_cls)(config).eval()
         for p in model.parameters():
             p.requires_grad_(False)
         _BUILT[key] = model

@@ -115,9 +115,11 @@ def to_hooked_transformer(hf_model: Any, tokenizer: Any = None, *, device: str |
                           dtype: torch.dtype | None = None):
     """A frozen ``HookedTransformer`` with ``hf_model``'s weights, built offline; logits equal the HF model's.
 
-    No folding or centring (``fold_ln=False`` etc.), so latents and logits keep the HF numbers. Works for every
-    architecture transformer-lens 3.9 converts (Qwen2, Llama, Mistral, GPT-2, GPT-NeoX, ...). A PEFT model
-    must be merged first (``load_causal_lm(..., merge_adapter=True)``).
+    No folding or centring (``fold_ln=False`` etc.), so latents and logits keep the HF numbers. Works for the
+    architectures transformer-lens 3.9 converts under transformers 5 (tested: GPT-NeoX, Llama, Mistral, Qwen2,
+    Qwen3, Phi-3, OPT, OLMo-3, OLMoE, GPT-J, BLOOM, Mixtral, GPT-Neo); others raise ConfigError: use
+    ``to_transformer_bridge``. Without a tokenizer the model has none (nothing is loaded from the hub). A PEFT
+    model must be merged first (``load_causal_lm(..., merge_adapter=True)``).
     """
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer
@@ -137,10 +139,15 @@ def to_hooked_transformer(hf_model: Any, tokenizer: Any = None, *, device: str |
         try:
             cfg = loading.get_pretrained_model_config(config_dir, fold_ln=False, device=device, dtype=dtype)
             state_dict = loading.get_pretrained_state_dict(config_dir, cfg, hf_model=hf_model, dtype=dtype)
-        except ValueError as e:
-            raise ConfigError(f"transformer-lens cannot convert a {type(hf_model).__name__}: {e}") from None
+        except (ValueError, NotImplementedError, AttributeError) as e:
+            # unsupported architecture (NotImplementedError), or a transformers-5 config that lacks a key
+            # transformer-lens reads (AttributeError: GPT-2's n_ctx, Phi's partial_rotary_factor)
+            raise ConfigError(f"transformer-lens cannot convert a {type(hf_model).__name__} to a HookedTransformer: "
+                              f"{type(e).__name__}: {e}; try to_transformer_bridge(model, tokenizer)") from None
         name = getattr(hf_model, "name_or_path", "") or type(hf_model).__name__
         cfg.model_name = str(name).rstrip("/").split("/")[-1]
+        if tokenizer is None:  # else transformer-lens loads one from the temporary config directory, which has none
+            cfg.tokenizer_name = None
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=True)
     model.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False,
                                       fold_value_biases=False, refactor_factored_attn_matrices=False)
@@ -148,3 +155,38 @@ def to_hooked_transformer(hf_model: Any, tokenizer: Any = None, *, device: str |
     for p in model.parameters():
         p.requires_grad_(False)
     return register_site_aliases(model, tlens_site_aliases(model))
+
+
+def to_transformer_bridge(hf_model: Any, tokenizer: Any):
+    """A frozen ``TransformerBridge`` around a copy of ``hf_model``, built offline; latents and logits keep the HF
+    numbers (no folding; the copy runs eager attention, as the bridge requires).
+
+    Covers far more architectures than ``to_hooked_transformer`` (tested: 31 HF families, see the README).
+    ``tokenizer`` is required (the bridge would otherwise fetch one from the hub) and must have been loaded
+    from a directory (``AutoTokenizer.from_pretrained(path)``): transformer-lens reloads it from its
+    ``name_or_path``. The model given is not changed.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if hasattr(hf_model, "peft_config"):
+        raise ConfigError("to_transformer_bridge needs a plain HF model; merge the PEFT adapter first "
+                          "(load_causal_lm(..., adapter=DIR, merge_adapter=True))")
+    if tokenizer is None or not getattr(tokenizer, "name_or_path", None):
+        raise ConfigError("to_transformer_bridge needs the model's tokenizer loaded from a directory "
+                          "(AutoTokenizer.from_pretrained(path)); without one the bridge would download one")
+    parameter = next(hf_model.parameters())
+    copied = copy.deepcopy(hf_model)  # the bridge switches the model it wraps to eager attention
+    copied.config.architectures = [type(hf_model).__name__]  # how the bridge picks its adapter
+    with tempfile.TemporaryDirectory() as config_dir, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        copied.config.save_pretrained(config_dir)  # the bridge reads the config from a directory
+        try:
+            bridge = TransformerBridge.boot_transformers(config_dir, hf_model=copied, tokenizer=tokenizer,
+                                                         dtype=parameter.dtype, device=parameter.device)
+        except ValueError as e:
+            raise ConfigError(f"transformer-lens has no bridge for a {type(hf_model).__name__}: "
+                              f"{str(e).split('Available architectures')[0].strip()}") from None
+    bridge.eval()
+    for p in bridge.parameters():
+        p.requires_grad_(False)
+    return register_site_aliases(bridge, tlens_site_aliases(bridge))
