@@ -146,3 +146,42 @@ def test_family_tlens(family, converter, ids):
     assert edit.fired == 2
     assert _rel_err(swapped[0, P], plain.logits[1, P]) <= tol and _rel_err(swapped[1, P], plain.logits[0, P]) <= tol
     assert _rel_err(swapped[2], plain.logits[2]) <= tol
+
+
+def test_block_probe_keeps_random_state_and_model_state():
+    """Finding where a block's hidden state sits runs the model once: no trace of it may remain."""
+    import transformers
+
+    from llm_mas.sites import llm_site_aliases
+
+    config_cls, model_cls, values = FAMILIES["gptj"]
+    config = getattr(transformers, config_cls)(vocab_size=VOCAB, resid_pdrop=0.5, embd_pdrop=0.5, **values)
+    model = getattr(transformers, model_cls)(config).train()  # dropout on: a forward would draw random numbers
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    aliases = llm_site_aliases(model)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert aliases["layer1"] == "transformer.h.1:output[0]" and aliases["embeddings"] == "transformer.wte"
+
+
+def test_explicit_tuple_site_still_needs_an_index():
+    """Only the layer aliases address element 0 by themselves; a module path given by hand names the output."""
+    from llm_mas.errors import SiteError
+
+    model = build_family("falcon")
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    with pytest.raises(SiteError, match=r"transformer\.h\.0:output\[0\]"):
+        TorchHookBackend().patch(model, {"input_ids": torch.ones(1, 4, dtype=torch.long)},
+                                 [Edit("transformer.h.0:output@all", mask, lambda x, which: x)])
+
+
+def test_tlens_converters_offline_without_hub_tokenizer(ids):
+    from llm_mas.backends.tlens_backend import to_hooked_transformer, to_transformer_bridge
+
+    model = build_family("llama")
+    hooked = to_hooked_transformer(model)  # no tokenizer: none is fetched, the model has none
+    assert hooked.tokenizer is None
+    assert _rel_err(hooked(ids), plain_forward("llama", ids).logits) <= TL_REL_TOL
+    with pytest.raises(ConfigError, match="tokenizer"):
+        to_transformer_bridge(model, None)
