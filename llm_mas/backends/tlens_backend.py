@@ -6,8 +6,8 @@
     logits = backend.patch(ht, {"input_ids": ids}, [Edit(site, mask, fn)])       # (B, T, V), with grads
 
 Works with a ``HookedTransformer`` and with a ``TransformerBridge`` (transformer-lens 3.9:
-``from transformer_lens.model_bridge import TransformerBridge``; it switches the HF model it wraps to eager
-attention, so give it its own copy). Aliases: ``embeddings`` -> ``hook_embed``, ``layer{l}`` ->
+``to_transformer_bridge(hf_model, tokenizer)`` builds one offline around a copy, since the bridge switches the
+HF model it wraps to eager attention; it covers far more families than ``to_hooked_transformer``). Aliases: ``embeddings`` -> ``hook_embed``, ``layer{l}`` ->
 ``blocks.{l}.hook_resid_post`` (the same latents as a HF decoder layer's output).
 """
 
@@ -161,7 +161,7 @@ def to_transformer_bridge(hf_model: Any, tokenizer: Any):
     """A frozen ``TransformerBridge`` around a copy of ``hf_model``, built offline; latents and logits keep the HF
     numbers (no folding; the copy runs eager attention, as the bridge requires).
 
-    Covers far more architectures than ``to_hooked_transformer`` (tested: 31 HF families, see the README).
+    Covers far more architectures than ``to_hooked_transformer`` (tested: 32 HF families, see the README).
     ``tokenizer`` is required (the bridge would otherwise fetch one from the hub) and must have been loaded
     from a directory (``AutoTokenizer.from_pretrained(path)``): transformer-lens reloads it from its
     ``name_or_path``. The model given is not changed.
