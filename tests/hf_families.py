@@ -20,6 +20,10 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 VOCAB = 512
 WIDTH = 32
 N_LAYERS = 2
+# Weight init std (the families' default is 0.02). At 0.02 a tiny model's attention is nearly uniform, so a
+# converter that got the positions wrong (rotary layout, ALiBi, masks) would still agree with HF to ~1e-3;
+# at 0.2 attention is peaked and such an error shows at the scale of the logits.
+INIT_STD = 0.2
 
 # Token ids inside the small vocabulary (the families' defaults, e.g. GPT-2's 50256, lie outside it).
 _TOKENS = {"vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
@@ -102,6 +106,9 @@ def build_family(name: str, seed: int = 0):
 
         config_cls, model_cls, values = FAMILIES[name]
         config = getattr(transformers, config_cls)(**_TOKENS, **values)
+        for key in ("initializer_range", "init_std"):  # OPT calls it init_std
+            if hasattr(config, key):
+                setattr(config, key, INIT_STD)
         with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
             torch.manual_seed(seed)
             model = getattr(transformers, model_cls)(config).eval()

@@ -111,6 +111,41 @@ class TLensBackend:
         return store
 
 
+# Largest |TL - HF| logit difference, relative to the largest |HF| logit, a converted model may show. Correct
+# conversions measured at most 8e-7 in float32 (the tiny models of all tested families); TransformerBridge's
+# Cohere, whose attention differs from HF's, at 0.58 once attention is not uniform.
+AGREEMENT_TOL = {torch.float32: 1e-4, torch.float64: 1e-4}
+AGREEMENT_TOL_LOW_PRECISION = 0.1  # 16-bit: implementations round differently
+
+
+def check_agrees_with_hf(hf_model: Any, tl_model: Any, what: str) -> float:
+    """Run both models on one fixed 8-token input; raise ConfigError unless the logits agree.
+
+    Returns the relative difference (largest |difference| / largest |HF logit|). The HF model runs in eval mode
+    for the check (its mode is restored): dropout would make any comparison meaningless.
+    """
+    device = next(hf_model.parameters()).device
+    vocab = int(hf_model.get_input_embeddings().weight.shape[0])
+    ids = (torch.arange(8, device=device) * 7919 + 3).remainder(vocab).unsqueeze(0)  # (1, 8), spread over the vocab
+    was_training = hf_model.training
+    hf_model.eval()
+    try:
+        with torch.no_grad():
+            reference = hf_model(input_ids=ids).logits.float()
+            converted = tl_model(ids.to(next(tl_model.parameters()).device)).float().to(device)
+    finally:
+        hf_model.train(was_training)
+    rel = float((converted - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
+    dtypes = {next(hf_model.parameters()).dtype, next(tl_model.parameters()).dtype}
+    tol = max(AGREEMENT_TOL.get(dtype, AGREEMENT_TOL_LOW_PRECISION) for dtype in dtypes)
+    if not rel <= tol:  # also catches NaN
+        raise ConfigError(f"the {what} of a {type(hf_model).__name__} does not compute what the HF model computes: "
+                          f"its logits differ by {rel:.3g} of the largest logit (allowed {tol:g} for "
+                          f"{', '.join(sorted(str(d) for d in dtypes))}); "
+                          "use the torch or nnsight backend for this model")
+    return rel
+
+
 def to_hooked_transformer(hf_model: Any, tokenizer: Any = None, *, device: str | torch.device | None = None,
                           dtype: torch.dtype | None = None):
     """A frozen ``HookedTransformer`` with ``hf_model``'s weights, built offline; logits equal the HF model's.
@@ -119,7 +154,8 @@ def to_hooked_transformer(hf_model: Any, tokenizer: Any = None, *, device: str |
     architectures transformer-lens 3.9 converts under transformers 5 (tested: GPT-NeoX, Llama, Mistral, Qwen2,
     Qwen3, Phi-3, OPT, OLMo-3, OLMoE, GPT-J, BLOOM, Mixtral, GPT-Neo); others raise ConfigError: use
     ``to_transformer_bridge``. Without a tokenizer the model has none (nothing is loaded from the hub). A PEFT
-    model must be merged first (``load_causal_lm(..., merge_adapter=True)``).
+    model must be merged first (``load_causal_lm(..., merge_adapter=True)``). The converted model's logits are
+    checked against the HF model's on a short input (``check_agrees_with_hf``; ConfigError if they differ).
     """
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer
@@ -154,6 +190,7 @@ def to_hooked_transformer(hf_model: Any, tokenizer: Any = None, *, device: str |
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    check_agrees_with_hf(hf_model, model, "HookedTransformer")
     return register_site_aliases(model, tlens_site_aliases(model))
 
 
@@ -189,4 +226,5 @@ def to_transformer_bridge(hf_model: Any, tokenizer: Any):
     bridge.eval()
     for p in bridge.parameters():
         p.requires_grad_(False)
+    check_agrees_with_hf(hf_model, bridge, "TransformerBridge")
     return register_site_aliases(bridge, tlens_site_aliases(bridge))
