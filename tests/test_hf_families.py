@@ -33,6 +33,7 @@ TL_BRIDGE = set(FAMILIES) - {"helium", "cohere"}
 # 7.8e-7 (SmolLM3 through the bridge).
 TL_REL_TOL = 1e-5
 
+
 @pytest.fixture(scope="module")
 def ids():
     return torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(0))
