@@ -11,9 +11,9 @@ Aliases (``embeddings``, ``layer{l}``, ``hidden`` ...) map short names to module
 from a table the library keeps beside the model (``register_site_aliases``: what ``load_causal_lm`` and
 ``to_hooked_transformer`` do) or from its own ``site_aliases()`` method (the task models); no attribute is
 ever set on the model. Without either, they are derived from the model's layout: ``llm_site_aliases`` for a
-Hugging Face model (``embeddings`` -> the input embedding module, ``layer{l}`` -> decoder block l),
-``tlens_site_aliases`` for a TransformerLens model (``hook_embed``, ``blocks.{l}.hook_resid_post``: the same
-latents). ``site_aliases`` / ``resolve_site`` are the one resolution every backend uses, so a site string
+Hugging Face model (``embeddings`` -> the input embedding module, ``layer{l}`` -> the hidden state decoder
+block l returns, element 0 where it returns a tuple), ``tlens_site_aliases`` for a TransformerLens model
+(``hook_embed``, ``blocks.{l}.hook_resid_post``: the same latents). ``site_aliases`` / ``resolve_site`` are the one resolution every backend uses, so a site string
 names the same latent under every backend however the model was loaded.
 """
 
