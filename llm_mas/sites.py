@@ -11,9 +11,9 @@ Aliases (``embeddings``, ``layer{l}``, ``hidden`` ...) map short names to module
 from a table the library keeps beside the model (``register_site_aliases``: what ``load_causal_lm`` and
 ``to_hooked_transformer`` do) or from its own ``site_aliases()`` method (the task models); no attribute is
 ever set on the model. Without either, they are derived from the model's layout: ``llm_site_aliases`` for a
-Hugging Face model (``embeddings`` -> the input embedding module, ``layer{l}`` -> decoder block l),
-``tlens_site_aliases`` for a TransformerLens model (``hook_embed``, ``blocks.{l}.hook_resid_post``: the same
-latents). ``site_aliases`` / ``resolve_site`` are the one resolution every backend uses, so a site string
+Hugging Face model (``embeddings`` -> the input embedding module, ``layer{l}`` -> the hidden state decoder
+block l returns, element 0 where it returns a tuple), ``tlens_site_aliases`` for a TransformerLens model
+(``hook_embed``, ``blocks.{l}.hook_resid_post``: the same latents). ``site_aliases`` / ``resolve_site`` are the one resolution every backend uses, so a site string
 names the same latent under every backend however the model was loaded.
 """
 
@@ -197,11 +197,70 @@ def decoder_layers_path(model: Any) -> str | None:
     return preferred[0] if preferred else candidates[0][0]
 
 
+# model -> what its decoder blocks return: 0 (a tuple, hidden state first) or None (the hidden state itself).
+# Weakly keyed: an entry dies with its model.
+_BLOCK_OUTPUT_INDEX: weakref.WeakKeyDictionary[Any, int | None] = weakref.WeakKeyDictionary()
+
+
+class _FirstBlockDone(Exception):
+    """Raised by the probe's hook to end the forward pass as soon as the first decoder block has returned."""
+
+
+def block_output_index(model: Any, layers_path: str) -> int | None:
+    """Where the hidden state sits in the output of the decoder blocks at ``layers_path``.
+
+    ``None`` when a block returns the hidden state (B, T, d) itself (most families in transformers 5: Llama,
+    Qwen2, GPT-2, ...); ``0`` when it returns a tuple with the hidden state first (GPT-J, BLOOM, Falcon,
+    GPT-Neo, CodeGen, MPT: their blocks also return attention weights or a cache). Found once per model by
+    running it on one token up to the first block (a hook stops the forward pass there; no gradient, the
+    random state is restored, so nothing the model or the caller holds changes) and cached. A model the probe
+    cannot run (weights on the meta device, a forward that needs more than ``input_ids``) counts as ``None``:
+    a tuple output then fails at run time with the SiteError that asks for an explicit ``[0]``.
+    """
+    import torch
+
+    try:
+        return _BLOCK_OUTPUT_INDEX[model]
+    except (KeyError, TypeError):
+        pass
+    found: list[Any] = []
+
+    def stop(module: Any, args: Any, output: Any) -> None:
+        found.append(output)
+        raise _FirstBlockDone
+
+    index = None
+    try:
+        weight = next(iter(model.get_input_embeddings().parameters()))
+        device = weight.device
+    except (AttributeError, NotImplementedError, StopIteration):
+        device = None
+    if device is not None and device.type != "meta":
+        handle = model.get_submodule(layers_path)[0].register_forward_hook(stop)
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+                model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+        except Exception:  # _FirstBlockDone (the expected way out), or the model cannot run: "unknown" (above)
+            pass
+        finally:
+            handle.remove()
+        if found and isinstance(found[0], (tuple, list)) and found[0] and isinstance(found[0][0], torch.Tensor):
+            index = 0
+    try:
+        _BLOCK_OUTPUT_INDEX[model] = index
+    except TypeError:  # not weak-referenceable: probe again next time
+        pass
+    return index
+
+
 def llm_site_aliases(model: Any) -> dict[str, str]:
     """Aliases for a HF causal LM: ``embeddings`` -> input embedding module, ``layer{l}`` -> decoder block l.
 
     The embedding module is found through ``get_input_embeddings()`` (``model.embed_tokens`` for Qwen2/Llama,
-    ``transformer.wte`` for GPT-2, ``gpt_neox.embed_in`` for Pythia), also under a PEFT wrapper.
+    ``transformer.wte`` for GPT-2, ``gpt_neox.embed_in`` for Pythia), also under a PEFT wrapper. Where the
+    blocks return a tuple (GPT-J, BLOOM, Falcon, ...), ``layer{l}`` addresses its hidden state, element 0
+    (``transformer.h.0:output[0]``; see ``block_output_index``), so ``layer{l}`` is the residual stream after
+    block l in every family.
     """
     aliases: dict[str, str] = {}
     get_emb = getattr(model, "get_input_embeddings", None)
@@ -215,8 +274,9 @@ def llm_site_aliases(model: Any) -> dict[str, str]:
             aliases["embeddings"] = name
     layers = decoder_layers_path(model)
     if layers is not None:
+        suffix = ":output[0]" if block_output_index(model, layers) == 0 else ""
         for i in range(len(model.get_submodule(layers))):
-            aliases[f"layer{i}"] = f"{layers}.{i}"
+            aliases[f"layer{i}"] = f"{layers}.{i}{suffix}"
     return aliases
 
 
