@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .alignments import make_alignment
+from .alignments import ALIGNMENTS, make_alignment
 from .config import config_text, to_dict
 from .errors import ConfigError
 from .files import (
@@ -76,7 +76,7 @@ def build_alignments(config: MASConfig, problem: InterventionProblem) -> nn.Modu
     alignments = []
     for i, (m, width) in enumerate(zip(config.models, widths)):
         std = problem.latent_stats[i] if m.standardize else None
-        k = problem.k * len(problem.all_variables) if m.alignment in ("low_rank", "gram_schmidt") else problem.k
+        k = problem.k * len(problem.all_variables) if ALIGNMENTS[m.alignment].rank_k else problem.k
         alignments.append(make_alignment(m.alignment, width, k=k, seed=config.seed * 101 + i, standardize=std,
                                          **m.alignment_options))
     return nn.ModuleList(alignments).to(config.device)

@@ -208,7 +208,8 @@ class MASConfig:
                          f"{sorted(set(whole))}: list named variables only (e.g. variables: [count]) and set "
                          "null_subspace: false")
         if self.null_subspace:
-            stacked = [f"models.{i}" for i, m in enumerate(built) if m.alignment in ("low_rank", "gram_schmidt")]
+            stacked = [f"models.{i}" for i, m in enumerate(built)
+                       if m.alignment in ALIGNMENTS and ALIGNMENTS[m.alignment].rank_k]
             if stacked:
                 p.append(f"null_subspace: {', '.join(stacked)} use a low_rank/gram_schmidt alignment, whose aligned "
                          "width is k·(number of variables): it has no coordinates left for the null block; use "
