@@ -298,3 +298,34 @@ def test_collect_rows_and_similarity_take_continuous_inputs_and_any_module(tmp_p
     assert result["n_sequences"] == 20 and result["n_rows_total"] == 20 * T
     for key in ("cka_biased", "rsa_cosine_pearson", "rsa_euclidean_spearman"):   # a model against itself
         assert metrics[key]["mean"] == pytest.approx(1.0, abs=1e-5), key
+
+
+def test_kinds_mix_on_tensors_with_inputs_and_labels_per_model(tmp_path):
+    """A shipped task model (token ids of its task), a tiny HF LM (its own token ids) and a user module
+    (continuous inputs) on one tensor dataset: each model reads its own inputs and labels."""
+    from llm_fixtures import tiny_qwen2_dir
+
+    from llm_mas.tasks import get_task
+
+    rng = np.random.default_rng(0)
+    n, t_len = 40, 6
+    vocab = len(get_task("multiobject").vocab)
+    task_ids = torch.tensor(rng.integers(1, vocab, (2, n, t_len)))
+    lm_ids = torch.tensor(rng.integers(1, 512, (2, n, t_len)))
+    cont = torch.randn(2, n, t_len, 3)
+    labels = [torch.full((n, t_len), -100) for _ in range(3)]
+    labels[0][:, -1] = torch.tensor(rng.integers(1, vocab, n))
+    labels[1][:, -1] = torch.tensor(rng.integers(1, 512, n))
+    labels[2][:, -1] = torch.tensor(rng.integers(0, 2, n))
+    pos = torch.full((n,), 2)
+    data = CounterfactualTensors(base=[task_ids[0], lm_ids[0], cont[0]], source=[task_ids[1], lm_ids[1], cont[1]],
+                                 base_positions=pos, source_positions=pos, labels=labels)
+    models = [{"kind": "task", "name": "multiobject-gru-s0", "site": "hidden"},
+              {"kind": "hf", "name": str(tiny_qwen2_dir(0)), "site": "layer0"},
+              GRUNet(8, 0)]
+    result = llm_mas.compare(models=models, data=data, site="rnn", k=4, name="mixed", out_dir=str(tmp_path),
+                             train={"max_steps": 2, "batch_size": 16}, **QUIET)
+    assert result.models == ["multiobject-gru-s0", "model", "GRUNet"]
+    assert result.matrix().shape == (3, 3) and all(r.n_tokens == 8 for r in result.records)
+    values = json.loads((tmp_path / "mixed" / "fingerprint.json").read_text())["values"]
+    assert {"models.0.model.safetensors", "models.1.weights", "models.2.weights"} <= set(values)
