@@ -286,6 +286,11 @@ def _run_locked(config: MASConfig, run_dir: RunDir, shard: Shard | None, log: Ca
     if not resuming and run_dir.existing_outputs():
         say(f"[{config.name}] resume=false: starting over in {run_dir.path} (its earlier outputs removed)")
         run_dir.clear()  # only now that the new run's models have loaded
+    if command is None and (config.data.tensors is not None or any(getattr(m, "module", None) is not None
+                                                                   for m in config.models)):
+        # Python objects (modules, tensors) are not in config.yaml (their digests are in fingerprint.json)
+        command = ("run from Python objects (modules / counterfactual tensors), which config.yaml leaves out; "
+                   "rerun through the Python API (llm_mas.compare)")
     run_dir.write_config(config, command or f"llm-mas mas {run_dir.config}", fingerprint)
     processes = f"{shard.world} process(es); " if shard is not None else ""
     say(f"[{config.name}] {processes}pairs built and latents cached in {time.perf_counter() - t0:.1f}s "

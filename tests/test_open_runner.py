@@ -161,6 +161,7 @@ def test_two_user_grus_align_on_the_choice_and_random_alignments_do_not(grus, tm
     assert values["data.tensors"] == data.digest()
     config_text = (run_dir / "config.yaml").read_text()
     assert "module:" not in config_text and "kind: module" in config_text   # no Python object in the YAML
+    assert config_text.startswith("# run from Python objects") and "llm_mas.compare" in config_text.splitlines()[0]
     record = trained.records[1]
     assert record.n_pairs == 120 and record.n_tokens == 120 and record.trial_iia_ci[0] <= record.trial_iia
 

@@ -250,7 +250,36 @@ def tensor_dataset(config):
         if not isinstance(data.tensors, CounterfactualTensors):
             raise ConfigError(f"data.tensors: expected llm_mas.CounterfactualTensors, got {type(data.tensors).__name__}")
         return data.tensors
-    return CounterfactualTensors.load(data.dataset)
+    # read once per run (fingerprint, checks, problem): the directory's files, keyed by their size and mtime
+    from ..tasks.tensor_data import META_FILE, TENSOR_FILE
+
+    directory = Path(data.dataset).resolve()
+    try:
+        key = (str(directory),) + tuple((p.stat().st_size, p.stat().st_mtime_ns)
+                                        for p in (directory / TENSOR_FILE, directory / META_FILE))
+    except OSError:
+        return CounterfactualTensors.load(directory)  # names the missing file
+    if _LOADED.get("key") != key:
+        _LOADED.update(key=key, data=CounterfactualTensors.load(directory))
+    return _LOADED["data"]
+
+
+_LOADED: dict[str, Any] = {}   # the last tensor directory read (one at a time: a run reads one)
+
+
+def entry_device(entry: Any, default: str) -> str:
+    """Where a model runs: its own ``device``; a module object given in Python stays where it is (its first
+    parameter's device) unless a device is set; else the run's device."""
+    if getattr(entry, "device", None) is not None:
+        return entry.device
+    module = getattr(entry, "module", None)
+    if module is not None:
+        tensor = next(iter(module.parameters()), None)
+        if tensor is None:
+            tensor = next(iter(module.buffers()), None)
+        if tensor is not None:
+            return str(tensor.device)
+    return default
 
 
 # ------------------------------------------------------------------------------------------ module kind
