@@ -356,12 +356,10 @@ def _raw_model_problems(data: dict) -> list[str]:
         if isinstance(site, str):
             try:  # the architecture from config.yaml (no weights): does the site exist?
                 from .backends.torch_hooks import get_module
-                from .models.task_models import build_task_model
+                from .models.task_models import build_from_settings
                 from .sites import resolve_site
 
-                settings = dict(read_run_config(run_dir)["model"])
-                model = build_task_model(settings.pop("arch"), settings.pop("task_name"),
-                                         settings.pop("vocab_size"), seed=settings.pop("seed", 0), **settings)
+                model = build_from_settings(read_run_config(run_dir)["model"])
                 get_module(model, resolve_site(model, site))
             except MASError as e:
                 if not isinstance(e, DataError):
@@ -385,7 +383,7 @@ def task_model_header_problems(config: MASConfig) -> tuple[list[str], list[str]]
     from safetensors import safe_open
 
     from .backends.torch_hooks import get_module
-    from .models.task_models import build_task_model
+    from .models.task_models import build_from_settings
     from .models.training import check_fits
     from .sites import resolve_site
 
@@ -405,8 +403,7 @@ def task_model_header_problems(config: MASConfig) -> tuple[list[str], list[str]]
                 "checkpoint: restore it, or rebuild the manifest with `python -m llm_mas.models.registry`")
             continue
         try:
-            model = build_task_model(settings.pop("arch"), settings.pop("task_name"), settings.pop("vocab_size"),
-                                     seed=settings.pop("seed", 0), **settings)
+            model = build_from_settings(settings)
         except (MASError, KeyError, TypeError) as e:
             data_problems.append(f"models.{i} ({m.name}): {str(run_dir / 'config.yaml')!r} does not describe a "
                                  f"task model ({e}); restore it or retrain with `llm-mas train-model`")

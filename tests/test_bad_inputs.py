@@ -308,6 +308,9 @@ CASES = [
     ("module: no data", lambda out, tmp, mp: run(load_mas_config(None, [], base={
         "name": "bad", "out_dir": str(out), "models": [{"kind": "module", "name": "m", "factory": "a.b:c"}]})),
      ConfigError, ["module models run on counterfactual tensors", "data.dataset"]),
+    ("module: compare without tensors", lambda out, tmp, mp: __import__("llm_mas").compare(
+        models=[__import__("open_fixtures").GRUNet(4, 0)] * 2, site="rnn", name="bad", out_dir=str(out)),
+     ConfigError, ["module models run on counterfactual tensors", "data=CounterfactualTensors"]),
     ("unknown model kind", _api(base_update={"models": [{"kind": "neurogym", "name": "x"}]}), ConfigError,
      ["models.0.kind: 'neurogym' is not one of 'task', 'hf', 'module'"]),
 ]

@@ -32,7 +32,7 @@ from ..backends.torch_hooks import TorchHookBackend, get_module
 from ..errors import ConfigError, DataError
 from ..llm.record import IGNORE_INDEX
 from ..models.registry import load_task_model, resolve_model_dir
-from ..models.task_models import build_task_model
+from ..models.task_models import build_from_settings
 from ..models.training import read_run_config
 from ..sites import resolve_site
 from ..tasks import get_task, make_pairs
@@ -563,10 +563,7 @@ def build_task_problem(config, *, shard: Shard | None = None, log: Callable[[str
         except DataError as e:
             raise DataError(f"models.{i} ({m.name}): {e}") from None
         if m.untrained:  # control: same architecture, fresh random weights (a new model; the loaded one is dropped)
-            settings = dict(model.config)
-            arch, task_name, vocab = settings.pop("arch"), settings.pop("task_name"), settings.pop("vocab_size")
-            settings.pop("seed", None)
-            model = build_task_model(arch, task_name, vocab, seed=10_000 + config.seed * 7 + i, **settings)
+            model = build_from_settings(model.config, seed=10_000 + config.seed * 7 + i)
             model.eval().requires_grad_(False).to(config.device)
         site = resolve_site(model, m.site)
         get_module(model, site)  # wrong path -> SiteError listing close names
