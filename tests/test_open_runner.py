@@ -24,6 +24,7 @@ from llm_mas.errors import ConfigError, DataError
 from llm_mas.models.recurrent import SteppedRNN, stepped_site
 from llm_mas.run import build_problem, run
 from llm_mas.run_config import config_from_kwargs, load_mas_config
+from llm_mas.sites import Site
 from llm_mas.tasks.tensor_data import RegressionScorer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -330,3 +331,38 @@ def test_kinds_mix_on_tensors_with_inputs_and_labels_per_model(tmp_path):
     assert result.matrix().shape == (3, 3) and all(r.n_tokens == 8 for r in result.records)
     values = json.loads((tmp_path / "mixed" / "fingerprint.json").read_text())["values"]
     assert {"models.0.model.safetensors", "models.1.weights", "models.2.weights"} <= set(values)
+
+
+class _CellLoop(nn.Module):
+    """A user's own step loop (nn.GRUCell) calling a HookPoint on its state each step, as the README says."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.cell, self.head, self.hook = nn.GRUCell(3, 6), nn.Linear(6, 2), llm_mas.HookPoint()
+
+    def forward(self, x):
+        h, outs = x.new_zeros(x.shape[0], 6), []
+        for t in range(x.shape[1]):
+            h = self.hook(self.cell(x[:, t], h)[:, None], torch.tensor([t]))[:, 0]
+            outs.append(self.head(h))
+        return torch.stack(outs, 1)
+
+
+def test_a_hookpoint_in_a_users_step_loop_is_a_site_whose_edit_feeds_the_loop():
+    net = _CellLoop().eval()
+    x = torch.randn(2, 5, 3)
+    v = torch.randn(6)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 2] = True
+    with torch.no_grad():
+        states = TorchHookBackend().collect(net, x, ["hook"])["hook:output@given"]          # (2, 5, 6)
+        patched = TorchHookBackend().patch(net, x, [Edit(Site.parse("hook"), mask, lambda h, which: v.expand_as(h))])
+        # by hand: row 0's state becomes v after step 2 and the loop continues from it
+        expected = [net.head(states[0, t]) for t in range(2)] + [net.head(v)]
+        h = v
+        for t in range(3, 5):
+            h = net.cell(x[0, t][None], h[None])[0]
+            expected.append(net.head(h))
+    torch.testing.assert_close(patched[0], torch.stack(expected), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(patched[1], net(x)[1], rtol=0, atol=0)
