@@ -311,6 +311,12 @@ CASES = [
     ("module: compare without tensors", lambda out, tmp, mp: __import__("llm_mas").compare(
         models=[__import__("open_fixtures").GRUNet(4, 0)] * 2, site="rnn", name="bad", out_dir=str(out)),
      ConfigError, ["module models run on counterfactual tensors", "data=CounterfactualTensors"]),
+    ("tensors: a task model's site", lambda out, tmp, mp: __import__("llm_mas").compare(
+        models=[{"kind": "task", "name": "multiobject-gru-s0", "site": "hidden_state"},
+                {"kind": "task", "name": "multiobject-gru-s9", "site": "hidden"}],
+        data=_tensors(base=torch.ones(8, 5, dtype=torch.long), source=torch.ones(8, 5, dtype=torch.long)),
+        name="bad", out_dir=str(out)),
+     ConfigError, ["models.0.site", "'hidden_state'", "models.1.name", "multiobject-gru-s9"]),
     ("unknown model kind", _api(base_update={"models": [{"kind": "neurogym", "name": "x"}]}), ConfigError,
      ["models.0.kind: 'neurogym' is not one of 'task', 'hf', 'module'"]),
 ]
