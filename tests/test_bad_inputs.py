@@ -193,8 +193,9 @@ def _tensors(**change):
 
 def _modules(data=None, site="rnn", **kwargs):
     def call(out, tmp_path, monkeypatch):
-        import llm_mas
         from open_fixtures import GRUNet
+
+        import llm_mas
         llm_mas.compare(models=[GRUNet(4, 0), GRUNet(4, 1)], data=_tensors() if data is None else data, site=site,
                         name="bad", out_dir=str(out), train={"max_steps": 1}, progress=False, **kwargs)
     return call
@@ -208,6 +209,23 @@ def _module_config(**entry):
                 "data": {"dataset": str(tmp_path / "cf")}, "train": {"max_steps": 1}}
         run(load_mas_config(None, [], base=base), log=lambda s: None)
     return call
+
+
+def _modules_without_tensors(out, tmp_path, monkeypatch):
+    from open_fixtures import GRUNet
+
+    import llm_mas
+
+    llm_mas.compare(models=[GRUNet(4, 0), GRUNet(4, 1)], site="rnn", name="bad", out_dir=str(out))
+
+
+def _task_models_on_tensors(out, tmp_path, monkeypatch):
+    import llm_mas
+
+    ids = torch.ones(8, 5, dtype=torch.long)
+    llm_mas.compare(models=[{"kind": "task", "name": "multiobject-gru-s0", "site": "hidden_state"},
+                            {"kind": "task", "name": "multiobject-gru-s9", "site": "hidden"}],
+                    data=_tensors(base=ids, source=ids), name="bad", out_dir=str(out))
 
 
 def _set(rows, field_value):
@@ -308,15 +326,8 @@ CASES = [
     ("module: no data", lambda out, tmp, mp: run(load_mas_config(None, [], base={
         "name": "bad", "out_dir": str(out), "models": [{"kind": "module", "name": "m", "factory": "a.b:c"}]})),
      ConfigError, ["module models run on counterfactual tensors", "data.dataset"]),
-    ("module: compare without tensors", lambda out, tmp, mp: __import__("llm_mas").compare(
-        models=[__import__("open_fixtures").GRUNet(4, 0)] * 2, site="rnn", name="bad", out_dir=str(out)),
-     ConfigError, ["module models run on counterfactual tensors", "data=CounterfactualTensors"]),
-    ("tensors: a task model's site", lambda out, tmp, mp: __import__("llm_mas").compare(
-        models=[{"kind": "task", "name": "multiobject-gru-s0", "site": "hidden_state"},
-                {"kind": "task", "name": "multiobject-gru-s9", "site": "hidden"}],
-        data=_tensors(base=torch.ones(8, 5, dtype=torch.long), source=torch.ones(8, 5, dtype=torch.long)),
-        name="bad", out_dir=str(out)),
-     ConfigError, ["models.0.site", "'hidden_state'", "models.1.name", "multiobject-gru-s9"]),
+    ("module: compare without tensors", _modules_without_tensors, ConfigError, ["module models run on counterfactual tensors", "data=CounterfactualTensors"]),
+    ("tensors: a task model's site", _task_models_on_tensors, ConfigError, ["models.0.site", "'hidden_state'", "models.1.name", "multiobject-gru-s9"]),
     ("unknown model kind", _api(base_update={"models": [{"kind": "neurogym", "name": "x"}]}), ConfigError,
      ["models.0.kind: 'neurogym' is not one of 'task', 'hf', 'module'"]),
 ]

@@ -366,3 +366,27 @@ def test_a_hookpoint_in_a_users_step_loop_is_a_site_whose_edit_feeds_the_loop():
             expected.append(net.head(h))
     torch.testing.assert_close(patched[0], torch.stack(expected), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(patched[1], net(x)[1], rtol=0, atol=0)
+
+
+class _TwoInputs(nn.Module):
+    """Inputs as named tensors: model(evidence=(B, T, 2), cue=(B, T))."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.net = GRUNet(8, seed)
+
+    def forward(self, evidence, cue):
+        return self.net(torch.cat([evidence, cue[..., None]], -1))
+
+
+def test_dict_inputs_reach_the_module_as_keyword_arguments(tmp_path):
+    x, _ = decision_trials(60, np.random.default_rng(1))
+    base = {"evidence": x[:30, :, :2], "cue": x[:30, :, 2]}
+    source = {"evidence": x[30:, :, :2], "cue": x[30:, :, 2]}
+    labels = torch.full((30, T), -100)
+    labels[:, -1] = 1
+    pos = torch.full((30,), STIM)
+    data = CounterfactualTensors(base=base, source=source, base_positions=pos, source_positions=pos, labels=labels)
+    result = llm_mas.compare(models=[_TwoInputs(0), _TwoInputs(1)], data=data, site="net.rnn", k=2, name="dict",
+                             out_dir=str(tmp_path), train={"max_steps": 2, "batch_size": 8}, **QUIET)
+    assert [r.n_pairs for r in result.records] == [6] * 4
