@@ -328,6 +328,8 @@ CASES = [
      ConfigError, ["module models run on counterfactual tensors", "data.dataset"]),
     ("module: compare without tensors", _modules_without_tensors, ConfigError, ["module models run on counterfactual tensors", "data=CounterfactualTensors"]),
     ("tensors: a task model's site", _task_models_on_tensors, ConfigError, ["models.0.site", "'hidden_state'", "models.1.name", "multiobject-gru-s9"]),
+    ("module: compare with task=", _modules(task="multiobject"), ConfigError,
+     ["task='multiobject'", "'tensors' run", "leave task unset"]),
     ("unknown model kind", _api(base_update={"models": [{"kind": "neurogym", "name": "x"}]}), ConfigError,
      ["models.0.kind: 'neurogym' is not one of 'task', 'hf', 'module'"]),
 ]
