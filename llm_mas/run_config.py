@@ -62,8 +62,15 @@ class DataConfig:
             p.append(f"data.n_train must be >= 1, got {self.n_train}")
         if self.n_valid < 1:
             p.append(f"data.n_valid must be >= 1, got {self.n_valid}")
-        if self.tensors is not None and (self.dataset is not None or self.task is not None):
-            p.append("data: give counterfactual tensors or data.dataset / data.task, not both")
+        if self.tensors is not None:
+            from .tasks.tensor_data import CounterfactualTensors
+
+            if not isinstance(self.tensors, CounterfactualTensors):
+                p.append(f"data.tensors: expected llm_mas.CounterfactualTensors (Python only), got "
+                         f"{type(self.tensors).__name__}; in a config file set data.dataset to a directory written "
+                         "by CounterfactualTensors.save")
+            if self.dataset is not None or self.task is not None:
+                p.append("data: give counterfactual tensors or data.dataset / data.task, not both")
         if self.value_range is not None:
             vr = self.value_range
             if not isinstance(vr, (list, tuple)) or len(vr) != 2 or not all(
