@@ -309,6 +309,12 @@ class Alignment(nn.Module):
     """
 
     kind: str = "base"
+    # facts of the kind (read by the runner, the config checks and the baselines instead of kind names):
+    # rank_k: the aligned space has exactly k coordinates (k is required; a run stacks one block per
+    # variable, so it builds the alignment with k = k·(number of variables), and no null block fits);
+    # isometric: the map preserves lengths on its aligned space (what the rank-k stitch needs)
+    rank_k: bool = False
+    isometric: bool = True
 
     def __init__(self, d: int, dim_out: int, k: int | None = None, seed: int | None = None,
                  dtype: torch.dtype = torch.float32):
@@ -369,6 +375,8 @@ class LowRankAlignment(Alignment):
     first k columns of a matrix exponential by default); A⁻¹(z) = zUᵀ projects back, so the complement
     of span(U) is discarded (keeps_complement False)."""
 
+    rank_k = True
+
     def __init__(self, d: int, *, k: int | None = None, seed: int | None = None,
                  dtype: torch.dtype = torch.float32, orthogonal_map: str | None = None):
         _check_orthogonal_map(orthogonal_map)
@@ -389,6 +397,8 @@ class LowRankAlignment(Alignment):
 class GramSchmidtAlignment(Alignment):
     """The paper's FCA: k free vectors (k, d) orthonormalised by differentiable Gram–Schmidt at every
     `materialize()`; A(h) = hU, A⁻¹(z) = zUᵀ, and interventions keep the complement of span(U)."""
+
+    rank_k = True
 
     def __init__(self, d: int, *, k: int | None = None, seed: int | None = None,
                  dtype: torch.dtype = torch.float32, method: str = "qr"):
@@ -413,6 +423,8 @@ class LinearAlignment(Alignment):
     """Invertible affine map A(h) = (h + b) W with W = U diag(exp s) Vᵀ (U, V orthogonal) and exact
     inverse A⁻¹(z) = z V diag(exp -s) Uᵀ − b. Starts as the orthogonal alignment of the same seed
     (V = I, s = 0, b = 0). Condition number of W = exp(max s − min s)."""
+
+    isometric = False
 
     def __init__(self, d: int, *, k: int | None = None, seed: int | None = None,
                  dtype: torch.dtype = torch.float32, bias: bool = True, orthogonal_map: str | None = None):
@@ -457,6 +469,7 @@ class StandardizedAlignment(Alignment):
     def __init__(self, inner: Alignment, mean: Tensor, std: Tensor):
         super().__init__(inner.d, inner.dim_out, inner.k, inner.seed, inner.dtype)
         self.kind = inner.kind
+        self.rank_k, self.isometric = inner.rank_k, inner.isometric
         self.inner = inner
         self.register_buffer("mean", mean.detach().clone().to(inner.dtype))
         self.register_buffer("std", std.detach().clone().to(inner.dtype))
@@ -471,9 +484,6 @@ class StandardizedAlignment(Alignment):
 
 # ----------------------------------------------------------------------------------------------------
 # Construction
-
-
-_NEEDS_K = ("low_rank", "gram_schmidt")
 
 
 def _check_standardize(standardize: Any, d: int) -> tuple[Tensor, Tensor]:
@@ -513,7 +523,7 @@ def make_alignment(kind: str = "orthogonal", d: int | None = None, *, k: int | N
         raise ConfigError(f"alignment width d must be a positive int, got {d!r}")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d):
         raise ConfigError(f"k must be an int in [1, d={d}], got {k!r}")
-    if kind in _NEEDS_K and k is None:
+    if ALIGNMENTS[kind].rank_k and k is None:
         raise ConfigError(f"alignment kind {kind!r} needs k (its aligned width), e.g. k={max(1, d // 2)}")
     cls = ALIGNMENTS[kind]
     valid = [name for name, p in inspect.signature(cls.__init__).parameters.items()

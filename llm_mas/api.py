@@ -94,6 +94,9 @@ def compare(models: Sequence[Any], site: str | Sequence[str] = "hidden", task: s
         except MASError:
             pass  # run() reports what is wrong with the config
     if task is not None:
+        if cfg.kind != "task":
+            raise ConfigError(f"task={task!r} checks the training task of a run of task models alone; this run is "
+                              f"a {cfg.kind!r} run: leave task unset")
         infos = check_models(cfg)
         wrong = [f"{m.name} ({i['task']})" for m, i in zip(cfg.models, infos) if i["task"] != task]
         if wrong:

@@ -21,13 +21,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from llm_mas.alignments import Alignment, AlignmentMap, make_alignment
+from llm_mas.alignments import ALIGNMENTS, Alignment, AlignmentMap, make_alignment
 from llm_mas.errors import ConfigError, choice_error
 
 # LinearStitch is the linear-stitch intervention's own map, defined with it; re-exported here with the baselines
 from llm_mas.interventions import LinearStitch, LowRankAffineMap, check_positive_int, stitch
 
-ISOMETRIC_KINDS = ("orthogonal", "low_rank", "gram_schmidt", "identity")
+# the registered kinds whose class says it is isometric (orthogonal, low_rank, gram_schmidt, identity)
+ISOMETRIC_KINDS = tuple(name for name, cls in ALIGNMENTS.items() if cls.isometric)
 
 
 class PartialIsometryMap:
@@ -100,7 +101,7 @@ class IsometricStitch(nn.Module):
         if kind not in ISOMETRIC_KINDS:
             raise choice_error("isometric stitch alignment kind", kind, ISOMETRIC_KINDS)
         d_source, d_target = check_positive_int("d_source", d_source), check_positive_int("d_target", d_target)
-        alignment_k = k if kind in ("low_rank", "gram_schmidt") else None
+        alignment_k = k if ALIGNMENTS[kind].rank_k else None
         if alignment_k is not None and (isinstance(k, bool) or not isinstance(k, int)
                                         or not 1 <= k <= min(d_source, d_target)):
             raise ConfigError(f"stitch rank k must be an int in [1, {min(d_source, d_target)}], got {k!r}")

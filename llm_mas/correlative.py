@@ -464,10 +464,14 @@ def mas_direction_summary(records: Sequence[Mapping[str, Any]], variable: str | 
                           metric: str = "trial_iia") -> dict[str, float]:
     """MAS IIA of a two-model run: each cross direction and their mean (plus the self directions).
 
-    records: ``MASResult.records`` (source_index, target_index, variable, trial_iia, token_iia, ...).
+    records: ``MASResult.records`` or the entries of ``results.json`` (source_index, target_index, variable,
+    trial_iia, token_iia, ...).
     Returns ``{"a_to_b", "b_to_a", "cross_mean", "a_to_a", "b_to_b"}`` (NaN for a direction not evaluated).
     """
-    records = list(records)
+    # Records (MASResult.records) or their results.json form (mappings)
+    records = [r if isinstance(r, Mapping) else {k: getattr(r, k) for k in
+                                                   ("source_index", "target_index", "variable", metric)}
+               for r in records]
     if not records:
         raise DataError("no MAS records to summarise; did the run finish (results.json)?")
     variable = variable or records[0]["variable"]

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .alignments import make_alignment
+from .alignments import ALIGNMENTS, make_alignment
 from .config import config_text, to_dict
 from .errors import ConfigError
 from .files import (
@@ -78,7 +78,7 @@ def build_alignments(config: MASConfig, problem: InterventionProblem) -> nn.Modu
     alignments = []
     for i, (m, width) in enumerate(zip(config.models, widths)):
         std = problem.latent_stats[i] if m.standardize else None
-        k = problem.k * len(problem.all_variables) if m.alignment in ("low_rank", "gram_schmidt") else problem.k
+        k = problem.k * len(problem.all_variables) if ALIGNMENTS[m.alignment].rank_k else problem.k
         alignments.append(make_alignment(m.alignment, width, k=k, seed=config.seed * 101 + i, standardize=std,
                                          **m.alignment_options))
     return nn.ModuleList(alignments).to(config.device)
@@ -289,6 +289,11 @@ def _run_locked(config: MASConfig, run_dir: RunDir, shard: Shard | None, log: Ca
     if not resuming and run_dir.existing_outputs():
         say(f"[{config.name}] resume=false: starting over in {run_dir.path} (its earlier outputs removed)")
         run_dir.clear()  # only now that the new run's models have loaded
+    if command is None and (config.data.tensors is not None or any(getattr(m, "module", None) is not None
+                                                                   for m in config.models)):
+        # Python objects (modules, tensors) are not in config.yaml (their digests are in fingerprint.json)
+        command = ("run from Python objects (modules / counterfactual tensors), which config.yaml leaves out; "
+                   "rerun through the Python API (llm_mas.compare)")
     run_dir.write_config(config, command or f"llm-mas mas {run_dir.config}", fingerprint)
     processes = f"{shard.world} process(es); " if shard is not None else ""
     say(f"[{config.name}] {processes}pairs built and latents cached in {time.perf_counter() - t0:.1f}s "

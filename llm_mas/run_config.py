@@ -20,7 +20,6 @@ from typing import Any, Literal
 from .alignments import ALIGNMENTS, make_alignment
 from .config import apply_overrides, from_dict, load_yaml
 from .errors import ConfigError, DataError, MASError
-from .interventions import variable_blocks
 from .models.registry import resolve_model_dir
 from .models.training import read_run_config
 from .problems.kinds import (
@@ -32,7 +31,8 @@ from .problems.kinds import (
     ModuleModelConfig,
     TaskModelConfig,
 )
-from .problems.task import task_model_infos
+from .problems.llm import hf_header_problems  # noqa: F401  (re-exported: the hf kind's check)
+from .problems.task import task_model_header_problems, task_model_infos  # noqa: F401  (the task kind's check)
 from .trainer import TrainerConfig
 
 # the model entries' schemas are registry entries (`llm_mas.problems.kinds`); re-exported here
@@ -66,8 +66,15 @@ class DataConfig:
             p.append(f"data.n_train must be >= 1, got {self.n_train}")
         if self.n_valid < 1:
             p.append(f"data.n_valid must be >= 1, got {self.n_valid}")
-        if self.tensors is not None and (self.dataset is not None or self.task is not None):
-            p.append("data: give counterfactual tensors or data.dataset / data.task, not both")
+        if self.tensors is not None:
+            from .tasks.tensor_data import CounterfactualTensors
+
+            if not isinstance(self.tensors, CounterfactualTensors):
+                p.append(f"data.tensors: expected llm_mas.CounterfactualTensors (Python only), got "
+                         f"{type(self.tensors).__name__}; in a config file set data.dataset to a directory written "
+                         "by CounterfactualTensors.save")
+            if self.dataset is not None or self.task is not None:
+                p.append("data: give counterfactual tensors or data.dataset / data.task, not both")
         if self.value_range is not None:
             vr = self.value_range
             if not isinstance(vr, (list, tuple)) or len(vr) != 2 or not all(
@@ -212,7 +219,8 @@ class MASConfig:
                          f"{sorted(set(whole))}: list named variables only (e.g. variables: [count]) and set "
                          "null_subspace: false")
         if self.null_subspace:
-            stacked = [f"models.{i}" for i, m in enumerate(built) if m.alignment in ("low_rank", "gram_schmidt")]
+            stacked = [f"models.{i}" for i, m in enumerate(built)
+                       if m.alignment in ALIGNMENTS and ALIGNMENTS[m.alignment].rank_k]
             if stacked:
                 p.append(f"null_subspace: {', '.join(stacked)} use a low_rank/gram_schmidt alignment, whose aligned "
                          "width is k·(number of variables): it has no coordinates left for the null block; use "
@@ -233,6 +241,9 @@ class MASConfig:
                      "set data.stepwise: false")
         if self.data.value_range is not None:
             p.append("data.value_range applies to built-in tasks only; filter the tensor rows instead")
+        if self.cl.inaccessible:
+            p.append("cl.inaccessible: CLMAS is not implemented for tensor runs (it matches counterfactual latents "
+                     "through a task's causal model); leave cl.inaccessible empty")
         for i, m in enumerate(self.models):
             if isinstance(m, HFModelConfig):
                 p.extend(m.problems(f"models.{i}", needs_recording=False))
@@ -300,12 +311,9 @@ def load_mas_config(path: str | Path | None, overrides=(), base: dict | None = N
         cfg = None
     data_problems: list[str] = []
     if cfg is not None:
-        if cfg.kind == "task":
-            found, infos = task_model_infos(cfg)
+        if cfg.kind == "task":  # the task kind's check (preflight runs every kind's)
+            found, data_problems = KINDS["task"].check(cfg)
             problems.extend(found)
-            if not found:
-                config_found, data_problems = task_model_header_problems(cfg)
-                problems.extend(config_found)
     else:  # the config did not build: still check the task-model names (and variables) it gives
         problems.extend(_raw_model_problems(data))
     if problems:
@@ -356,12 +364,10 @@ def _raw_model_problems(data: dict) -> list[str]:
         if isinstance(site, str):
             try:  # the architecture from config.yaml (no weights): does the site exist?
                 from .backends.torch_hooks import get_module
-                from .models.task_models import build_task_model
+                from .models.task_models import build_from_settings
                 from .sites import resolve_site
 
-                settings = dict(read_run_config(run_dir)["model"])
-                model = build_task_model(settings.pop("arch"), settings.pop("task_name"),
-                                         settings.pop("vocab_size"), seed=settings.pop("seed", 0), **settings)
+                model = build_from_settings(read_run_config(run_dir)["model"])
                 get_module(model, resolve_site(model, site))
             except MASError as e:
                 if not isinstance(e, DataError):
@@ -375,125 +381,6 @@ def _raw_model_problems(data: dict) -> list[str]:
                 problems.append(f"variables: {own!r} is not a variable of task {task.name!r} (models.{i}); valid: "
                                 f"full, {', '.join(task.variables)}")
     return list(dict.fromkeys(problems))
-
-
-def task_model_header_problems(config: MASConfig) -> tuple[list[str], list[str]]:
-    """(config problems, data problems) of the task models found from their config.yaml and the header of
-    their weights file, without loading any weights: the site exists in the architecture, k and the
-    variable blocks fit the smallest latent width (d_model; LSTM: [h; c]), the manifest's architecture is
-    the one config.yaml describes, and the weights file holds exactly that architecture's tensors."""
-    from safetensors import safe_open
-
-    from .backends.torch_hooks import get_module
-    from .models.task_models import build_task_model
-    from .models.training import check_fits
-    from .sites import resolve_site
-
-    problems, data_problems, widths = [], [], []
-    for i, m in enumerate(config.models):
-        try:
-            run_dir, entry = resolve_model_dir(m.name)
-            settings = dict(read_run_config(run_dir)["model"])
-        except MASError as e:
-            data_problems.append(f"models.{i} ({m.name}): {e}")
-            continue
-        arch = settings.get("arch")
-        if entry is not None and entry.get("arch") not in (None, arch):
-            data_problems.append(
-                f"models.{i} ({m.name}): the manifest lists a {entry['arch']!r} model but "
-                f"{str(run_dir / 'config.yaml')!r} describes a {arch!r} one; the directory holds another "
-                "checkpoint: restore it, or rebuild the manifest with `python -m llm_mas.models.registry`")
-            continue
-        try:
-            model = build_task_model(settings.pop("arch"), settings.pop("task_name"), settings.pop("vocab_size"),
-                                     seed=settings.pop("seed", 0), **settings)
-        except (MASError, KeyError, TypeError) as e:
-            data_problems.append(f"models.{i} ({m.name}): {str(run_dir / 'config.yaml')!r} does not describe a "
-                                 f"task model ({e}); restore it or retrain with `llm-mas train-model`")
-            continue
-        widths.append(model.d_model)
-        try:
-            get_module(model, resolve_site(model, m.site))
-        except MASError as e:
-            problems.append(f"models.{i}.site: {e}")
-        weights = run_dir / "model.safetensors"
-        if not weights.exists():
-            data_problems.append(f"models.{i} ({m.name}): {str(run_dir)!r} has no model.safetensors (training "
-                                 "not finished?)")
-            continue
-        try:
-            with safe_open(str(weights), "pt") as f:  # reads the header only
-                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-            if weights.stat().st_size < _data_end(weights):
-                raise ValueError("the file is shorter than its header says (truncated)")
-        except Exception as e:  # safetensors raises its own error type
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            data_problems.append(f"models.{i} ({m.name}): {str(weights)!r} is not a readable safetensors file "
-                                 f"({first}); the checkpoint is corrupted: retrain or restore it")
-            continue
-        try:
-            check_fits(weights, model, shapes)
-        except DataError as e:
-            data_problems.append(f"models.{i} ({m.name}): {e}")
-    if widths and not problems:
-        d_min = min(widths)
-        k = config.k if config.k is not None else d_min // 2
-        if k > d_min:
-            problems.append(f"k={k} is larger than the smallest latent width among the models ({d_min}); use "
-                            f"k <= {d_min}")
-        else:
-            try:
-                variable_blocks(config.variables, k, d_min, null=config.null_subspace)
-            except ConfigError as e:
-                problems.extend(f"k: {p}" for p in e.problems)
-    return problems, data_problems
-
-
-def _data_end(path: Path) -> int:
-    """Where the last tensor of a safetensors file ends (8-byte header length + header + data)."""
-    import json
-    import struct
-
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    return 8 + n + max(ends, default=0)
-
-
-def hf_header_problems(config: MASConfig) -> list[str]:
-    """Problems of HF model entries found without loading weights: missing recordings, k larger than the
-    smallest hidden size (from each local directory's config.json)."""
-    import json
-
-    from .llm.loading import resolve_model_location
-
-    problems, widths = [], []
-    for i, m in enumerate(config.models):
-        if not isinstance(m, HFModelConfig):  # a task model next to LMs (counterfactual runs): checked by name
-            continue
-        if m.recording is not None and not (Path(m.recording) / "recording.safetensors").is_file():
-            problems.append(f"models.{i}.recording: {m.recording!r} holds no recording.safetensors; make it with "
-                            f"`llm-mas record --model {m.name} --texts TEXTS --out {m.recording}`")
-        try:
-            location, local = resolve_model_location(m.name)
-        except ConfigError as e:
-            problems.append(f"models.{i}.name: {e}")
-            continue
-        if local:
-            try:
-                hf_config = json.loads((Path(location) / "config.json").read_text())
-            except (OSError, ValueError):
-                problems.append(f"models.{i}.name: {location!r} has no readable config.json; pass a directory "
-                                "written by save_pretrained / `hf download`")
-                continue
-            width = hf_config.get("hidden_size") or hf_config.get("n_embd") or hf_config.get("d_model")
-            if isinstance(width, int):
-                widths.append(width)
-    if widths and config.k is not None and config.k > min(widths):
-        problems.append(f"k={config.k} is larger than the smallest hidden size among the models ({min(widths)}); "
-                        f"use k <= {min(widths)}")
-    return problems
 
 
 def device_problems(config: MASConfig) -> list[str]:
@@ -517,25 +404,23 @@ def device_problems(config: MASConfig) -> list[str]:
 
 
 def preflight(config: MASConfig) -> None:
-    """Everything a run can check before it touches its run directory or loads weights (one error):
-    the config's own validation, model names, variables, sites, k, weight-file headers, recordings, each
-    model kind's own checks (``ModelKind.check``), counterfactual tensors and devices. ConfigError for
-    config problems, DataError when only files are at fault."""
+    """Everything a run can check before it touches its run directory or loads weights, in one pass and one
+    error: the config's own validation, then each model kind's check once (``ModelKind.check``: task models'
+    names, variables, sites, k and weight-file headers; HF recordings and widths; module factories, weights
+    and sites; a registered kind's own), the counterfactual tensors and the devices. ConfigError for config
+    problems, DataError when only files are at fault."""
     problems = config.validate()
     data_problems: list[str] = []
     if not problems:
-        if config.kind == "task":
-            problems, _ = task_model_infos(config)
-            if not problems:
-                problems, data_problems = task_model_header_problems(config)
-        else:
-            problems = hf_header_problems(config)
-        for i, m in enumerate(config.models):
-            check = KINDS[m.kind].check if m.kind in KINDS else None
+        for name in dict.fromkeys(m.kind for m in config.models):
+            check = KINDS[name].check if name in KINDS else None
             if check is not None:
-                problems.extend(check(config, i))
+                found, data_found = check(config)
+                problems.extend(found)
+                data_problems.extend(data_found)
         if config.kind == "tensors" and not problems:
-            problems, data_problems = tensor_problems(config)
+            found, data_problems = tensor_problems(config)
+            problems.extend(found)
     problems = problems + device_problems(config)
     if problems:
         raise ConfigError(problems + data_problems)

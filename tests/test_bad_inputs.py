@@ -235,6 +235,23 @@ OLD_BINDING_ROWS = [{"base": "B a = 3 , b = 5 , c = 1 ; ? b", "source": "B d = 7
                      "continuation": "2 <eos>"}] * 3
 
 
+def _modules_without_tensors(out, tmp_path, monkeypatch):
+    from open_fixtures import GRUNet
+
+    import llm_mas
+
+    llm_mas.compare(models=[GRUNet(4, 0), GRUNet(4, 1)], site="rnn", name="bad", out_dir=str(out))
+
+
+def _task_models_on_tensors(out, tmp_path, monkeypatch):
+    import llm_mas
+
+    ids = torch.ones(8, 5, dtype=torch.long)
+    llm_mas.compare(models=[{"kind": "task", "name": "multiobject-gru-s0", "site": "hidden_state"},
+                            {"kind": "task", "name": "multiobject-gru-s9", "site": "hidden"}],
+                    data=_tensors(base=ids, source=ids), name="bad", out_dir=str(out))
+
+
 def _set(rows, field_value):
     def change(t):
         t = t.clone()
@@ -339,6 +356,10 @@ CASES = [
     ("module: no data", lambda out, tmp, mp: run(load_mas_config(None, [], base={
         "name": "bad", "out_dir": str(out), "models": [{"kind": "module", "name": "m", "factory": "a.b:c"}]})),
      ConfigError, ["module models run on counterfactual tensors", "data.dataset"]),
+    ("module: compare without tensors", _modules_without_tensors, ConfigError, ["module models run on counterfactual tensors", "data=CounterfactualTensors"]),
+    ("tensors: a task model's site", _task_models_on_tensors, ConfigError, ["models.0.site", "'hidden_state'", "models.1.name", "multiobject-gru-s9"]),
+    ("module: compare with task=", _modules(task="multiobject"), ConfigError,
+     ["task='multiobject'", "'tensors' run", "leave task unset"]),
     ("unknown model kind", _api(base_update={"models": [{"kind": "neurogym", "name": "x"}]}), ConfigError,
      ["models.0.kind: 'neurogym' is not one of 'task', 'hf', 'module'"]),
 ]

@@ -100,7 +100,7 @@ def _fit(config, **trainer_kw):
 
 
 def _iia(records, metric="token_iia"):
-    return {(r["source_index"], r["target_index"]): r[metric] for r in records}
+    return {(r.source_index, r.target_index): getattr(r, metric) for r in records}
 
 
 # ---------------------------------------------------------------------------------------------- problem
@@ -156,9 +156,9 @@ def test_oracle_alignment_transfers_exactly(trained, randoms):
 
     problem = build_problem(_config([trained, trained], data={"n_train": 8}))
     records = problem.evaluate([oracle(m) for m in problem.models], with_ci=True)
-    assert all(r["token_iia"] == 1.0 and r["trial_iia"] == 1.0 for r in records)
-    assert all(r["trial_iia_ci"] == [1.0, 1.0] and r["token_iia_ci"] == [1.0, 1.0] for r in records)
-    assert [(r["source_index"], r["target_index"]) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(r.token_iia == 1.0 and r.trial_iia == 1.0 for r in records)
+    assert all(r.trial_iia_ci == [1.0, 1.0] and r.token_iia_ci == [1.0, 1.0] for r in records)
+    assert [(r.source_index, r.target_index) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
     problem = build_problem(_config(randoms, k=64, data={"n_train": 8}))
     identity = [AlignmentMap("identity", 64, 64)] * 2
@@ -294,7 +294,7 @@ def test_bfloat16_models_cache_bf16_latents_and_intervene_in_float32(tmp_path):
     loss.backward()
     grads = [p.grad for p in alignments.parameters()]
     assert loss.dtype == torch.float32 and all(g is not None and g.dtype == torch.float32 for g in grads)
-    assert all(0.0 <= r["token_iia"] <= 1.0 for r in problem.evaluate([a.materialize() for a in alignments]))
+    assert all(0.0 <= r.token_iia <= 1.0 for r in problem.evaluate([a.materialize() for a in alignments]))
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -104,7 +104,7 @@ def test_fast_path_equals_full_sequence_run(arch):
     r_fast = fast.evaluate(maps)
     r_slow = slow.evaluate(maps)
     for a, b in zip(r_fast, r_slow):
-        assert a["trial_iia"] == pytest.approx(b["trial_iia"]) and a["token_iia"] == pytest.approx(b["token_iia"])
+        assert a.trial_iia == pytest.approx(b.trial_iia) and a.token_iia == pytest.approx(b.token_iia)
 
 
 def test_problem_directions_and_null_variable():
@@ -126,7 +126,7 @@ def test_stepwise_embeddings_runs_and_gradients_reach_only_alignments():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in aligns.parameters())
     assert all(p.grad is None for e in prob.models for p in e.model.parameters())
     recs = prob.evaluate([a.materialize() for a in aligns])
-    assert len(recs) == 4 and all(0 <= r["trial_iia"] <= 1 for r in recs)
+    assert len(recs) == 4 and all(0 <= r.trial_iia <= 1 for r in recs)
 
 
 def test_trainer_keeps_rotations_orthogonal_and_is_deterministic_and_resumable(tmp_path):
@@ -214,9 +214,9 @@ def test_clmas_matches_intended_states_masks_unmatched_and_mixes_losses():
     c.cl_latents[0] = prob.intervened_latents(maps, c, torch.arange(1))[0].detach()
     assert float(prob.cl_loss(maps, c, torch.arange(1)).detach()) == pytest.approx(0.0, abs=1e-6)
     recs = prob.evaluate(maps)
-    cl_recs = [r for r in recs if r["trained_by"] == "cl"]
-    assert len(cl_recs) == 2 and all("cl_unmatched" in r for r in cl_recs)
-    assert all(r["trained_by"] == "behaviour" for r in recs if (r["source_index"], r["target_index"]) in
+    cl_recs = [r for r in recs if r.trained_by == "cl"]
+    assert len(cl_recs) == 2 and all(r.cl_unmatched is not None for r in cl_recs)
+    assert all(r.trained_by == "behaviour" for r in recs if (r.source_index, r.target_index) in
                [(1, 0), (0, 0)])
 
 
@@ -256,7 +256,7 @@ def test_stitching_baselines_train_and_evaluate_only_their_directions(interventi
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in modules.parameters() if p.requires_grad)
     recs = prob.evaluate([m.materialize() for m in modules])
-    assert [r["trained"] for r in recs if (r["source_index"], r["target_index"]) == (0, 1)] == [True]
+    assert [r.trained for r in recs if (r.source_index, r.target_index) == (0, 1)] == [True]
 
 
 @pytest.mark.parametrize("archs,stepwise,site", [(("gru", "lstm"), False, "hidden"),
@@ -270,7 +270,7 @@ def test_length_buckets_change_no_number(monkeypatch, archs, stepwise, site):
     monkeypatch.setattr(TaskModelProblem, "_buckets", staticmethod(lambda needed: [torch.arange(len(needed))]))
     assert float(prob.loss(maps, rows)[0]) == pytest.approx(bucketed, rel=1e-5)
     for a, b in zip(recs, prob.evaluate(maps, rollout=True)):
-        assert a["trial_iia"] == b["trial_iia"] and a["token_iia"] == pytest.approx(b["token_iia"])
+        assert a.trial_iia == b.trial_iia and a.token_iia == pytest.approx(b.token_iia)
 
 
 def test_value_range_restricts_every_split_and_is_validated(monkeypatch):

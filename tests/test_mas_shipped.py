@@ -33,7 +33,7 @@ def test_mas_with_an_exact_copy_reaches_the_models_own_accuracy(tmp_path):
     trainer.fit(resume=False)
     records = problem.evaluate(trainer.materialize(), with_ci=True)   # real autoregressive rollouts
     for r in records:
-        assert r["trial_iia"] >= accuracy - 0.02, r
+        assert r.trial_iia >= accuracy - 0.02, r
 
 
 @pytest.mark.slow
@@ -49,6 +49,6 @@ def test_rollout_trial_iia_equals_the_teacher_forced_all_correct_event():
     with torch.no_grad():
         rollout = problem.evaluate(maps, rollout=True)
         teacher = problem.evaluate(maps, rollout=False)
-    assert any(0.05 < r["trial_iia"] < 0.95 for r in rollout)   # a discriminating mix
+    assert any(0.05 < r.trial_iia < 0.95 for r in rollout)   # a discriminating mix
     for a, b in zip(rollout, teacher):
-        assert a["trial_iia"] == b["trial_iia"]
+        assert a.trial_iia == b.trial_iia

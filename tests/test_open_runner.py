@@ -24,6 +24,7 @@ from llm_mas.errors import ConfigError, DataError
 from llm_mas.models.recurrent import SteppedRNN, stepped_site
 from llm_mas.run import build_problem, run
 from llm_mas.run_config import config_from_kwargs, load_mas_config
+from llm_mas.sites import Site
 from llm_mas.tasks.tensor_data import RegressionScorer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +162,7 @@ def test_two_user_grus_align_on_the_choice_and_random_alignments_do_not(grus, tm
     assert values["data.tensors"] == data.digest()
     config_text = (run_dir / "config.yaml").read_text()
     assert "module:" not in config_text and "kind: module" in config_text   # no Python object in the YAML
+    assert config_text.startswith("# run from Python objects") and "llm_mas.compare" in config_text.splitlines()[0]
     record = trained.records[1]
     assert record.n_pairs == 120 and record.n_tokens == 120 and record.trial_iia_ci[0] <= record.trial_iia
 
@@ -298,3 +300,93 @@ def test_collect_rows_and_similarity_take_continuous_inputs_and_any_module(tmp_p
     assert result["n_sequences"] == 20 and result["n_rows_total"] == 20 * T
     for key in ("cka_biased", "rsa_cosine_pearson", "rsa_euclidean_spearman"):   # a model against itself
         assert metrics[key]["mean"] == pytest.approx(1.0, abs=1e-5), key
+
+
+def test_kinds_mix_on_tensors_with_inputs_and_labels_per_model(tmp_path):
+    """A shipped task model (token ids of its task), a tiny HF LM (its own token ids) and a user module
+    (continuous inputs) on one tensor dataset: each model reads its own inputs and labels."""
+    from llm_fixtures import tiny_qwen2_dir
+
+    from llm_mas.tasks import get_task
+
+    rng = np.random.default_rng(0)
+    n, t_len = 40, 6
+    vocab = len(get_task("multiobject").vocab)
+    task_ids = torch.tensor(rng.integers(1, vocab, (2, n, t_len)))
+    lm_ids = torch.tensor(rng.integers(1, 512, (2, n, t_len)))
+    cont = torch.randn(2, n, t_len, 3)
+    labels = [torch.full((n, t_len), -100) for _ in range(3)]
+    labels[0][:, -1] = torch.tensor(rng.integers(1, vocab, n))
+    labels[1][:, -1] = torch.tensor(rng.integers(1, 512, n))
+    labels[2][:, -1] = torch.tensor(rng.integers(0, 2, n))
+    pos = torch.full((n,), 2)
+    data = CounterfactualTensors(base=[task_ids[0], lm_ids[0], cont[0]], source=[task_ids[1], lm_ids[1], cont[1]],
+                                 base_positions=pos, source_positions=pos, labels=labels)
+    models = [{"kind": "task", "name": "multiobject-gru-s0", "site": "hidden"},
+              {"kind": "hf", "name": str(tiny_qwen2_dir(0)), "site": "layer0"},
+              GRUNet(8, 0)]
+    result = llm_mas.compare(models=models, data=data, site="rnn", k=4, name="mixed", out_dir=str(tmp_path),
+                             train={"max_steps": 2, "batch_size": 16}, **QUIET)
+    assert result.models == ["multiobject-gru-s0", "model", "GRUNet"]
+    assert result.matrix().shape == (3, 3) and all(r.n_tokens == 8 for r in result.records)
+    values = json.loads((tmp_path / "mixed" / "fingerprint.json").read_text())["values"]
+    assert {"models.0.model.safetensors", "models.1.weights", "models.2.weights"} <= set(values)
+
+
+class _CellLoop(nn.Module):
+    """A user's own step loop (nn.GRUCell) calling a HookPoint on its state each step, as the README says."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.cell, self.head, self.hook = nn.GRUCell(3, 6), nn.Linear(6, 2), llm_mas.HookPoint()
+
+    def forward(self, x):
+        h, outs = x.new_zeros(x.shape[0], 6), []
+        for t in range(x.shape[1]):
+            h = self.hook(self.cell(x[:, t], h)[:, None], torch.tensor([t]))[:, 0]
+            outs.append(self.head(h))
+        return torch.stack(outs, 1)
+
+
+def test_a_hookpoint_in_a_users_step_loop_is_a_site_whose_edit_feeds_the_loop():
+    net = _CellLoop().eval()
+    x = torch.randn(2, 5, 3)
+    v = torch.randn(6)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 2] = True
+    with torch.no_grad():
+        states = TorchHookBackend().collect(net, x, ["hook"])["hook:output@given"]          # (2, 5, 6)
+        patched = TorchHookBackend().patch(net, x, [Edit(Site.parse("hook"), mask, lambda h, which: v.expand_as(h))])
+        # by hand: row 0's state becomes v after step 2 and the loop continues from it
+        expected = [net.head(states[0, t]) for t in range(2)] + [net.head(v)]
+        h = v
+        for t in range(3, 5):
+            h = net.cell(x[0, t][None], h[None])[0]
+            expected.append(net.head(h))
+    torch.testing.assert_close(patched[0], torch.stack(expected), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(patched[1], net(x)[1], rtol=0, atol=0)
+
+
+class _TwoInputs(nn.Module):
+    """Inputs as named tensors: model(evidence=(B, T, 2), cue=(B, T))."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.net = GRUNet(8, seed)
+
+    def forward(self, evidence, cue):
+        return self.net(torch.cat([evidence, cue[..., None]], -1))
+
+
+def test_dict_inputs_reach_the_module_as_keyword_arguments(tmp_path):
+    x, _ = decision_trials(60, np.random.default_rng(1))
+    base = {"evidence": x[:30, :, :2], "cue": x[:30, :, 2]}
+    source = {"evidence": x[30:, :, :2], "cue": x[30:, :, 2]}
+    labels = torch.full((30, T), -100)
+    labels[:, -1] = 1
+    pos = torch.full((30,), STIM)
+    data = CounterfactualTensors(base=base, source=source, base_positions=pos, source_positions=pos, labels=labels)
+    result = llm_mas.compare(models=[_TwoInputs(0), _TwoInputs(1)], data=data, site="net.rnn", k=2, name="dict",
+                             out_dir=str(tmp_path), train={"max_steps": 2, "batch_size": 8}, **QUIET)
+    assert [r.n_pairs for r in result.records] == [6] * 4

@@ -15,6 +15,7 @@ import pytest
 from llm_mas.errors import ConfigError, DataError
 from llm_mas.models.registry import below_bar
 from llm_mas.presets import resolve_preset
+from llm_mas.problems import Record
 from recipes import clmas, cross_task, stitching_vs_mas
 from recipes.common.claims import format_ci_comparison
 from recipes.common.models import resolve_models, scratch_checkpoints
@@ -249,8 +250,9 @@ def test_direction_row_of_pending_and_unknown_directions():
     class Result:
         variables = ["full"]
         run_dir = "somewhere"
-        records = [{"source_index": 0, "target_index": 0, "variable": "full", "source": "a", "target": "a",
-                    "trial_iia": 0.5, "trial_iia_ci": [0.4, 0.6], "token_iia": 0.7, "n_pairs": 10}]
+        records = [Record.from_dict({"source_index": 0, "target_index": 0, "variable": "full", "source": "a",
+                                     "target": "a", "trained": True, "trial_iia": 0.5, "trial_iia_ci": [0.4, 0.6],
+                                     "token_iia": 0.7, "loss": 0.9, "n_pairs": 10})]
 
     row = direction_row(RunOutcome("r", "trained", Result(), Path("somewhere"), {"best_step": 3}), 0, 0)
     assert (row["trial_iia"], row["trial_iia_lo"], row["best_step"]) == (0.5, 0.4, 3)

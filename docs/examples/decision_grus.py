@@ -2,7 +2,12 @@
 
 A NeuroGym-style PerceptualDecisionMaking task simulated with numpy (inputs (B, T, 3): fixation, evidence
 for left, evidence for right), two plain 64-unit torch GRUs, and MAS through `llm_mas.compare`.
-    python docs/examples/decision_grus.py
+    python docs/examples/decision_grus.py      # ~10 min on one CPU thread
+
+Measured (one run, seed 0; 3000 rows per dataset, 600 of them valid): accuracy 0.977 / 0.984; the choice at
+the first delay step, trial IIA s0->s1 / s1->s0: k = 1 0.993 / 0.998, k = 8 0.995 / 0.993; the accumulated
+evidence mid-stimulus, k = 1: 0.987 / 0.988; random alignments (k = 8, untrained) 0.02-0.04; an untrained
+GRU as source into gru-s1 at k = 8: choice 0.963, evidence 0.660.
 """
 import numpy as np
 import torch
@@ -15,7 +20,7 @@ T = FIX + STIM + DELAY + DECIDE
 
 
 def trials(n, rng):
-    """Inputs (n, T, 3), per-step evidence (n, STIM) and the ideal observer's choice (n,) (0 left, 1 right)."""
+    """Inputs (n, T, 3), per-step evidence (n, STIM), the ideal observer's choice (n,) (0 left, 1 right)."""
     side = rng.integers(0, 2, n)
     coherence = rng.choice([0.0, 0.032, 0.064, 0.128, 0.256, 0.512], n) * np.where(side == 1, 1, -1)
     noise = rng.normal(0, 1, (n, STIM, 2))
@@ -41,7 +46,8 @@ def train(net, rng, steps=1500):
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     for _ in range(steps):
         x, _, y = trials(64, rng)
-        loss = nn.functional.cross_entropy(net(x)[:, -DECIDE:].reshape(-1, 2), torch.tensor(y).repeat_interleave(DECIDE))
+        target = torch.tensor(y).repeat_interleave(DECIDE)
+        loss = nn.functional.cross_entropy(net(x)[:, -DECIDE:].reshape(-1, 2), target)
         opt.zero_grad(), loss.backward(), opt.step()
     x, _, y = trials(5000, rng)
     with torch.no_grad():
@@ -59,8 +65,8 @@ def counterfactuals(rng, step, n=3000):
     labels = torch.full((len(keep), T), -100)
     labels[:, -DECIDE:] = torch.tensor(y[keep])[:, None]
     pos = torch.full((len(keep),), step)
-    return llm_mas.CounterfactualTensors(base=xb[keep], source=xs[keep], base_positions=pos, source_positions=pos,
-                                         labels=labels)
+    return llm_mas.CounterfactualTensors(base=xb[keep], source=xs[keep], base_positions=pos,
+                                         source_positions=pos, labels=labels)
 
 
 rng = np.random.default_rng(0)
@@ -75,6 +81,6 @@ for label, data, k, options in [("choice, k=1", choice, 1, fit), ("choice, k=8",
     print(label, "\n", res.table())
 untrained = GRUNet(7)
 for label, data in [("choice", choice), ("evidence", evidence)]:
-    res = llm_mas.compare(models=[untrained, nets[1]], data=data, site="rnn", k=8, names=["untrained", "gru-s1"],
-                          directions=[[0, 1]], **fit)
+    res = llm_mas.compare(models=[untrained, nets[1]], data=data, site="rnn", k=8,
+                          names=["untrained", "gru-s1"], directions=[[0, 1]], **fit)
     print(f"untrained GRU -> trained, {label}, k=8: {res.matrix()[0, 1]:.3f}")

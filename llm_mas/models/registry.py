@@ -81,7 +81,8 @@ def resolve_model_dir(name_or_path: str | Path) -> tuple[Path, dict[str, Any] | 
     raise ConfigError(
         f"unknown task model {key!r}: not a shipped name and not a run directory with config.yaml. {hint}"
         f"Shipped names: {', '.join(names) or '(none yet)'}; a directory written by `llm-mas train-model` "
-        "also works")
+        "also works. Your own torch model: pass the nn.Module itself (compare(models=[module, ...], "
+        "data=CounterfactualTensors)) or a `kind: module` entry (factory and weights)")
 
 
 def load_task_model(name_or_path: str | Path, device: str = "cpu") -> TaskModel:

@@ -492,10 +492,20 @@ def build_task_model(arch: str, task_name: str, vocab_size: int, seed: int = 0, 
     return model
 
 
+def build_from_settings(settings: Any, seed: int | None = None) -> TaskModel:
+    """A freshly initialised task model from the settings a checkpoint records (``config.yaml``'s ``model``
+    section, or a loaded model's ``.config``: arch, task_name, vocab_size, seed and the architecture's
+    options); ``seed`` replaces the recorded seed (an untrained control)."""
+    settings = dict(settings)
+    arch, task_name, vocab_size = settings.pop("arch"), settings.pop("task_name"), settings.pop("vocab_size")
+    recorded = settings.pop("seed", 0)
+    return build_task_model(arch, task_name, vocab_size, seed=recorded if seed is None else seed, **settings)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters of `model`."""
     return sum(p.numel() for p in model.parameters())
 
 
 __all__ = ["ARCHS", "DEFAULTS", "GRUTaskModel", "LSTMTaskModel", "TaskModel", "TransformerTaskModel",
-           "build_task_model", "count_parameters"]
+           "build_from_settings", "build_task_model", "count_parameters"]

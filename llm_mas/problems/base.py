@@ -31,7 +31,8 @@ Direction = tuple[int, int]  # (source model index, target model index)
 class Record:
     """The evaluation of one (source, target, variable): one row of ``results.json``.
 
-    Optional fields are None where a problem does not report them (and are then left out of ``to_dict``):
+    A plain dataclass: read fields as attributes (``record.n_tokens``). Optional fields are None where a
+    problem does not report them (and are then left out of ``to_dict``, the ``results.json`` form):
     n_tokens (LLMs), trained_by / cl_unmatched / cl_loss (task models; CL-trained directions), the CIs and
     per-quantity IIA (final evaluation only), best_step (set by the runner).
     """
@@ -70,25 +71,6 @@ class Record:
         if data.get("trial_iia_by_quantity") is not None:
             data["trial_iia_by_quantity"] = {int(q): v for q, v in data["trial_iia_by_quantity"].items()}
         return cls(**data)
-
-    def __getitem__(self, key: str) -> Any:
-        """Read a field by its ``results.json`` name (``record["trial_iia"]``), as for loaded results."""
-        value = getattr(self, key) if key in _RECORD_FIELDS else None
-        if value is None:
-            raise KeyError(key)
-        return value
-
-    def __contains__(self, key: object) -> bool:
-        return key in _RECORD_FIELDS and getattr(self, key) is not None
-
-    def get(self, key: str, default: Any = None) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
-
-_RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(Record))
 
 
 @dataclass

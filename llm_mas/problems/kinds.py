@@ -11,7 +11,9 @@ runner asks the kind for
 - ``load(entry, index, device, log) -> LoadedModel``: one model, its backend and site, for a run on
   counterfactual tensors (``data.dataset`` a tensor directory, or ``compare(data=CounterfactualTensors)``),
   where kinds mix freely;
-- ``check(config, index) -> [problems]``: what is wrong with entry ``index`` found without loading weights;
+- ``check(config) -> (problems, data problems)``: what is wrong with the config's entries of this kind,
+  found without loading weights (``preflight`` runs it once per kind present, before the run directory is
+  touched; config problems and problems of files apart);
 - ``fingerprint(entry) -> {name: digest}``: what its result depends on beyond the config (weights files).
 
 Built-in kinds: ``task`` (shipped / trained task models), ``hf`` (Hugging Face causal LMs), ``module``
@@ -179,7 +181,7 @@ class ModelKind:
     schema: type = GenericModelConfig
     build: ProblemBuilder | None = None
     load: Callable[..., LoadedModel] | None = None
-    check: Callable[[Any, int], list[str]] | None = None
+    check: Callable[[Any], tuple[list[str], list[str]]] | None = None
     fingerprint: Callable[[Any], dict[str, str]] | None = None
     description: str = ""
 
@@ -250,7 +252,36 @@ def tensor_dataset(config):
         if not isinstance(data.tensors, CounterfactualTensors):
             raise ConfigError(f"data.tensors: expected llm_mas.CounterfactualTensors, got {type(data.tensors).__name__}")
         return data.tensors
-    return CounterfactualTensors.load(data.dataset)
+    # read once per run (fingerprint, checks, problem): the directory's files, keyed by their size and mtime
+    from ..tasks.tensor_data import META_FILE, TENSOR_FILE
+
+    directory = Path(data.dataset).resolve()
+    try:
+        key = (str(directory),) + tuple((p.stat().st_size, p.stat().st_mtime_ns)
+                                        for p in (directory / TENSOR_FILE, directory / META_FILE))
+    except OSError:
+        return CounterfactualTensors.load(directory)  # names the missing file
+    if _LOADED.get("key") != key:
+        _LOADED.update(key=key, data=CounterfactualTensors.load(directory))
+    return _LOADED["data"]
+
+
+_LOADED: dict[str, Any] = {}   # the last tensor directory read (one at a time: a run reads one)
+
+
+def entry_device(entry: Any, default: str) -> str:
+    """Where a model runs: its own ``device``; a module object given in Python stays where it is (its first
+    parameter's device) unless a device is set; else the run's device."""
+    if getattr(entry, "device", None) is not None:
+        return entry.device
+    module = getattr(entry, "module", None)
+    if module is not None:
+        tensor = next(iter(module.parameters()), None)
+        if tensor is None:
+            tensor = next(iter(module.buffers()), None)
+        if tensor is not None:
+            return str(tensor.device)
+    return default
 
 
 # ------------------------------------------------------------------------------------------ module kind
@@ -277,7 +308,7 @@ def _load_module(entry: ModuleModelConfig, index: int, device: str, log) -> Load
     return LoadedModel(view, TorchHookBackend(), site, None)
 
 
-def _check_module(config, index: int) -> list[str]:
+def _check_module_entry(config, index: int) -> list[str]:
     """A module entry's factory imports and builds, its weights fit, its site exists (nothing is trained)."""
     from ..backends.torch_hooks import get_module
     from ..models.recurrent import stepped_site
@@ -308,6 +339,12 @@ def _check_module(config, index: int) -> list[str]:
     except MASError as e:
         problems.append(f"{where}.site: {e}")
     return problems
+
+
+def _check_modules(config) -> tuple[list[str], list[str]]:
+    problems = [p for i, m in enumerate(config.models) if getattr(m, "kind", None) == "module"
+                for p in _check_module_entry(config, i)]
+    return problems, []
 
 
 def _module_fingerprint(entry: ModuleModelConfig) -> dict[str, str]:
@@ -370,12 +407,14 @@ def _load_task_or_hf(entry, index: int, device: str, log) -> LoadedModel:
 
 
 def _register_builtins() -> None:
-    from .llm import build_llm_problem
-    from .task import build_task_problem
+    from .llm import build_llm_problem, check_hf_models
+    from .task import build_task_problem, check_task_models
 
     register_kind(ModelKind("task", TaskModelConfig, build=build_task_problem, load=_load_task_or_hf,
-                            fingerprint=_task_fingerprint, description="a shipped or trained task model"))
+                            check=check_task_models, fingerprint=_task_fingerprint,
+                            description="a shipped or trained task model"))
     register_kind(ModelKind("hf", HFModelConfig, build=build_llm_problem, load=_load_task_or_hf,
-                            fingerprint=_hf_fingerprint, description="a Hugging Face causal LM"))
-    register_kind(ModelKind("module", ModuleModelConfig, load=_load_module, check=_check_module,
+                            check=check_hf_models, fingerprint=_hf_fingerprint,
+                            description="a Hugging Face causal LM"))
+    register_kind(ModelKind("module", ModuleModelConfig, load=_load_module, check=_check_modules,
                             fingerprint=_module_fingerprint, description="any torch.nn.Module"))

@@ -388,3 +388,43 @@ def build_llm_problem(config, *, shard: Shard | None = None, log: Callable[[str]
     return LLMProblem(entries, k, train_directions=config.train_directions(), n_train=config.data.n_train,
                       n_valid=config.data.n_valid, seed=config.seed, intervention=config.intervention,
                       eval_batch_size=config.eval.batch_size, shard=shard)
+
+
+def hf_header_problems(config) -> list[str]:
+    """Problems of HF model entries found without loading weights: missing recordings, k larger than the
+    smallest hidden size (from each local directory's config.json)."""
+    import json
+
+    from ..llm.loading import resolve_model_location
+
+    problems, widths = [], []
+    for i, m in enumerate(config.models):
+        if getattr(m, "kind", None) != "hf":  # a task model next to LMs (counterfactual runs): checked by name
+            continue
+        if m.recording is not None and not (Path(m.recording) / "recording.safetensors").is_file():
+            problems.append(f"models.{i}.recording: {m.recording!r} holds no recording.safetensors; make it with "
+                            f"`llm-mas record --model {m.name} --texts TEXTS --out {m.recording}`")
+        try:
+            location, local = resolve_model_location(m.name)
+        except ConfigError as e:
+            problems.append(f"models.{i}.name: {e}")
+            continue
+        if local:
+            try:
+                hf_config = json.loads((Path(location) / "config.json").read_text())
+            except (OSError, ValueError):
+                problems.append(f"models.{i}.name: {location!r} has no readable config.json; pass a directory "
+                                "written by save_pretrained / `hf download`")
+                continue
+            width = hf_config.get("hidden_size") or hf_config.get("n_embd") or hf_config.get("d_model")
+            if isinstance(width, int):
+                widths.append(width)
+    if widths and config.k is not None and config.k > min(widths):
+        problems.append(f"k={config.k} is larger than the smallest hidden size among the models ({min(widths)}); "
+                        f"use k <= {min(widths)}")
+    return problems
+
+
+def check_hf_models(config) -> tuple[list[str], list[str]]:
+    """The hf kind's check: `hf_header_problems` (no data problems)."""
+    return hf_header_problems(config), []

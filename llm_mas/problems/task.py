@@ -29,10 +29,10 @@ import torch.nn.functional as F
 
 from ..backends.base import Edit
 from ..backends.torch_hooks import TorchHookBackend, get_module
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, MASError
 from ..llm.record import IGNORE_INDEX
 from ..models.registry import load_task_model, resolve_model_dir
-from ..models.task_models import build_task_model
+from ..models.task_models import build_from_settings
 from ..models.training import read_run_config
 from ..sites import resolve_site
 from ..tasks import get_task, make_pairs
@@ -562,10 +562,7 @@ def build_task_problem(config, *, shard: Shard | None = None, log: Callable[[str
         except DataError as e:
             raise DataError(f"models.{i} ({m.name}): {e}") from None
         if m.untrained:  # control: same architecture, fresh random weights (a new model; the loaded one is dropped)
-            settings = dict(model.config)
-            arch, task_name, vocab = settings.pop("arch"), settings.pop("task_name"), settings.pop("vocab_size")
-            settings.pop("seed", None)
-            model = build_task_model(arch, task_name, vocab, seed=10_000 + config.seed * 7 + i, **settings)
+            model = build_from_settings(model.config, seed=10_000 + config.seed * 7 + i)
             model.eval().requires_grad_(False).to(config.device)
         site = resolve_site(model, m.site)
         get_module(model, site)  # wrong path -> SiteError listing close names
@@ -585,3 +582,114 @@ def build_task_problem(config, *, shard: Shard | None = None, log: Callable[[str
                             device=config.device, progress=config.progress,
                             cl_directions=config.cl_directions(), cl_epsilon=config.cl.epsilon,
                             cl_match_on=config.cl.match_on, value_range=config.data.value_range)
+
+
+def task_model_header_problems(config) -> tuple[list[str], list[str]]:
+    """(config problems, data problems) of the task models found from their config.yaml and the header of
+    their weights file, without loading any weights: the site exists in the architecture, k and the
+    variable blocks fit the smallest latent width (d_model; LSTM: [h; c]), the manifest's architecture is
+    the one config.yaml describes, and the weights file holds exactly that architecture's tensors."""
+    from safetensors import safe_open
+
+    from ..interventions import variable_blocks
+    from ..models.training import check_fits
+
+    problems, data_problems, widths = [], [], []
+    for i, m in enumerate(config.models):
+        try:
+            run_dir, entry = resolve_model_dir(m.name)
+            settings = dict(read_run_config(run_dir)["model"])
+        except MASError as e:
+            data_problems.append(f"models.{i} ({m.name}): {e}")
+            continue
+        arch = settings.get("arch")
+        if entry is not None and entry.get("arch") not in (None, arch):
+            data_problems.append(
+                f"models.{i} ({m.name}): the manifest lists a {entry['arch']!r} model but "
+                f"{str(run_dir / 'config.yaml')!r} describes a {arch!r} one; the directory holds another "
+                "checkpoint: restore it, or rebuild the manifest with `python -m llm_mas.models.registry`")
+            continue
+        try:
+            model = build_from_settings(settings)
+        except (MASError, KeyError, TypeError) as e:
+            data_problems.append(f"models.{i} ({m.name}): {str(run_dir / 'config.yaml')!r} does not describe a "
+                                 f"task model ({e}); restore it or retrain with `llm-mas train-model`")
+            continue
+        widths.append(model.d_model)
+        try:
+            get_module(model, resolve_site(model, m.site))
+        except MASError as e:
+            problems.append(f"models.{i}.site: {e}")
+        weights = run_dir / "model.safetensors"
+        if not weights.exists():
+            data_problems.append(f"models.{i} ({m.name}): {str(run_dir)!r} has no model.safetensors (training "
+                                 "not finished?)")
+            continue
+        try:
+            with safe_open(str(weights), "pt") as f:  # reads the header only
+                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            if weights.stat().st_size < _data_end(weights):
+                raise ValueError("the file is shorter than its header says (truncated)")
+        except Exception as e:  # safetensors raises its own error type
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            data_problems.append(f"models.{i} ({m.name}): {str(weights)!r} is not a readable safetensors file "
+                                 f"({first}); the checkpoint is corrupted: retrain or restore it")
+            continue
+        try:
+            check_fits(weights, model, shapes)
+        except DataError as e:
+            data_problems.append(f"models.{i} ({m.name}): {e}")
+    if widths and not problems:
+        d_min = min(widths)
+        k = config.k if config.k is not None else d_min // 2
+        if k > d_min:
+            problems.append(f"k={k} is larger than the smallest latent width among the models ({d_min}); use "
+                            f"k <= {d_min}")
+        else:
+            try:
+                variable_blocks(config.variables, k, d_min, null=config.null_subspace)
+            except ConfigError as e:
+                problems.extend(f"k: {p}" for p in e.problems)
+    return problems, data_problems
+
+
+def _data_end(path: Path) -> int:
+    """Where the last tensor of a safetensors file ends (8-byte header length + header + data)."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + n + max(ends, default=0)
+
+
+def check_task_models(config) -> tuple[list[str], list[str]]:
+    """(config problems, data problems) of a config's task models, without loading weights (the task kind's
+    check). A run of task models alone: names, variables of their tasks, sites, k, the checkpoints' headers.
+    A run on counterfactual tensors: names and sites. (A counterfactual text/task run checks them when it
+    builds its problem.)"""
+    if config.kind == "task":
+        problems, _ = task_model_infos(config)
+        return (problems, []) if problems else task_model_header_problems(config)
+    if config.kind != "tensors":
+        return [], []
+    problems: list[str] = []
+    for i, m in enumerate(config.models):
+        if getattr(m, "kind", None) != "task":
+            continue
+        try:
+            run_dir, _ = resolve_model_dir(m.name)
+        except ConfigError as e:
+            problems.append(f"models.{i}.name: {e}")
+            continue
+        try:
+            model = build_from_settings(read_run_config(run_dir)["model"])
+            get_module(model, resolve_site(model, m.site))
+        except MASError as e:  # before KeyError: a SiteError is one
+            if not isinstance(e, DataError):
+                problems.append(f"models.{i}.site: {e}")
+        except (KeyError, TypeError):
+            continue  # a broken checkpoint is named when the run loads it
+    return problems, []

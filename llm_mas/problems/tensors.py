@@ -235,7 +235,7 @@ def build_tensor_problem(config, *, shard: Shard | None = None,
     """Load every model through its kind's loader (`llm_mas.problems.kinds`), read the tensors (a run's
     ``data.tensors`` object, or the directory ``data.dataset``), cache the source latents."""
     from ..llm.loading import parse_device
-    from .kinds import load_model, tensor_dataset
+    from .kinds import entry_device, load_model, tensor_dataset
 
     log = log or (lambda s: None)
     if shard is not None and shard.world > 1:
@@ -245,7 +245,7 @@ def build_tensor_problem(config, *, shard: Shard | None = None,
     entries = []
     names = model_names(config)
     for i, m in enumerate(config.models):
-        device = parse_device(getattr(m, "device", None) or config.device)
+        device = parse_device(entry_device(m, config.device))
         loaded = load_model(m, i, device, log)
         entries.append(TensorModelEntry(name=names[i], model=loaded.model, site=loaded.site, width=loaded.width or 0,
                                         backend=loaded.backend, device=torch.device(device)))

@@ -27,6 +27,7 @@ from llm_mas.config import apply_overrides, from_dict, load_yaml, to_dict
 from llm_mas.errors import ConfigError, DataError, MASError
 from llm_mas.models.registry import below_bar_text, read_manifest, resolve_model_dir
 from llm_mas.presets import resolve_preset
+from llm_mas.problems import Record
 from llm_mas.results import MASResult
 from llm_mas.run import run as run_mas
 from llm_mas.run_config import MASConfig
@@ -234,13 +235,13 @@ def plan_rows(plans: Sequence[PlannedRun], outcomes: dict[str, RunOutcome]) -> l
 
 
 # ================================================================================== records -> rows
-def find_record(result: MASResult, source_index: int, target_index: int, variable: str | None = None) -> dict:
+def find_record(result: MASResult, source_index: int, target_index: int, variable: str | None = None) -> Record:
     """The record of direction source -> target (and `variable`, default the run's first) of a MASResult."""
     variable = variable or result.variables[0]
     for r in result.records:
-        if (r["source_index"], r["target_index"], r["variable"]) == (source_index, target_index, variable):
+        if (r.source_index, r.target_index, r.variable) == (source_index, target_index, variable):
             return r
-    have = sorted({(r["source_index"], r["target_index"], r["variable"]) for r in result.records})
+    have = sorted({(r.source_index, r.target_index, r.variable) for r in result.records})
     raise DataError(f"no record for direction {source_index} -> {target_index}, variable {variable!r} in "
                     f"{result.run_dir}; the run has {have}")
 
@@ -256,14 +257,14 @@ def direction_row(outcome: RunOutcome, source_index: int, target_index: int,
                    status=outcome.status, run_dir=outcome.message or "pending")
         return row
     r = find_record(outcome.result, source_index, target_index, variable)
-    lo, hi = r.get("trial_iia_ci", [math.nan, math.nan])
+    lo, hi = r.trial_iia_ci if r.trial_iia_ci is not None else [math.nan, math.nan]
     info = outcome.info or {}
-    row.update(source=r["source"], target=r["target"], variable=r["variable"],
-               trained_by=r.get("trained_by", ""), trial_iia=r["trial_iia"], trial_iia_lo=lo, trial_iia_hi=hi,
-               token_iia=r["token_iia"], n_pairs=r["n_pairs"],
-               best_step=info.get("best_step", r.get("best_step")), steps=info.get("steps"),
+    row.update(source=r.source, target=r.target, variable=r.variable,
+               trained_by=r.trained_by or "", trial_iia=r.trial_iia, trial_iia_lo=lo, trial_iia_hi=hi,
+               token_iia=r.token_iia, n_pairs=r.n_pairs,
+               best_step=info.get("best_step", r.best_step), steps=info.get("steps"),
                stopped=info.get("stopped"), status=outcome.status,
                run_dir=str(outcome.run_dir))
-    if "cl_unmatched" in r:
-        row["cl_unmatched"] = r["cl_unmatched"]
+    if r.cl_unmatched is not None:
+        row["cl_unmatched"] = r.cl_unmatched
     return row
