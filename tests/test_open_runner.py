@@ -390,3 +390,35 @@ def test_dict_inputs_reach_the_module_as_keyword_arguments(tmp_path):
     result = llm_mas.compare(models=[_TwoInputs(0), _TwoInputs(1)], data=data, site="net.rnn", k=2, name="dict",
                              out_dir=str(tmp_path), train={"max_steps": 2, "batch_size": 8}, **QUIET)
     assert [r.n_pairs for r in result.records] == [6] * 4
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.RNN])
+def test_stepped_multilayer_rnns_edit_the_top_layer_state_and_keep_the_rest(cls):
+    """Two layers, time-major (batch_first=False): the edit replaces the top layer's h at the step (an LSTM's
+    cell state c is kept) and the recurrence continues from it; no edit: the outputs are the module's own."""
+    torch.manual_seed(1)
+    rnn = cls(3, 5, num_layers=2).eval()
+    model = nn.Sequential()
+    model.add_module("rnn", rnn)
+    x = torch.randn(T, 2, 3)                        # (T, B, n_in)
+    view, site = stepped_site(model, "rnn")
+    v = torch.randn(5)
+    mask = torch.zeros(2, T, dtype=torch.bool)      # masks are (B, T) whatever the module's layout
+    mask[1, 3] = True
+    with torch.no_grad():
+        out, state = view(x)
+        ref_out, ref_state = rnn(x)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+        patched = TorchHookBackend().patch(view, x, [Edit(site, mask, lambda h, which: v.expand_as(h))])
+        first, state = rnn(x[:4])
+        first = first.clone()
+        first[3, 1] = v
+        if isinstance(state, tuple):
+            h, c = state[0].clone(), state[1]
+            h[-1, 1] = v
+            state = (h, c)
+        else:
+            state = state.clone()
+            state[-1, 1] = v
+        rest, _ = rnn(x[4:], state)
+    torch.testing.assert_close(patched, torch.cat([first, rest]), rtol=1e-6, atol=1e-6)
