@@ -4,6 +4,10 @@
     result = llm_mas.compare(models=["multiobject-gru-s0", "multiobject-gru-s1"], site="hidden", k=32)
     result.matrix(); result.to_dataframe(); result.plot()
 
+    # any torch modules on counterfactual tensors (README: "Your own model")
+    data = llm_mas.CounterfactualTensors(base=x_b, source=x_s, base_positions=t, source_positions=t, labels=y)
+    result = llm_mas.compare(models=[gru_a, gru_b], data=data, site="rnn", k=1)
+
 Heavy dependencies (torch, nnsight, transformer_lens, peft, datasets) are imported lazily.
 """
 

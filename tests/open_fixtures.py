@@ -92,3 +92,29 @@ def _register_toy_kind() -> None:
 
 
 _register_toy_kind()
+
+
+# ---------------------------------------------------------------------------------- a user's scorer
+def _sign_scorer():
+    from llm_mas import Scorer
+
+    class SignScorer(Scorer):
+        """Right when the output's sign matches the label's (labels ±1, 0 = not scored); hinge loss."""
+
+        name = "sign"
+
+        def scored(self, labels):
+            return (labels != 0).reshape(len(labels), -1).sum(1)
+
+        def __call__(self, output, labels):
+            output = output[..., 0] if output.shape[-1] == 1 else output
+            mask = labels != 0
+            margin = torch.where(mask, 1 - output * labels, torch.zeros_like(output)).clamp(min=0)
+            b = len(labels)
+            right = ((output * labels > 0) & mask).reshape(b, -1).sum(1).float()
+            return margin.reshape(b, -1).sum(1), right, mask.reshape(b, -1).sum(1).float()
+
+    return SignScorer
+
+
+SignScorer = _sign_scorer()

@@ -390,3 +390,73 @@ def test_dict_inputs_reach_the_module_as_keyword_arguments(tmp_path):
     result = llm_mas.compare(models=[_TwoInputs(0), _TwoInputs(1)], data=data, site="net.rnn", k=2, name="dict",
                              out_dir=str(tmp_path), train={"max_steps": 2, "batch_size": 8}, **QUIET)
     assert [r.n_pairs for r in result.records] == [6] * 4
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.RNN])
+def test_stepped_multilayer_rnns_edit_the_top_layer_state_and_keep_the_rest(cls):
+    """Two layers, time-major (batch_first=False): the edit replaces the top layer's h at the step (an LSTM's
+    cell state c is kept) and the recurrence continues from it; no edit: the outputs are the module's own."""
+    torch.manual_seed(1)
+    rnn = cls(3, 5, num_layers=2).eval()
+    model = nn.Sequential()
+    model.add_module("rnn", rnn)
+    x = torch.randn(T, 2, 3)                        # (T, B, n_in)
+    view, site = stepped_site(model, "rnn")
+    v = torch.randn(5)
+    mask = torch.zeros(2, T, dtype=torch.bool)      # masks are (B, T) whatever the module's layout
+    mask[1, 3] = True
+    with torch.no_grad():
+        out, state = view(x)
+        ref_out, ref_state = rnn(x)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+        patched = TorchHookBackend().patch(view, x, [Edit(site, mask, lambda h, which: v.expand_as(h))])
+        first, state = rnn(x[:4])
+        first = first.clone()
+        first[3, 1] = v
+        if isinstance(state, tuple):
+            h, c = state[0].clone(), state[1]
+            h[-1, 1] = v
+            state = (h, c)
+        else:
+            state = state.clone()
+            state[-1, 1] = v
+        rest, _ = rnn(x[4:], state)
+    torch.testing.assert_close(patched, torch.cat([first, rest]), rtol=1e-6, atol=1e-6)
+
+
+class _Readout(nn.Module):
+    """Per-step linear encoder and a scalar readout: model(x (B, T, 3)) -> (B, T, 1); site "enc"."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.enc, self.out = nn.Linear(3, 4), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.out(self.enc(x))
+
+
+@pytest.mark.parametrize("scorer", ["regression", "open_fixtures:SignScorer"])
+def test_a_full_swap_into_the_same_model_gives_the_sources_output_under_any_scorer(scorer, tmp_path):
+    """k = d on a model with itself: h' = A⁻¹(A h_s) = h_s for any orthogonal A, so the target's output at the
+    swapped step is the source's own output there (hand-computed labels): trial IIA 1 without training."""
+    net = _Readout().eval()
+    x_base, x_source = torch.randn(50, 4, 3), torch.randn(50, 4, 3)
+    with torch.no_grad():
+        y = net(x_source)[:, 2, 0]                                 # the source's output at step 2
+    labels = torch.full((50, 4), float("nan") if scorer == "regression" else 0.0)
+    labels[:, 2] = y if scorer == "regression" else torch.sign(y)
+    data = CounterfactualTensors(base=x_base, source=x_source, base_positions=torch.full((50,), 2),
+                                 source_positions=torch.full((50,), 2), labels=labels, scorer=scorer,
+                                 scorer_options={"tolerance": 1e-5} if scorer == "regression" else {})
+    data.save(tmp_path / "cf")
+    data = CounterfactualTensors.load(tmp_path / "cf")
+    result = llm_mas.compare(models=[net], data=data, site="enc", k=4, directions="self", name="full-swap",
+                             out_dir=str(tmp_path), train={"max_steps": 0}, **QUIET)
+    record = result.records[0]
+    assert record.trial_iia == 1.0 and record.n_tokens == 10      # 10 valid rows, one scored label each
+    assert record.loss == pytest.approx(0.0, abs=1e-9) if scorer == "regression" else record.loss >= 0
+    if scorer == "regression":   # the base's own output is not the label: a partial swap (k = 1) fails some rows
+        partial = llm_mas.compare(models=[net], data=data, site="enc", k=1, directions="self", name="partial",
+                                  out_dir=str(tmp_path), train={"max_steps": 0}, **QUIET)
+        assert partial.records[0].trial_iia < 1.0

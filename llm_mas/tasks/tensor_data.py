@@ -413,6 +413,15 @@ class CounterfactualTensors:
         self.validate()
         directory = Path(directory)
         tensors, meta = self._flat()
+        if meta["scorer"] not in SCORERS:  # a user's scorer: it must import back by its name
+            try:
+                found = import_object(meta["scorer"], "scorer")
+            except ConfigError:
+                found = None
+            if isinstance(self.scorer, Scorer) and found is not type(self.scorer):
+                raise ConfigError(f"scorer {meta['scorer']!r} cannot be imported back by that name (a class "
+                                  "defined inside a function?); define it at module level, or give "
+                                  "scorer='package.module:Name'")
         # one tensor may fill several fields (e.g. the same inputs for two models); safetensors stores each once
         atomic_save_tensors(directory / TENSOR_FILE, {k: v.detach().cpu().clone() for k, v in tensors.items()})
         atomic_write_json(directory / META_FILE, meta, indent=1, sort_keys=True)
