@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "compare": "llm_mas.api",
+    "evaluate": "llm_mas.artifacts",
     "load_task_model": "llm_mas.models.registry",
     "MASResult": "llm_mas.results",
     "MASConfig": "llm_mas.run_config",

@@ -109,6 +109,15 @@ class TensorProblem(ProblemBase):
         self.splits = {split: [TensorPairs(s, t, variable, self.blocks[variable], (s, t) in self.train_directions,
                                            rows[split]) for s, t in self.directions] for split in rows}
 
+    def add_split(self, name: str, rows: torch.Tensor) -> str:
+        """Another evaluated split of these dataset rows (e.g. every row, to score trained alignments on new
+        data: `llm_mas.evaluate`); returns its name."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        self.per_split[name] = [self._model_split(i, m, rows) for i, m in enumerate(self.models)]
+        self.splits[name] = [TensorPairs(s, t, self.data.variable, self.blocks[self.data.variable],
+                                         (s, t) in self.train_directions, rows) for s, t in self.directions]
+        return name
+
     # ------------------------------------------------------------------ data
     def _model_index(self, i: int) -> int:
         """Which item of the per-model fields model i reads (0 when every field is shared)."""
