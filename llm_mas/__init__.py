@@ -24,6 +24,8 @@ _LAZY = {
     "ModelKind": "llm_mas.problems.kinds",
     "register_problem": "llm_mas.problems",
     "stepped": "llm_mas.models.recurrent",
+    "RecordedSystem": "llm_mas.recordings",
+    "cl_loss": "llm_mas.recordings",
 }
 
 

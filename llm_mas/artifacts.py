@@ -35,8 +35,8 @@ import torch
 from .errors import ConfigError, DataError
 from .problems.manifest import MANIFEST, module_weights_digest
 
-# kinds whose models config.yaml names by data alone (checkpoints / HF weights): safe to reload from it
-RELOADABLE_KINDS = ("task", "hf")
+# kinds whose models config.yaml names by data alone (checkpoints, HF weights, recordings): safe to reload
+RELOADABLE_KINDS = ("task", "hf", "recorded")
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -65,6 +65,10 @@ def _resolve_model(given: Any, entry: dict, index: int) -> dict:
                           "is code: pass the nn.Module itself (models=[...]) or name its factory "
                           "(`--factory {index}=package.module:function`); the factory or plugins a run's "
                           "config.yaml names are never imported")
+    from .recordings import RecordedSystem
+
+    if isinstance(given, RecordedSystem):
+        return {**keep, "kind": "recorded", "recording": given, "site": "latents"}
     if isinstance(given, dict):
         return {**(entry if given.get("kind", kind) in RELOADABLE_KINDS else keep), **given}
     if isinstance(given, str) and kind in RELOADABLE_KINDS and ":" not in given:
