@@ -172,3 +172,25 @@ def test_cli_evaluate_takes_factories_named_on_the_command_line(trained_run, gru
     done = subprocess.run(cmd_bad, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "models[1]" in done.stderr and "weights differ" in done.stderr, done.stderr
     assert not sentinel.exists()
+
+
+def test_a_task_model_run_is_reloaded_from_its_config_and_rescored(tmp_path):
+    """Task models are data (checkpoint files): evaluate reloads them by name; the same seed reproduces the
+    run's records exactly, another seed scores new pairs; another checkpoint is refused."""
+    from llm_mas.config import from_dict
+    from llm_mas.run import run
+    from llm_mas.run_config import MASConfig
+
+    cfg = from_dict(MASConfig, {
+        "name": "task", "out_dir": str(tmp_path), "progress": False, "k": 8, "variables": ["count"],
+        "models": [{"name": "multiobject-gru-s0"}, {"name": "multiobject-gru-s1"}],
+        "data": {"n_train": 128, "n_valid": 64}, "train": {"batch_size": 64, "max_steps": 4, "eval_every": 2}})
+    result = run(cfg, log=lambda s: None)
+    again = llm_mas.evaluate(tmp_path / "task", log=lambda s: None)
+    assert [(r.trial_iia, r.token_iia, r.n_pairs) for r in again.records] == \
+        [(r.trial_iia, r.token_iia, r.n_pairs) for r in result.records]
+    other = llm_mas.evaluate(tmp_path / "task", seed=5, log=lambda s: None)
+    assert [r.n_pairs for r in other.records] == [r.n_pairs for r in result.records]
+    assert [r.trial_iia for r in other.records] != [r.trial_iia for r in result.records]
+    with pytest.raises(ConfigError, match=r"models\[1\] \(multiobject-gru-s2\): its model.safetensors differ"):
+        llm_mas.evaluate(tmp_path / "task", models=[None, "multiobject-gru-s2"], log=lambda s: None)
