@@ -125,16 +125,20 @@ def train(net: GRUNet, pool: tuple, steps: int, seed: int, batch: int = 64, lr: 
         return float((net(x[n_train:])[:, -1].argmax(-1) == target[n_train:, -1]).float().mean())
 
 
-def counterfactuals(pool: tuple, step: int, n: int, seed: int) -> llm_mas.CounterfactualTensors:
+def counterfactuals(pool: tuple, step: int, n: int, seed: int, changed_only: bool = True
+                    ) -> llm_mas.CounterfactualTensors:
     """Swap the state after input `step`; label: the ideal observer's choice on the source's evidence up to
-    `step` and the base's after it (at the decision steps), on rows where it differs from the base's own."""
+    `step` and the base's after it (at the decision steps). changed_only: only rows where that differs from
+    the base's own choice (a swap that changes nothing scores 0, as in issue 23's setup) — but then always
+    answering the *other* choice also scores 1, a shortcut a trained alignment can find with an
+    uninformative source; with changed_only=False (every row) that shortcut scores ~0.5."""
     x, _, evidence = pool
     rng = np.random.default_rng(seed)
     base, source = rng.integers(0, len(x), 4 * n), rng.integers(0, len(x), 4 * n)
     k = min(step - FIX + 1, STIM)
     own = evidence[base].sum(1) > 0
     swapped = (evidence[source, :k].sum(1) + evidence[base, k:].sum(1)) > 0
-    keep = np.flatnonzero(own != swapped)[:n]
+    keep = np.flatnonzero(own != swapped)[:n] if changed_only else np.arange(n)
     labels = torch.full((len(keep), T), -100)
     labels[:, -DECIDE:] = torch.tensor(1 + swapped[keep].astype(np.int64))[:, None]
     pos = torch.full((len(keep),), step)
@@ -182,10 +186,11 @@ class Size:
     mas_steps: int
     batch: int
     lr: float
+    eval_every: int
 
 
-FULL = Size(hidden=64, pool=22_000, train_steps=1500, rows=3000, mas_steps=600, batch=256, lr=3e-3)
-SMOKE = Size(hidden=24, pool=3_000, train_steps=150, rows=300, mas_steps=40, batch=64, lr=1e-2)
+FULL = Size(hidden=64, pool=22_000, train_steps=1500, rows=3000, mas_steps=600, batch=256, lr=3e-3, eval_every=100)
+SMOKE = Size(hidden=24, pool=3_000, train_steps=150, rows=250, mas_steps=30, batch=64, lr=1e-2, eval_every=10)
 
 
 def run(size: Size, out: Path, runs: Path, use_neurogym: bool | None = None, log=print) -> list[dict]:
@@ -199,16 +204,19 @@ def run(size: Size, out: Path, runs: Path, use_neurogym: bool | None = None, log
         f"{time.perf_counter() - t0:.0f}s")
     choice = counterfactuals(pool, CHOICE_STEP, size.rows, seed=1)
     evidence = counterfactuals(pool, EVIDENCE_STEP, size.rows, seed=2)
+    choice_all = counterfactuals(pool, CHOICE_STEP, size.rows, seed=3, changed_only=False)
+    evidence_all = counterfactuals(pool, EVIDENCE_STEP, size.rows, seed=4, changed_only=False)
     fit = {"train": {"max_steps": size.mas_steps, "batch_size": size.batch, "lr": 1e-2,
-                     "eval_every": max(1, size.mas_steps // 6)}, "progress": False, "out_dir": str(runs)}
+                     "eval_every": size.eval_every}, "progress": False, "out_dir": str(runs)}
     names = ["gru-s0", "gru-s1"]
     rows: list[dict] = []
 
-    def add(analysis: str, res, directions=((0, 1), (1, 0))):
+    def add(analysis: str, res, directions=((0, 1), (1, 0)), rows_used: str = "changed"):
         by = {(r.source_index, r.target_index): r for r in res.records}
         for d in directions:
             r = by[d]
-            rows.append({"analysis": analysis, "direction": f"{r.source}→{r.target}", "trial_iia": r.trial_iia,
+            rows.append({"analysis": analysis, "rows": rows_used, "direction": f"{r.source}→{r.target}",
+                         "trial_iia": r.trial_iia,
                          "ci_lo": r.trial_iia_ci[0], "ci_hi": r.trial_iia_ci[1], "n_pairs": r.n_pairs,
                          "hand_wired": HAND_WIRED.get(analysis, ""),
                          "cl_loss": r.cl_loss if r.cl_loss is not None else ""})
@@ -225,15 +233,18 @@ def run(size: Size, out: Path, runs: Path, use_neurogym: bool | None = None, log
             llm_mas.compare(models=nets, data=choice, site="rnn", k=k, names=names,
                             **{**fit, "train": {"max_steps": 0}}))
     untrained = GRUNet(size.hidden, seed=7)
-    for label, data in (("choice", choice), ("evidence", evidence)):
-        add(f"{label} untrained GRU → trained, k=8",
-            llm_mas.compare(models=[untrained, nets[1]], data=data, site="rnn", k=8, names=["untrained", "gru-s1"],
-                            directions=[[0, 1]], **fit), directions=((0, 1),))
+    for label, data, data_all in (("choice", choice, choice_all), ("evidence", evidence, evidence_all)):
+        for rows_used, d in (("changed", data), ("all", data_all)):
+            add(f"{label} untrained GRU → trained, k=8",
+                llm_mas.compare(models=[untrained, nets[1]], data=d, site="rnn", k=8, names=["untrained", "gru-s1"],
+                                directions=[[0, 1]], **fit), directions=((0, 1),), rows_used=rows_used)
+    add("choice MAS k=1 cross", llm_mas.compare(models=nets, data=choice_all, site="rnn", k=1, names=names, **fit),
+        rows_used="all")
     for shuffle in (False, True):
-        rec, data = simulated_recording(nets[0], pool, choice, shuffle=shuffle)
+        rec, data = simulated_recording(nets[0], pool, choice_all, shuffle=shuffle)
         add(f"choice CLMAS k=1 vs {'trial-shuffled ' if shuffle else ''}simulated recording",
             llm_mas.compare(models=[nets[0], rec], data=data, site=["rnn", "latents"], k=1, names=["gru-s0", rec.name],
-                            cl={"inaccessible": [1], "epsilon": 0.5}, **fit))
+                            cl={"inaccessible": [1], "epsilon": 0.5}, **fit), rows_used="all")
     write_table(rows, out, accuracy, ideal, source, time.perf_counter() - t0)
     return rows
 
@@ -249,13 +260,16 @@ def write_table(rows: list[dict], out: Path, accuracy: list[float], ideal: float
              f"{ideal:.3f}); `python -m recipes.neurogym_example` ({seconds / 60:.1f} min at 1 thread). Trial IIA on the "
              "validation rows with bootstrap 95 % CIs; CLMAS into the recording: its intervened latent decodes (nearest "
              "recorded-state mean) to the intended choice. Hand-wired: issue 23's numbers (its own 260-line glue, other "
-             "trials and training), for orientation.", "",
-             "| analysis | direction | trial IIA | 95 % CI | pairs | CL loss | hand-wired (issue 23) |",
-             "|---|---|---|---|---|---|---|"]
+             "trials and training), for orientation. Rows *changed*: only counterfactuals whose intended choice differs from the "
+             "base's own (issue 23's setup; keeping the base scores 0, but always answering the other choice scores 1); "
+             "rows *all*: every drawn pair (both shortcuts score about 0.5).", "",
+             "| analysis | rows | direction | trial IIA | 95 % CI | pairs | CL loss | hand-wired (issue 23) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cl = f"{r['cl_loss']:.3f}" if r["cl_loss"] != "" else ""
-        lines.append(f"| {r['analysis']} | {r['direction']} | {r['trial_iia']:.3f} | [{r['ci_lo']:.3f}, "
-                     f"{r['ci_hi']:.3f}] | {r['n_pairs']} | {cl} | {r['hand_wired']} |")
+        hand = r["hand_wired"] if r["rows"] == "changed" else ""
+        lines.append(f"| {r['analysis']} | {r['rows']} | {r['direction']} | {r['trial_iia']:.3f} | [{r['ci_lo']:.3f}, "
+                     f"{r['ci_hi']:.3f}] | {r['n_pairs']} | {cl} | {hand} |")
     (out / "neurogym.md").write_text("\n".join(lines) + "\n")
 
 

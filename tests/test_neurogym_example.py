@@ -44,14 +44,15 @@ def test_the_recipe_smoke_run_writes_its_table(tmp_path):
     assert ex.main(["--smoke", "--runs", str(tmp_path / "runs")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "runs" / "neurogym.csv")))
     assert "| choice MAS k=1 cross |" in (tmp_path / "runs" / "neurogym.md").read_text()
-    iia = {(r["analysis"], r["direction"]): float(r["trial_iia"]) for r in rows}
-    assert len(rows) == 18 and all(float(r["ci_lo"]) <= float(r["trial_iia"]) <= float(r["ci_hi"]) for r in rows)
-    das = [v for (a, _), v in iia.items() if a.startswith("choice DAS")]
-    rand8 = [v for (a, _), v in iia.items() if a == "choice random alignments k=8 cross"]
-    real = iia[("choice CLMAS k=1 vs simulated recording", "recording→gru-s0")]
-    shuffled = iia[("choice CLMAS k=1 vs trial-shuffled simulated recording", "gru-s0→shuffled-recording")]
+    iia = {(r["analysis"], r["rows"], r["direction"]): float(r["trial_iia"]) for r in rows}
+    assert len(rows) == 22 and all(float(r["ci_lo"]) <= float(r["trial_iia"]) <= float(r["ci_hi"]) for r in rows)
+    das = [v for (a, _, _), v in iia.items() if a.startswith("choice DAS")]
+    rand8 = [v for (a, _, _), v in iia.items() if a == "choice random alignments k=8 cross"]
+    real = iia[("choice CLMAS k=1 vs simulated recording", "all", "recording→gru-s0")]
+    shuffled = [iia[("choice CLMAS k=1 vs trial-shuffled simulated recording", "all", d)]
+                for d in ("gru-s0→shuffled-recording", "shuffled-recording→gru-s0")]
     assert min(das) > 0.8 and max(rand8) < 0.4, (das, rand8)          # a trained 1-d subspace vs random 8-d
-    assert real > 0.8 and shuffled < 0.7, (real, shuffled)
+    assert real > 0.8 and max(shuffled) < 0.75, (real, shuffled)      # on every row: no flip shortcut
 
 
 @pytest.mark.slow
