@@ -166,6 +166,9 @@ def evaluate(run: str | Path, models: Sequence[Any] | None = None, data: Any = N
     if batch_size is not None:
         settings["eval"] = {**(raw.get("eval") or {}), "batch_size": batch_size}
     run_data = dict(raw.get("data") or {})
+    if data is None and "data.tensors" in fingerprint.get("values", {}) and not run_data.get("dataset"):
+        raise ConfigError("data: this run read counterfactual tensors given in Python (not recorded in the run "
+                          "directory); pass data=CounterfactualTensors or a tensor directory")
     if data is None:
         settings["data"] = run_data
     else:
@@ -180,9 +183,6 @@ def evaluate(run: str | Path, models: Sequence[Any] | None = None, data: Any = N
     problems = _weights_problems(run_path, config, manifest, fingerprint)
     if problems:
         raise ConfigError(["refused: the alignments were trained on other weights"] + problems)
-    if config.kind == "tensors" and data is None:
-        raise ConfigError("data: this run read counterfactual tensors given in Python (not recorded in the run "
-                          "directory); pass data=CounterfactualTensors or a tensor directory")
     problem = build_problem(config, log=lambda s: None)
     split = "valid"
     if data is not None:

@@ -107,6 +107,8 @@ def test_evaluate_refuses_other_weights_naming_the_model(trained_run, grus):
         llm_mas.evaluate(run_dir, models=grus[::-1], data=data, log=lambda s: None)
     with pytest.raises(ConfigError, match="the run has 2 models; got 1"):
         llm_mas.evaluate(run_dir, models=grus[:1], data=data, log=lambda s: None)
+    with pytest.raises(ConfigError, match="tensors given in Python .* pass data="):
+        llm_mas.evaluate(run_dir, models=grus, log=lambda s: None)
 
 
 EVIL = """
