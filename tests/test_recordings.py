@@ -153,3 +153,32 @@ def test_a_recording_is_a_member_of_rsa_cka_and_gpa(gru):
     c_noisy, c_shuffled = cka(X, noisy), cka(X, shuffled)
     assert 0.6 < c_noisy < 1.0 and c_shuffled < c_noisy - 0.2, (c_noisy, c_shuffled)
     assert rsa(X, noisy) > rsa(X, shuffled) + 0.2
+
+
+def test_a_recording_in_a_config_runs_and_its_run_is_reevaluated_from_the_files(gru, tmp_path):
+    """kind: recorded by path; the tensors a directory; evaluate reloads the recording (data) by its path and
+    takes the GRU as an object (a module is never rebuilt from the run)."""
+    from safetensors.torch import save_file
+
+    from llm_mas.run import run
+    from llm_mas.run_config import load_mas_config
+
+    rec, data = clmas_data(gru, n=200)
+    rec.save(tmp_path / "rec")
+    data.save(tmp_path / "cf")
+    save_file(gru.state_dict(), str(tmp_path / "gru.safetensors"))
+    base = {"name": "cfg", "out_dir": str(tmp_path), "progress": False, "k": 1,
+            "models": [{"kind": "module", "name": "gru", "site": "rnn", "factory": "open_fixtures:gru_net",
+                        "kwargs": {"hidden": 16}, "weights": str(tmp_path / "gru.safetensors")},
+                       {"kind": "recorded", "name": "v1", "path": str(tmp_path / "rec")}],
+            "data": {"dataset": str(tmp_path / "cf")}, "cl": {"inaccessible": [1], "epsilon": 0.5},
+            "train": {"max_steps": 60, "batch_size": 64, "eval_every": 30, "lr": 1e-2}}
+    res = run(load_mas_config(None, [], base=base), log=lambda s: None)
+    values = __import__("json").loads((tmp_path / "cfg" / "fingerprint.json").read_text())["values"]
+    assert values["models.1.kind"] == "recorded" and len(values["models.1.latents"]) == 16
+    again = llm_mas.evaluate(tmp_path / "cfg", models=[gru, None], data=tmp_path / "cf", log=lambda s: None)
+    by = {(r.source_index, r.target_index): r for r in again.records}
+    assert by[(0, 1)].trained_by == "cl" and by[(0, 1)].n_pairs == 200 - by[(0, 1)].cl_unmatched
+    assert res.records[0].n_pairs == 40
+    with pytest.raises(ConfigError, match="models.1.path"):
+        run(load_mas_config(None, ["name=bad", "models.1.path=/nonexistent"], base=base), log=lambda s: None)
