@@ -33,7 +33,7 @@ def evaluate(run: str = typer.Argument(..., help="A finished run directory (conf
              out: str = typer.Option(None, "--out", help="Write the records (results.json form) to this file."),
              ) -> None:
     """Load the run's alignments, check every model's weights against its fingerprint, and score every
-    direction on the data with 95% CIs. Task and HF models are reloaded from the run's config; module models
+    direction on the data with 95% CIs. Task, HF and recorded models are reloaded from the run's config; module models
     need --factory (a run's config.yaml is never imported)."""
 
     def body():
@@ -55,7 +55,11 @@ def evaluate(run: str = typer.Argument(..., help="A finished run directory (conf
             for i, path in factories.items():
                 module = build_module(path, {}, f"--factory {i}")
                 if i in files:
-                    module.load_state_dict(read_weights(files[i], f"--weights {i}"))
+                    try:
+                        module.load_state_dict(read_weights(files[i], f"--weights {i}"))
+                    except RuntimeError as e:   # torch's report of missing / unexpected / misshapen tensors
+                        raise ConfigError(f"--weights {i}: {files[i]!r} does not fit --factory {i} {path}: "
+                                          f"{str(e).splitlines()[0]}") from None
                 models[i] = module
         result = evaluate_run(run, models=models, data=data, seed=seed, device=device, log=typer.echo)
         typer.echo(result.table())
