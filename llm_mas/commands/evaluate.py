@@ -33,8 +33,8 @@ def evaluate(run: str = typer.Argument(..., help="A finished run directory (conf
              out: str = typer.Option(None, "--out", help="Write the records (results.json form) to this file."),
              ) -> None:
     """Load the run's alignments, check every model's weights against its fingerprint, and score every
-    direction on the data with 95% CIs. Task, HF and recorded models are reloaded from the run's config; module models
-    need --factory (a run's config.yaml is never imported)."""
+    direction on the data with 95% CIs. Task, HF and recorded models are reloaded from the run's config;
+    module models need --factory (a run's config.yaml is never imported)."""
 
     def body():
         from ..artifacts import evaluate as evaluate_run
