@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "compare": "llm_mas.api",
+    "evaluate": "llm_mas.artifacts",
     "load_task_model": "llm_mas.models.registry",
     "MASResult": "llm_mas.results",
     "MASConfig": "llm_mas.run_config",
@@ -27,6 +28,8 @@ _LAZY = {
     "ModelKind": "llm_mas.problems.kinds",
     "register_problem": "llm_mas.problems",
     "stepped": "llm_mas.models.recurrent",
+    "RecordedSystem": "llm_mas.recordings",
+    "cl_loss": "llm_mas.recordings",
 }
 
 

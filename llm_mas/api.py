@@ -28,7 +28,8 @@ def compare(models: Sequence[Any], site: str | Sequence[str] = "hidden", task: s
     """Run MAS between `models` and return a `MASResult`.
 
     models: shipped task-model names or checkpoint directories, ``torch.nn.Module`` objects (any module;
-            ``kind: module``, frozen for the run: eval mode, no gradients), or model-entry mappings
+            ``kind: module``, frozen for the run: eval mode, no gradients), `llm_mas.RecordedSystem`
+            recordings (``kind: recorded``; name them in ``cl={"inaccessible": [i]}``), or model-entry mappings
             (e.g. ``{"kind": "hf", "name": "gpt2"}``); kinds may be mixed on counterfactual tensors.
     data: `llm_mas.CounterfactualTensors` (what module models run on), or a mapping of ``data`` settings
           (n_train, n_valid, dataset, task, ...).
@@ -43,6 +44,7 @@ def compare(models: Sequence[Any], site: str | Sequence[str] = "hidden", task: s
     """
     from torch import nn
 
+    from .recordings import RecordedSystem
     from .run import fingerprint_hash, run
     from .run_config import MASConfig, check_models
     from .tasks.tensor_data import CounterfactualTensors
@@ -57,6 +59,8 @@ def compare(models: Sequence[Any], site: str | Sequence[str] = "hidden", task: s
     for i, (m, s) in enumerate(zip(models, sites)):
         if isinstance(m, nn.Module):
             entry = {"kind": "module", "name": type(m).__name__, "module": m}
+        elif isinstance(m, RecordedSystem):
+            entry = {"kind": "recorded", "name": m.name, "recording": m, "site": "latents"}
         elif isinstance(m, dict):
             entry = dict(m)
         elif isinstance(m, str):

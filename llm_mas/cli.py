@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "record": "llm:record",
     "train-lm": "llm:train_lm",
     "similarity": "similarity:similarity",
+    "evaluate": "evaluate:evaluate",
 }
 
 

@@ -3,7 +3,8 @@ the alignments with ``MASTrainer``, evaluates them with CIs and writes the run d
 
     llm-mas mas gru_gru_hidden train.lr=2e-3 data.n_train=2000
 
-A run writes ``runs/<name>/``: the resolved ``config.yaml``, ``alignments.safetensors``, ``results.json``
+A run writes ``runs/<name>/``: the resolved ``config.yaml``, ``alignments.safetensors`` (``alignments.json``:
+how to rebuild them, `llm_mas.artifacts`), ``results.json``
 (one record per source, target, variable), ``history.csv``, ``summary.json`` and ``iia_matrix.png``;
 ``checkpoint.pt`` makes a killed run resumable (run the same command again). ``fingerprint.json`` records
 everything that determines the result (the config up to its cosmetic keys and step budget, a digest of
@@ -47,6 +48,7 @@ from .files import (
 )
 from .problems import PROBLEMS, InterventionProblem, Record, Shard
 from .problems.kinds import model_fingerprint
+from .problems.manifest import write_alignment_manifest
 from .results import MASResult
 from .run_config import MASConfig, preflight
 from .trainer import FitResult, MASTrainer, TrainerConfig
@@ -156,6 +158,7 @@ class RunDir:
         self.fingerprint = self.path / "fingerprint.json"
         self.results = self.path / "results.json"
         self.alignments = self.path / "alignments.safetensors"
+        self.manifest = self.path / "alignments.json"
         self.history = self.path / "history.csv"
         self.summary = self.path / "summary.json"
         self.plot = self.path / "iia_matrix.png"
@@ -164,8 +167,8 @@ class RunDir:
 
     @property
     def outputs(self) -> list[Path]:
-        return [self.config, self.fingerprint, self.results, self.alignments, self.history, self.summary,
-                self.plot, self.checkpoint]
+        return [self.config, self.fingerprint, self.results, self.alignments, self.manifest, self.history,
+                self.summary, self.plot, self.checkpoint]
 
     def existing_outputs(self) -> list[Path]:
         return [p for p in self.outputs if p.exists()]
@@ -332,4 +335,5 @@ def _run_locked(config: MASConfig, run_dir: RunDir, shard: Shard | None, log: Ca
                        run_dir=run_dir.path, info=info)
     run_dir.write_outputs(result, alignments, fit, {**info, "best_mean_valid_trial_iia": fit.best_score,
                                                     "seconds": round(time.perf_counter() - t0, 1)})
+    write_alignment_manifest(run_dir.path, config, problem, alignments)   # how to rebuild them (llm_mas.artifacts)
     return result

@@ -17,10 +17,15 @@ from ..errors import ConfigError, DataError, MASError
 
 def state_digest(module) -> str:
     """A content hash of a module's state_dict (names, dtypes, shapes, bytes)."""
+    return tensors_digest(module.state_dict())
+
+
+def tensors_digest(state: dict) -> str:
+    """A content hash of a mapping of named tensors (a state_dict, or a weights file read back)."""
     import torch
 
     h = hashlib.sha256()
-    for key, t in sorted(module.state_dict().items()):
+    for key, t in sorted(state.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
         if t.numel():

@@ -17,7 +17,8 @@ runner asks the kind for
 - ``fingerprint(entry) -> {name: digest}``: what its result depends on beyond the config (weights files).
 
 Built-in kinds: ``task`` (shipped / trained task models), ``hf`` (Hugging Face causal LMs), ``module``
-(any ``torch.nn.Module``: a factory import path and a weights file, or the object itself in Python).
+(any ``torch.nn.Module``: a factory import path and a weights file, or the object itself in Python),
+``recorded`` (recorded latents and causal states, `llm_mas.RecordedSystem`: causally inaccessible).
 ``register_problem(kind, builder)`` registers a kind with the generic schema (`GenericModelConfig`: the
 common keys and ``options``).
 """
@@ -150,6 +151,38 @@ class ModuleModelConfig(ModelConfigBase):
         if self.weights is not None and not Path(self.weights).is_file():
             p.append(f"{where}.weights: {self.weights!r} does not exist; give the file of the module's state_dict "
                      "(save it with safetensors.torch.save_file(model.state_dict(), PATH))")
+        return p
+
+
+@dataclass
+class RecordedModelConfig(ModelConfigBase):
+    """A recorded system (`llm_mas.RecordedSystem`): latents (N, T, d) and causal states, known only from a
+    recording (``path``: a directory written by ``RecordedSystem.save``; in Python ``recording`` may be the
+    object). It cannot be run: list it in ``cl.inaccessible`` so directions into it are CL-trained (matched
+    on its states, ``cl.match_on``); its inputs in the counterfactual tensors are trial indices
+    (``RecordedSystem.inputs``) and its labels the intended states."""
+
+    kind: Literal["recorded"] = "recorded"
+    site: str = "latents"
+    path: str | None = None
+    recording: Any = field(default=None, metadata={"runtime": True})   # Python only; never written to config.yaml
+
+    def problems(self, where: str) -> list[str]:
+        from ..recordings import TENSOR_FILE, RecordedSystem
+
+        p = []
+        if self.site != "latents":
+            p.append(f"{where}.site: a recording has one site, 'latents'; got {self.site!r}")
+        if self.recording is not None:
+            if not isinstance(self.recording, RecordedSystem):
+                p.append(f"{where}.recording: expected llm_mas.RecordedSystem, got {type(self.recording).__name__}")
+            if self.path is not None:
+                p.append(f"{where}: give either the recording object or its path, not both")
+        elif self.path is None:
+            p.append(f"{where}.path: a recorded model needs the directory of its recording "
+                     "(RecordedSystem(...).save(DIR)); in Python pass the RecordedSystem to compare(models=...)")
+        elif not (Path(self.path) / TENSOR_FILE).is_file():
+            p.append(f"{where}.path: {self.path!r} holds no {TENSOR_FILE}; write it with RecordedSystem(...).save(DIR)")
         return p
 
 
@@ -357,6 +390,33 @@ def _module_fingerprint(entry: ModuleModelConfig) -> dict[str, str]:
     return {"weights": "missing" if entry.weights is not None else "factory initialisation"}
 
 
+# ------------------------------------------------------------------------------------------ recorded kind
+def _recording(entry: RecordedModelConfig):
+    from ..recordings import RecordedSystem
+
+    return entry.recording if entry.recording is not None else RecordedSystem.load(entry.path)
+
+
+def _load_recorded(entry: RecordedModelConfig, index: int, device: str, log) -> LoadedModel:
+    from ..backends.torch_hooks import TorchHookBackend
+
+    recording = _recording(entry)
+    module = recording.module().eval().requires_grad_(False).to(device)
+    log(f"models.{index}: {entry.name} (recording of {recording.n_trials} trials x {recording.n_steps} steps x "
+        f"{recording.width} units; states {sorted(recording.states)})")
+    return LoadedModel(module, TorchHookBackend(), Site.parse("latents"), recording.width)
+
+
+def _recorded_fingerprint(entry: RecordedModelConfig) -> dict[str, str]:
+    from ..models.modules import tensors_digest
+
+    if entry.recording is None and (entry.path is None or not Path(entry.path).is_dir()):
+        return {"latents": "missing"}
+    recording = _recording(entry)
+    return {"latents": tensors_digest({"latents": recording.latents,
+                                       **{f"state.{k}": v for k, v in recording.states.items()}})}
+
+
 # ------------------------------------------------------------------------------------------ task / hf kinds
 def _hf_weights_digest(name: str) -> str:
     """A digest of an HF model's (or adapter's) weight files and config; hub ids from the local cache only."""
@@ -418,3 +478,5 @@ def _register_builtins() -> None:
                             description="a Hugging Face causal LM"))
     register_kind(ModelKind("module", ModuleModelConfig, load=_load_module, check=_check_modules,
                             fingerprint=_module_fingerprint, description="any torch.nn.Module"))
+    register_kind(ModelKind("recorded", RecordedModelConfig, load=_load_recorded, fingerprint=_recorded_fingerprint,
+                            description="recorded latents with causal states (causally inaccessible: CLMAS)"))

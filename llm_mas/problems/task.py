@@ -34,6 +34,7 @@ from ..llm.record import IGNORE_INDEX
 from ..models.registry import load_task_model, resolve_model_dir
 from ..models.task_models import build_from_settings
 from ..models.training import read_run_config
+from ..recordings import cl_loss, match_states
 from ..sites import resolve_site
 from ..tasks import get_task, make_pairs
 from .base import DirectionPairs, ModelEntry, PairScores, ProblemBase, Record, Shard
@@ -280,18 +281,7 @@ class TaskModelProblem(ProblemBase):
         rows, cols = np.nonzero(valid)
         natural = np.stack([states[v][rows, cols] for v in keys], 1)        # (M, n_keys)
         wanted = np.stack([pairs.intended[v] for v in keys], 1)             # (n, n_keys)
-        lo = np.minimum(natural.min(0), wanted.min(0))
-        radix = np.maximum(natural.max(0), wanted.max(0)) - lo + 1
-        weights = np.concatenate([np.cumprod(radix[::-1])[::-1][1:], [1]]).astype(np.int64)
-        nat_code = ((natural - lo) * weights).sum(1)
-        want_code = ((wanted - lo) * weights).sum(1)
-        order = np.argsort(nat_code, kind="stable")
-        sorted_codes = nat_code[order]
-        start = np.searchsorted(sorted_codes, want_code, "left")
-        stop = np.searchsorted(sorted_codes, want_code, "right")
-        matched = stop > start
-        pick = start + np.floor(rng.random(len(want_code)) * np.maximum(stop - start, 1)).astype(np.int64)
-        pick = order[np.minimum(pick, len(order) - 1)]
+        pick, matched = match_states(natural, wanted, rng)
         dev = self.device
         chunk.cl = True
         chunk.cl_matched = torch.as_tensor(matched, device=dev)
@@ -452,9 +442,7 @@ class TaskModelProblem(ProblemBase):
         """L_CL = ½[(1 − cos(ĥ, h_cl)) + mean_d (ĥ − h_cl)²] over matched pairs."""
         h_hat = self.intervened_latents(maps, chunk, rows)
         h_cl = chunk.cl_latents[rows]
-        matched = chunk.cl_matched[rows].float()
-        per = 0.5 * ((1 - F.cosine_similarity(h_hat, h_cl, dim=-1)) + ((h_hat - h_cl) ** 2).mean(-1))
-        return (per * matched).sum() / matched.sum().clamp(min=1)
+        return cl_loss(h_hat, h_cl, chunk.cl_matched[rows])
 
     def evaluate(self, maps, split: str = "valid", with_ci: bool = False, rollout: bool | None = None
                  ) -> list[Record]:
