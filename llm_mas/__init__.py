@@ -21,6 +21,7 @@ _LAZY = {
     "MASConfig": "llm_mas.run_config",
     "run_mas": "llm_mas.run:run",
     "get_task": "llm_mas.tasks",
+    "register_task": "llm_mas.tasks",
     "CounterfactualTensors": "llm_mas.tasks.tensor_data",
     "Scorer": "llm_mas.tasks.tensor_data",
     "HookPoint": "llm_mas.hooks",

@@ -284,10 +284,10 @@ class SequencesConfig:
         if not self.quantities:
             p.append("sequences.quantities is empty; list the quantities N, e.g. [1, 2, ..., 20]")
         if self.task is not None:
-            from .tasks import TASK_NAMES
+            from .tasks import task_names
 
-            if self.task.lower() not in TASK_NAMES:
-                p.append(f"sequences.task {self.task!r} is not one of {', '.join(TASK_NAMES)}")
+            if self.task.lower() not in task_names():
+                p.append(f"sequences.task {self.task!r} is not one of {', '.join(task_names())}")
         return p
 
 

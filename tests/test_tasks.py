@@ -57,6 +57,33 @@ def test_get_task_errors_and_names():
     assert get_task("MultiObject") is get_task("multiobject")
 
 
+def test_registered_task_is_a_task_like_the_built_in_ones(monkeypatch):
+    import llm_mas.tasks as tasks
+    from llm_mas.models.training import TrainConfig
+    from llm_mas.tasks import counting, register_task, task_names
+    from llm_mas.tasks.binding import get_text_task
+
+    monkeypatch.setattr(tasks, "_FACTORIES", dict(tasks._FACTORIES))
+    monkeypatch.setattr(tasks, "_CACHE", dict(tasks._CACHE))
+    built = []
+
+    def my_task():
+        built.append(1)
+        return counting.modulo()
+
+    register_task("My-Modulo", my_task)
+    assert task_names() == (*TASK_NAMES, "my-modulo")
+    assert get_task("my-modulo") is get_task("MY-MODULO") and len(built) == 1  # built once
+    assert get_text_task("my-modulo") is get_task("my-modulo")
+    assert not any("unknown task" in p for p in TrainConfig(task="my-modulo").validate())
+    with pytest.raises(ConfigError, match="already registered"):
+        register_task("my-modulo", my_task)
+    register_task("my-modulo", counting.rounding, replace=True)
+    assert get_task("my-modulo").name == counting.rounding().name
+    with pytest.raises(ConfigError, match="my-modulo"):  # the error lists registered tasks too
+        get_task("nope")
+
+
 def test_max_len_and_filler():
     assert get_task("multiobject").max_len == 43
     assert get_task("modulo").max_len == 26

@@ -103,11 +103,11 @@ class TrainConfig:
 
     def validate(self) -> list[str]:
         """Every problem of this config (empty when valid)."""
-        from ..tasks import TASK_NAMES  # noqa: PLC0415
+        from ..tasks import task_names  # noqa: PLC0415
 
         problems = []
-        if self.task not in TASK_NAMES:
-            problems.append(f"unknown task {self.task!r}; valid choices: {', '.join(TASK_NAMES)}")
+        if self.task not in task_names():
+            problems.append(f"unknown task {self.task!r}; valid choices: {', '.join(task_names())}")
         if self.arch not in ARCHS:
             problems.append(f"unknown arch {self.arch!r}; valid choices: {', '.join(ARCHS)}")
         for name in ("steps", "batch_size", "eval_every", "eval_per_count", "final_per_count", "confirm_evals",

@@ -277,19 +277,16 @@ def binding() -> BindingTask:
     return _BINDING
 
 
-TEXT_TASK_NAMES = ("multiobject", "sameobject", "singleobject", "modulo", "rounding", "arithmetic", "binding")
-
-
 def get_text_task(name: str) -> Task:
-    """A numeric task by name (`llm_mas.tasks.get_task`) or "binding"."""
+    """A task by name (`llm_mas.tasks.get_task`, registered tasks included) or "binding"."""
     from llm_mas.errors import choice_error
-    from llm_mas.tasks import TASK_NAMES, get_task
+    from llm_mas.tasks import get_task, task_names
 
     key = str(name).strip().lower()
     if key == "binding":
         return binding()
-    if key not in TASK_NAMES:
-        raise choice_error("task", name, TEXT_TASK_NAMES)
+    if key not in task_names():
+        raise choice_error("task", name, (*task_names(), "binding"))
     return get_task(key)
 
 
