@@ -98,6 +98,43 @@ def test_register_a_new_backend_then_refuse_it_twice():
         assert isinstance(get_backend("recording"), Recording)
     finally:
         llm_mas.backends._REGISTRY.pop("recording", None)
+        llm_mas.backends._FACTS.pop("recording", None)
+
+
+def test_backend_facts_drive_the_config_checks_not_backend_names():
+    """A registered backend that runs a converted copy of the model is refused where tlens is (adapters,
+    counterfactual text runs), by its registered facts; the built-ins state theirs on their classes."""
+    from types import SimpleNamespace
+
+    from llm_mas.backends import backend_facts
+    from llm_mas.problems.counterfactual import counterfactual_problems
+    from llm_mas.problems.kinds import HFModelConfig
+    from llm_mas.run_config import DataConfig
+
+    assert not backend_facts("torch").converts_model and not backend_facts("nnsight").converts_model
+    assert backend_facts("tlens").converts_model
+    with pytest.raises(ConfigError, match="'nope'"):
+        backend_facts("nope")
+    assert dict(get_backend("torch").feed_options) == {"use_cache": False}
+    model = torch.nn.Linear(2, 2)
+    assert get_backend("torch").prepare(model, None) is model
+
+    class Converting(TorchHookBackend):
+        name = "converting"
+
+    try:
+        register_backend("converting", Converting, converts_model=True)
+        entry = HFModelConfig(name="x", recording="r", backend="converting", adapter="a")
+        assert any("adapter: the converting backend needs merged weights" in p for p in entry.problems("models.0"))
+        plain = HFModelConfig(name="x", recording="r", backend="torch", adapter="a")
+        assert not any("adapter" in p for p in plain.problems("models.0"))
+        text_run = counterfactual_problems(SimpleNamespace(
+            models=[HFModelConfig(name="x", backend="converting")], data=DataConfig(task="multiobject"),
+            variables=["full"], null_subspace=False, intervention="interchange"))
+        assert any("models.0.backend: converting runs a converted copy" in p for p in text_run)
+    finally:
+        llm_mas.backends._REGISTRY.pop("converting", None)
+        llm_mas.backends._FACTS.pop("converting", None)
 
 
 # ------------------------------------------------------------------------------------------------ dtypes

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 
 from ..errors import ConfigError, choice_error
@@ -24,8 +25,30 @@ _REGISTRY: dict[str, str | Callable[[], Backend]] = {}
 BACKENDS: Mapping[str, str | Callable[[], Backend]] = MappingProxyType(_REGISTRY)  # read-only view
 
 
-def register_backend(name: str, factory: str | Callable[[], Backend]) -> None:
-    """Register a backend under ``name``: ``"package.module:ClassName"`` (imported lazily) or a callable.
+@dataclass(frozen=True)
+class BackendFacts:
+    """What a config check needs to know of a backend without importing it.
+
+    converts_model: the backend runs a converted copy of an HF model (TransformerLens), not the model itself:
+    no PEFT adapters on top, no counterfactual text runs (their positions are read in the HF tokenizer's space).
+    """
+
+    converts_model: bool = False
+
+
+_FACTS: dict[str, BackendFacts] = {}
+
+
+def backend_facts(name: str) -> BackendFacts:
+    """The registered facts of backend ``name`` (ConfigError listing the backends for an unknown name)."""
+    if name not in _FACTS:
+        raise choice_error("backend", name, _REGISTRY)
+    return _FACTS[name]
+
+
+def register_backend(name: str, factory: str | Callable[[], Backend], *, converts_model: bool = False) -> None:
+    """Register a backend under ``name``: ``"package.module:ClassName"`` (imported lazily) or a callable,
+    with its facts (`BackendFacts`).
 
     A name can be registered once; a second registration raises ConfigError (no silent replacement).
     """
@@ -39,6 +62,7 @@ def register_backend(name: str, factory: str | Callable[[], Backend]) -> None:
         raise ConfigError(f"backend {name!r}: factory must be 'package.module:ClassName' or a callable, "
                           f"got {type(factory).__name__}")
     _REGISTRY[name] = factory
+    _FACTS[name] = BackendFacts(converts_model=converts_model)
 
 
 def get_backend(name: str) -> Backend:
@@ -54,7 +78,7 @@ def get_backend(name: str) -> Backend:
 
 register_backend("torch", TorchHookBackend)
 register_backend("nnsight", "llm_mas.backends.nnsight_backend:NNsightBackend")
-register_backend("tlens", "llm_mas.backends.tlens_backend:TLensBackend")
+register_backend("tlens", "llm_mas.backends.tlens_backend:TLensBackend", converts_model=True)
 
-__all__ = ["BACKENDS", "Backend", "Edit", "TorchHookBackend", "edit_entry_index", "get_backend",
+__all__ = ["BACKENDS", "Backend", "BackendFacts", "backend_facts", "Edit", "TorchHookBackend", "edit_entry_index", "get_backend",
            "register_backend"]

@@ -139,6 +139,11 @@ class Backend(Protocol):
     """What the trainer and the recipes need from a model-access layer."""
 
     name: str
+    # keyword arguments every forward of an HF model through this backend takes (e.g. no KV cache)
+    feed_options: Mapping[str, Any]
+
+    def prepare(self, hf_model: Any, tokenizer: Any) -> Any:
+        """The model this backend runs for a loaded HF model (the model itself, or a converted copy)."""
 
     def resolve(self, model: Any, site: Site | str) -> Site:
         """Resolve aliases and check that the site exists (SiteError listing close names if not)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -148,6 +149,11 @@ class NNsightBackend:
     """``collect`` and ``patch`` for Hugging Face (or any torch) models through nnsight tracing."""
 
     name = "nnsight"
+    feed_options: Mapping[str, Any] = MappingProxyType({"use_cache": False})  # HF forwards: no KV cache
+
+    def prepare(self, hf_model: Any, tokenizer: Any) -> Any:
+        """A loaded HF model runs as it is."""
+        return hf_model
 
     def __init__(self) -> None:
         # Both tables are keyed weakly by the model. A wrapper holds its model, so a wrapped model lives as long

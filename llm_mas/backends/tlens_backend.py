@@ -17,6 +17,7 @@ import copy
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -50,6 +51,11 @@ class TLensBackend:
     """``collect`` and ``patch`` through TransformerLens ``run_with_hooks`` (hooks always removed)."""
 
     name = "tlens"
+    feed_options: Mapping[str, Any] = MappingProxyType({})  # HookedTransformer takes no HF keywords
+
+    def prepare(self, hf_model: Any, tokenizer: Any) -> Any:
+        """A HookedTransformer converted from the loaded HF model (`to_hooked_transformer`)."""
+        return to_hooked_transformer(hf_model, tokenizer)
 
     def resolve(self, model: Any, site: Site | str) -> Site:
         """Resolve aliases (``llm_mas.sites.resolve_site``); the site must be a hook point (hook points hold one

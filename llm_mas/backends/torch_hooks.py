@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -51,6 +52,11 @@ class TorchHookBackend:
     """`collect` and `patch` through ``register_forward_hook`` / ``register_forward_pre_hook``."""
 
     name = "torch"
+    feed_options: Mapping[str, Any] = MappingProxyType({"use_cache": False})  # HF forwards: no KV cache
+
+    def prepare(self, hf_model: Any, tokenizer: Any) -> Any:
+        """A loaded HF model runs as it is."""
+        return hf_model
 
     def resolve(self, model: nn.Module, site: Site | str) -> Site:
         site = resolve_site(model, site)

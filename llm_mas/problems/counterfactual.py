@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backends import get_backend
+from ..backends import BACKENDS, backend_facts, get_backend
 from ..backends.base import Edit
 from ..errors import ConfigError, DataError
 from ..llm.record import IGNORE_INDEX
@@ -261,8 +261,9 @@ def counterfactual_problems(config) -> list[str]:
             if m.recording is not None:
                 p.append(f"models.{i}.recording: a counterfactual run reads data.dataset / data.task, not a "
                          "recording; remove it")
-            if m.backend == "tlens":
-                p.append(f"models.{i}.backend: tlens is not supported by counterfactual runs; use torch or nnsight")
+            if m.backend in BACKENDS and backend_facts(m.backend).converts_model:
+                p.append(f"models.{i}.backend: {m.backend} runs a converted copy of the model, which counterfactual "
+                         "runs do not support (positions are read in the HF tokenizer's space); use torch or nnsight")
         elif getattr(m, "kind", None) == "task" and data.dataset is not None:
             p.append(f"models.{i}: a task model reads task ids, not text; a dataset run takes HF models only "
                      "(use data.task to align a task model with an LM)")

@@ -89,7 +89,7 @@ class HFModelConfig(ModelConfigBase):
         """What is wrong with this entry (``where``: its config path, e.g. ``models.0``). Whether the recording
         exists is checked when the run builds its problem (a recipe may plan runs before recording); a
         counterfactual run (data.dataset / data.task) needs none."""
-        from ..backends import BACKENDS
+        from ..backends import BACKENDS, backend_facts
         from ..llm.loading import DTYPES
 
         p = []
@@ -100,8 +100,8 @@ class HFModelConfig(ModelConfigBase):
         if self.recording is None and needs_recording:
             p.append(f"{where}.recording: an HF model needs a recording directory; make one with "
                      f"`llm-mas record --model {self.name} --texts TEXTS --out DIR`")
-        if self.adapter is not None and self.backend == "tlens":
-            p.append(f"{where}.adapter: the tlens backend needs merged weights; point name at the merged model "
+        if self.adapter is not None and self.backend in BACKENDS and backend_facts(self.backend).converts_model:
+            p.append(f"{where}.adapter: the {self.backend} backend needs merged weights; point name at the merged model "
                      "(`llm-mas finetune ... --merge` writes OUT/merged) and record that model")
         if self.site == "hidden":
             p.append(f"{where}.site: 'hidden' is a task-model site; an HF model's sites are 'embeddings' (the "

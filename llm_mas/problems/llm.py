@@ -178,7 +178,7 @@ class LLMProblem(ProblemBase):
             full = torch.zeros(R, L, dtype=torch.bool, device=dev)
             full[j * len(rows):(j + 1) * len(rows)] = d.mask[rows]
             edits.append(self._edit(d, split, rows, full, moved))
-        feed = {"input_ids": inputs} if target.backend.name == "tlens" else {"input_ids": inputs, "use_cache": False}
+        feed = {"input_ids": inputs, **target.backend.feed_options}
         logits = target.backend.patch(target.model, feed, edits)      # (R, L, V)
         return logits, labels
 
@@ -295,12 +295,8 @@ def _load_entry(m, index: int, device: str, log) -> tuple[Any, Any, Any, Recordi
                                 "restore it, or load it in float32")
     recording = load_recording(m.recording, hf_model, tokenizer)
     backend = get_backend(m.backend)
-    model = hf_model
-    if m.backend == "tlens":
-        from ..backends.tlens_backend import to_hooked_transformer
-
-        model = to_hooked_transformer(hf_model, tokenizer)
-        del hf_model
+    model = backend.prepare(hf_model, tokenizer)  # the HF model itself, or a converted copy (tlens)
+    del hf_model
     log(f"models.{index}: {m.name} ({m.dtype}, {device}, backend {m.backend}); recording {m.recording} "
         f"({len(recording)} sequences of {recording.total_len} tokens, verified)")
     if recording.meta.get("unknown_tokens"):  # recorded with allow_unknown_tokens: say so on every use
@@ -313,7 +309,7 @@ def collect_latents(backend, model, site: Site, ids: torch.Tensor, device: torch
                     batch_size: int) -> torch.Tensor:
     """(N, L) token ids → (N, L, d) latents at `site`, detached, on `device` (in chunks of `batch_size`)."""
     out = []
-    feed_extra = {} if backend.name == "tlens" else {"use_cache": False}
+    feed_extra = dict(backend.feed_options)
     with torch.no_grad():
         for lo in range(0, len(ids), batch_size):
             x = ids[lo:lo + batch_size].to(device)
