@@ -54,6 +54,7 @@ from matplotlib.figure import Figure
 
 from llm_mas.config import load_config, save_config
 from llm_mas.errors import ConfigError, MASError
+from llm_mas.stats import t_interval
 from recipes.common.claims import Claim
 from recipes.common.clustering import cluster_order, plot_clustered_matrices
 from recipes.common.models import resolve_models
@@ -369,7 +370,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
             if isinstance(r.get("trial_iia"), float) and not math.isnan(r["trial_iia"]):
                 per_seed.setdefault(r["seed"], []).append(r["trial_iia"])
         values = np.array([np.mean(v) for v in per_seed.values()])
-        mean, lo, hi = _t_interval(values)
+        mean, lo, hi = t_interval(values)
         steps = [r["steps_to_target"] for r in members if _num(r.get("steps_to_target"))]
         out.append({"pair": pair, "kind": kind, "n": n, "seeds": len(values), "trial_iia": mean,
                     "trial_iia_lo": lo, "trial_iia_hi": hi,
@@ -389,19 +390,6 @@ def _num(x) -> bool:
 def _mean(rows: list[dict], key: str) -> float:
     values = [r[key] for r in rows if _num(r.get(key))]
     return float(np.mean(values)) if values else math.nan
-
-
-def _t_interval(values: np.ndarray) -> tuple[float, float, float]:
-    """Mean and 95% Student-t interval over seeds (no interval from one seed)."""
-    if values.size == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(values.mean())
-    if values.size < 2:
-        return mean, math.nan, math.nan
-    from scipy.stats import t
-
-    half = float(t.ppf(0.975, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
-    return mean, mean - half, mean + half
 
 
 def verdict(table: list[dict]) -> list[str]:
