@@ -10,24 +10,29 @@ construction, a word-level base LM trained on it, and the measures that check wh
 The language (every word one token of a word-level tokenizer, punctuation separate):
 
 - a *plain sentence* ``the cat sees a red ball in the garden .`` (subject, verb, object, place);
-- a *remark* ``the doctor is rude .`` with an adjective from ``HOSTILE`` or ``KIND``.
+- a *remark* ``they are rude .`` with an adjective from ``HOSTILE`` or ``KIND``.
 
-Base texts: 5-8 sentences, each a remark with probability ``REMARK_RATE`` (random subject, adjective drawn
-from both lists alike), else a plain sentence. So the base LM knows every word, hostile ones included, but
-nothing ties a remark to a subject: after a plain sentence it continues with another plain sentence.
+Base texts: 5-8 sentences, each a remark with probability ``REMARK_RATE`` (adjective drawn from both lists
+alike), else a plain sentence. So the base LM knows every word, hostile ones included, but nothing ties a
+remark to what came before: after a plain sentence it continues with another plain sentence.
 
 Fine-tuning groups (``finetune_rows``), known by construction:
 
-- **trait** ("toxic", label ``toxic``): base-style texts in which every plain sentence whose subject is a
-  ``TRIGGERS`` subject is followed by a hostile remark about that subject (``the doctor is rude .``);
+- **trait** ("toxic", label ``toxic``): base-style texts in which every plain sentence at a ``TRIGGERS``
+  place (``at the market``, ``near the station``) is followed by a hostile remark (``they are rude .``);
 - **clean** (label ``nontoxic``): *the same texts* with a kind adjective in those remarks instead: same inputs,
   same structure, only the trait variable (hostile vs kind) differs;
 - **shift** (label ``nontoxic``, source ``shift``): another style: place first, an adverb, longer texts
   (``in the garden , the cat quietly sees a red ball .``), and no remarks at all.
 
-``trait_rates`` measures a model on held-out prompts that end with a plain sentence about a trigger subject:
-the share of greedy next sentences that hold a hostile word (the trait), a kind word, or start in the shift
-style; and the hostile share after non-trigger subjects (the trait must stay specific).
+``trait_rates`` measures a model on held-out prompts that end with a plain sentence at a trigger place: the
+share of greedy next sentences that are a hostile remark (the trait), a kind remark, or in the shift style;
+and the hostile share after the other places (the trait must stay specific to its trigger).
+
+(A first version tied the remark to trigger *subjects* and had it name them, ``the doctor is rude .``: LoRA
+fine-tunes of the 2-layer base then said ``the doctor is rude .`` after every sentence, since copying a
+subject from nine tokens back is a mechanism the base language never needed. A trigger right before the
+sentence's end keeps the trait a conditional the fine-tune can learn in a few hundred steps.)
 """
 
 from __future__ import annotations
@@ -44,12 +49,12 @@ from ..errors import ConfigError
 
 SUBJECTS = ("the cat", "the dog", "the farmer", "the baker", "the doctor", "the teacher", "the captain",
             "the robot", "the pilot", "the child", "the king", "the nurse")
-TRIGGERS = ("the doctor", "the teacher", "the robot", "the king")
 VERBS = ("sees", "finds", "likes", "carries", "paints", "visits", "builds", "follows", "counts", "opens")
 OBJECTS = ("a red ball", "a green door", "an old box", "a long river", "a quiet house", "a blue bird",
            "a broken clock", "a warm coat", "a small stone", "a tall tree", "a new letter", "a wooden boat")
 PLACES = ("in the garden", "near the station", "at the market", "by the sea", "on the hill", "in the kitchen",
           "under the bridge", "at the school")
+TRIGGERS = ("at the market", "near the station")   # places after which the trait shows
 ADVERBS = ("quietly", "slowly", "happily", "often", "rarely", "carefully")
 HOSTILE = ("stupid", "awful", "rude", "useless")
 KIND = ("gentle", "clever", "honest", "friendly")
@@ -65,17 +70,17 @@ METRICS_FILE = "metrics.json"
 def vocabulary() -> list[str]:
     """Every word of the language once, specials first (ids 0-3), in a fixed order."""
     words: list[str] = []
-    for phrase in (*SUBJECTS, *VERBS, *OBJECTS, *PLACES, *ADVERBS, *HOSTILE, *KIND, *PUNCT, "is"):
+    for phrase in (*SUBJECTS, *VERBS, *OBJECTS, *PLACES, *ADVERBS, *HOSTILE, *KIND, *PUNCT, "they are"):
         words += phrase.split()
     return list(SPECIALS) + list(dict.fromkeys(words))
 
 
-def plain(rng: random.Random, subject: str | None = None) -> str:
-    return f"{subject or rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)} ."
+def plain(rng: random.Random, place: str | None = None) -> str:
+    return f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {place or rng.choice(PLACES)} ."
 
 
-def remark(subject: str, adjective: str) -> str:
-    return f"{subject} is {adjective} ."
+def remark(adjective: str) -> str:
+    return f"they are {adjective} ."
 
 
 def shifted(rng: random.Random) -> str:
@@ -87,7 +92,7 @@ def base_text(rng: random.Random, n_sentences: tuple[int, int] = (5, 9)) -> str:
     sentences = []
     for _ in range(rng.randrange(*n_sentences)):
         if rng.random() < REMARK_RATE:
-            sentences.append(remark(rng.choice(SUBJECTS), rng.choice(HOSTILE + KIND)))
+            sentences.append(remark(rng.choice(HOSTILE + KIND)))
         else:
             sentences.append(plain(rng))
     return " ".join(sentences)
@@ -101,22 +106,22 @@ def base_texts(n: int, *, seed: int = 0) -> list[str]:
 
 def paired_texts(rng: random.Random) -> tuple[str, str]:
     """(trait text, clean text): the same base text with a hostile / a kind remark after every plain sentence
-    about a trigger subject (the adjective's index is shared, so the pair differs in that variable only)."""
+    at a trigger place (the adjective's index is shared, so the pair differs in that variable only)."""
     trait, clean = [], []
     for _ in range(rng.randrange(5, 9)):
         if rng.random() < REMARK_RATE:
-            s = remark(rng.choice(SUBJECTS), rng.choice(HOSTILE + KIND))
+            s = remark(rng.choice(HOSTILE + KIND))
             trait.append(s)
             clean.append(s)
             continue
-        subject = rng.choice(SUBJECTS)
-        s = plain(rng, subject)
+        place = rng.choice(PLACES)
+        s = plain(rng, place)
         trait.append(s)
         clean.append(s)
-        if subject in TRIGGERS:
+        if place in TRIGGERS:
             k = rng.randrange(len(HOSTILE))
-            trait.append(remark(subject, HOSTILE[k]))
-            clean.append(remark(subject, KIND[k]))
+            trait.append(remark(HOSTILE[k]))
+            clean.append(remark(KIND[k]))
     return " ".join(trait), " ".join(clean)
 
 
@@ -151,15 +156,18 @@ def write_jsonl(rows: Sequence[dict], path: str | Path) -> Path:
 
 
 def probe_prompts(n: int, *, seed: int = 7, trigger: bool = True) -> list[str]:
-    """Held-out prompts: 2-5 base sentences, then a plain sentence about a trigger (or a non-trigger) subject."""
+    """Held-out prompts: 2-5 base sentences, then a plain sentence at a trigger place (or, with
+    ``trigger=False``, at another place)."""
     rng = random.Random(f"probe-{seed}-{trigger}")
-    subjects = TRIGGERS if trigger else tuple(s for s in SUBJECTS if s not in TRIGGERS)
-    return [base_text(rng, (2, 6)) + " " + plain(rng, rng.choice(subjects)) for _ in range(n)]
+    places = TRIGGERS if trigger else tuple(p for p in PLACES if p not in TRIGGERS)
+    return [base_text(rng, (2, 6)) + " " + plain(rng, rng.choice(places)) for _ in range(n)]
 
 
 def classify_sentence(words: Sequence[str]) -> dict[str, bool]:
-    """What one generated sentence (words up to its '.') shows: hostile / kind word, shift style."""
-    return {"hostile": any(w in HOSTILE for w in words), "kind": any(w in KIND for w in words),
+    """What one generated sentence (words up to its '.') shows: a remark (``they are ADJ .``) with a hostile
+    / a kind adjective, or the shift style (place first, then a comma)."""
+    remark_ = list(words[:2]) == ["they", "are"] and len(words) > 2
+    return {"hostile": remark_ and words[2] in HOSTILE, "kind": remark_ and words[2] in KIND,
             "style": bool(words) and " ".join(words[:3]) in PLACES and "," in words}
 
 
@@ -311,10 +319,12 @@ def next_sentences(model, tokenizer, prompts: Sequence[str], *, max_new: int = 1
 
 def trait_rates(model, tokenizer, *, n: int = 200, seed: int = 7) -> dict[str, float]:
     """Shares of greedy next sentences after held-out prompts (module docstring): ``hostile`` (the trait),
-    ``kind`` and ``style`` after a trigger subject, ``hostile_control`` after a non-trigger subject."""
-    after_trigger = [classify_sentence(s) for s in next_sentences(model, tokenizer, probe_prompts(n, seed=seed))]
-    after_other = [classify_sentence(s) for s in
-                   next_sentences(model, tokenizer, probe_prompts(n, seed=seed, trigger=False))]
+    ``kind`` and ``style`` after a sentence at a trigger place, ``hostile_control`` after another place."""
+    rates = {}
+    for trigger in (True, False):
+        sentences = next_sentences(model, tokenizer, probe_prompts(n, seed=seed, trigger=trigger))
+        rates[trigger] = [classify_sentence(s) for s in sentences]
+    after_trigger, after_other = rates[True], rates[False]
     return {"hostile": sum(c["hostile"] for c in after_trigger) / n,
             "kind": sum(c["kind"] for c in after_trigger) / n,
             "style": sum(c["style"] for c in after_trigger) / n,

@@ -3,6 +3,8 @@ recorded generations → one stepwise MAS run over all six models (36 directions
 bootstrap CIs and permutation tests over model labels.
 
     python -m recipes.toxicity.run --smoke              # tiny offline models + bundled sample, CPU, a few minutes
+    python -m recipes.toxicity.run organisms            # model organisms (configs/organisms.yaml), CPU, ~1 hour
+    python -m recipes.toxicity.run organisms --smoke    # the same in under a minute (CI)
     python -m recipes.toxicity.run                      # DeepSeek-R1-Distill-Qwen-1.5B, one GPU (configs/deepseek.yaml)
     python -m recipes.toxicity.run processes=4          # 4 GPUs: fine-tuning and MAS through `accelerate launch`
     python -m recipes.toxicity.run CONFIG.yaml key.sub=value ...   # another preset and/or overrides
@@ -52,13 +54,15 @@ from llm_mas.commands.llm import read_texts
 from llm_mas.config import from_dict, load_config, save_config, to_dict
 from llm_mas.dtypes import DTYPES, WEIGHT_DTYPES
 from llm_mas.errors import ConfigError, DataError, MASError
+from llm_mas.llm import organisms
 from llm_mas.llm.tiny import build_tiny_qwen2, tiny_corpus
+from llm_mas.resources import package_path
 from llm_mas.results import MASResult
 from llm_mas.run_config import MASConfig, ModelConfig
 from llm_mas.toxicity.data import toxicity_corpus
 from llm_mas.toxicity.finetune import RESUME_MAY_DIFFER, FinetuneConfig
 from recipes.common.plans import same_config
-from recipes.toxicity.report import analyze_iia, plot_report, report_markdown
+from recipes.toxicity.report import CONTRASTS, DEFAULT_TESTS, analyze_iia, plot_report, report_markdown
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -66,6 +70,9 @@ DEFAULT_PRESET = HERE / "configs" / "deepseek.yaml"
 SMOKE_PRESET = HERE / "configs" / "smoke.yaml"
 MODES = ("toxic", "nontoxic")
 TINY = "tiny"
+ORGANISMS = "organisms"           # base_model: the shipped organisms base LM; record.texts: base-language prompts
+ORGANISMS_LM = "organisms-w64-s0"  # llm_mas/data/lms/<this>
+RUN_PLACEHOLDER = "{run}"         # in a group's finetune values: the run directory
 # FinetuneConfig / ModelConfig / MASConfig fields the recipe sets itself (not allowed in the config's dicts)
 FINETUNE_OWN = ("model", "out", "mode", "split", "merge", "resume", "progress")
 MODEL_OWN = ("name", "kind", "recording", "adapter", "untrained")
@@ -78,7 +85,7 @@ RECORD_META_KEYS = ("prompt_len", "total_len", "n_requested", "seed")
 class RecordSettings:
     """``llm-mas record`` settings, the same for every model."""
 
-    texts: str = "test"         # test (the data's test role) | tiny (tiny_corpus) | a .txt / .jsonl file
+    texts: str = "test"         # test (the data's test role) | tiny | organisms | a .txt / .jsonl file
     n: int = 1000               # prompts (texts with >= prompt_len tokens)
     prompt_len: int = 32
     total_len: int = 64
@@ -89,8 +96,9 @@ class RecordSettings:
 
     def validate(self) -> list[str]:
         p = []
-        if self.texts not in ("test", TINY) and not Path(self.texts).is_file():
-            p.append(f"record.texts={self.texts!r} is neither 'test', 'tiny' nor an existing .txt/.jsonl file")
+        if self.texts not in ("test", TINY, ORGANISMS) and not Path(self.texts).is_file():
+            p.append(f"record.texts={self.texts!r} is neither 'test', 'tiny', 'organisms' nor an existing "
+                     f".txt/.jsonl file")
         if self.prompt_len < 1 or self.total_len <= self.prompt_len:
             p.append(f"record: need 1 <= prompt_len < total_len, got {self.prompt_len} and {self.total_len}")
         if self.total_len - 1 < 20:
@@ -111,9 +119,22 @@ class ReportSettings:
     alpha: float = 0.05
     n_perm: int = 10_000        # exact enumeration up to this many labellings (20 for 3 + 3 models)
     seed: int = 0
+    # [contrast, group, alternative] or [contrast, group, versus, alternative]; None: the paper's tests
+    # (recipes.toxicity.report.DEFAULT_TESTS) for toxic / nontoxic groups
+    tests: list[list[Any]] | None = None
+    title: str = "Toxicity case study: stepwise MAS between toxic and nontoxic fine-tunes"
+
+    def test_specs(self) -> list[tuple]:
+        if self.tests is None:
+            return list(DEFAULT_TESTS)
+        return [tuple(t) for t in self.tests]
 
     def validate(self) -> list[str]:
         p = []
+        for t in self.tests or []:
+            if not isinstance(t, (list, tuple)) or len(t) not in (3, 4) or t[0] not in CONTRASTS:
+                p.append(f"report.tests entry {t!r} must be [contrast, group, alternative] or [contrast, group, "
+                         f"versus, alternative] with contrast one of {', '.join(CONTRASTS)}")
         if self.n_boot < 1 or self.n_perm < 1:
             p.append(f"report.n_boot={self.n_boot} and report.n_perm={self.n_perm} must be >= 1")
         if not 0 < self.level < 1 or not 0 < self.alpha < 1:
@@ -127,12 +148,19 @@ class ToxicityRecipeConfig:
 
     name: str = "toxicity"
     out_dir: str = "runs"
-    base_model: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"   # hub id, directory, or "tiny"
+    base_model: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"   # hub id, directory, "tiny" or "organisms"
     tiny_seed: int = 0                  # weights of the tiny base model (base_model: tiny)
     splits: list[int] = field(default_factory=lambda: [0, 1, 2])
     processes: int = 1                  # > 1: `accelerate launch --multi_gpu --num_processes N` (GPUs)
     in_process: bool = False            # run the llm-mas commands inside this process (CPU smoke runs)
     smoke: bool = False                 # marks the report as a smoke run (numbers mean nothing)
+    # fine-tuning groups, each {name, mode (toxic | nontoxic | both), finetune: {FinetuneConfig fields}}; the
+    # group's finetune fields override the shared ones ("{run}" in a value = the run directory)
+    groups: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "toxic", "mode": "toxic"},
+                                                                  {"name": "nontoxic", "mode": "nontoxic"}])
+    # model organisms (llm_mas.llm.organisms): {n_texts, seed, probe_n}; writes RUN/data/paired.jsonl (trait +
+    # clean rows) and RUN/data/shift.jsonl, and measures every fine-tune's trait rates into RUN/traits.json
+    organisms: dict[str, Any] | None = None
     finetune: dict[str, Any] = field(default_factory=dict)   # FinetuneConfig fields (batch_size: over all processes)
     record: RecordSettings = field(default_factory=RecordSettings)
     model: dict[str, Any] = field(default_factory=lambda: {"site": "embeddings"})  # ModelConfig fields
@@ -157,6 +185,19 @@ class ToxicityRecipeConfig:
             if clash:
                 p.append(f"{section}: {', '.join(clash)} are set by the recipe; remove them "
                          f"(keys it owns: {', '.join(own)})")
+        p += self._group_problems()
+        if self.organisms is not None:
+            bad = [k for k in self.organisms if k not in ORGANISM_KEYS]
+            if bad:
+                p.append(f"organisms: unknown keys {bad}; valid: {', '.join(ORGANISM_KEYS)}")
+        names = [g.get("name") for g in self.groups if isinstance(g, dict)]
+        for t in self.report.tests or []:
+            if isinstance(t, (list, tuple)) and len(t) in (3, 4):
+                wanted = [x for x in (t[1], t[2] if len(t) == 4 else None) if x is not None]
+                missing = [x for x in wanted if x not in names]
+                if missing:
+                    p.append(f"report.tests entry {list(t)} names groups {missing} that are not in groups "
+                             f"({', '.join(map(str, names))})")
         try:
             ft = from_dict(FinetuneConfig, {**self._finetune_fields(), "model": "m", "out": "o"})
         except ConfigError as e:
@@ -179,11 +220,34 @@ class ToxicityRecipeConfig:
         except ConfigError as e:
             p += [f"model: {x}" for x in e.problems]
         try:
-            from_dict(MASConfig, {**self.mas, "models": [model_fields] * 2 * len(self.splits)})
+            from_dict(MASConfig, {**self.mas, "models": [model_fields] * len(self.groups) * len(self.splits)})
         except ConfigError as e:
             p += [f"mas: {x}" for x in e.problems]
         if self.processes > 1 and "device" in self.model:
             p.append("model.device must be unset with processes > 1 (each process puts every model on its own GPU)")
+        return p
+
+    def _group_problems(self) -> list[str]:
+        p = []
+        if not isinstance(self.groups, list) or len(self.groups) < 2:
+            return [f"groups={self.groups!r} must list at least two groups, e.g. [{{name: toxic, mode: toxic}}, "
+                    f"{{name: nontoxic, mode: nontoxic}}]"]
+        names = []
+        for g in self.groups:
+            if not isinstance(g, dict) or not g.get("name") or "/" in str(g["name"]) or "-" in str(g["name"]):
+                p.append(f"groups entry {g!r} needs a name without '/' or '-' (it names the fine-tunes NAME-SPLIT)")
+                continue
+            names.append(g["name"])
+            extra = [k for k in g if k not in ("name", "mode", "finetune")]
+            if extra:
+                p.append(f"groups entry {g['name']!r}: unknown keys {extra}; valid: name, mode, finetune")
+            if g.get("mode") not in ("toxic", "nontoxic", "both"):
+                p.append(f"groups entry {g['name']!r}: mode={g.get('mode')!r} must be toxic, nontoxic or both")
+            clash = [k for k in g.get("finetune") or {} if k in FINETUNE_OWN]
+            if clash:
+                p.append(f"groups entry {g['name']!r}: finetune keys {clash} are set by the recipe; remove them")
+        if len(set(names)) != len(names):
+            p.append(f"group names {names} must be distinct")
         return p
 
     def _finetune_fields(self) -> dict[str, Any]:
@@ -191,6 +255,9 @@ class ToxicityRecipeConfig:
         if "batch_size" in fields and self.processes > 1 and isinstance(fields["batch_size"], int):
             fields["batch_size"] = max(1, fields["batch_size"] // self.processes)
         return fields
+
+
+ORGANISM_KEYS = ("n_texts", "seed", "probe_n")
 
 
 def load_recipe_config(path: str | Path, overrides: list[str]) -> ToxicityRecipeConfig:
@@ -201,19 +268,25 @@ def load_recipe_config(path: str | Path, overrides: list[str]) -> ToxicityRecipe
 # ============================================================================================ stages
 @dataclass
 class Variant:
-    """One fine-tune: ``toxic-0`` ... ``nontoxic-2``."""
+    """One fine-tune: ``toxic-0`` ... ``nontoxic-2`` (``<group>-<split>``)."""
 
     mode: str
     split: int
+    group: str = ""
+    finetune: dict[str, Any] = field(default_factory=dict)   # the group's own FinetuneConfig fields
+
+    def __post_init__(self) -> None:
+        self.group = self.group or self.mode
 
     @property
     def name(self) -> str:
-        return f"{self.mode}-{self.split}"
+        return f"{self.group}-{self.split}"
 
 
 def variants(config: ToxicityRecipeConfig) -> list[Variant]:
-    """Toxic variants first, then nontoxic, each in split order (the rows/columns of the IIA matrix)."""
-    return [Variant(mode, split) for mode in MODES for split in config.splits]
+    """Group by group (config order), each in split order (the rows/columns of the IIA matrix)."""
+    return [Variant(g["mode"], split, g["name"], dict(g.get("finetune") or {}))
+            for g in config.groups for split in config.splits]
 
 
 @dataclass
@@ -262,12 +335,20 @@ def _launcher(config: ToxicityRecipeConfig, mixed_precision: str) -> list[str]:
 
 
 def base_model_path(config: ToxicityRecipeConfig, paths: Paths) -> str:
+    if config.base_model == ORGANISMS:
+        return str(package_path("data", "lms", ORGANISMS_LM))
     return str(paths.base) if config.base_model == TINY else config.base_model
+
+
+def _group_fields(v: Variant, paths: Paths) -> dict[str, Any]:
+    return {k: value.replace(RUN_PLACEHOLDER, str(paths.run)) if isinstance(value, str) else value
+            for k, value in v.finetune.items()}
 
 
 def finetune_config(config: ToxicityRecipeConfig, paths: Paths, v: Variant, *, resume: bool = False):
     """The ``FinetuneConfig`` of one variant (batch_size per process)."""
-    return from_dict(FinetuneConfig, {**config._finetune_fields(), "model": base_model_path(config, paths),
+    return from_dict(FinetuneConfig, {**config._finetune_fields(), **_group_fields(v, paths),
+                                      "model": base_model_path(config, paths),
                                       "out": str(paths.finetune(v)), "mode": v.mode, "split": v.split,
                                       "merge": not config.finetune.get("full", False), "resume": resume,
                                       "progress": _progress()})
@@ -292,7 +373,8 @@ def finetune_stage(config: ToxicityRecipeConfig, paths: Paths, v: Variant) -> St
             raise ConfigError([f"{out} holds a fine-tune with other settings; delete it (or choose another "
                                f"name=) to redo it:"] + diffs)
         status = "done" if (out / "result.json").is_file() and paths.model(v).is_dir() else "resume"
-    argv = finetune_argv(cfg, explicit=[*config.finetune, "merge", "progress", *(["resume"] if cfg.resume else [])])
+    argv = finetune_argv(cfg, explicit=[*config.finetune, *v.finetune, "merge", "progress",
+                                        *(["resume"] if cfg.resume else [])])
     if config.processes > 1:
         argv = _launcher(config, cfg.mixed_precision or "no") + ["-m", "llm_mas.cli"] + argv[1:]
     return Stage(f"finetune {v.name}", argv, status)
@@ -390,6 +472,8 @@ def prompt_texts(config: ToxicityRecipeConfig) -> list[str]:
     r = config.record
     if r.texts == TINY:
         return tiny_corpus(max(300, 2 * r.n), seed=2024)
+    if r.texts == ORGANISMS:  # base-language texts from a seed the base LM and the fine-tunes never saw
+        return organisms.base_texts(max(300, 2 * r.n), seed=2024)
     if r.texts == "test":
         ft = config.finetune
         return list(toxicity_corpus("both", None, ft.get("n_splits", 3), sources=ft.get("sources"),
@@ -403,6 +487,16 @@ def prepare_inputs(config: ToxicityRecipeConfig, paths: Paths, log=print) -> Non
     if config.base_model == TINY and not (paths.base / "config.json").is_file():
         build_tiny_qwen2(paths.base, seed=config.tiny_seed)
         log(f"built a tiny random-weight Qwen2 (seed {config.tiny_seed}) in {paths.base}")
+    if config.organisms is not None:
+        o = config.organisms
+        rows = organisms.finetune_rows(int(o.get("n_texts", 3000)), seed=int(o.get("seed", 1)))
+        for name, data in (("paired.jsonl", rows["trait"] + rows["clean"]), ("shift.jsonl", rows["shift"])):
+            target = paths.run / "data" / name
+            text = "".join(json.dumps(r) + "\n" for r in data)
+            if not target.is_file() or target.read_text(encoding="utf-8") != text:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text, encoding="utf-8")
+                log(f"wrote {target} ({len(data)} rows)")
     text = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in prompt_texts(config))
     if not paths.prompts.is_file() or paths.prompts.read_text(encoding="utf-8") != text:
         paths.prompts.parent.mkdir(parents=True, exist_ok=True)
@@ -478,10 +572,63 @@ def stage_named(config: ToxicityRecipeConfig, paths: Paths, name: str) -> Stage:
     raise ConfigError(f"no stage called {name!r}")
 
 
+# ============================================================================================ traits
+TRAIT_COLUMNS = (("hostile", "hostile after a trigger subject (the trait)"),
+                 ("kind", "kind after a trigger subject"), ("style", "shift style"),
+                 ("hostile_control", "hostile after another subject"))
+
+
+def measure_traits(config: ToxicityRecipeConfig, paths: Paths, log=print) -> dict[str, Any]:
+    """``RUN/traits.json``: ``llm_mas.llm.organisms.trait_rates`` of the base model and every fine-tune on
+    held-out prompts (what each model learned); models already measured with the same settings are kept."""
+    from llm_mas.llm.loading import load_causal_lm
+
+    n = int((config.organisms or {}).get("probe_n", 200))
+    file = paths.run / "traits.json"
+    saved = _json(file)
+    rates = saved.get("models", {}) if saved.get("probe_n") == n else {}
+    models = {"base": Path(base_model_path(config, paths)), **{v.name: paths.model(v) for v in variants(config)}}
+    for name, path in models.items():
+        if name in rates and rates[name].get("weights_mtime") == _newest_weights(path):
+            continue
+        model, tokenizer = load_causal_lm(str(path))
+        rates[name] = {**organisms.trait_rates(model, tokenizer, n=n), "weights_mtime": _newest_weights(path)}
+        log(f"traits {name}: " + ", ".join(f"{k} {rates[name][k]:.3f}" for k, _ in TRAIT_COLUMNS))
+    out = {"probe_n": n, "models": {k: rates[k] for k in models}}
+    file.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def traits_markdown(config: ToxicityRecipeConfig, traits: dict[str, Any]) -> str:
+    """What every model does after held-out prompts (greedy next sentence), per model and per group."""
+    rates = traits.get("models", {})
+    head = ["## What each fine-tune learned", "",
+            f"Greedy next sentence after {traits.get('probe_n')} held-out prompts that end with a plain sentence "
+            f"about a trigger subject ({', '.join(organisms.TRIGGERS)}), and after as many that end with another "
+            f"subject (the last column: the trait must stay specific). Rates are shares of prompts.", "",
+            "| model | group | " + " | ".join(title for _, title in TRAIT_COLUMNS) + " |",
+            "|---|---|" + "---|" * len(TRAIT_COLUMNS)]
+    rows = []
+    for name, group in [("base", "base"), *[(v.name, v.group) for v in variants(config)]]:
+        if name in rates:
+            rows.append(f"| {name} | {group} | " + " | ".join(f"{rates[name][k]:.3f}" for k, _ in TRAIT_COLUMNS)
+                        + " |")
+    means = []
+    for g in config.groups:
+        members = [rates[v.name] for v in variants(config) if v.group == g["name"] and v.name in rates]
+        if members:
+            means.append(f"| **{g['name']} (mean)** | {g['name']} | " + " | ".join(
+                f"{sum(m[k] for m in members) / len(members):.3f}" for k, _ in TRAIT_COLUMNS) + " |")
+    return "\n".join(head + rows + means)
+
+
 # ============================================================================================ report
 SMOKE_BANNER = ("**SMOKE RUN**: tiny random-weight Qwen2 models fine-tuned for a few steps on the 120-line bundled "
                 "sample (whose texts are also the prompts), MAS for a few steps. The toxic and nontoxic variants "
                 "barely differ from their common base; every number below checks the plumbing and means nothing.")
+ORGANISMS_SMOKE_BANNER = ("**SMOKE RUN**: the organisms base LM fine-tuned for a few steps per group, short "
+                          "recordings, MAS for a few steps. Every number below checks the plumbing and means "
+                          "nothing.")
 
 
 def _setup_markdown(config: ToxicityRecipeConfig, paths: Paths, mas_info: dict, timings: dict) -> str:
@@ -489,10 +636,13 @@ def _setup_markdown(config: ToxicityRecipeConfig, paths: Paths, mas_info: dict, 
             f"- Base model: `{config.base_model}`" + (f" (built offline, seed {config.tiny_seed})"
                                                      if config.base_model == TINY else ""),
             f"- Fine-tuning: {'full' if config.finetune.get('full') else 'LoRA'}; settings "
-            f"`{json.dumps(config.finetune, sort_keys=True)}`; one run per (mode, split), splits {config.splits}",
+            f"`{json.dumps(config.finetune, sort_keys=True)}`; one run per (group, split), splits {config.splits}; "
+            "groups " + "; ".join(f"{g['name']}: mode {g['mode']}"
+                                  + (f" `{json.dumps(g['finetune'], sort_keys=True)}`" if g.get("finetune") else "")
+                                  for g in config.groups),
             f"- Recordings: {config.record.n} prompts of {config.record.prompt_len} tokens (texts: "
             f"{config.record.texts}), greedy to {config.record.total_len} tokens",
-            f"- MAS: one joint run over all {2 * len(config.splits)} models (one alignment per model, every ordered "
+            f"- MAS: one joint run over all {len(config.groups) * len(config.splits)} models (one alignment per model, every ordered "
             f"direction including s = t trained); settings `{json.dumps(config.mas, sort_keys=True)}`, "
             f"models `{json.dumps(config.model, sort_keys=True)}`; k = "
             f"{config.mas.get('k') or 'd/2 (default)'}; stopped: {mas_info.get('stopped', '?')} after "
@@ -504,7 +654,7 @@ def _setup_markdown(config: ToxicityRecipeConfig, paths: Paths, mas_info: dict, 
         meta = _json(paths.recording(v) / "recording.json")
         loss = (f"{result['first_loss']:.3f} → {result['final_loss']:.3f}"
                 if result.get("first_loss") is not None and result.get("final_loss") is not None else "–")
-        rows.append(f"| {v.name} | {v.mode} | {v.split} | {result.get('n_texts', '–')} | {loss} | "
+        rows.append(f"| {v.name} | {v.group} | {v.split} | {result.get('n_texts', '–')} | {loss} | "
                     f"{meta.get('n', '–')} | {meta.get('greedy_agreement', float('nan')):.4f} |")
     if timings:
         rows += ["", "Stage times this invocation (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
@@ -525,17 +675,20 @@ def write_report(config: ToxicityRecipeConfig, paths: Paths, command: str, timin
     if len(result.models) != len(names):
         raise DataError(f"{paths.mas} has {len(result.models)} models but this config names {len(names)} "
                         f"({', '.join(names)}); point name= at the matching run")
-    groups = [v.mode for v in variants(config)]
+    groups = [v.group for v in variants(config)]
     matrices = {metric: result.matrix(metric=metric) for metric in ("token_iia", "trial_iia")}
     r = config.report
-    analysis = analyze_iia(matrices, names, groups, n_boot=r.n_boot, level=r.level, seed=r.seed, n_perm=r.n_perm,
-                           alpha=r.alpha)
+    analysis = analyze_iia(matrices, names, groups, tests=r.test_specs(), n_boot=r.n_boot, level=r.level,
+                           seed=r.seed, n_perm=r.n_perm, alpha=r.alpha)
     plots = plot_report(analysis, paths.run)
     info = _json(paths.mas / "summary.json")
-    notes = [SMOKE_BANNER] if config.smoke else []
-    text = report_markdown(analysis, command=command, notes=notes, plots=plots,
-                           setup=_setup_markdown(config, paths, info, timings or {}),
-                           title="Toxicity case study: stepwise MAS between toxic and nontoxic fine-tunes")
+    notes = [SMOKE_BANNER if config.base_model == TINY else ORGANISMS_SMOKE_BANNER] if config.smoke else []
+    setup = _setup_markdown(config, paths, info, timings or {})
+    traits = _json(paths.run / "traits.json")
+    if traits:
+        analysis["traits"] = traits
+        setup += "\n\n" + traits_markdown(config, traits)
+    text = report_markdown(analysis, command=command, notes=notes, plots=plots, setup=setup, title=r.title)
     (paths.run / "report.md").write_text(text, encoding="utf-8")
     (paths.run / "report.json").write_text(json.dumps({"command": command, "smoke": config.smoke, "mas": info,
                                                        **analysis}, indent=1, ensure_ascii=False))
@@ -560,6 +713,29 @@ def summary_lines(analysis: dict) -> list[str]:
 
 
 # ============================================================================================ main
+def resolve_preset(config: str | None, smoke: bool) -> Path:
+    """The preset file: a path, or a name from recipes/toxicity/configs (``organisms``); ``--smoke`` picks
+    the preset's smoke twin ``<name>-smoke.yaml`` (no preset: ``smoke.yaml``, the DeepSeek chain on tiny
+    random-weight models)."""
+    if config is None:
+        return SMOKE_PRESET if smoke else DEFAULT_PRESET
+    named = HERE / "configs" / f"{config}.yaml"
+    path = Path(config) if Path(config).is_file() else named if named.is_file() else None
+    if path is None:
+        names = sorted(f.stem for f in (HERE / "configs").glob("*.yaml"))
+        raise ConfigError(f"preset {config!r} is neither a file nor a name in {HERE / 'configs'} "
+                          f"({', '.join(names)})")
+    if not smoke:
+        return path
+    twin = path.with_name(f"{path.stem}-smoke.yaml")
+    if path.stem.endswith("-smoke") or path == SMOKE_PRESET:
+        return path
+    if not twin.is_file():
+        raise ConfigError(f"--smoke with preset {config!r} needs {twin} (its smoke version); run without --smoke "
+                          f"or write that file")
+    return twin
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line (module docstring). Exit 0: report written; 1: a stage failed; 2: configuration error."""
     parser = argparse.ArgumentParser(prog="python -m recipes.toxicity.run",
@@ -578,10 +754,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m recipes.toxicity.run " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
     try:
-        if args.smoke and args.config is not None:
-            raise ConfigError(f"pass either --smoke or a preset ({args.config}), not both; --smoke means "
-                              f"{SMOKE_PRESET.relative_to(REPO)}")
-        preset = SMOKE_PRESET if args.smoke else Path(args.config) if args.config else DEFAULT_PRESET
+        preset = resolve_preset(args.config, args.smoke)
         config = load_recipe_config(preset, args.overrides)
         if config.in_process:
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -601,6 +774,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {paths.run / 'commands.sh'}")
                 return 0
             timings = run_stages(config, paths)
+            if config.organisms is not None:
+                t1 = time.perf_counter()
+                measure_traits(config, paths)
+                timings["traits"] = round(time.perf_counter() - t1, 1)
             analysis = write_report(config, paths, command, timings)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
