@@ -9,7 +9,8 @@ bootstrap CIs and permutation tests over model labels.
     python -m recipes.toxicity.run processes=4          # 4 GPUs: fine-tuning and MAS through `accelerate launch`
     python -m recipes.toxicity.run CONFIG.yaml key.sub=value ...   # another preset and/or overrides
     python -m recipes.toxicity.run --dry-run            # write RUN/commands.sh and show what would run
-    python -m recipes.toxicity.run --report-only        # rewrite the report from the finished MAS run
+    python -m recipes.toxicity.run --report-only        # rewrite the report from the finished MAS run (= --report)
+    python -m recipes.toxicity.run organisms --only finetune,trait-0   # only these stages (others: reused if done)
 
 Every stage is an ordinary ``llm-mas`` command (listed in ``RUN/commands.sh``; run them yourself to change
 anything), and every finished stage is skipped on the next call, so after a kill the same command continues:
@@ -61,6 +62,7 @@ from llm_mas.results import MASResult
 from llm_mas.run_config import MASConfig, ModelConfig
 from llm_mas.toxicity.data import toxicity_corpus
 from llm_mas.toxicity.finetune import RESUME_MAY_DIFFER, FinetuneConfig
+from recipes.common.cli import RecipeInvocation, recipe_front_door
 from recipes.common.plans import same_config
 from recipes.toxicity.report import CONTRASTS, DEFAULT_TESTS, analyze_iia, plot_report, report_markdown
 
@@ -543,14 +545,24 @@ def write_commands(config: ToxicityRecipeConfig, stages: list[Stage], paths: Pat
     (paths.run / "commands.sh").write_text("\n".join(lines))
 
 
-def run_stages(config: ToxicityRecipeConfig, paths: Paths, log=print) -> dict[str, float]:
-    """Run the stages not done yet, re-planning before each (a stage's check reads the previous outputs)."""
+def _selected(stage: str, only: list[str]) -> bool:
+    """A stage is selected by its name (``finetune trait-0``), its kind (``record``) or its model (``trait-0``)."""
+    return not only or any(word == stage or word in stage.split() for word in only)
+
+
+def run_stages(config: ToxicityRecipeConfig, paths: Paths, log=print, only: list[str] | None = None
+               ) -> dict[str, float]:
+    """Run the stages not done yet, re-planning before each (a stage's check reads the previous outputs);
+    with `only`, just the selected ones (``_selected``)."""
     timings: dict[str, float] = {}
     names = [s.name for s in plan(config, paths)]
     for i, name in enumerate(names):
         stage = stage_named(config, paths, name)
         if stage.status == "done":
             log(f"[{i + 1}/{len(names)}] {name}: done, skipped")
+            continue
+        if not _selected(name, only or []):
+            log(f"[{i + 1}/{len(names)}] {name}: not in --only, skipped")
             continue
         log(f"[{i + 1}/{len(names)}] {name}{' (resuming)' if stage.status == 'resume' else ''}\n$ {stage.shell}")
         t0 = time.perf_counter()
@@ -737,57 +749,57 @@ def resolve_preset(config: str | None, smoke: bool) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line (module docstring). Exit 0: report written; 1: a stage failed; 2: configuration error."""
-    parser = argparse.ArgumentParser(prog="python -m recipes.toxicity.run",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("config", nargs="?", default=None, help="recipe preset (default configs/deepseek.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. finetune.steps=100 processes=4")
-    parser.add_argument("--smoke", action="store_true", help="use configs/smoke.yaml (tiny offline models, CPU)")
-    parser.add_argument("--dry-run", action="store_true", help="write RUN/commands.sh, show the plan, run nothing")
-    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from RUN/mas")
-    args = parser.parse_intermixed_args(argv)
-    if args.config is not None and "=" in args.config and not Path(args.config).exists():
-        args.overrides.insert(0, args.config)   # a first key=value is an override of the default preset
-        args.config = None
+    """Command line (module docstring), through the recipes' shared front door
+    (``recipes.common.cli.recipe_front_door``). Exit 0: report written (or, with ``--only``, the selected
+    stages done); 1: a stage failed; 2: configuration error."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    command = "python -m recipes.toxicity.run " + " ".join(sys.argv[1:] if argv is None else argv)
-    t0 = time.perf_counter()
-    try:
-        preset = resolve_preset(args.config, args.smoke)
-        config = load_recipe_config(preset, args.overrides)
-        if config.in_process:
-            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        paths = Paths(config)
-        paths.run.mkdir(parents=True, exist_ok=True)
-        save_config(config, paths.run / "config.yaml", header=command)
-        if args.report_only:
-            analysis = write_report(config, paths, command)
-        else:
-            if not args.dry_run:
-                prepare_inputs(config, paths)
-            stages = plan(config, paths)
-            write_commands(config, stages, paths, command)
-            if args.dry_run:
-                for stage in stages:
-                    print(f"[{stage.status}] {stage.shell}")
-                print(f"wrote {paths.run / 'commands.sh'}")
-                return 0
-            timings = run_stages(config, paths)
-            if config.organisms is not None:
-                t1 = time.perf_counter()
-                measure_traits(config, paths)
-                timings["traits"] = round(time.perf_counter() - t1, 1)
-            analysis = write_report(config, paths, command, timings)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except MASError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--dry-run", action="store_true", help="write RUN/commands.sh, show the plan, run "
+                                                                   "nothing")
+        parser.add_argument("--report-only", action="store_true", help="the same as --report")
+
+    return recipe_front_door(argv, name="toxicity.run", doc=__doc__, config_cls=ToxicityRecipeConfig, run=_run,
+                             preset=resolve_preset, run_dir_of=lambda config, smoke: Paths(config).run,
+                             add_arguments=add_arguments, failure_code=1,
+                             smoke_help="the preset's smoke twin (<preset>-smoke.yaml; no preset: "
+                                        "configs/smoke.yaml, tiny offline models, CPU)")
+
+
+def _run(call: RecipeInvocation) -> int:
+    config, paths = call.config, Paths(call.config)
+    if config.in_process:
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if call.report or call.args.report_only:
+        analysis = write_report(config, paths, call.command)
+    else:
+        if not call.args.dry_run:
+            prepare_inputs(config, paths)
+        stages = plan(config, paths)
+        unknown = [w for w in call.only if not any(_selected(s.name, [w]) for s in stages)]
+        if unknown:
+            raise ConfigError(f"--only: {unknown} match no stage; give stage names, kinds (finetune, record, "
+                              f"mas) or models ({', '.join(v.name for v in variants(config))})")
+        write_commands(config, stages, paths, call.command)
+        if call.args.dry_run:
+            for stage in stages:
+                print(f"[{stage.status}] {stage.shell}")
+            print(f"wrote {paths.run / 'commands.sh'}")
+            return 0
+        timings = run_stages(config, paths, only=call.only)
+        if not (paths.mas / "results.json").is_file():
+            print(f"the selected stages are done; the report needs the MAS stage (run without --only) "
+                  f"({time.perf_counter() - call.started:.0f}s)", flush=True)
+            return 0
+        if config.organisms is not None:
+            t1 = time.perf_counter()
+            measure_traits(config, paths)
+            timings["traits"] = round(time.perf_counter() - t1, 1)
+        analysis = write_report(config, paths, call.command, timings)
     for line in summary_lines(analysis):
         print(line)
-    print(f"done in {time.perf_counter() - t0:.0f}s; report: {paths.run / 'report.md'}", flush=True)
+    print(f"done in {time.perf_counter() - call.started:.0f}s; report: {paths.run / 'report.md'}", flush=True)
     return 0
 
 
