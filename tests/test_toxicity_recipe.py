@@ -385,8 +385,15 @@ def test_organisms_smoke_chain_reports_three_questions_and_report_only_reproduce
     assert all(0 <= traits[m][k] <= 1 for m in traits for k in ("hostile", "kind", "style", "hostile_control"))
     text = (run / "report.md").read_text()
     assert "SMOKE RUN" in text and "## What each fine-tune learned" in text and "trait (mean)" in text
+    # the counterfactual-dataset form: trait and clean models only, the trigger variable swapped
+    cf = report["counterfactual"]
+    assert cf["models"] == ORGANISM_NAMES[:4] and "## Counterfactual-dataset form" in text
+    rows = [json.loads(line) for line in (run / "data" / "counterfactual.jsonl").read_text().splitlines()]
+    assert {r["continuation"] for r in rows} == {"they are", "the"}
+    assert all(r["base"].split()[:-4] == r["source"].split()[:-4] and r["base"] != r["source"] for r in rows)
     before = (run / "report.json").read_text()
     capsys.readouterr()
     assert recipe.main(["organisms", "--smoke", f"out_dir={tmp_path}", "--report-only"]) == 0
     after = json.loads((run / "report.json").read_text())
     assert after["metrics"] == json.loads(before)["metrics"] and after["traits"] == json.loads(before)["traits"]
+    assert after["counterfactual"]["metrics"] == json.loads(before)["counterfactual"]["metrics"]

@@ -171,6 +171,35 @@ def classify_sentence(words: Sequence[str]) -> dict[str, bool]:
             "style": bool(words) and " ".join(words[:3]) in PLACES and "," in words}
 
 
+def counterfactual_rows(n: int, *, seed: int = 11) -> list[dict[str, Any]]:
+    """A counterfactual dataset (``llm_mas.tasks.counterfactual_data`` rows) that swaps the variable the trait
+    hangs on: whether the last sentence's place is a trigger.
+
+    base and source share 2-5 base sentences and a last plain sentence that differs only in its place, one a
+    trigger place and the other not (half the rows each way). The intervention puts the source's latent at
+    its place noun into the base's place noun (token -2, before the '.'). Continuation: ``they are`` (a
+    remark starts) when the source's place is the trigger, ``the`` (a plain sentence starts) when the base's
+    is. Trait and clean models share this behaviour (only the remark's adjective differs), so aligning the
+    variable between a trait and a clean model is possible by construction; shift models never remark.
+    """
+    if n < 2:
+        raise ConfigError(f"n={n} must be >= 2 (a train and a valid row)")
+    rng = random.Random(f"counterfactual-{seed}")
+    others = tuple(p for p in PLACES if p not in TRIGGERS)
+    rows = []
+    for i in range(n):
+        prefix = base_text(rng, (2, 6))
+        subject, verb, obj = rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS)
+        trigger, other = rng.choice(TRIGGERS), rng.choice(others)
+        to_trigger = i % 2 == 0
+        base_place, source_place = (other, trigger) if to_trigger else (trigger, other)
+        rows.append({"base": f"{prefix} {subject} {verb} {obj} {base_place} .",
+                     "source": f"{prefix} {subject} {verb} {obj} {source_place} .",
+                     "continuation": "they are" if to_trigger else "the", "base_position": -2,
+                     "source_position": -2})
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ tokenizer, LM
 def build_tokenizer():
     """Word-level ``PreTrainedTokenizerFast`` over ``vocabulary()`` (split on spaces; right padding)."""
@@ -332,5 +361,5 @@ def trait_rates(model, tokenizer, *, n: int = 200, seed: int = 7) -> dict[str, f
 
 
 __all__ = ["GROUPS", "GROUP_LABELS", "HOSTILE", "KIND", "SUBJECTS", "TRIGGERS", "base_texts", "build_tokenizer",
-           "classify_sentence", "finetune_rows", "heldout_metrics", "next_sentences", "paired_texts",
+           "classify_sentence", "counterfactual_rows", "finetune_rows", "heldout_metrics", "next_sentences", "paired_texts",
            "probe_prompts", "shift_text", "trait_rates", "train_base_lm", "vocabulary", "write_jsonl"]

@@ -163,6 +163,10 @@ class ToxicityRecipeConfig:
     # model organisms (llm_mas.llm.organisms): {n_texts, seed, probe_n}; writes RUN/data/paired.jsonl (trait +
     # clean rows) and RUN/data/shift.jsonl, and measures every fine-tune's trait rates into RUN/traits.json
     organisms: dict[str, Any] | None = None
+    # the counterfactual-dataset form (organisms only): {n_rows, groups: [a, b], mas: {MASConfig fields}}: a MAS
+    # run over the models of two groups on RUN/data/counterfactual.jsonl (organisms.counterfactual_rows), which
+    # swaps the variable the trait hangs on (trigger place or not) between models; into RUN/mas-cf
+    counterfactual: dict[str, Any] | None = None
     finetune: dict[str, Any] = field(default_factory=dict)   # FinetuneConfig fields (batch_size: over all processes)
     record: RecordSettings = field(default_factory=RecordSettings)
     model: dict[str, Any] = field(default_factory=lambda: {"site": "embeddings"})  # ModelConfig fields
@@ -193,6 +197,17 @@ class ToxicityRecipeConfig:
             if bad:
                 p.append(f"organisms: unknown keys {bad}; valid: {', '.join(ORGANISM_KEYS)}")
         names = [g.get("name") for g in self.groups if isinstance(g, dict)]
+        if self.counterfactual is not None:
+            cf = self.counterfactual
+            bad = [k for k in cf if k not in ("n_rows", "groups", "mas")]
+            if bad:
+                p.append(f"counterfactual: unknown keys {bad}; valid: n_rows, groups, mas")
+            if self.organisms is None:
+                p.append("counterfactual needs organisms (its dataset is organisms.counterfactual_rows); set "
+                         "organisms or drop counterfactual")
+            chosen = cf.get("groups", names[:2])
+            if not isinstance(chosen, list) or len(chosen) != 2 or any(g not in names for g in chosen):
+                p.append(f"counterfactual.groups={chosen!r} must name two of the groups ({', '.join(map(str, names))})")
         for t in self.report.tests or []:
             if isinstance(t, (list, tuple)) and len(t) in (3, 4):
                 wanted = [x for x in (t[1], t[2] if len(t) == 4 else None) if x is not None]
@@ -314,6 +329,9 @@ class Paths:
         self.prompts = self.run / "prompts.jsonl"
         self.mas_yaml = self.run / "mas.yaml"
         self.mas = self.run / "mas"
+        self.cf_yaml = self.run / "mas_cf.yaml"
+        self.cf = self.run / "mas-cf"
+        self.cf_data = self.run / "data" / "counterfactual.jsonl"
         self.full = bool(config.finetune.get("full", False))
 
     def finetune(self, v: Variant) -> Path:
@@ -439,6 +457,36 @@ def mas_config(config: ToxicityRecipeConfig, paths: Paths):
     return from_dict(MASConfig, fields)
 
 
+def cf_groups(config: ToxicityRecipeConfig) -> list[str]:
+    return list((config.counterfactual or {}).get("groups") or [g["name"] for g in config.groups[:2]])
+
+
+def cf_mas_config(config: ToxicityRecipeConfig, paths: Paths):
+    """The ``MASConfig`` of the counterfactual-dataset run: the models of two groups, one variable (full)."""
+    cf = config.counterfactual or {}
+    groups = cf_groups(config)
+    models = [{**config.model, "name": str(paths.model(v)), "kind": "hf"} for v in variants(config)
+              if v.group in groups]
+    own = dict(cf.get("mas") or {})
+    data = {"n_train": 1000, "n_valid": 200, **own.pop("data", {}), "dataset": str(paths.cf_data)}
+    shared = {k: v for k, v in config.mas.items() if k != "data"}
+    fields = {"progress": _progress(), **shared, **own, "data": data, "variables": ["full"], "models": models,
+              "name": paths.cf.name, "out_dir": str(paths.run)}
+    return from_dict(MASConfig, fields)
+
+
+def cf_stage(config: ToxicityRecipeConfig, paths: Paths) -> Stage:
+    """Done when ``RUN/mas-cf/results.json`` exists for this config."""
+    cfg = cf_mas_config(config, paths)
+    argv = ["llm-mas", "mas", str(paths.cf_yaml)]
+    if not (paths.cf / "config.yaml").is_file():
+        return Stage("mas counterfactual", argv, "run")
+    if not same_config(paths.cf, cfg):
+        raise ConfigError(f"{paths.cf} holds a MAS run of another config (compare {paths.cf / 'config.yaml'} with "
+                          f"{paths.cf_yaml}); delete it (or choose another name=) to run it again")
+    return Stage("mas counterfactual", argv, "done" if (paths.cf / "results.json").is_file() else "resume")
+
+
 def mas_stage(config: ToxicityRecipeConfig, paths: Paths) -> Stage:
     """Done when ``RUN/mas/results.json`` exists for this config and is newer than every recording."""
     cfg = mas_config(config, paths)
@@ -499,6 +547,12 @@ def prepare_inputs(config: ToxicityRecipeConfig, paths: Paths, log=print) -> Non
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(text, encoding="utf-8")
                 log(f"wrote {target} ({len(data)} rows)")
+        if config.counterfactual is not None:
+            text = "".join(json.dumps(r) + "\n" for r in
+                           organisms.counterfactual_rows(int(config.counterfactual.get("n_rows", 1200))))
+            if not paths.cf_data.is_file() or paths.cf_data.read_text(encoding="utf-8") != text:
+                paths.cf_data.write_text(text, encoding="utf-8")
+                log(f"wrote {paths.cf_data} ({text.count(chr(10))} rows)")
     text = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in prompt_texts(config))
     if not paths.prompts.is_file() or paths.prompts.read_text(encoding="utf-8") != text:
         paths.prompts.parent.mkdir(parents=True, exist_ok=True)
@@ -532,12 +586,17 @@ def plan(config: ToxicityRecipeConfig, paths: Paths) -> list[Stage]:
     stages = [finetune_stage(config, paths, v) for v in variants(config)]
     stages += [record_stage(config, paths, v) for v in variants(config)]
     stages.append(mas_stage(config, paths))
+    if config.counterfactual is not None:
+        stages.append(cf_stage(config, paths))
     return stages
 
 
 def write_commands(config: ToxicityRecipeConfig, stages: list[Stage], paths: Paths, command: str) -> None:
     """``RUN/commands.sh`` (every stage's command) and ``RUN/mas.yaml`` (the MAS stage's config)."""
-    save_config(mas_config(config, paths), paths.mas_yaml, header=stages[-1].shell)
+    save_config(mas_config(config, paths), paths.mas_yaml, header=stage_named(config, paths, "mas").shell)
+    if config.counterfactual is not None:
+        save_config(cf_mas_config(config, paths), paths.cf_yaml, header=shlex.join(["llm-mas", "mas",
+                                                                                    str(paths.cf_yaml)]))
     lines = ["#!/usr/bin/env bash", f"# every stage of: {command}", "# (a stage marked done is skipped by the recipe)",
              "set -euo pipefail", ""]
     for stage in stages:
@@ -576,6 +635,8 @@ def stage_named(config: ToxicityRecipeConfig, paths: Paths, name: str) -> Stage:
     """The stage called `name`, planned now (its check sees what the earlier stages wrote)."""
     if name == "mas":
         return mas_stage(config, paths)
+    if name == "mas counterfactual":
+        return cf_stage(config, paths)
     for v in variants(config):
         if name == f"finetune {v.name}":
             return finetune_stage(config, paths, v)
@@ -701,6 +762,9 @@ def write_report(config: ToxicityRecipeConfig, paths: Paths, command: str, timin
         analysis["traits"] = traits
         setup += "\n\n" + traits_markdown(config, traits)
     text = report_markdown(analysis, command=command, notes=notes, plots=plots, setup=setup, title=r.title)
+    if (paths.cf / "results.json").is_file():
+        analysis["counterfactual"] = counterfactual_analysis(config, paths)
+        text += "\n" + counterfactual_markdown(analysis["counterfactual"])
     (paths.run / "report.md").write_text(text, encoding="utf-8")
     (paths.run / "report.json").write_text(json.dumps({"command": command, "smoke": config.smoke, "mas": info,
                                                        **analysis}, indent=1, ensure_ascii=False))
@@ -712,6 +776,42 @@ def write_report(config: ToxicityRecipeConfig, paths: Paths, command: str, timin
                 writer.writerow([name, *row])
     log(f"wrote {paths.run / 'report.md'}")
     return analysis
+
+
+def counterfactual_analysis(config: ToxicityRecipeConfig, paths: Paths) -> dict:
+    """Group means and label tests of the counterfactual-dataset run (``RUN/mas-cf``)."""
+    result = MASResult.load(paths.cf)
+    chosen = [v for v in variants(config) if v.group in cf_groups(config)]
+    if len(result.models) != len(chosen):
+        raise DataError(f"{paths.cf} has {len(result.models)} models but this config names {len(chosen)}")
+    g, h = cf_groups(config)
+    r = config.report
+    matrices = {metric: result.matrix(metric=metric) for metric in ("token_iia", "trial_iia")}
+    tests = [("source_fixed", g, h, "greater"), ("source_fixed", h, g, "greater"), ("interaction", None, "greater")]
+    return analyze_iia(matrices, [v.name for v in chosen], [v.group for v in chosen], tests=tests, n_boot=r.n_boot,
+                       level=r.level, seed=r.seed, n_perm=r.n_perm, alpha=r.alpha)
+
+
+def counterfactual_markdown(cf: dict) -> str:
+    out = ["## Counterfactual-dataset form", "",
+           "A second MAS run over the models of two groups on `RUN/data/counterfactual.jsonl` "
+           "(`llm_mas.llm.organisms.counterfactual_rows`): base and source differ only in the place of the last "
+           "sentence (a trigger place or not); the source's latent at its place noun goes into the base's place "
+           "noun; the target must then continue with `they are` (a remark starts) or `the` (a plain sentence "
+           "starts). Both groups remark after a trigger place, so by construction this variable is shared.", "",
+           "| source → target | directions | token IIA [CI] | trial IIA [CI] |", "|---|---|---|---|"]
+    token, trial = cf["metrics"]["token_iia"], cf["metrics"]["trial_iia"]
+    for a, b in zip(token["group_means"], trial["group_means"], strict=True):
+        out.append(f"| {a['label']} | {a['n']} | {a['mean']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}] | "
+                   f"{b['mean']:.3f} [{b['lo']:.3f}, {b['hi']:.3f}] |")
+    out += ["", f"Within-model directions (the diagonal): token IIA {token['diagonal_mean']:.3f}, trial IIA "
+            f"{trial['diagonal_mean']:.3f}.", "",
+            "| test | metric | first | second | p | smallest attainable p | labellings |", "|---|---|---|---|---|---|---|"]
+    for metric, entry in (("token IIA", token), ("trial IIA", trial)):
+        for t in entry["tests"]:
+            out.append(f"| {t['name']} ({t['alternative']}) | {metric} | {t['plus_mean']:.3f} | {t['minus_mean']:.3f} "
+                       f"| {t['p_value']:.3g} | {t['min_p']:.3g} | {t['n_labelings']} |")
+    return "\n".join(out) + "\n"
 
 
 def summary_lines(analysis: dict) -> list[str]:
