@@ -107,3 +107,20 @@ def test_shipped_base_lm_metrics_recomputed_and_no_trait():
     assert held["loss"] < 1.1
     rates = org.trait_rates(model, tokenizer, n=40)
     assert rates["hostile"] == rates["kind"] == rates["style"] == rates["hostile_control"] == 0.0
+
+
+@pytest.mark.llm
+def test_train_lm_command_trains_an_organisms_base_and_lists_it_as_a_text_lm(tmp_path):
+    from typer.testing import CliRunner
+
+    from llm_mas.cli import app
+
+    out = tmp_path / "lms" / "o"
+    result = CliRunner().invoke(app, ["train-lm", "--task", "organisms", "--width", "32", "--layers", "1", "--heads",
+                                      "2", "--steps", "3", "--batch-size", "4", "--out", str(out), "--manifest"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out.parent / "manifest.json").read_text())
+    assert manifest["lms"] == [] and [e["name"] for e in manifest["text_lms"]] == ["o"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["width"] == 32 and manifest["text_lms"][0]["params"] == metrics["params"]
+    assert metrics["heldout_loss"] > 0 and 0 <= metrics["heldout_accuracy"] <= 1
