@@ -1,6 +1,7 @@
-"""Toxicity case study (docs/method.md): six LoRA fine-tunes (toxic / nontoxic × 3 disjoint data splits) →
-recorded generations → one stepwise MAS run over all six models (36 directions) → a report with group means,
-bootstrap CIs and permutation tests over model labels.
+"""Toxicity case study (docs/method.md): LoRA fine-tunes in groups (the paper: toxic / nontoxic × 3 disjoint
+data splits; ``organisms``: trait / clean / shift model organisms trained here, ``llm_mas.llm.organisms``) →
+recorded generations → one stepwise MAS run over all models → a report with group means, bootstrap CIs and
+permutation tests over model labels.
 
     python -m recipes.toxicity.run --smoke              # tiny offline models + bundled sample, CPU, a few minutes
     python -m recipes.toxicity.run organisms            # model organisms (configs/organisms.yaml), CPU, ~1 hour
@@ -17,15 +18,20 @@ anything), and every finished stage is skipped on the next call, so after a kill
 
 1. base model: the hub id / directory in ``base_model``; ``base_model: tiny`` builds a random-weight tiny
    Qwen2 offline (``llm_mas.llm.tiny.build_tiny_qwen2``) into ``RUN/base-model``;
-2. ``llm-mas finetune --mode toxic|nontoxic --split K --merge --out RUN/finetune/<mode>-<K>`` for the six
-   variants (done = ``result.json``; an interrupted one is continued with ``--resume``);
+   ``base_model: organisms`` is the shipped organisms base LM (``llm_mas/data/lms/organisms-w64-s0``); with
+   ``organisms:`` set, the groups' data are written into ``RUN/data/`` first;
+2. ``llm-mas finetune --mode toxic|nontoxic --split K --merge --out RUN/finetune/<group>-<K>`` for every
+   group (``groups``, each with its own finetune settings) and split (done = ``result.json``; an
+   interrupted one is continued with ``--resume``);
 3. ``RUN/prompts.jsonl``: the test-role texts of the fine-tuning data (``toxicity_corpus("both", None,
    role="test", balance=False)``; a local file has no test split and is used whole), and
    ``llm-mas record --model RUN/finetune/<v>/merged --texts RUN/prompts.jsonl --out RUN/recordings/<v>``
    (every model gets the same prompts: same texts, same seed, same tokenizer);
-4. ``llm-mas mas RUN/mas.yaml``: stepwise MAS at the embeddings between all six models (one alignment per
-   model, all 36 directions trained jointly; ``k`` defaults to d/2) into ``RUN/mas/``;
-5. ``RUN/report.md`` (+ ``report.json``, ``iia_token.csv``, ``iia_trial.csv``, ``iia_matrices.png``,
+4. ``llm-mas mas RUN/mas.yaml``: stepwise MAS at the embeddings between all models (one alignment per
+   model, all n² directions trained jointly; ``k`` defaults to d/2) into ``RUN/mas/``; with
+   ``counterfactual:`` also ``llm-mas mas RUN/mas_cf.yaml`` (the counterfactual-dataset form, ``RUN/mas-cf/``);
+5. organisms only: ``RUN/traits.json``, what every model does on held-out prompts (``trait_rates``);
+6. ``RUN/report.md`` (+ ``report.json``, ``iia_token.csv``, ``iia_trial.csv``, ``iia_matrices.png``,
    ``group_means.png``, ``label_permutation.png``), computed by ``recipes.toxicity.report``.
 
 A finished stage whose saved settings differ from the config (or whose inputs are newer than it) is an error
