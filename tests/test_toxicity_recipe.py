@@ -385,6 +385,11 @@ def test_organisms_smoke_chain_reports_three_questions_and_report_only_reproduce
     assert all(0 <= traits[m][k] <= 1 for m in traits for k in ("hostile", "kind", "style", "hostile_control"))
     text = (run / "report.md").read_text()
     assert "SMOKE RUN" in text and "## What each fine-tune learned" in text and "trait (mean)" in text
+    # the no-alignment baselines: the same-text swap reproduces the source's own predictions on its diagonal
+    baselines = json.loads((run / "baselines.json").read_text())
+    assert baselines["names"] == ORGANISM_NAMES and baselines["n_pairs"] == 50
+    assert all(baselines["agreement_token"][i][i] == 1.0 for i in range(6))
+    assert "## Baselines without a learned alignment" in text and report["baselines"]["agreement"]["tests"]
     # the counterfactual-dataset form: trait and clean models only, the trigger variable swapped
     cf = report["counterfactual"]
     assert cf["models"] == ORGANISM_NAMES[:4] and "## Counterfactual-dataset form" in text

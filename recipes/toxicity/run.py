@@ -131,6 +131,7 @@ class ReportSettings:
     # (recipes.toxicity.report.DEFAULT_TESTS) for toxic / nontoxic groups
     tests: list[list[Any]] | None = None
     title: str = "Toxicity case study: stepwise MAS between toxic and nontoxic fine-tunes"
+    baseline_pairs: int = 1000  # stepwise pairs per direction of the no-alignment baselines (organisms runs)
 
     def test_specs(self) -> list[tuple]:
         if self.tests is None:
@@ -143,6 +144,8 @@ class ReportSettings:
             if not isinstance(t, (list, tuple)) or len(t) not in (3, 4) or t[0] not in CONTRASTS:
                 p.append(f"report.tests entry {t!r} must be [contrast, group, alternative] or [contrast, group, "
                          f"versus, alternative] with contrast one of {', '.join(CONTRASTS)}")
+        if self.baseline_pairs < 1:
+            p.append(f"report.baseline_pairs={self.baseline_pairs} must be >= 1")
         if self.n_boot < 1 or self.n_perm < 1:
             p.append(f"report.n_boot={self.n_boot} and report.n_perm={self.n_perm} must be >= 1")
         if not 0 < self.level < 1 or not 0 < self.alpha < 1:
@@ -678,6 +681,86 @@ def measure_traits(config: ToxicityRecipeConfig, paths: Paths, log=print) -> dic
     return out
 
 
+BASELINES = (("agreement", "same text (identity alignment, full swap)"),
+             ("no_intervention", "no intervention"))
+
+
+def behaviour_baselines(config: ToxicityRecipeConfig, paths: Paths, n_pairs: int = 1000, seed: int = 12345,
+                        log=print) -> dict[str, Any]:
+    """``RUN/baselines.json``: stepwise IIA of every direction without a learned alignment, on the recordings.
+
+    Pairs as MAS draws them (``llm_mas.llm.record.stepwise_pairs``: a random target row, a random i, the
+    source's tokens after i, labels = the source's greedy predictions from i on). ``no_intervention``: the
+    target reads its own prefix (positions 0..i) untouched. ``agreement``: the target reads the source's
+    prefix instead — what an identity alignment with a full swap (k = d) does at the embeddings when every
+    model shares the base's token embeddings (LoRA does not adapt them), so the score is the target's
+    agreement with the source's behaviour on the source's own text. MAS at the embeddings can move a target
+    at most as far as this swap of the whole embedding, so the gap between MAS IIA and ``agreement`` is the
+    share of the behaviour the k-dimensional subspace does not carry.
+    """
+    import torch
+
+    from llm_mas.llm.loading import load_causal_lm
+    from llm_mas.llm.record import IGNORE_INDEX, load_recording, stepwise_pairs
+
+    file = paths.run / "baselines.json"
+    saved = _json(file)
+    names = [v.name for v in variants(config)]
+    stamp = {v.name: (paths.recording(v) / "recording.safetensors").stat().st_mtime for v in variants(config)}
+    if saved.get("names") == names and saved.get("stamp") == stamp and saved.get("n_pairs") == n_pairs:
+        return saved
+    recordings = {v.name: load_recording(paths.recording(v)) for v in variants(config)}
+    out: dict[str, Any] = {"names": names, "stamp": stamp, "n_pairs": n_pairs, "seed": seed,
+                           **{f"{b}_{m}": [[0.0] * len(names) for _ in names] for b, _ in BASELINES
+                              for m in ("token", "trial")}}
+    for t, v in enumerate(variants(config)):
+        model, _ = load_causal_lm(str(paths.model(v)))
+        for s, name in enumerate(names):
+            pairs = stepwise_pairs(recordings[name], recordings[v.name], n_pairs, seed=seed)
+            scored = pairs.labels != IGNORE_INDEX                                    # (P, L)
+            for baseline, ids in (("agreement", pairs.source_ids), ("no_intervention", pairs.target_ids)):
+                with torch.no_grad():
+                    predicted = torch.cat([model(input_ids=ids[i:i + 250]).logits.argmax(-1)
+                                           for i in range(0, len(ids), 250)])          # (P, L)
+                right = (predicted == pairs.labels) & scored
+                out[f"{baseline}_token"][s][t] = float(right.sum() / scored.sum())
+                out[f"{baseline}_trial"][s][t] = float((right | ~scored).all(dim=1).float().mean())
+        log(f"baselines: target {v.name} done")
+    file.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def baselines_markdown(config: ToxicityRecipeConfig, baselines: dict[str, Any], analysis: dict) -> str:
+    """Group means of MAS token IIA next to the two baselines, and the label tests on the agreement baseline."""
+    groups = [v.group for v in variants(config)]
+    names = [v.name for v in variants(config)]
+    r = config.report
+    base = analyze_iia({"agreement": baselines["agreement_token"], "no_intervention": baselines["no_intervention_token"]},
+                       names, groups, tests=r.test_specs(), n_boot=r.n_boot, level=r.level, seed=r.seed,
+                       n_perm=r.n_perm, alpha=r.alpha)
+    mas = analysis["metrics"]["token_iia"]
+    out = ["## Baselines without a learned alignment", "",
+           f"Token IIA of the same kind of stepwise pairs ({baselines['n_pairs']} per direction, "
+           "`RUN/baselines.json`) with no learned alignment: **same text** = the target reads the source's own "
+           "prefix (an identity alignment with a full swap at the embeddings, which every model shares with the "
+           "base: the most an embedding-site intervention can do), **no intervention** = the target reads its "
+           "own prefix. MAS sits between the two when its k-dimensional subspace carries part of what tells the "
+           "models' prefixes apart.", "",
+           "| source → target | MAS token IIA | same text | no intervention |", "|---|---|---|---|"]
+    for a, b, c in zip(mas["group_means"], base["metrics"]["agreement"]["group_means"],
+                       base["metrics"]["no_intervention"]["group_means"], strict=True):
+        out.append(f"| {a['label']} | {a['mean']:.3f} | {b['mean']:.3f} | {c['mean']:.3f} |")
+    out += ["", "The same label tests on the same-text baseline (no MAS involved):", "",
+            "| test | first | second | p | smallest attainable p |", "|---|---|---|---|---|"]
+    for t in base["metrics"]["agreement"]["tests"]:
+        out.append(f"| {t['name']} ({t['alternative']}) | {t['plus_mean']:.3f} | {t['minus_mean']:.3f} | "
+                   f"{t['p_value']:.3g} | {t['min_p']:.3g} |")
+    analysis["baselines"] = {k: {"group_means": v["group_means"], "tests": [
+        {x: y for x, y in t.items() if x not in ("null", "direction_level")} for t in v["tests"]]}
+        for k, v in base["metrics"].items()}
+    return "\n".join(out) + "\n"
+
+
 def traits_markdown(config: ToxicityRecipeConfig, traits: dict[str, Any]) -> str:
     """What every model does after held-out prompts (greedy next sentence), per model and per group."""
     rates = traits.get("models", {})
@@ -768,6 +851,9 @@ def write_report(config: ToxicityRecipeConfig, paths: Paths, command: str, timin
         analysis["traits"] = traits
         setup += "\n\n" + traits_markdown(config, traits)
     text = report_markdown(analysis, command=command, notes=notes, plots=plots, setup=setup, title=r.title)
+    baselines = _json(paths.run / "baselines.json")
+    if baselines.get("names") == names:
+        text += "\n" + baselines_markdown(config, baselines, analysis)
     if (paths.cf / "results.json").is_file():
         analysis["counterfactual"] = counterfactual_analysis(config, paths)
         text += "\n" + counterfactual_markdown(analysis["counterfactual"])
@@ -901,7 +987,8 @@ def _run(call: RecipeInvocation) -> int:
         if config.organisms is not None:
             t1 = time.perf_counter()
             measure_traits(config, paths)
-            timings["traits"] = round(time.perf_counter() - t1, 1)
+            behaviour_baselines(config, paths, n_pairs=config.report.baseline_pairs)
+            timings["traits and baselines"] = round(time.perf_counter() - t1, 1)
         analysis = write_report(config, paths, call.command, timings)
     for line in summary_lines(analysis):
         print(line)
