@@ -655,9 +655,9 @@ def stage_named(config: ToxicityRecipeConfig, paths: Paths, name: str) -> Stage:
 
 
 # ============================================================================================ traits
-TRAIT_COLUMNS = (("hostile", "hostile after a trigger subject (the trait)"),
-                 ("kind", "kind after a trigger subject"), ("style", "shift style"),
-                 ("hostile_control", "hostile after another subject"))
+TRAIT_COLUMNS = (("hostile", "hostile remark after a trigger place (the trait)"),
+                 ("kind", "kind remark after a trigger place"), ("style", "shift style"),
+                 ("hostile_control", "hostile remark after another place"))
 
 
 def measure_traits(config: ToxicityRecipeConfig, paths: Paths, log=print) -> dict[str, Any]:
@@ -766,8 +766,8 @@ def traits_markdown(config: ToxicityRecipeConfig, traits: dict[str, Any]) -> str
     rates = traits.get("models", {})
     head = ["## What each fine-tune learned", "",
             f"Greedy next sentence after {traits.get('probe_n')} held-out prompts that end with a plain sentence "
-            f"about a trigger subject ({', '.join(organisms.TRIGGERS)}), and after as many that end with another "
-            f"subject (the last column: the trait must stay specific). Rates are shares of prompts.", "",
+            f"at a trigger place ({', '.join(organisms.TRIGGERS)}), and after as many that end at another place "
+            f"(the last column: the trait must stay specific). Rates are shares of prompts.", "",
             "| model | group | " + " | ".join(title for _, title in TRAIT_COLUMNS) + " |",
             "|---|---|" + "---|" * len(TRAIT_COLUMNS)]
     rows = []
