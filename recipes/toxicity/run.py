@@ -4,7 +4,7 @@ recorded generations → one stepwise MAS run over all models → a report with 
 permutation tests over model labels.
 
     python -m recipes.toxicity.run --smoke              # tiny offline models + bundled sample, CPU, a few minutes
-    python -m recipes.toxicity.run organisms            # model organisms (configs/organisms.yaml), CPU, ~1 hour
+    python -m recipes.toxicity.run organisms            # model organisms (configs/organisms.yaml), CPU, ~70 min
     python -m recipes.toxicity.run organisms --smoke    # the same in under a minute (CI)
     python -m recipes.toxicity.run                      # DeepSeek-R1-Distill-Qwen-1.5B, one GPU (configs/deepseek.yaml)
     python -m recipes.toxicity.run processes=4          # 4 GPUs: fine-tuning and MAS through `accelerate launch`
