@@ -280,3 +280,250 @@ def group_means(
             summary = mean_ci(values, **ci_kwargs)
         result[key] = {"values": values, "cells": cells, **summary}
     return result
+
+
+def t_interval(values: Any, *, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, lo, hi): the Student-t confidence interval of the mean of a few values (e.g. one per seed).
+
+    ``mean ± t_{(1+level)/2, n−1} · s / √n`` with the sample standard deviation s (ddof 1), as
+    ``scipy.stats.t.interval(level, n − 1, loc=mean, scale=s / √n)``. No values: all NaN; one value: the
+    mean and NaN bounds (no spread to estimate). Non-finite values are an error.
+    """
+    _check_level(level)
+    array = np.asarray(values, dtype=np.float64).reshape(-1)
+    if array.size == 0:
+        return math.nan, math.nan, math.nan
+    if not np.all(np.isfinite(array)):
+        raise DataError(f"t_interval got non-finite values {array[~np.isfinite(array)][:5].tolist()}; drop them "
+                        f"first")
+    mean = float(array.mean())
+    if array.size < 2:
+        return mean, math.nan, math.nan
+    from scipy.stats import t
+
+    half = float(t.ppf((1 + level) / 2, array.size - 1) * array.std(ddof=1) / math.sqrt(array.size))
+    return mean, mean - half, mean + half
+
+
+# ------------------------------------------------------------------------------- label permutation tests
+# Tests over an n×n matrix between models that carry group labels (rows = source, columns = target; the
+# diagonal is ignored). The n(n−1) directions of one run are not independent observations: a direction s→t
+# shares its source and target with 2(n−2) other directions. What is exchangeable under the null "the labels
+# say nothing about the matrix" is the assignment of labels to *models*: the matrix stays fixed (its
+# dependence structure included) and the contrast is recomputed under every relabelling that keeps the group
+# sizes. With 3 + 3 models there are C(6, 3) = 20 labellings: a one-sided p can never go below 0.05; the
+# result reports that floor (``min_p``) next to every p-value.
+CONTRASTS = ("source_fixed", "interaction", "within")
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def _square(matrix: Any, n: int, name: str = "matrix") -> np.ndarray:
+    """(n, n) float64 copy; errors on a wrong shape or missing off-diagonal cells."""
+    if hasattr(matrix, "detach"):
+        matrix = matrix.detach().cpu().double().numpy()
+    array = np.asarray(matrix, dtype=np.float64)
+    if array.shape != (n, n):
+        raise DataError(f"{name} has shape {tuple(array.shape)} but groups name {n} models; pass an ({n}, {n}) "
+                        f"matrix (rows = source, columns = target) or fix groups")
+    off = ~np.eye(n, dtype=bool)
+    if not np.all(np.isfinite(array[off])):
+        bad = [(int(i), int(j)) for i, j in zip(*np.nonzero(~np.isfinite(array) & off), strict=True)][:5]
+        raise DataError(f"{name} has NaN/inf off-diagonal cells {bad}; evaluate every direction of the run "
+                        f"(directions: all) before testing")
+    return array
+
+
+def _codes(groups: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """(labels in first-appearance order, (n,) label index per model); needs two groups of >= 2 models."""
+    labels = list(dict.fromkeys(groups))
+    if len(labels) < 2:
+        raise DataError(f"groups {list(groups)} hold a single label; a label permutation test needs two or more")
+    small = [g for g in labels if list(groups).count(g) < 2]
+    if small:
+        raise DataError(f"group(s) {small} have one model; within-group directions need at least 2 models per "
+                        f"group")
+    return labels, np.array([labels.index(g) for g in groups], dtype=np.intp)
+
+
+def count_labelings(groups: Sequence[str]) -> int:
+    """Distinct assignments of the labels to the models that keep every group's size (a multinomial)."""
+    count = math.factorial(len(groups))
+    for label in dict.fromkeys(groups):
+        count //= math.factorial(list(groups).count(label))
+    return count
+
+
+def labelings(groups: Sequence[str]) -> np.ndarray:
+    """Every distinct labelling as label indices (first-appearance order), (R, n) with
+    R = ``count_labelings(groups)``; row 0 is the observed labelling."""
+    labels = list(dict.fromkeys(groups))
+    sizes = [list(groups).count(label) for label in labels]
+    rows: list[list[int]] = []
+
+    def fill(row: list[int], free: tuple[int, ...], label: int) -> None:
+        if label == len(labels) - 1:  # the last label takes every free position
+            for position in free:
+                row[position] = label
+            rows.append(list(row))
+            return
+        for chosen in itertools.combinations(free, sizes[label]):
+            for position in chosen:
+                row[position] = label
+            fill(row, tuple(p for p in free if p not in chosen), label + 1)
+
+    fill([0] * len(groups), tuple(range(len(groups))), 0)
+    table = np.array(rows, dtype=np.intp)  # (R, n)
+    observed = np.array([labels.index(g) for g in groups], dtype=np.intp)
+    first = int(np.flatnonzero((table == observed).all(axis=1))[0])
+    table[[0, first]] = table[[first, 0]]
+    return table
+
+
+# ------------------------------------------------------------------------------------------ contrasts
+def _pair_means(matrix: np.ndarray, codes: np.ndarray, n_labels: int) -> np.ndarray:
+    """(R, G, G) mean IIA of the off-diagonal directions from group g to group h under each labelling.
+
+    matrix (n, n); codes (R, n) label index of every model per labelling.
+    """
+    n = matrix.shape[0]
+    off = ~np.eye(n, dtype=bool)
+    member = codes[:, None, :] == np.arange(n_labels)[None, :, None]                  # (R, G, n)
+    cells = member[:, :, None, :, None] & member[:, None, :, None, :] & off           # (R, G, G, n, n)
+    counts = cells.sum(axis=(3, 4))                                                    # (R, G, G)
+    return (cells * matrix).sum(axis=(3, 4)) / np.maximum(counts, 1)
+
+
+def contrast(matrix: np.ndarray, codes: np.ndarray, n_labels: int, kind: str, group: int | None,
+             versus: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(statistic, plus side, minus side), each (R,), of a contrast under every labelling in `codes` (R, n).
+
+    source_fixed: plus = mean(g→g), minus = mean over the directions g→(any other group).
+    interaction:  plus = mean of the G within-group means, minus = mean of the G(G−1) between-group means.
+    within:       plus = mean(g→g), minus = mean(h→h) with h = `versus` (off-diagonal cells).
+    """
+    if kind == "within":
+        n = matrix.shape[0]
+        off = ~np.eye(n, dtype=bool)
+        sides = []
+        for label in (group, versus):
+            inside = codes == label                                                        # (R, n)
+            cells = inside[:, :, None] & inside[:, None, :] & off                          # (R, n, n)
+            sides.append((cells * matrix).sum(axis=(1, 2)) / cells.sum(axis=(1, 2)))
+        plus, minus = sides
+    elif kind == "source_fixed":
+        n = matrix.shape[0]
+        off = ~np.eye(n, dtype=bool)
+        inside = codes == group                                                            # (R, n)
+        plus_cells = inside[:, :, None] & inside[:, None, :] & off                         # (R, n, n)
+        minus_cells = inside[:, :, None] & ~inside[:, None, :]
+        plus = (plus_cells * matrix).sum(axis=(1, 2)) / plus_cells.sum(axis=(1, 2))
+        minus = (minus_cells * matrix).sum(axis=(1, 2)) / minus_cells.sum(axis=(1, 2))
+    elif kind == "interaction":
+        means = _pair_means(matrix, codes, n_labels)                                       # (R, G, G)
+        diagonal = np.eye(n_labels, dtype=bool)
+        plus = means[:, diagonal].mean(axis=1)
+        minus = means[:, ~diagonal].mean(axis=1)
+    else:
+        raise choice_error("contrast", kind, CONTRASTS)
+    return plus - minus, plus, minus
+
+
+def _contrast_name(kind: str, group: str | None, labels: Sequence[str], versus: str | None = None) -> str:
+    if kind == "within":
+        return f"{group}→{group} vs {versus}→{versus}"
+    if kind == "interaction":
+        return "within-group vs between-group (" + " + ".join(f"{g}→{g}" for g in labels) + " vs the rest)"
+    others = "/".join(g for g in labels if g != group)
+    return f"{group}→{group} vs {group}→{others}"
+
+
+# ------------------------------------------------------------------------------- the label test
+def label_permutation_test(matrix: Any, groups: Sequence[str], group: str | None = None, *,
+                           versus: str | None = None, contrast_kind: str = "source_fixed",
+                           alternative: str = "greater", n_perm: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """Permutation test of a contrast (module docstring) with the *model labels* as the unit.
+
+    H0: the labels are exchangeable among the models, i.e. the matrix is as likely under every relabelling
+    that keeps the group sizes. The matrix is held fixed and the contrast recomputed under every distinct
+    relabelling (exact when there are at most `n_perm`, the observed one included: p = #{T* ⪰ T} / R) or
+    under `n_perm` random ones (then ``p = (1 + #{T* ⪰ T}) / (n_perm + 1)``).
+
+    Args:
+        matrix: (n, n) IIA, rows = source, columns = target; the diagonal is ignored.
+        groups: (n,) label of each model, e.g. ``["toxic"] * 3 + ["nontoxic"] * 3``.
+        group: the group of a ``source_fixed`` or ``within`` contrast (unused by ``interaction``).
+        versus: the second group: the test then uses only the models of `group` and `versus` (the submatrix
+            of their directions) and relabels them among themselves, every other model set aside. Required
+            by ``within``; with ``source_fixed`` the minus side becomes ``group→versus``.
+        contrast_kind: ``"source_fixed"``, ``"interaction"`` or ``"within"`` (``group→group`` vs
+            ``versus→versus``).
+        alternative: ``"greater"`` (H1: T > 0), ``"less"`` or ``"two-sided"`` (``2·min(p_less, p_greater)``,
+            capped at 1, as ``llm_mas.stats.permutation_test``).
+
+    Returns:
+        ``{"contrast", "group", "versus", "models", "name", "statistic", "plus_mean", "minus_mean", "p_value", "p_greater",
+        "p_less", "alternative", "exact", "n_labelings", "min_p", "null"}``. ``min_p`` is the smallest
+        p-value the design can produce: labellings that give the observed statistic for *any* matrix (e.g. a
+        labelling and its mirror image for ``interaction``) always tie with it. ``null``: the statistic under
+        every evaluated labelling (exact: the observed one first). ``models``: the indices (into `groups`)
+        of the models the test used.
+    """
+    if alternative not in ALTERNATIVES:
+        raise choice_error("alternative", alternative, ALTERNATIVES)
+    if contrast_kind not in CONTRASTS:
+        raise choice_error("contrast", contrast_kind, CONTRASTS)
+    if not isinstance(n_perm, (int, np.integer)) or isinstance(n_perm, bool) or n_perm < 1:
+        raise ConfigError(f"n_perm={n_perm!r} must be a positive integer, e.g. n_perm=10000")
+    all_labels = list(dict.fromkeys(groups))
+    array = _square(matrix, len(groups))
+    used = list(range(len(groups)))
+    if contrast_kind == "within" and versus is None:
+        raise ConfigError("contrast 'within' compares group→group with versus→versus; pass versus=<group>")
+    if versus is not None:
+        for name, value in (("group", group), ("versus", versus)):
+            if value not in all_labels:
+                raise choice_error(name, value, all_labels)
+        if versus == group:
+            raise ConfigError(f"versus={versus!r} equals group; pick another group of {all_labels}")
+        used = [i for i, g in enumerate(groups) if g in (group, versus)]
+        array = array[np.ix_(used, used)]
+        groups = [groups[i] for i in used]
+    labels, observed_codes = _codes(groups)
+    versus_index = labels.index(versus) if versus is not None else None
+    if contrast_kind in ("source_fixed", "within"):
+        if group not in labels:
+            raise choice_error("group", group, labels)
+        index: int | None = labels.index(group)
+    else:
+        group, index = None, None
+    total = count_labelings(groups)
+    exact = total <= n_perm
+    if exact:
+        table = labelings(groups)                                                     # (R, n)
+    else:
+        table = np.random.default_rng(seed).permuted(np.tile(observed_codes, (n_perm, 1)), axis=1)
+    observed, plus, minus = (float(x[0]) for x in contrast(array, observed_codes[None, :], len(labels),
+                                                           contrast_kind, index, versus_index))
+    null = contrast(array, table, len(labels), contrast_kind, index, versus_index)[0]  # (R,)
+    tolerance = 1e-9 * max(abs(observed), float(np.abs(array).max()), 1e-300)
+    count_greater = int(np.count_nonzero(null >= observed - tolerance))
+    count_less = int(np.count_nonzero(null <= observed + tolerance))
+    if exact:
+        p_greater, p_less = count_greater / total, count_less / total
+        # structural ties: labellings equal to the observed statistic on a generic (random) matrix
+        generic = np.random.default_rng(12345).standard_normal(array.shape)
+        generic_null = contrast(generic, table, len(labels), contrast_kind, index, versus_index)[0]
+        ties = int(np.count_nonzero(np.isclose(generic_null, generic_null[0], rtol=0, atol=1e-12)))
+        one_sided_min = ties / total
+    else:
+        p_greater, p_less = (count_greater + 1) / (n_perm + 1), (count_less + 1) / (n_perm + 1)
+        one_sided_min = 1 / (n_perm + 1)
+    p_value = {"greater": p_greater, "less": p_less, "two-sided": min(1.0, 2.0 * min(p_greater, p_less))}
+    return {"contrast": contrast_kind, "group": group, "versus": versus, "models": used,
+            "name": _contrast_name(contrast_kind, group, labels, versus),
+            "statistic": observed, "plus_mean": plus, "minus_mean": minus,
+            "p_value": float(p_value[alternative]), "p_greater": float(p_greater), "p_less": float(p_less),
+            "alternative": alternative, "exact": exact, "n_labelings": int(null.size),
+            "min_p": float(min(1.0, one_sided_min * (2 if alternative == "two-sided" else 1))),
+            "null": [float(v) for v in null]}
+

@@ -41,10 +41,11 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from llm_mas.config import load_config, save_config, to_dict
+from llm_mas.config import to_dict
 from llm_mas.correlative import flatten_metrics, mas_direction_summary, run_similarity, similarity_config
-from llm_mas.errors import ConfigError, MASError
+from llm_mas.errors import ConfigError
 from recipes.common.claims import Claim, all_known
+from recipes.common.cli import RecipeInvocation, recipe_front_door
 from recipes.common.models import missing_models, resolve_models
 from recipes.common.plans import (
     SMOKE_MAS_OVERRIDES,
@@ -259,69 +260,56 @@ def write_outputs(config: RecipeConfig, run_dir: Path, similarities: dict, outco
 
 # ================================================================================== main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recipes.correlative_vs_causal",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("config", nargs="?", default=str(REPO / "recipes/configs/correlative_vs_causal.yaml"))
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe config")
-    parser.add_argument("--smoke", action="store_true", help="tiny settings (seconds), run dir <name>-smoke")
-    parser.add_argument("--report", action="store_true",
-                        help="train no MAS run: rewrite the table, figure and summary from the finished ones")
-    parser.add_argument("--only", default="", help="comma list of comparisons whose MAS runs are trained "
-                                                   "(the others are tabulated when already finished)")
-    parser.add_argument("--skip-missing", action="store_true",
-                        help="skip comparisons whose models are not available yet (default: an error)")
-    parser.add_argument("--models-from-scratch", action="store_true",
-                        help="(tests) random-weight checkpoints instead of the named models")
-    args = parser.parse_intermixed_args(argv)
-    if "=" in args.config and not Path(args.config).exists():  # an override, not a config: use the default
-        args.overrides.insert(0, args.config)
-        args.config = parser.get_default("config")
+    """Command line (module docstring) through ``recipes.common.cli.recipe_front_door``. Exit 0: tables
+    written; 2: configuration error."""
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--skip-missing", action="store_true",
+                            help="skip comparisons whose models are not available yet (default: an error)")
+        parser.add_argument("--models-from-scratch", action="store_true",
+                            help="(tests) random-weight checkpoints instead of the named models")
 
     torch.set_num_threads(1)  # small task models: more threads only add overhead
-    t0 = time.perf_counter()
-    command = "python -m recipes.correlative_vs_causal " + " ".join(sys.argv[1:] if argv is None else argv)
+    return recipe_front_door(argv, name="correlative_vs_causal", doc=__doc__, config_cls=RecipeConfig, run=_run,
+                             add_arguments=add_arguments, smoke_help="tiny settings (seconds), run dir <name>-smoke")
+
+
+def _run(call: RecipeInvocation) -> int:
+    config, run_dir, smoke, only = call.config, call.run_dir, call.smoke, call.only
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    try:
-        config = load_config(RecipeConfig, args.config, args.overrides)
-        only = [s for s in args.only.split(",") if s]
-        unknown = [s for s in only if s not in {c.name for c in config.comparisons}]
-        if unknown:
-            raise ConfigError(f"--only: unknown comparisons {unknown}; valid: "
-                              f"{', '.join(c.name for c in config.comparisons)}")
-        run_dir = Path(config.out_dir) / (config.name + ("-smoke" if args.smoke else ""))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml", header=command)
-        names = [m for c in config.comparisons for m in c.models]
-        missing = [] if args.models_from_scratch or not args.skip_missing else missing_models(names)
-        mapping = resolve_models([n for n in names if n not in missing],
-                                 run_dir / "scratch_models" if args.models_from_scratch else None)
-        plans, similarities = [], {}
-        for i, comp in enumerate(config.comparisons, 1):
-            absent = [m for m in comp.models if m in missing]
-            comp.models = [mapping.get(m, m) for m in comp.models]
-            plans.append(mas_plan(comp, run_dir, args.smoke, config.device))
-            if absent:
-                plans[-1].blocked = f"task models not available yet: {', '.join(absent)}"
-                log(f"[{i}/{len(config.comparisons)}] {comp.name}: skipped — {plans[-1].blocked}")
-                continue
-            log(f"[{i}/{len(config.comparisons)}] {comp.name}: {' vs '.join(Path(m).name for m in comp.models)} "
-                f"at {comp.site} — RSA/CKA ({time.perf_counter() - t0:.0f}s)")
-            similarities[comp.name] = similarity_for(comp, config, run_dir, args.smoke, log)
+    unknown = [s for s in only if s not in {c.name for c in config.comparisons}]
+    if unknown:
+        raise ConfigError(f"--only: unknown comparisons {unknown}; valid: "
+                          f"{', '.join(c.name for c in config.comparisons)}")
+    names = [m for c in config.comparisons for m in c.models]
+    missing = [] if call.args.models_from_scratch or not call.args.skip_missing else missing_models(names)
+    mapping = resolve_models([n for n in names if n not in missing],
+                             run_dir / "scratch_models" if call.args.models_from_scratch else None)
+    plans, similarities = [], {}
+    for i, comp in enumerate(config.comparisons, 1):
+        absent = [m for m in comp.models if m in missing]
+        comp.models = [mapping.get(m, m) for m in comp.models]
+        plans.append(mas_plan(comp, run_dir, smoke, config.device))
+        if absent:
+            plans[-1].blocked = f"task models not available yet: {', '.join(absent)}"
+            log(f"[{i}/{len(config.comparisons)}] {comp.name}: skipped — {plans[-1].blocked}")
+            continue
+        log(f"[{i}/{len(config.comparisons)}] {comp.name}: {' vs '.join(Path(m).name for m in comp.models)} "
+            f"at {comp.site} — RSA/CKA ({time.perf_counter() - call.started:.0f}s)")
+        similarities[comp.name] = similarity_for(comp, config, run_dir, smoke, log)
 
-        def after_each(outcomes):  # partial results on disk after every MAS run
-            write_outputs(config, run_dir, similarities, outcomes, command, args.smoke, time.perf_counter() - t0)
+    def after_each(outcomes):  # partial results on disk after every MAS run
+        write_outputs(config, run_dir, similarities, outcomes, call.command, smoke,
+                      time.perf_counter() - call.started)
 
-        log(f"MAS runs ({time.perf_counter() - t0:.0f}s)")
-        outcomes = execute_plan(plans, config.reuse_dirs, log=log, after_each=after_each,
-                                selected=lambda plan: not args.report and (not only or plan.name in only))
-        rows = write_outputs(config, run_dir, similarities, outcomes, command, args.smoke, time.perf_counter() - t0)
-    except MASError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    log(f"MAS runs ({time.perf_counter() - call.started:.0f}s)")
+    outcomes = execute_plan(plans, config.reuse_dirs, log=log, after_each=after_each,
+                            selected=lambda plan: not call.report and (not only or plan.name in only))
+    rows = write_outputs(config, run_dir, similarities, outcomes, call.command, smoke,
+                         time.perf_counter() - call.started)
     for row in rows:
         log(f"{row['comparison']:<28} " + " ".join(f"{k.replace('mas_trial_iia_', 'iia_')}={fmt(row.get(k), 2)}"
                                                      for k in (*CORRELATIVE, *CAUSAL)))
-    log(f"wrote {run_dir}/comparison.csv, comparison.png, summary.md ({time.perf_counter() - t0:.0f}s)")
+    log(f"wrote {run_dir}/comparison.csv, comparison.png, summary.md ({time.perf_counter() - call.started:.0f}s)")
     return 0
 
 

@@ -52,9 +52,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from llm_mas.config import load_config, save_config
-from llm_mas.errors import ConfigError, MASError
+from llm_mas.errors import ConfigError
+from llm_mas.stats import t_interval
 from recipes.common.claims import Claim
+from recipes.common.cli import RecipeInvocation, recipe_front_door
 from recipes.common.clustering import cluster_order, plot_clustered_matrices
 from recipes.common.models import resolve_models
 from recipes.common.plans import (
@@ -369,7 +370,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
             if isinstance(r.get("trial_iia"), float) and not math.isnan(r["trial_iia"]):
                 per_seed.setdefault(r["seed"], []).append(r["trial_iia"])
         values = np.array([np.mean(v) for v in per_seed.values()])
-        mean, lo, hi = _t_interval(values)
+        mean, lo, hi = t_interval(values)
         steps = [r["steps_to_target"] for r in members if _num(r.get("steps_to_target"))]
         out.append({"pair": pair, "kind": kind, "n": n, "seeds": len(values), "trial_iia": mean,
                     "trial_iia_lo": lo, "trial_iia_hi": hi,
@@ -389,19 +390,6 @@ def _num(x) -> bool:
 def _mean(rows: list[dict], key: str) -> float:
     values = [r[key] for r in rows if _num(r.get(key))]
     return float(np.mean(values)) if values else math.nan
-
-
-def _t_interval(values: np.ndarray) -> tuple[float, float, float]:
-    """Mean and 95% Student-t interval over seeds (no interval from one seed)."""
-    if values.size == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(values.mean())
-    if values.size < 2:
-        return mean, math.nan, math.nan
-    from scipy.stats import t
-
-    half = float(t.ppf(0.975, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
-    return mean, mean - half, mean + half
 
 
 def verdict(table: list[dict]) -> list[str]:
@@ -628,59 +616,46 @@ def write_outputs(config: RecipeConfig, names: list[str], plans: list[PlannedRun
 
 # ================================================================================== main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recipes.many_models", description=__doc__.split("\n")[0])
-    default_config = str(REPO / "recipes" / "configs" / "many_models.yaml")
-    parser.add_argument("config", nargs="?", default=default_config)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe config")
-    parser.add_argument("--smoke", action="store_true", help="smoke_models, one seed, n = all of them, 2 training "
-                                                             "steps on a few dozen pairs; run dir <name>-smoke")
-    parser.add_argument("--models-from-scratch", action="store_true",
-                        help="random-weight checkpoints of the same architectures instead of the models")
-    parser.add_argument("--only", default="", help="comma list of run names to train (others only reused)")
-    parser.add_argument("--report", action="store_true", help="train nothing: rewrite the outputs")
-    args = parser.parse_intermixed_args(argv)
-    if args.report and args.only:
-        parser.error("--report trains nothing; drop --only")
-    if args.config and "=" in args.config and not Path(args.config).exists():
-        args.overrides.insert(0, args.config)
-        args.config = default_config
+    """Command line (module docstring) through ``recipes.common.cli.recipe_front_door``. Exit 0: every
+    selected run finished; 1: one failed; 2: configuration error."""
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--models-from-scratch", action="store_true",
+                            help="random-weight checkpoints of the same architectures instead of the models")
 
     torch.set_num_threads(1)  # small task models: more threads only add overhead
-    t0 = time.perf_counter()
-    command = "python -m recipes.many_models " + " ".join(sys.argv[1:] if argv is None else argv)
-    try:
-        config = load_config(RecipeConfig, args.config, args.overrides)
-        run_dir = Path(config.out_dir) / (config.name + ("-smoke" if args.smoke else ""))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml", header=command)
-        names = list(config.smoke_models or config.models[:3]) if args.smoke else list(config.models)
-        mapping = resolve_models(names, run_dir / "scratch_models" if args.models_from_scratch else None)
-        overrides = [*config.mas_overrides, *(SMOKE_MAS_OVERRIDES if args.smoke else ())]
-        ns = [len(names)] if args.smoke else config.ns
-        seeds = config.seeds[:1] if args.smoke else config.seeds
-        plans = plan(config, names, mapping, overrides, ns, seeds, run_dir / "mas",
-                     progress=not args.smoke and sys.stdout.isatty(),
-                     all_model_overrides=[] if args.smoke else config.all_model_overrides)
-        only = [s for s in args.only.split(",") if s]
-        unknown = [s for s in only if s not in {p.name for p in plans}]
-        if unknown:
-            raise ConfigError(f"--only: unknown runs {unknown}; valid: {', '.join(p.name for p in plans)}")
-        print(f"{len(plans)} MAS runs into {run_dir}/mas", flush=True)
-        similarity = similarities(names, mapping, config, run_dir, args.smoke)
+    return recipe_front_door(argv, name="many_models", doc=__doc__, config_cls=RecipeConfig, run=_run,
+                             add_arguments=add_arguments,
+                             smoke_help="smoke_models, one seed, n = all of them, 2 training steps on a few dozen "
+                                        "pairs; run dir <name>-smoke")
 
-        def refresh(outcomes):
-            write_outputs(config, names, plans, outcomes, similarity, run_dir, command, time.perf_counter() - t0,
-                          args.smoke)
 
-        selected = (lambda p: False) if args.report else (lambda p: p.name in only) if only else None
-        outcomes = execute_with_cost(plans, config.reuse_dirs, selected, refresh,
-                                     minutes_per_run=0.0 if args.smoke else config.minutes_per_run)
-    except MASError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _run(call: RecipeInvocation) -> int:
+    config, run_dir, smoke = call.config, call.run_dir, call.smoke
+    names = list(config.smoke_models or config.models[:3]) if smoke else list(config.models)
+    mapping = resolve_models(names, run_dir / "scratch_models" if call.args.models_from_scratch else None)
+    overrides = [*config.mas_overrides, *(SMOKE_MAS_OVERRIDES if smoke else ())]
+    ns = [len(names)] if smoke else config.ns
+    seeds = config.seeds[:1] if smoke else config.seeds
+    plans = plan(config, names, mapping, overrides, ns, seeds, run_dir / "mas",
+                 progress=not smoke and sys.stdout.isatty(),
+                 all_model_overrides=[] if smoke else config.all_model_overrides)
+    only = call.only
+    unknown = [s for s in only if s not in {p.name for p in plans}]
+    if unknown:
+        raise ConfigError(f"--only: unknown runs {unknown}; valid: {', '.join(p.name for p in plans)}")
+    print(f"{len(plans)} MAS runs into {run_dir}/mas", flush=True)
+    similarity = similarities(names, mapping, config, run_dir, smoke)
+
+    def refresh(outcomes):
+        write_outputs(config, names, plans, outcomes, similarity, run_dir, call.command,
+                      time.perf_counter() - call.started, smoke)
+
+    selected = (lambda p: False) if call.report else (lambda p: p.name in only) if only else None
+    outcomes = execute_with_cost(plans, config.reuse_dirs, selected, refresh,
+                                 minutes_per_run=0.0 if smoke else config.minutes_per_run)
     failed = [o.name for o in outcomes.values() if o.status == "failed"]
     print(f"wrote {run_dir}/summary.md, pairs.csv, aggregate.csv, matrix.csv, clustered.png, iia_vs_n.png "
-          f"({time.perf_counter() - t0:.0f}s)" + (f"; FAILED runs: {', '.join(failed)}" if failed else ""),
+          f"({time.perf_counter() - call.started:.0f}s)" + (f"; FAILED runs: {', '.join(failed)}" if failed else ""),
           flush=True)
     return 1 if failed else 0
 

@@ -199,3 +199,116 @@ def test_group_means_rejects_shape_mismatch_and_nan():
         group_means(np.zeros((3, 3)), ["a", "b"])
     with pytest.raises(DataError, match="NaN"):
         group_means(np.array([[1.0, np.nan], [0.5, 1.0]]), ["a", "b"])
+
+
+# ------------------------------------------------------------------------------------------ t interval
+@pytest.mark.parametrize("values,level", [([0.2, 0.5, 0.4], 0.95), ([1.0, 2.0, 4.0, 8.0, 3.5], 0.9),
+                                          ([0.7, 0.71], 0.99)])
+def test_t_interval_matches_scipy(values, level):
+    from llm_mas.stats import t_interval
+
+    mean, lo, hi = t_interval(values, level=level)
+    a = np.asarray(values)
+    ref = scipy.stats.t.interval(level, a.size - 1, loc=a.mean(), scale=scipy.stats.sem(a))
+    assert mean == pytest.approx(a.mean())
+    assert (lo, hi) == pytest.approx(ref, rel=1e-12)
+
+
+def test_t_interval_edge_cases_and_bad_input():
+    from llm_mas.stats import t_interval
+
+    assert all(math.isnan(v) for v in t_interval([]))
+    mean, lo, hi = t_interval([0.3])
+    assert mean == 0.3 and math.isnan(lo) and math.isnan(hi)
+    assert t_interval([0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5)          # no spread: a point interval
+    with pytest.raises(DataError, match="non-finite"):
+        t_interval([0.1, float("nan")])
+    with pytest.raises(ConfigError):
+        t_interval([0.1, 0.2], level=1.5)
+
+
+# ------------------------------------------------------------------------------------------ label permutation
+def _brute_force(matrix, groups, statistic):
+    """Every distinct relabelling by enumerating all n! orders of the labels (duplicates removed)."""
+    import itertools
+
+    seen, values = set(), []
+    for order in itertools.permutations(range(len(groups))):
+        labels = tuple(groups[i] for i in order)
+        if labels in seen:
+            continue
+        seen.add(labels)
+        values.append(statistic(matrix, labels))
+    return np.array(values), statistic(matrix, tuple(groups))
+
+
+def _mean_cells(m, labels, a, b):
+    cells = [m[i, j] for i in range(len(labels)) for j in range(len(labels))
+             if i != j and labels[i] == a and labels[j] == b]
+    return float(np.mean(cells))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_label_permutation_with_versus_is_exact_enumeration_over_the_two_groups(seed):
+    from llm_mas.stats import label_permutation_test
+
+    rng = np.random.default_rng(seed)
+    groups = ["trait"] * 3 + ["clean"] * 3 + ["shift"] * 3
+    m = rng.uniform(0, 1, (9, 9))
+    keep = [0, 1, 2, 3, 4, 5]          # trait and clean models only: shift is set aside
+    sub, sub_groups = m[np.ix_(keep, keep)], groups[:6]
+    null, observed = _brute_force(sub, sub_groups, lambda x, lab: _mean_cells(x, lab, "trait", "trait")
+                                  - _mean_cells(x, lab, "trait", "clean"))
+    result = label_permutation_test(m, groups, "trait", versus="clean", alternative="greater")
+    assert result["n_labelings"] == 20 and result["exact"] and result["models"] == keep
+    assert result["statistic"] == pytest.approx(observed)
+    assert result["p_value"] == pytest.approx(np.mean(null >= observed - 1e-12))
+    assert sorted(result["null"]) == pytest.approx(sorted(null))
+    assert result["name"] == "trait→trait vs trait→clean"
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_within_contrast_is_exact_enumeration_and_antisymmetric(seed):
+    from llm_mas.stats import label_permutation_test
+
+    rng = np.random.default_rng(seed)
+    groups = ["trait"] * 3 + ["clean"] * 3 + ["shift"] * 3
+    m = rng.uniform(0, 1, (9, 9))
+    keep = [0, 1, 2, 6, 7, 8]
+    sub, sub_groups = m[np.ix_(keep, keep)], [groups[i] for i in keep]
+    null, observed = _brute_force(sub, sub_groups, lambda x, lab: _mean_cells(x, lab, "trait", "trait")
+                                  - _mean_cells(x, lab, "shift", "shift"))
+    result = label_permutation_test(m, groups, "trait", versus="shift", contrast_kind="within",
+                                    alternative="two-sided")
+    p_greater, p_less = np.mean(null >= observed - 1e-12), np.mean(null <= observed + 1e-12)
+    assert result["statistic"] == pytest.approx(observed)
+    assert result["p_value"] == pytest.approx(min(1.0, 2 * min(p_greater, p_less)))
+    assert result["min_p"] == pytest.approx(2 / 20)   # no labelling ties structurally: 1/20 per side
+    swapped = label_permutation_test(m, groups, "shift", versus="trait", contrast_kind="within",
+                                     alternative="two-sided")
+    assert swapped["statistic"] == pytest.approx(-observed) and swapped["p_value"] == pytest.approx(result["p_value"])
+
+
+def test_within_block_matrix_known_p():
+    """trait→trait 1, shift→shift 0, everything else 0.5: only the observed labelling puts all three
+    high-IIA models under 'trait', so the one-sided p is the floor 1/20."""
+    from llm_mas.stats import label_permutation_test
+
+    groups = ["trait"] * 3 + ["shift"] * 3
+    m = np.full((6, 6), 0.5)
+    m[:3, :3], m[3:, 3:] = 1.0, 0.0
+    result = label_permutation_test(m, groups, "trait", versus="shift", contrast_kind="within")
+    assert result["statistic"] == pytest.approx(1.0) and result["p_value"] == pytest.approx(1 / 20)
+
+
+def test_label_permutation_bad_versus():
+    from llm_mas.stats import label_permutation_test
+
+    groups = ["a"] * 2 + ["b"] * 2 + ["c"] * 2
+    m = np.zeros((6, 6))
+    with pytest.raises(ConfigError, match="pass versus"):
+        label_permutation_test(m, groups, "a", contrast_kind="within")
+    with pytest.raises(ConfigError, match="versus='a' equals group"):
+        label_permutation_test(m, groups, "a", versus="a")
+    with pytest.raises(ConfigError, match="'d'"):
+        label_permutation_test(m, groups, "a", versus="d")

@@ -318,3 +318,87 @@ def test_smoke_chain_from_scratch_ends_with_a_report_and_skips_everything_on_rer
     assert capsys.readouterr().out.count("done, skipped") == 13
     again = json.loads((run / "report.json").read_text())
     assert again["metrics"] == report["metrics"]
+
+
+# ------------------------------------------------------------------------------ model organisms
+ORGANISM_NAMES = [f"{g}-{s}" for g in ("trait", "clean", "shift") for s in (0, 1)]
+
+
+def test_presets_by_name_and_their_smoke_twins(tmp_path):
+    configs = REPO / "recipes" / "toxicity" / "configs"
+    assert recipe.resolve_preset(None, False) == recipe.DEFAULT_PRESET
+    assert recipe.resolve_preset(None, True) == recipe.SMOKE_PRESET
+    assert recipe.resolve_preset("organisms", False) == configs / "organisms.yaml"
+    assert recipe.resolve_preset("organisms", True) == configs / "organisms-smoke.yaml"
+    assert recipe.resolve_preset(str(configs / "organisms.yaml"), True) == configs / "organisms-smoke.yaml"
+    with pytest.raises(ConfigError, match="neither a file nor a name"):
+        recipe.resolve_preset("nope", False)
+    lonely = tmp_path / "mine.yaml"
+    lonely.write_text("name: x\n")
+    with pytest.raises(ConfigError, match="mine-smoke.yaml"):
+        recipe.resolve_preset(str(lonely), True)
+
+
+def test_organisms_config_groups_variants_and_finetune_fields(tmp_path):
+    config = recipe.load_recipe_config(recipe.resolve_preset("organisms", True), [f"out_dir={tmp_path}"])
+    paths = recipe.Paths(config)
+    vs = recipe.variants(config)
+    assert [v.name for v in vs] == ORGANISM_NAMES
+    shift = recipe.finetune_config(config, paths, vs[-1])
+    assert shift.data == str(paths.run / "data" / "shift.jsonl") and shift.balance is False
+    assert shift.mode == "nontoxic" and shift.steps == config.finetune["steps"]
+    trait = recipe.finetune_config(config, paths, vs[0])
+    assert trait.mode == "toxic" and trait.data == str(paths.run / "data" / "paired.jsonl") and trait.balance
+    stage = recipe.finetune_stage(config, paths, vs[-1])
+    assert "--no-balance" in stage.argv and str(paths.run / "data" / "shift.jsonl") in stage.argv
+    assert len(recipe.mas_config(config, paths).models) == 6
+
+
+def test_organisms_config_problems(tmp_path, capsys):
+    code = recipe.main(["organisms", "--smoke", f"out_dir={tmp_path}", "--dry-run",
+                        "groups=[{name: a, mode: toxic}, {name: a, mode: weird, finetune: {out: x}}]",
+                        "report.tests=[[within, a, zzz, greater], [nonsense, a, greater]]",
+                        "organisms={n_texts: 10, colour: red}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    for text in ("must be distinct", "mode='weird'", "finetune keys ['out']", "['zzz']",
+                 "with contrast one of source_fixed, interaction, within", "unknown keys ['colour']"):
+        assert text in err, text
+
+
+@pytest.mark.slow
+@pytest.mark.llm
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+def test_organisms_smoke_chain_reports_three_questions_and_report_only_reproduces_it(tmp_path, capsys):
+    assert recipe.main(["organisms", "--smoke", f"out_dir={tmp_path}"]) == 0
+    run = tmp_path / "toxicity-organisms-smoke"
+    report = json.loads((run / "report.json").read_text())
+    assert report["models"] == ORGANISM_NAMES and report["groups"] == [n.split("-")[0] for n in ORGANISM_NAMES]
+    for metric in ("token_iia", "trial_iia"):
+        tests = report["metrics"][metric]["tests"]
+        assert [t["name"] for t in tests][:3] == ["trait→trait vs trait→clean", "clean→clean vs clean→shift",
+                                                  "trait→trait vs shift→shift"]
+        assert [t["n_labelings"] for t in tests] == [6, 6, 6, 90]     # 2 + 2 models; 2 + 2 + 2 for the interaction
+        assert tests[0]["models"] == [0, 1, 2, 3] and tests[1]["models"] == [2, 3, 4, 5]
+    traits = json.loads((run / "traits.json").read_text())["models"]
+    assert set(traits) == {"base", *ORGANISM_NAMES}
+    assert all(0 <= traits[m][k] <= 1 for m in traits for k in ("hostile", "kind", "style", "hostile_control"))
+    text = (run / "report.md").read_text()
+    assert "SMOKE RUN" in text and "## What each fine-tune learned" in text and "trait (mean)" in text
+    # the no-alignment baselines: the same-text swap reproduces the source's own predictions on its diagonal
+    baselines = json.loads((run / "baselines.json").read_text())
+    assert baselines["names"] == ORGANISM_NAMES and baselines["n_pairs"] == 50
+    assert all(baselines["agreement_token"][i][i] == 1.0 for i in range(6))
+    assert "## Baselines without a learned alignment" in text and report["baselines"]["agreement"]["tests"]
+    # the counterfactual-dataset form: trait and clean models only, the trigger variable swapped
+    cf = report["counterfactual"]
+    assert cf["models"] == ORGANISM_NAMES[:4] and "## Counterfactual-dataset form" in text
+    rows = [json.loads(line) for line in (run / "data" / "counterfactual.jsonl").read_text().splitlines()]
+    assert {r["continuation"] for r in rows} == {"they are", "the"}
+    assert all(r["base"].split()[:-4] == r["source"].split()[:-4] and r["base"] != r["source"] for r in rows)
+    before = (run / "report.json").read_text()
+    capsys.readouterr()
+    assert recipe.main(["organisms", "--smoke", f"out_dir={tmp_path}", "--report-only"]) == 0
+    after = json.loads((run / "report.json").read_text())
+    assert after["metrics"] == json.loads(before)["metrics"] and after["traits"] == json.loads(before)["traits"]
+    assert after["counterfactual"]["metrics"] == json.loads(before)["counterfactual"]["metrics"]

@@ -78,7 +78,8 @@ def record(
 
 def train_lm(
     task: str = typer.Option("multiobject", "--task",
-                             help="multiobject | sameobject | singleobject | modulo | rounding | arithmetic | binding."),
+                             help="multiobject | sameobject | singleobject | modulo | rounding | arithmetic | binding"
+                                  " | organisms (the toxicity model organisms' template English, a Llama)."),
     out: str = typer.Option(..., "--out", help="Directory for the HF model, tokenizer and metrics.json."),
     width: int = typer.Option(128, "--width", help="Hidden size."),
     layers: int = typer.Option(2, "--layers", help="Transformer blocks."),
@@ -112,6 +113,14 @@ def train_lm(
         from ..llm.train_lm import write_manifest
 
         torch.set_num_threads(threads)
+        if task == "organisms":  # a text distribution, not a task: held-out loss / accuracy instead of a bar
+            from ..llm.organisms import train_base_lm
+
+            train_base_lm(out, width=width, layers=layers, heads=heads, seed=seed, steps=steps,
+                          batch_size=batch_size, lr=lr, overwrite=overwrite, log=typer.echo)
+            if manifest:
+                typer.echo(f"manifest: {write_manifest(Path(out).parent)}")
+            return
         metrics = train(task, out, width=width, layers=layers, heads=heads, seed=seed, steps=steps,
                         batch_size=batch_size, lr=lr, eval_every=eval_every, eval_per_n=eval_per_n,
                         max_minutes=max_minutes, loss_on=loss_on, arch=arch, curriculum=curriculum,

@@ -285,15 +285,25 @@ MANIFEST_KEYS = ("task", "arch", "width", "layers", "heads", "params", "seed", "
                  "accuracy_per_n", "min_accuracy", "eval_per_n", "passes_bar")
 
 
+# text LMs (llm_mas.llm.organisms: a text distribution, no task) are measured by held-out next-token metrics
+TEXT_MANIFEST_KEYS = ("task", "arch", "width", "layers", "heads", "params", "seed", "steps", "train_seconds",
+                      "heldout_texts", "heldout_loss", "heldout_accuracy", "trait_rates")
+
+
 def write_manifest(root: str | Path) -> Path:
-    """(Re)write ``root/manifest.json`` from every ``root/<name>/metrics.json``: one entry per LM."""
+    """(Re)write ``root/manifest.json`` from every ``root/<name>/metrics.json``: one entry per LM, task LMs
+    under ``lms`` (free-running accuracy per N), text LMs under ``text_lms`` (held-out loss and accuracy)."""
     root = Path(root)
-    entries = []
+    entries: dict[str, list[dict]] = {"lms": [], "text_lms": []}
     for metrics_file in sorted(root.glob(f"*/{METRICS_FILE}")):
         metrics = json.loads(metrics_file.read_text())
         weights = metrics_file.parent / "model.safetensors"
-        entries.append({"name": metrics_file.parent.name, **{k: metrics[k] for k in MANIFEST_KEYS},
-                        "weights_bytes": weights.stat().st_size if weights.exists() else None})
+        kind, keys = ("text_lms", TEXT_MANIFEST_KEYS) if "heldout_loss" in metrics else ("lms", MANIFEST_KEYS)
+        entries[kind].append({"name": metrics_file.parent.name, **{k: metrics[k] for k in keys},
+                              "weights_bytes": weights.stat().st_size if weights.exists() else None})
     path = root / "manifest.json"
-    path.write_text(json.dumps({"bar": ACCURACY_BAR, "lms": entries}, indent=1) + "\n")
+    out: dict[str, Any] = {"bar": ACCURACY_BAR, "lms": entries["lms"]}
+    if entries["text_lms"]:
+        out["text_lms"] = entries["text_lms"]
+    path.write_text(json.dumps(out, indent=1) + "\n")
     return path

@@ -406,12 +406,31 @@ def _load_base_model(config: FinetuneConfig):
 
 
 # ------------------------------------------------------------------------------------------ the run
-def run_finetune(config: FinetuneConfig, *, on_step: Callable[[dict[str, Any]], None] | None = None
-                 ) -> FinetuneResult:
-    """Fine-tune ``config.model`` on the ``config.mode`` texts of split ``config.split``; see the module doc.
+@dataclass
+class FinetuneSession:
+    """Everything ``setup_finetune`` prepares for ``train_finetune`` and ``save_finetune``."""
 
-    on_step:  called on every process after each optimizer step with the log record (step, loss, lr, ...);
-              an exception raised there stops the run like a kill (tests use it to check --resume).
+    config: FinetuneConfig
+    acc: Any                      # accelerate.Accelerator
+    model: Any                    # prepared (PEFT-wrapped for LoRA)
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    trainable: list[Any]          # the parameters the optimizer updates
+    sequences: list[list[int]]    # token ids of every training text (>= 2 tokens)
+    pad_id: int
+    out: Path
+    start_step: int               # 0, or the step of the checkpoint resumed from
+    resumed: bool
+    n_trainable: int
+    n_total: int
+    started: float                # time.perf_counter() at the start of the run
+
+
+def setup_finetune(config: FinetuneConfig) -> FinetuneSession:
+    """Check the run directory, build the data and the model (LoRA or full), the optimizer and schedule, and
+    restore the newest checkpoint on ``--resume``; writes ``config.yaml`` and ``data.json``.
+
     Raises ConfigError (bad settings, existing run without --resume), DataError (data), HubUnavailableError.
     """
     problems = config.validate()
@@ -424,7 +443,6 @@ def run_finetune(config: FinetuneConfig, *, on_step: Callable[[dict[str, Any]], 
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     from ..config import save_config
     from .data import toxicity_corpus
@@ -487,12 +505,28 @@ def run_finetune(config: FinetuneConfig, *, on_step: Callable[[dict[str, Any]], 
         acc.print(f"--resume: no checkpoint in {checkpoint_dir(out)}; starting at step 0")
     if start_step == 0 and acc.is_main_process and log_path.exists():
         log_path.unlink()
+    return FinetuneSession(config=config, acc=acc, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                           scheduler=scheduler, trainable=trainable, sequences=sequences, pad_id=pad_id, out=out,
+                           start_step=start_step, resumed=checkpoint is not None, n_trainable=n_trainable,
+                           n_total=n_total, started=started)
 
+
+def train_finetune(session: FinetuneSession, *, on_step: Callable[[dict[str, Any]], None] | None = None
+                   ) -> tuple[float | None, float | None]:
+    """The optimizer steps from ``session.start_step`` to ``config.steps`` (log line and checkpoints as the
+    module doc says); returns (loss of the first step run here, loss of the last)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    config, acc, model = session.config, session.acc, session.model
+    optimizer, scheduler, sequences = session.optimizer, session.scheduler, session.sequences
+    log_path = session.out / "train_log.jsonl"
     model.train()
     first_loss = final_loss = None
-    bar = tqdm(total=config.steps, initial=start_step, disable=not (config.progress and acc.is_main_process),
+    bar = tqdm(total=config.steps, initial=session.start_step,
+               disable=not (config.progress and acc.is_main_process),
                desc=f"finetune {config.mode}-{config.split}", dynamic_ncols=True)
-    for step in range(start_step, config.steps):
+    for step in range(session.start_step, config.steps):
         total_loss = torch.zeros((), device=acc.device)
         tokens = 0
         for micro in range(config.grad_accum):
@@ -500,7 +534,7 @@ def run_finetune(config: FinetuneConfig, *, on_step: Callable[[dict[str, Any]], 
                                  world_size=acc.num_processes, batch_size=config.batch_size,
                                  grad_accum=config.grad_accum, seed=config.seed)
             input_ids, attention_mask, labels = (t.to(acc.device) for t in collate([sequences[i] for i in rows],
-                                                                                   pad_id))
+                                                                                   session.pad_id))
             tokens += int(attention_mask.sum())
             sync = micro == config.grad_accum - 1
             with (acc.no_sync(model) if not sync else nullcontext()), acc.autocast():
@@ -509,7 +543,7 @@ def run_finetune(config: FinetuneConfig, *, on_step: Callable[[dict[str, Any]], 
             total_loss += loss.detach() / config.grad_accum
         grad_norm = None
         if config.max_grad_norm > 0:
-            grad_norm = float(acc.clip_grad_norm_(trainable, config.max_grad_norm))
+            grad_norm = float(acc.clip_grad_norm_(session.trainable, config.max_grad_norm))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -520,7 +554,7 @@ def run_finetune(config: FinetuneConfig, *, on_step: Callable[[dict[str, Any]], 
         else:
             step_loss = float(total_loss)
         record = {"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                  "elapsed_s": round(time.perf_counter() - started, 3)}
+                  "elapsed_s": round(time.perf_counter() - session.started, 3)}
         first_loss = step_loss if first_loss is None else first_loss
         final_loss = step_loss
         if acc.is_main_process:
@@ -531,28 +565,49 @@ def run_finetune(config: FinetuneConfig, *, on_step: Callable[[dict[str, Any]], 
         if on_step is not None:
             on_step(record)
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
-            _save_checkpoint(acc, model, optimizer, scheduler, out, step + 1, config.keep_checkpoints)
+            _save_checkpoint(acc, model, optimizer, scheduler, session.out, step + 1, config.keep_checkpoints)
     bar.close()
+    return first_loss, final_loss
 
-    model.eval()
-    unwrapped = acc.unwrap_model(model)
+
+def save_finetune(session: FinetuneSession, first_loss: float | None, final_loss: float | None) -> FinetuneResult:
+    """Write ``adapter/`` (or ``model/``), ``merged/`` with ``--merge``, and ``result.json``."""
+    config, acc = session.config, session.acc
+    session.model.eval()
+    unwrapped = acc.unwrap_model(session.model)
+    out = session.out
     weights = out / ("model" if config.full else "adapter")
     merged_dir = out / "merged" if config.merge else None
     if acc.is_main_process:
         with _hf_progress_bars(config.progress):
             unwrapped.save_pretrained(weights)
-            tokenizer.save_pretrained(weights)
+            session.tokenizer.save_pretrained(weights)
             if merged_dir is not None:
                 merged = unwrapped.merge_and_unload()
                 merged.save_pretrained(merged_dir)
-                tokenizer.save_pretrained(merged_dir)
+                session.tokenizer.save_pretrained(merged_dir)
     acc.wait_for_everyone()
     result = FinetuneResult(out=out, weights=weights, merged=merged_dir, steps=config.steps, first_loss=first_loss,
-                            final_loss=final_loss, resumed_from=start_step if checkpoint is not None else None,
-                            seconds=round(time.perf_counter() - started, 3), trainable_params=n_trainable,
-                            total_params=n_total, n_texts=len(sequences))
+                            final_loss=final_loss, resumed_from=session.start_step if session.resumed else None,
+                            seconds=round(time.perf_counter() - session.started, 3),
+                            trainable_params=session.n_trainable, total_params=session.n_total,
+                            n_texts=len(session.sequences))
     if acc.is_main_process:
         (out / "result.json").write_text(json.dumps(
             {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}, indent=2))
         acc.print(f"saved {weights}" + (f" and {merged_dir}" if merged_dir else "") + f" ({result.seconds:.1f} s)")
     return result
+
+
+def run_finetune(config: FinetuneConfig, *, on_step: Callable[[dict[str, Any]], None] | None = None
+                 ) -> FinetuneResult:
+    """Fine-tune ``config.model`` on the ``config.mode`` texts of split ``config.split``; see the module doc.
+    ``setup_finetune`` → ``train_finetune`` → ``save_finetune``.
+
+    on_step:  called on every process after each optimizer step with the log record (step, loss, lr, ...);
+              an exception raised there stops the run like a kill (tests use it to check --resume).
+    Raises ConfigError (bad settings, existing run without --resume), DataError (data), HubUnavailableError.
+    """
+    session = setup_finetune(config)
+    first_loss, final_loss = train_finetune(session, on_step=on_step)
+    return save_finetune(session, first_loss, final_loss)

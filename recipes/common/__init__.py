@@ -7,5 +7,6 @@ format what came out:
 - ``claims``: paper claims and their verdicts, thresholds, interval comparisons;
 - ``report``: number formatting, CSV, markdown tables, ``summary.md``, run-status lines;
 - ``plots``: IIA line and bar charts (matplotlib's object API: no backend or global state is touched);
-- ``cli``: the command line every comparison recipe shares (``recipe_main``).
+- ``cli``: the command line every recipe shares (``recipe_front_door``: arguments, presets, overrides,
+  ``--smoke`` / ``--only`` / ``--report``, the run directory; ``recipe_main``: that plus a plan of MAS runs).
 """

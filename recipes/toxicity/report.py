@@ -41,7 +41,6 @@ directions, so they describe the spread of the matrix's cells, not the uncertain
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -51,209 +50,48 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from llm_mas.errors import ConfigError, DataError, choice_error
-from llm_mas.stats import ALTERNATIVES, group_means, permutation_test
+from llm_mas.stats import (
+    CONTRASTS,
+    _codes,
+    _square,
+    contrast,
+    count_labelings,
+    group_means,
+    label_permutation_test,
+    labelings,
+    permutation_test,
+)
 
 METRICS = ("token_iia", "trial_iia")
 METRIC_TITLES = {"token_iia": "token IIA", "trial_iia": "trial IIA"}
-CONTRASTS = ("source_fixed", "interaction")
 # (contrast, group, alternative). The paper's claims: toxic→toxic IIA > toxic→nontoxic IIA; nontoxic→nontoxic
 # shows no difference from nontoxic→toxic (tested two-sided); and, beyond main effects, same-group similarity.
 DEFAULT_TESTS = (("source_fixed", "toxic", "greater"), ("source_fixed", "nontoxic", "two-sided"),
                  ("interaction", None, "greater"))
 
 
-# ------------------------------------------------------------------------------------------ inputs
-def _square(matrix: Any, n: int, name: str = "matrix") -> np.ndarray:
-    """(n, n) float64 copy; errors on a wrong shape or missing off-diagonal cells."""
-    if hasattr(matrix, "detach"):
-        matrix = matrix.detach().cpu().double().numpy()
-    array = np.asarray(matrix, dtype=np.float64)
-    if array.shape != (n, n):
-        raise DataError(f"{name} has shape {tuple(array.shape)} but groups name {n} models; pass an ({n}, {n}) "
-                        f"matrix (rows = source, columns = target) or fix groups")
-    off = ~np.eye(n, dtype=bool)
-    if not np.all(np.isfinite(array[off])):
-        bad = [(int(i), int(j)) for i, j in zip(*np.nonzero(~np.isfinite(array) & off), strict=True)][:5]
-        raise DataError(f"{name} has NaN/inf off-diagonal cells {bad}; evaluate every direction of the run "
-                        f"(directions: all) before testing")
-    return array
-
-
-def _codes(groups: Sequence[str]) -> tuple[list[str], np.ndarray]:
-    """(labels in first-appearance order, (n,) label index per model); needs two groups of >= 2 models."""
-    labels = list(dict.fromkeys(groups))
-    if len(labels) < 2:
-        raise DataError(f"groups {list(groups)} hold a single label; a label permutation test needs two or more")
-    small = [g for g in labels if list(groups).count(g) < 2]
-    if small:
-        raise DataError(f"group(s) {small} have one model; within-group directions need at least 2 models per "
-                        f"group")
-    return labels, np.array([labels.index(g) for g in groups], dtype=np.intp)
-
-
-def count_labelings(groups: Sequence[str]) -> int:
-    """Distinct assignments of the labels to the models that keep every group's size (a multinomial)."""
-    count = math.factorial(len(groups))
-    for label in dict.fromkeys(groups):
-        count //= math.factorial(list(groups).count(label))
-    return count
-
-
-def labelings(groups: Sequence[str]) -> np.ndarray:
-    """Every distinct labelling as label indices (first-appearance order), (R, n) with
-    R = ``count_labelings(groups)``; row 0 is the observed labelling."""
-    labels = list(dict.fromkeys(groups))
-    sizes = [list(groups).count(label) for label in labels]
-    rows: list[list[int]] = []
-
-    def fill(row: list[int], free: tuple[int, ...], label: int) -> None:
-        if label == len(labels) - 1:  # the last label takes every free position
-            for position in free:
-                row[position] = label
-            rows.append(list(row))
-            return
-        for chosen in itertools.combinations(free, sizes[label]):
-            for position in chosen:
-                row[position] = label
-            fill(row, tuple(p for p in free if p not in chosen), label + 1)
-
-    fill([0] * len(groups), tuple(range(len(groups))), 0)
-    table = np.array(rows, dtype=np.intp)  # (R, n)
-    observed = np.array([labels.index(g) for g in groups], dtype=np.intp)
-    first = int(np.flatnonzero((table == observed).all(axis=1))[0])
-    table[[0, first]] = table[[first, 0]]
-    return table
-
-
-# ------------------------------------------------------------------------------------------ contrasts
-def _pair_means(matrix: np.ndarray, codes: np.ndarray, n_labels: int) -> np.ndarray:
-    """(R, G, G) mean IIA of the off-diagonal directions from group g to group h under each labelling.
-
-    matrix (n, n); codes (R, n) label index of every model per labelling.
-    """
-    n = matrix.shape[0]
-    off = ~np.eye(n, dtype=bool)
-    member = codes[:, None, :] == np.arange(n_labels)[None, :, None]                  # (R, G, n)
-    cells = member[:, :, None, :, None] & member[:, None, :, None, :] & off           # (R, G, G, n, n)
-    counts = cells.sum(axis=(3, 4))                                                    # (R, G, G)
-    return (cells * matrix).sum(axis=(3, 4)) / np.maximum(counts, 1)
-
-
-def contrast(matrix: np.ndarray, codes: np.ndarray, n_labels: int, kind: str, group: int | None
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(statistic, plus side, minus side), each (R,), of a contrast under every labelling in `codes` (R, n).
-
-    source_fixed: plus = mean(g→g), minus = mean over the directions g→(any other group).
-    interaction:  plus = mean of the G within-group means, minus = mean of the G(G−1) between-group means.
-    """
-    if kind == "source_fixed":
-        n = matrix.shape[0]
-        off = ~np.eye(n, dtype=bool)
-        inside = codes == group                                                            # (R, n)
-        plus_cells = inside[:, :, None] & inside[:, None, :] & off                         # (R, n, n)
-        minus_cells = inside[:, :, None] & ~inside[:, None, :]
-        plus = (plus_cells * matrix).sum(axis=(1, 2)) / plus_cells.sum(axis=(1, 2))
-        minus = (minus_cells * matrix).sum(axis=(1, 2)) / minus_cells.sum(axis=(1, 2))
-    elif kind == "interaction":
-        means = _pair_means(matrix, codes, n_labels)                                       # (R, G, G)
-        diagonal = np.eye(n_labels, dtype=bool)
-        plus = means[:, diagonal].mean(axis=1)
-        minus = means[:, ~diagonal].mean(axis=1)
-    else:
-        raise choice_error("contrast", kind, CONTRASTS)
-    return plus - minus, plus, minus
-
-
-def _contrast_name(kind: str, group: str | None, labels: Sequence[str]) -> str:
-    if kind == "interaction":
-        return "within-group vs between-group (" + " + ".join(f"{g}→{g}" for g in labels) + " vs the rest)"
-    others = "/".join(g for g in labels if g != group)
-    return f"{group}→{group} vs {group}→{others}"
-
-
-# ------------------------------------------------------------------------------- the label test
-def label_permutation_test(matrix: Any, groups: Sequence[str], group: str | None = None, *,
-                           contrast_kind: str = "source_fixed", alternative: str = "greater", n_perm: int = 10_000,
-                           seed: int = 0) -> dict[str, Any]:
-    """Permutation test of a contrast (module docstring) with the *model labels* as the unit.
-
-    H0: the labels are exchangeable among the models, i.e. the matrix is as likely under every relabelling
-    that keeps the group sizes. The matrix is held fixed and the contrast recomputed under every distinct
-    relabelling (exact when there are at most `n_perm`, the observed one included: p = #{T* ⪰ T} / R) or
-    under `n_perm` random ones (then ``p = (1 + #{T* ⪰ T}) / (n_perm + 1)``).
-
-    Args:
-        matrix: (n, n) IIA, rows = source, columns = target; the diagonal is ignored.
-        groups: (n,) label of each model, e.g. ``["toxic"] * 3 + ["nontoxic"] * 3``.
-        group: the group of a ``source_fixed`` contrast (unused by ``interaction``).
-        contrast_kind: ``"source_fixed"`` or ``"interaction"``.
-        alternative: ``"greater"`` (H1: T > 0), ``"less"`` or ``"two-sided"`` (``2·min(p_less, p_greater)``,
-            capped at 1, as ``llm_mas.stats.permutation_test``).
-
-    Returns:
-        ``{"contrast", "group", "name", "statistic", "plus_mean", "minus_mean", "p_value", "p_greater",
-        "p_less", "alternative", "exact", "n_labelings", "min_p", "null"}``. ``min_p`` is the smallest
-        p-value the design can produce: labellings that give the observed statistic for *any* matrix (e.g. a
-        labelling and its mirror image for ``interaction``) always tie with it. ``null``: the statistic under
-        every evaluated labelling (exact: the observed one first).
-    """
-    if alternative not in ALTERNATIVES:
-        raise choice_error("alternative", alternative, ALTERNATIVES)
-    if contrast_kind not in CONTRASTS:
-        raise choice_error("contrast", contrast_kind, CONTRASTS)
-    if not isinstance(n_perm, (int, np.integer)) or isinstance(n_perm, bool) or n_perm < 1:
-        raise ConfigError(f"n_perm={n_perm!r} must be a positive integer, e.g. n_perm=10000")
-    labels, observed_codes = _codes(groups)
-    if contrast_kind == "source_fixed":
-        if group not in labels:
-            raise choice_error("group", group, labels)
-        index: int | None = labels.index(group)
-    else:
-        group, index = None, None
-    array = _square(matrix, len(groups))
-    total = count_labelings(groups)
-    exact = total <= n_perm
-    if exact:
-        table = labelings(groups)                                                     # (R, n)
-    else:
-        table = np.random.default_rng(seed).permuted(np.tile(observed_codes, (n_perm, 1)), axis=1)
-    observed, plus, minus = (float(x[0]) for x in contrast(array, observed_codes[None, :], len(labels),
-                                                           contrast_kind, index))
-    null = contrast(array, table, len(labels), contrast_kind, index)[0]                # (R,)
-    tolerance = 1e-9 * max(abs(observed), float(np.abs(array).max()), 1e-300)
-    count_greater = int(np.count_nonzero(null >= observed - tolerance))
-    count_less = int(np.count_nonzero(null <= observed + tolerance))
-    if exact:
-        p_greater, p_less = count_greater / total, count_less / total
-        # structural ties: labellings equal to the observed statistic on a generic (random) matrix
-        generic = np.random.default_rng(12345).standard_normal(array.shape)
-        generic_null = contrast(generic, table, len(labels), contrast_kind, index)[0]
-        ties = int(np.count_nonzero(np.isclose(generic_null, generic_null[0], rtol=0, atol=1e-12)))
-        one_sided_min = ties / total
-    else:
-        p_greater, p_less = (count_greater + 1) / (n_perm + 1), (count_less + 1) / (n_perm + 1)
-        one_sided_min = 1 / (n_perm + 1)
-    p_value = {"greater": p_greater, "less": p_less, "two-sided": min(1.0, 2.0 * min(p_greater, p_less))}
-    return {"contrast": contrast_kind, "group": group, "name": _contrast_name(contrast_kind, group, labels),
-            "statistic": observed, "plus_mean": plus, "minus_mean": minus,
-            "p_value": float(p_value[alternative]), "p_greater": float(p_greater), "p_less": float(p_less),
-            "alternative": alternative, "exact": exact, "n_labelings": int(null.size),
-            "min_p": float(min(1.0, one_sided_min * (2 if alternative == "two-sided" else 1))),
-            "null": [float(v) for v in null]}
-
 
 def direction_level_test(matrix: Any, groups: Sequence[str], group: str | None = None, *,
-                         contrast_kind: str = "source_fixed", alternative: str = "greater", n_perm: int = 10_000,
-                         seed: int = 0) -> dict[str, Any]:
+                         versus: str | None = None, contrast_kind: str = "source_fixed",
+                         alternative: str = "greater", n_perm: int = 10_000, seed: int = 0) -> dict[str, Any]:
     """The same comparison with single *directions* as the unit (``llm_mas.stats.permutation_test`` on the
     plus-side cells against the minus-side cells; for ``interaction`` all within- against all between-group
     cells). Invalid as evidence — directions that share a model are not exchangeable one by one — and
     reported only to show how much smaller its p-value comes out."""
+    array = _square(matrix, len(groups))
+    if versus is not None:  # the models of the two groups only, as label_permutation_test
+        used = [i for i, g in enumerate(groups) if g in (group, versus)]
+        array, groups = array[np.ix_(used, used)], [groups[i] for i in used]
     labels, codes = _codes(groups)
     n = len(groups)
-    array = _square(matrix, n)
     off = ~np.eye(n, dtype=bool)
-    if contrast_kind == "source_fixed":
+    if contrast_kind == "within":
+        for name, value in (("group", group), ("versus", versus)):
+            if value not in labels:
+                raise choice_error(name, value, labels)
+        g_in, h_in = codes == labels.index(group), codes == labels.index(versus)
+        plus, minus = g_in[:, None] & g_in[None, :] & off, h_in[:, None] & h_in[None, :] & off
+    elif contrast_kind == "source_fixed":
         if group not in labels:
             raise choice_error("group", group, labels)
         inside = codes == labels.index(group)
@@ -275,8 +113,9 @@ def analyze_iia(matrices: Mapping[str, Any], names: Sequence[str], groups: Seque
     tests for every metric; a JSON-ready dict that ``report_markdown`` and ``plot_report`` read.
 
     matrices: ``{metric: (n, n)}``, e.g. ``{"token_iia": ..., "trial_iia": ...}``.
-    tests:    ``(contrast, group, alternative)`` triples (``DEFAULT_TESTS``: the paper's two claims and the
-              interaction).
+    tests:    ``(contrast, group, alternative)`` or ``(contrast, group, versus, alternative)`` tuples
+              (``DEFAULT_TESTS``: the paper's two claims and the interaction; ``label_permutation_test``
+              says what ``versus`` does).
     """
     names, groups = list(names), list(groups)
     if len(names) != len(groups):
@@ -305,11 +144,13 @@ def analyze_iia(matrices: Mapping[str, Any], names: Sequence[str], groups: Seque
                             for g, h in pair_order],
             "tests": [],
         }
-        for kind, group, alternative in tests:
-            test = label_permutation_test(array, groups, group, contrast_kind=kind, alternative=alternative,
-                                          n_perm=n_perm, seed=seed)
-            test["direction_level"] = direction_level_test(array, groups, group, contrast_kind=kind,
-                                                           alternative=alternative, n_perm=n_perm, seed=seed)
+        for spec in tests:
+            kind, group, versus, alternative = spec if len(spec) == 4 else (spec[0], spec[1], None, spec[2])
+            test = label_permutation_test(array, groups, group, versus=versus, contrast_kind=kind,
+                                          alternative=alternative, n_perm=n_perm, seed=seed)
+            test["direction_level"] = direction_level_test(array, groups, group, versus=versus,
+                                                           contrast_kind=kind, alternative=alternative,
+                                                           n_perm=n_perm, seed=seed)
             entry["tests"].append(test)
         out["metrics"][metric] = entry
     return out
@@ -322,17 +163,24 @@ def _p(value: float) -> str:
 
 def null_hypothesis(test: Mapping[str, Any], groups: Sequence[str]) -> str:
     """The exact null, the unit of permutation and the statistic of one label test, in words."""
-    sizes = ", ".join(f"{list(groups).count(g)} {g}" for g in dict.fromkeys(groups))
+    used = [groups[i] for i in test.get("models", range(len(groups)))]
+    sizes = ", ".join(f"{used.count(g)} {g}" for g in dict.fromkeys(used))
     how = (f"all {test['n_labelings']} relabellings" if test["exact"]
            else f"{test['n_labelings']} random relabellings")
-    if test["contrast"] == "source_fixed":
+    aside = (f" (only the {test['group']} and {test['versus']} models: the others are set aside)"
+             if test.get("versus") else "")
+    if test["contrast"] == "within":
+        g, h = test["group"], test["versus"]
+        statistic = f"mean IIA of the directions {g}→{g} − mean IIA of the directions {h}→{h}"
+    elif test["contrast"] == "source_fixed":
         g = test["group"]
-        statistic = (f"mean IIA of the directions {g}→{g} − mean IIA of the directions from {g} into the other "
-                     f"models (the source group is the same on both sides)")
+        into = f"into the {test['versus']} models" if test.get("versus") else "into the other models"
+        statistic = (f"mean IIA of the directions {g}→{g} − mean IIA of the directions from {g} {into} (the "
+                     f"source group is the same on both sides)")
     else:
         statistic = ("mean of the within-group means (g→g) − mean of the between-group means (g→h); exactly 0 "
                      "when IIA is a source effect plus a target effect")
-    return (f"H0: the labels are exchangeable among the {len(groups)} models ({sizes}): the IIA matrix is as "
+    return (f"H0: the labels are exchangeable among the {len(used)} models ({sizes}){aside}: the IIA matrix is as "
             f"likely under any relabelling that keeps the group sizes. Unit of permutation: the model label (the "
             f"matrix, with the dependence between directions that share a model, stays fixed). Statistic: "
             f"{statistic}; null distribution over {how}.")
@@ -369,10 +217,10 @@ def conclusions(analysis: Mapping[str, Any], metric: str = "token_iia") -> list[
                          f"{diff}, p = {_p(p)} > α = {alpha} ({limit}). Not rejecting is not showing equality.")
     kinds = {t["contrast"] for t in entry["tests"]}
     if "source_fixed" in kinds:
-        lines.append("Reading the source-fixed tests together: 'toxic targets are easier to steer from any source' "
-                     "(a target effect) also makes toxic→toxic exceed toxic→nontoxic, but then nontoxic→toxic "
-                     "exceeds nontoxic→nontoxic too; the within/between interaction removes such additive source "
-                     "and target effects.")
+        g, h = analysis["groups"][0], next(x for x in analysis["groups"] if x != analysis["groups"][0])
+        lines.append(f"Reading the source-fixed tests together: '{g} targets are easier to steer from any source' "
+                     f"(a target effect) also makes {g}→{g} exceed {g}→{h}, but then {h}→{g} exceeds {h}→{h} "
+                     f"too; the within/between interaction removes such additive source and target effects.")
     return lines
 
 
