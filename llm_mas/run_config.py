@@ -241,9 +241,6 @@ class MASConfig:
                      "set data.stepwise: false")
         if self.data.value_range is not None:
             p.append("data.value_range applies to built-in tasks only; filter the tensor rows instead")
-        if self.cl.inaccessible:
-            p.append("cl.inaccessible: CLMAS is not implemented for tensor runs (it matches counterfactual latents "
-                     "through a task's causal model); leave cl.inaccessible empty")
         for i, m in enumerate(self.models):
             if isinstance(m, HFModelConfig):
                 p.extend(m.problems(f"models.{i}", needs_recording=False))

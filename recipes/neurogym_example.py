@@ -274,7 +274,7 @@ def write_table(rows: list[dict], out: Path, accuracy: list[float], ideal: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m recipes.neurogym_example", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds): runs/neurogym-smoke/")
     parser.add_argument("--out", default=None, help="where the table goes (default docs/results, smoke: the runs dir)")
     parser.add_argument("--runs", default=None, help="run directories (default runs/neurogym[-smoke])")

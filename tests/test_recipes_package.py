@@ -14,7 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = ["recipes.stitching_vs_mas", "recipes.clmas", "recipes.cross_task", "recipes.correlative_vs_causal",
-           "recipes.llm_mas_smoke", "recipes.toxicity.run", "recipes.lm_alignment", "recipes.many_models"]
+           "recipes.llm_mas_smoke", "recipes.toxicity.run", "recipes.lm_alignment", "recipes.many_models",
+           "recipes.neurogym_example"]
 
 
 def imported_modules(path: Path) -> set[str]:
