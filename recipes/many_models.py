@@ -54,6 +54,7 @@ from matplotlib.figure import Figure
 
 from llm_mas.config import load_config, save_config
 from llm_mas.errors import ConfigError, MASError
+from llm_mas.resources import resident_mib
 from recipes.common.claims import Claim
 from recipes.common.clustering import cluster_order, plot_clustered_matrices
 from recipes.common.models import resolve_models
@@ -253,14 +254,9 @@ def plan(config: RecipeConfig, names: list[str], mapping: dict[str, str], overri
 
 # ================================================================================== memory and cost
 def resident_bytes() -> int | None:
-    """This process's resident set size now (Linux ``/proc/self/status``; None elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    """This process's resident set size now (bytes; None where it cannot be read)."""
+    mib = resident_mib()
+    return None if mib is None else int(mib * 2**20)
 
 
 class PeakResident:
