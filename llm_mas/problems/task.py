@@ -44,7 +44,6 @@ from ..sites import resolve_site
 from ..tasks import get_task, make_pairs
 from .base import DirectionPairs, ModelEntry, PairScores, ProblemBase, Record, Shard
 
-
 # Most rows (pairs of all the directions of a target together) one patched evaluation pass runs at once:
 # bounds an evaluation's memory whatever eval.batch_size and the number of directions per target.
 EVAL_ROWS_PER_PASS = 1024
