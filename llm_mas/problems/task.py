@@ -438,10 +438,12 @@ class TaskModelProblem(ProblemBase):
         rest = self._frozen_rest.get(id(chunk))
         if rest is None:
             rest = self._frozen_rest[id(chunk)] = FrozenRest.empty(len(chunk), self.device)
-        todo = rows[~rest.known[rows]]
+        todo = rows[~rest.known[rows]].unique()
         model = self.models[chunk.target].model
+        # by length, in slices of at most 256 rows: each slice runs at its own width (no padding to the longest)
+        todo = todo[torch.argsort((chunk.ids[todo] != 0).sum(1), stable=True)]
         with torch.no_grad():
-            for part in (todo.split(self.eval_rows_per_pass) if len(todo) else ()):
+            for part in (todo.split(min(256, self.eval_rows_per_pass)) if len(todo) else ()):
                 b = chunk.batch(part)
                 width = max(int((b.input_ids != 0).sum(1).max()), 1)
                 x, lab = b.input_ids[:, :width], b.labels[:, :width]                         # (P, W)
