@@ -129,6 +129,9 @@ def main(argv=None) -> dict:
                       f"peak RSS {result['peak_rss_mib']:.0f} MiB, load {result['loadavg'][0]:.1f}", flush=True)
                 if result["profile"]:
                     print(result["profile"], flush=True)
+                if not args.quick:  # after every point: a long run that is stopped keeps what it measured
+                    write_result(args.name, {"machine": machine_info(), "batch": args.batch, "steps": steps,
+                                             "n_train": args.n_train, "runs": runs})
     header = ["n", "directions", "threads", "skip frozen", "CPU s/step", "wall s/step", "CPU ms/direction",
               "wall ms/direction", "peak RSS MiB", "load"]
     rows = [[r["n"], r["directions"], r["threads"], r["skip_frozen"], r["step_cpu_s"], r["step_wall_s"],
