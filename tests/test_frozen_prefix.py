@@ -53,6 +53,7 @@ def test_head_only_step_equals_full_patched_run(archs):
         for a, b in zip(g_fast, g_full):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
         assert any(float(g.abs().max()) > 0 for g in g_fast)
+    assert all(c.prefix_is_base for split in fast.splits.values() for c in split)
     filled = [fast._frozen_rest[id(c)].known for c in fast.splits["train"] if fast._head_only(c.target)]
     assert filled and all(int(k.sum()) == 90 for k in filled)  # only the rows read, each once
     with torch.no_grad():
@@ -72,3 +73,23 @@ def test_head_only_needs_the_last_layer_and_an_indywise_run():
     stepwise_hidden = _problem(("transformer", "gru"), True, variables=("full",), stepwise=True)
     assert not stepwise_hidden._head_only(0)
     assert _problem(("transformer", "gru"), True, variables=("full",))._head_only(0)
+
+
+def test_a_counterfactual_prefix_unlike_its_base_runs_the_full_model():
+    """The head-only step reads the cached latent at the intervened token; a pair whose tokens up to it
+    differ from its base sequence's must not use it (the full patched run is taken instead)."""
+    fast, full = _problem(("gru", "transformer"), True), _problem(("gru", "transformer"), False)
+    group = [c for c in fast.splits["train"] if c.target == 1]
+    assert fast._head_only_group(group)
+    for problem in (fast, full):
+        for c in problem.splits["train"]:
+            if c.target == 1:  # change every pair's first token (BOS -> another id): the prefix is no longer the base's
+                c.ids[:, 0] = 3
+                c.prefix_is_base = False
+    assert not fast._head_only_group(group)
+    alignments = _alignments(2)
+    rows = torch.arange(32)
+    l_fast, _ = _loss_and_grads(fast, alignments, rows)
+    l_full, _ = _loss_and_grads(full, alignments, rows)
+    torch.testing.assert_close(l_fast, l_full, atol=1e-6, rtol=1e-5)
+    assert not fast._frozen_rest  # nothing was cached for them

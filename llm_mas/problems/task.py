@@ -122,6 +122,9 @@ class TaskPairs(DirectionPairs):
     cl_matched: torch.Tensor | None = None       # CL: (n,) bool, False where no natural state matched
     cl_where: tuple[np.ndarray, np.ndarray] | None = None  # CL: (row, position) of each matched natural latent
     intended: dict[str, np.ndarray] | None = None          # CL: the causal state each intervention intends
+    # every pair's counterfactual tokens 0..target_pos equal its base sequence's, so the target's natural
+    # latent at target_pos is the cached one (what the head-only step at a last-layer site relies on)
+    prefix_is_base: bool = False
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -343,11 +346,16 @@ class TaskModelProblem(ProblemBase):
         def index(a: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(a.astype(np.int32), device=dev)                    # (n,)
 
+        width = min(pairs.ids.shape[1], target_base.ids.shape[1])
+        upto = np.arange(width)[None, :] <= pairs.target_pos[:, None]                      # (n, width)
+        prefix_is_base = bool((pairs.target_pos < width).all() and (
+            (pairs.ids[:, :width] == target_base.ids[pairs.target_index, :width]) | ~upto).all())
         return TaskPairs(s, t, v, self.blocks[v], trained, fast, self.stepwise,
                          torch.as_tensor(pairs.ids, device=dev).to(small),              # (n, L)
                          torch.as_tensor(pairs.scored_mask(), device=dev),              # (n, L)
                          index(pairs.target_index), index(pairs.target_pos), index(pairs.source_index),
-                         index(pairs.source_pos), source_cache, target_cache, quantity)
+                         index(pairs.source_pos), source_cache, target_cache, quantity,
+                         prefix_is_base=prefix_is_base)
 
     # ------------------------------------------------------------------ one patched run per target
     def _edit_fn(self, chunk: TaskPairs, batch: TaskBatch, local: torch.Tensor, maps, mask: torch.Tensor):
@@ -433,6 +441,10 @@ class TaskModelProblem(ProblemBase):
                 and entry.site.module == f"hook_layers.{model.n_layers - 1}" and entry.site.io == "output"
                 and entry.site.index is None)
 
+    def _head_only_group(self, group: Sequence[TaskPairs]) -> bool:
+        """`_head_only` for the group's target, and every chunk's counterfactual prefix is its base's."""
+        return self._head_only(group[0].target) and all(c.prefix_is_base for c in group)
+
     def _rest(self, chunk: TaskPairs, rows: torch.Tensor) -> FrozenRest:
         """The chunk's `FrozenRest`, filled for `rows` (a natural, unpatched run of the rows not seen yet)."""
         rest = self._frozen_rest.get(id(chunk))
@@ -460,7 +472,7 @@ class TaskModelProblem(ProblemBase):
     def precompute_frozen(self, split: str = "train") -> None:
         """Fill every pair's `FrozenRest` of `split` now (otherwise each pair's is filled when first read)."""
         for chunk in self.splits[split]:
-            if self._head_only(chunk.target):
+            if self._head_only_group([chunk]):
                 self._rest(chunk, torch.arange(len(chunk), device=self.device))
 
     def _head_only_rows(self, maps, group: Sequence[TaskPairs], rows: torch.Tensor
@@ -509,7 +521,7 @@ class TaskModelProblem(ProblemBase):
         if behaviour:
             total = 0.0
             for group in self._groups(behaviour):
-                if self._head_only(group[0].target):
+                if self._head_only_group(group):
                     ce_rows, _, n_rows = self._head_only_rows(maps, group, rows)        # (G·B,) each
                     sums = ce_rows.view(len(group), -1).sum(1)
                     counts = n_rows.view(len(group), -1).sum(1).clamp(min=1)
@@ -579,7 +591,7 @@ class TaskModelProblem(ProblemBase):
                 rows = torch.arange(lo, min(n, lo + self.eval_batch_size), device=self.device)
                 R = len(rows) * len(group)
                 with torch.no_grad():
-                    if self._head_only(group[0].target):
+                    if self._head_only_group(group):
                         ce_rows, tok_ok, tok_n = self._head_only_rows(maps, group, rows)        # (R,) each
                     else:
                         logits, labels, row = self._run(maps, group, [rows] * len(group), rollout=False,
