@@ -27,7 +27,7 @@ from torch import nn
 from .errors import ConfigError, NumericalError
 from .files import atomic_torch_save, load_torch_state
 from .problems.base import InterventionProblem, Record
-from .resources import resident_mib  # noqa: F401  (re-exported: read once, in resources)
+from .resources import resident_mib
 
 # Every step allocates tensors whose sizes change with the batch (run widths, scored-token counts), and glibc's
 # allocator keeps the freed blocks: the resident memory of a 2-model run at full size grew ~11 MB per step
