@@ -43,6 +43,7 @@ from common import alignment_cost, interleaved, machine_info, median, print_tabl
 from llm_mas.alignments import make_alignment  # noqa: E402
 from llm_mas.backends import Edit, get_backend  # noqa: E402
 from llm_mas.interventions import intervene  # noqa: E402
+from llm_mas.resources import peak_resident_mib, resident_mib  # noqa: E402
 from llm_mas.sites import Site  # noqa: E402
 
 IGNORE = -100
@@ -135,8 +136,7 @@ class PeakRSS:
 
 
 def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return int(resident_mib() * 2**20)
 
 
 def main(argv=None) -> dict:
@@ -231,9 +231,7 @@ def _previous_runs() -> dict:
 
 
 def _rss_peak_process() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return int(peak_resident_mib() * 2**20)
 
 
 def _alignment_cost_cuda(d: int, device: str, repeats: int = 5) -> dict:

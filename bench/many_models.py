@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -30,17 +29,18 @@ from pathlib import Path
 
 from common import markdown_table, median, print_table, write_result
 
+from llm_mas.resources import peak_resident_mib, resident_mib
+
 HERE = Path(__file__).resolve().parent
 ORDER = [f"multiobject-{arch}-s{seed}" for seed in range(5) for arch in ("gru", "lstm", "transformer")]
 
 
 def _rss_now_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return resident_mib()
 
 
 def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_resident_mib()
 
 
 def child(n: int, n_train: int, n_valid: int, budget: int, batch: int, steps: int, sampling: str) -> dict:

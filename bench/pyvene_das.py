@@ -10,6 +10,11 @@ position's logits against fixed random labels; backward; one Adam step on the ro
 - ours-hooks / ours-nnsight: `OrthogonalAlignment` (matrix exponential) + `interventions.intervene` as an
   `Edit` through `TorchHookBackend.patch` / `NNsightBackend.patch`; the source latents come from
   `collect` under no_grad in the same step.
+- ours-resume: the step starts at the intervened layer (`llm_mas.backends.resume.LayerResume`): the frozen
+  model's output of the middle layer on the base batch and the source latents at the source positions
+  do not depend on the rotation, so they are computed once (no_grad; the one-off cost is reported as
+  `resume_cache_ms`) and each step runs the layers above the site (and the head on the last position,
+  the only one the loss reads) from them.
 - pyvene: `RotatedSpaceIntervention(keep_last_dim=True)` (torch's orthogonal parametrisation, matrix
   exponential for a square matrix) in an `IntervenableModel`, sources passed in the same call.
 Both rotations start from the same matrix. Variants are interleaved round by round (rotating order);
@@ -24,6 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,6 +42,7 @@ from common import interleaved, machine_info, median, print_table, ratio, set_th
 
 from llm_mas.alignments import make_alignment  # noqa: E402
 from llm_mas.backends import Edit, get_backend  # noqa: E402
+from llm_mas.backends.resume import LayerResume  # noqa: E402
 from llm_mas.interventions import intervene  # noqa: E402
 from llm_mas.sites import Site  # noqa: E402
 
@@ -44,7 +51,7 @@ SIZES = {
     "512d-8L": dict(hidden_size=512, n_layers=8, n_heads=8, n_kv_heads=4, intermediate_size=1408),
     "64d-2L": dict(hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128),  # --quick
 }
-VARIANTS = ("ours-hooks", "ours-nnsight", "pyvene")
+VARIANTS = ("ours-hooks", "ours-nnsight", "ours-resume", "pyvene")
 POSITIONS_PER_ROW = 4
 
 
@@ -79,7 +86,14 @@ class DASStep:
         self.source_pos_t = source_pos
         self.site = Site.parse(f"layer{self.layer}")
         self.backends = {"ours-hooks": get_backend("torch"), "ours-nnsight": get_backend("nnsight")}
-        self.alignments = {v: make_alignment("orthogonal", self.d, k=k, seed=0) for v in self.backends}
+        self.alignments = {v: make_alignment("orthogonal", self.d, k=k, seed=0)
+                           for v in (*self.backends, "ours-resume")}
+        t0 = time.perf_counter()
+        self.resume = LayerResume(self.model, self.layer)
+        self.base_h = self.resume.collect(self.base)                                          # (B, T, d)
+        self.resume_entries = self.resume.collect(self.source)[torch.arange(batch)[:, None], source_pos].reshape(
+            -1, self.d)                                                                        # (B·P, d)
+        self.resume_cache_ms = 1e3 * (time.perf_counter() - t0)
         self.optimizers = {v: torch.optim.Adam(a.parameters(), lr=1e-3) for v, a in self.alignments.items()}
         intervention = pv.RotatedSpaceIntervention(embed_dim=self.d, keep_last_dim=True)
         intervention.set_interchange_dim(k)
@@ -98,7 +112,12 @@ class DASStep:
     def step(self, variant: str) -> None:
         optimizer = self.optimizers[variant]
         optimizer.zero_grad(set_to_none=True)
-        if variant == "pyvene":
+        if variant == "ours-resume":
+            amap = self.alignments[variant].materialize()
+            h = self.base_h.clone()
+            h[self.mask] = intervene(amap, amap, self.base_h[self.mask], self.resume_entries, slice(0, self.k))
+            logits = self.resume(h, self.base, keep_last=1)
+        elif variant == "pyvene":
             _, out = self.pyvene({"input_ids": self.base}, [{"input_ids": self.source}],
                                  unit_locations={"sources->base": ([self.source_pos], [self.base_pos])})
             logits = out.logits
@@ -136,6 +155,9 @@ def bench_size(size: str, batch: int, length: int, k: int, repeats: int) -> dict
             out[v] = {"median_ms": 1e3 * median(times[v]), "cpu_median_ms": 1e3 * median(cpu[v])}
         out["pyvene/ours-hooks"] = ratio(times, "pyvene", "ours-hooks")
         out["pyvene/ours-nnsight"] = ratio(times, "pyvene", "ours-nnsight")
+        out["pyvene/ours-resume"] = ratio(times, "pyvene", "ours-resume")
+        out["pyvene/ours-resume_cpu"] = ratio(cpu, "pyvene", "ours-resume")
+        out["resume_cache_ms"] = bench.resume_cache_ms
         out["pyvene/ours-hooks_cpu"] = ratio(cpu, "pyvene", "ours-hooks")
         out["pyvene/ours-nnsight_cpu"] = ratio(cpu, "pyvene", "ours-nnsight")
         # same start, same data: the first loss of every variant is the same number
@@ -144,6 +166,7 @@ def bench_size(size: str, batch: int, length: int, k: int, repeats: int) -> dict
         out["first_loss_max_diff"] = max(firsts) - min(firsts)
         print(f"[pyvene das] {size}: " + ", ".join(f"{v} {out[v]['median_ms']:.0f}ms" for v in VARIANTS)
               + f"; pyvene/hooks x{out['pyvene/ours-hooks']['median']:.2f}, "
+              f"pyvene/resume x{out['pyvene/ours-resume']['median']:.2f}, "
               f"pyvene/nnsight x{out['pyvene/ours-nnsight']['median']:.2f}")
         return out
     finally:
@@ -170,11 +193,14 @@ def main(argv=None) -> dict:
         result["sizes"][size] = bench_size(size, args.batch, args.length, args.k, repeats)
     rows = [[size] + [r[v]["median_ms"] for v in VARIANTS] + [r["pyvene/ours-hooks"]["median"],
                                                               r["pyvene/ours-nnsight"]["median"],
+                                                              r["pyvene/ours-resume"]["median"],
                                                               r["pyvene/ours-hooks_cpu"]["median"],
+                                                              r["pyvene/ours-resume_cpu"]["median"],
                                                               r["first_loss_max_diff"]]
             for size, r in result["sizes"].items()]
     print_table(f"DAS step (B={args.batch}, T={args.length}, k={args.k}, 1 thread), ms medians",
-                ["model"] + [f"{v} ms" for v in VARIANTS] + ["pyvene/hooks", "pyvene/nnsight", "pyvene/hooks CPU",
+                ["model"] + [f"{v} ms" for v in VARIANTS] + ["pyvene/hooks", "pyvene/nnsight", "pyvene/resume",
+                                                             "pyvene/hooks CPU", "pyvene/resume CPU",
                                                              "first-loss diff"], rows)
     if not args.quick:
         write_result("pyvene_das", result)

@@ -7,10 +7,14 @@ repository checkout):
 
 In a source checkout (editable install) these are the files of the working tree, so a developer who adds
 a checkpoint or a preset there ships it with the next wheel.
+
+Also the one place that reads this process's memory (``resident_mib``, ``peak_resident_mib``): the trainer,
+the recipes and the benches all report it the same way.
 """
 
 from __future__ import annotations
 
+import os
 from importlib.resources import files
 from pathlib import Path
 
@@ -28,3 +32,22 @@ def package_path(*parts: str) -> Path:
         raise DataError(f"llm_mas is imported from {files('llm_mas')!s}, not a directory, so the shipped file "
                         f"{'/'.join(parts)!r} has no path; install llm_mas as plain files (pip install llm_mas)")
     return resource
+
+
+def resident_mib() -> float | None:
+    """This process's resident set now (MiB), from /proc; None where that is not available."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def peak_resident_mib() -> float | None:
+    """This process's peak resident set so far (MiB, ``getrusage`` high-water mark); None where unavailable."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if os.uname().sysname == "Darwin" else peak / 1024  # macOS: bytes; Linux: KiB

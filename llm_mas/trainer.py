@@ -15,7 +15,6 @@ import ctypes
 import ctypes.util
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ from torch import nn
 from .errors import ConfigError, NumericalError
 from .files import atomic_torch_save, load_torch_state
 from .problems.base import InterventionProblem, Record
+from .resources import resident_mib
 
 # Every step allocates tensors whose sizes change with the batch (run widths, scored-token counts), and glibc's
 # allocator keeps the freed blocks: the resident memory of a 2-model run at full size grew ~11 MB per step
@@ -56,15 +56,6 @@ def release_freed_memory() -> None:
             _LIBC = False
     if _LIBC:
         _LIBC.malloc_trim(0)
-
-
-def resident_mib() -> float | None:
-    """This process's resident set (MiB) from /proc; None where that is not available."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
 
 
 DIRECTION_SAMPLING = ("uniform", "balanced", "by_target")

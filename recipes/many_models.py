@@ -53,6 +53,7 @@ import torch
 from matplotlib.figure import Figure
 
 from llm_mas.errors import ConfigError
+from llm_mas.resources import resident_mib
 from llm_mas.stats import t_interval
 from recipes.common.claims import Claim
 from recipes.common.cli import RecipeInvocation, recipe_front_door
@@ -254,14 +255,9 @@ def plan(config: RecipeConfig, names: list[str], mapping: dict[str, str], overri
 
 # ================================================================================== memory and cost
 def resident_bytes() -> int | None:
-    """This process's resident set size now (Linux ``/proc/self/status``; None elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    """This process's resident set size now (bytes; None where it cannot be read)."""
+    mib = resident_mib()
+    return None if mib is None else int(mib * 2**20)
 
 
 class PeakResident:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from llm_mas.errors import ConfigError
+from llm_mas.schedules import warmup_cosine
 
 ACCURACY_BAR = 0.99
 CURRICULUM_BAR = 0.95  # quick-evaluation accuracy on every N trained so far that adds the next N
@@ -152,10 +153,7 @@ def _generate_task_tokens(model, ids, task_mask):
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return lr * warmup_cosine(step, steps, warmup, 0.1)
 
 
 def train_lm(task_name: str, out_dir: str | Path, *, width: int = 128, layers: int = 2, heads: int = 4,

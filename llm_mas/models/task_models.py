@@ -440,6 +440,17 @@ class TransformerTaskModel(TaskModel):
             x = self.hook_layers[layer](x, positions)  # (B, T, d)
         return x
 
+    def features_from(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Features (B, T, d) when block `layer` outputs `hidden` (B, T, d): blocks layer+1.. only (their hooks
+        fire as in `features`). Positions are 0..T-1."""
+        positions = self._positions(0, hidden.shape[1], hidden.device)  # (T,)
+        cos, sin = _rope_tables(positions, self.d_model, self.rope_base, hidden.dtype)  # (T, d/2)
+        x = hidden
+        for i in range(layer + 1, self.n_layers):
+            x, _ = self.blocks[i](x, cos, sin)
+            x = self.hook_layers[i](x, positions)  # (B, T, d)
+        return x
+
     def _begin_decode(self, batch, state, position_offset, device):
         self._no_state(state, position_offset)
         return [None] * self.n_layers  # per layer (keys, values) (B, 1, t, d)

@@ -32,7 +32,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
 import random
 import sys
 import time
@@ -48,6 +47,7 @@ import torch.nn.functional as F
 
 from ..config import from_dict, to_dict
 from ..errors import DataError
+from ..schedules import warmup_cosine
 from ..tasks import get_task
 from .task_models import ARCHS, TaskModel, build_task_model
 
@@ -246,11 +246,8 @@ def seed_everything(seed: int) -> None:
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio`` at ``cfg.steps``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` at ``cfg.steps`` (``llm_mas.schedules``)."""
+    return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
 
 
 def sequence_loss(model: TaskModel, ids: torch.Tensor, task_mask: torch.Tensor, given_weight: float = 0.0

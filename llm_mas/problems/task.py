@@ -10,7 +10,13 @@ Speed (the models are frozen and the data fixed, so work that never changes is d
   state just before the intervened token is cached, and the run starts at that token (one recurrent step
   at the edit, fused GRU/LSTM kernels for the rest). This gives the same numbers as running the whole
   counterfactual sequence (tested);
-- all sources of one target share one forward pass (rows concatenated, one Edit per chunk).
+- all sources of one target share one forward pass (rows concatenated, one Edit per chunk);
+- indywise at the last layer of a Transformer, nothing after the site but the head depends on the
+  alignment: the edited latent is the target's cached natural latent at the intervened position, and the
+  head's verdict on every other scored position of a pair (its natural output on the counterfactual
+  sequence) is computed once per pair, the first time a batch reads it, and kept (a few numbers per
+  pair). A step then runs the head on the edited positions only (``skip_frozen``; same losses and
+  gradients as the full run, tested).
 
 Metrics: trial IIA = every scored token right in an autoregressive rollout of the intervened target
 (scored = task tokens after the intervention; other tokens given); token IIA = teacher-forced accuracy on
@@ -117,6 +123,9 @@ class TaskPairs(DirectionPairs):
     cl_matched: torch.Tensor | None = None       # CL: (n,) bool, False where no natural state matched
     cl_where: tuple[np.ndarray, np.ndarray] | None = None  # CL: (row, position) of each matched natural latent
     intended: dict[str, np.ndarray] | None = None          # CL: the causal state each intervention intends
+    # every pair's counterfactual tokens 0..target_pos equal its base sequence's, so the target's natural
+    # latent at target_pos is the cached one (what the head-only step at a last-layer site relies on)
+    prefix_is_base: bool = False
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -168,6 +177,22 @@ class TaskPairs(DirectionPairs):
         return TaskBatch(ids, labels, scored, edit_mask, self.source_latents(rows), None, None)
 
 
+@dataclass
+class FrozenRest:
+    """Per pair of one direction: the target head's natural verdict at every scored position except the
+    intervened one (at a last-layer site those never depend on the alignment). Filled lazily."""
+
+    ce: torch.Tensor        # (n,) sum of the cross-entropies
+    ok: torch.Tensor        # (n,) tokens right
+    count: torch.Tensor     # (n,) scored positions counted
+    known: torch.Tensor     # (n,) bool: filled
+
+    @classmethod
+    def empty(cls, n: int, device) -> FrozenRest:
+        return cls(torch.zeros(n, device=device), torch.zeros(n, device=device), torch.zeros(n, device=device),
+                   torch.zeros(n, dtype=torch.bool, device=device))
+
+
 def _rnn_state_site(entry: TaskModelEntry) -> bool:
     m = entry.model
     return (getattr(m, "arch", None) in ("gru", "lstm") and getattr(m, "n_layers", 0) == 1
@@ -185,7 +210,7 @@ class TaskModelProblem(ProblemBase):
                  fast_path: bool = True, device: str = "cpu", progress: bool = True,
                  cl_directions: Sequence[tuple[int, int]] = (), cl_epsilon: float = 0.0,
                  cl_match_on: Sequence[str] | None = None, value_range: Sequence[int] | None = None,
-                 eval_rows_per_pass: int = EVAL_ROWS_PER_PASS):
+                 eval_rows_per_pass: int = EVAL_ROWS_PER_PASS, skip_frozen: bool = True):
         super().__init__(models, variables, k, null_subspace=null_subspace, stepwise=stepwise,
                          train_directions=train_directions, cl_directions=cl_directions, intervention=intervention,
                          n_train=n_train, n_valid=n_valid, seed=seed, eval_batch_size=eval_batch_size)
@@ -194,6 +219,10 @@ class TaskModelProblem(ProblemBase):
             raise ConfigError(f"eval_rows_per_pass must be >= 1, got {eval_rows_per_pass}")
         self.eval_rows_per_pass = eval_rows_per_pass
         self.fast_path = fast_path
+        # last-layer Transformer sites: run the head on the edited positions only (False: every target is
+        # recomputed from its tokens each step, the reference the shortcut is tested against)
+        self.skip_frozen = skip_frozen
+        self._frozen_rest: dict[int, FrozenRest] = {}
         self.backend = TorchHookBackend()
         if self.cl_directions and stepwise:
             raise ConfigError("the counterfactual-latent (CL) loss is defined for indywise interventions only; "
@@ -307,11 +336,16 @@ class TaskModelProblem(ProblemBase):
         def index(a: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(a.astype(np.int32), device=dev)                    # (n,)
 
+        width = min(pairs.ids.shape[1], target_base.ids.shape[1])
+        upto = np.arange(width)[None, :] <= pairs.target_pos[:, None]                      # (n, width)
+        prefix_is_base = bool((pairs.target_pos < width).all() and (
+            (pairs.ids[:, :width] == target_base.ids[pairs.target_index, :width]) | ~upto).all())
         return TaskPairs(s, t, v, self.blocks[v], trained, fast, self.stepwise,
                          torch.as_tensor(pairs.ids, device=dev).to(small),              # (n, L)
                          torch.as_tensor(pairs.scored_mask(), device=dev),              # (n, L)
                          index(pairs.target_index), index(pairs.target_pos), index(pairs.source_index),
-                         index(pairs.source_pos), source_cache, target_cache, quantity)
+                         index(pairs.source_pos), source_cache, target_cache, quantity,
+                         prefix_is_base=prefix_is_base)
 
     # ------------------------------------------------------------------ one patched run per target
     def _edit_fn(self, chunk: TaskPairs, batch: TaskBatch, local: torch.Tensor, maps, mask: torch.Tensor):
@@ -387,6 +421,81 @@ class TaskModelProblem(ProblemBase):
             out_rows.append(bucket[:, None].expand_as(scored)[scored])
         return torch.cat(out_logits), torch.cat(out_labels), torch.cat(out_rows)
 
+    # ------------------------------------------------------------------ last-layer Transformer sites
+    def _head_only(self, target: int) -> bool:
+        """True when only the head follows the target's site (indywise, last Transformer layer's output):
+        the run reduces to the head on the edited latents plus constants (``skip_frozen``)."""
+        entry = self.models[target]
+        model = entry.model
+        return (self.skip_frozen and not self.stepwise and getattr(model, "arch", None) == "transformer"
+                and entry.site.module == f"hook_layers.{model.n_layers - 1}" and entry.site.io == "output"
+                and entry.site.index is None)
+
+    def _head_only_group(self, group: Sequence[TaskPairs]) -> bool:
+        """`_head_only` for the group's target, and every chunk's counterfactual prefix is its base's."""
+        return self._head_only(group[0].target) and all(c.prefix_is_base for c in group)
+
+    def _rest(self, chunk: TaskPairs, rows: torch.Tensor) -> FrozenRest:
+        """The chunk's `FrozenRest`, filled for `rows` (a natural, unpatched run of the rows not seen yet)."""
+        rest = self._frozen_rest.get(id(chunk))
+        if rest is None:
+            rest = self._frozen_rest[id(chunk)] = FrozenRest.empty(len(chunk), self.device)
+        todo = rows[~rest.known[rows]].unique()
+        model = self.models[chunk.target].model
+        # by length, in slices of at most 256 rows: each slice runs at its own width (no padding to the longest)
+        todo = todo[torch.argsort((chunk.ids[todo] != 0).sum(1), stable=True)]
+        with torch.no_grad():
+            for part in (todo.split(min(256, self.eval_rows_per_pass)) if len(todo) else ()):
+                b = chunk.batch(part)
+                width = max(int((b.input_ids != 0).sum(1).max()), 1)
+                x, lab = b.input_ids[:, :width], b.labels[:, :width]                         # (P, W)
+                scored = (lab != IGNORE_INDEX) & ~b.edit_mask[:, :width]                      # (P, W)
+                logits = model.readout(model.features(x)[scored])                             # (m, V)
+                which = torch.arange(len(part), device=x.device)[:, None].expand_as(scored)[scored]  # (m,)
+                zeros = torch.zeros(len(part), device=x.device)
+                rest.ce[part] = zeros.index_add(0, which, F.cross_entropy(logits, lab[scored], reduction="none"))
+                rest.ok[part] = zeros.index_add(0, which, (logits.argmax(-1) == lab[scored]).float())
+                rest.count[part] = torch.bincount(which, minlength=len(part)).float()
+                rest.known[part] = True
+        return rest
+
+    def precompute_frozen(self, split: str = "train") -> None:
+        """Fill every pair's `FrozenRest` of `split` now (otherwise each pair's is filled when first read)."""
+        for chunk in self.splits[split]:
+            if self._head_only_group([chunk]):
+                self._rest(chunk, torch.arange(len(chunk), device=self.device))
+
+    def _head_only_rows(self, maps, group: Sequence[TaskPairs], rows: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per run row (chunk after chunk, `rows` each): cross-entropy summed over the scored positions,
+        tokens right, scored positions — the same numbers as the full patched run at a last-layer site.
+
+        The edited latent at the intervened position p is the intervention applied to the target's cached
+        natural latent there (the counterfactual sequence equals the base sequence up to p, so its latent
+        at p is the cached one); its logits predict token p + 1. Every other scored position comes from
+        the chunk's `FrozenRest`.
+        """
+        model = self.models[group[0].target].model
+        edited, labels, take, rests = [], [], [], []
+        for c in group:
+            pos = c.target_pos[rows].long()                                                   # (B,)
+            h = c.target_cache.at(c.target_index[rows].long(), pos)                           # (B, d_t)
+            edited.append(self.intervention(maps, h, c.source_latents(rows), c.source, c.target, c.block))
+            ids, scored = c.ids[rows].long(), c.scored[rows]                                  # (B, L)
+            nxt = (pos + 1).clamp(max=ids.shape[1] - 1)[:, None]                              # (B, 1)
+            take.append(((pos + 1) < ids.shape[1]) & scored.gather(1, nxt)[:, 0])             # (B,) p scored
+            labels.append(ids.gather(1, nxt)[:, 0])
+            rests.append(self._rest(c, rows))
+        edited, labels, take = torch.cat(edited), torch.cat(labels), torch.cat(take)          # (R, d), (R,)
+        logits = model.readout(edited[take])                                                  # (m, V)
+        zeros = torch.zeros(len(take), device=edited.device)
+        rest_ce = torch.cat([r.ce[rows] for r in rests])
+        ce_rows = rest_ce.index_put((take,), rest_ce[take] + F.cross_entropy(logits, labels[take], reduction="none"))
+        ok = zeros.index_put((take,), (logits.argmax(-1) == labels[take]).float())
+        tok_ok = torch.cat([r.ok[rows] for r in rests]) + ok
+        tok_n = torch.cat([r.count[rows] for r in rests]) + take.float()
+        return ce_rows, tok_ok, tok_n
+
     # ------------------------------------------------------------------ trainer interface
     def loss(self, maps, batch_index: torch.Tensor, directions=None):
         """(1 − ε)·L_behaviour + ε·L_CL over the trained chunks (either term alone when the other is empty);
@@ -402,6 +511,12 @@ class TaskModelProblem(ProblemBase):
         if behaviour:
             total = 0.0
             for group in self._groups(behaviour):
+                if self._head_only_group(group):
+                    ce_rows, _, n_rows = self._head_only_rows(maps, group, rows)        # (G·B,) each
+                    sums = ce_rows.view(len(group), -1).sum(1)
+                    counts = n_rows.view(len(group), -1).sum(1).clamp(min=1)
+                    total = total + (sums / counts).sum()
+                    continue
                 logits, labels, row = self._run(maps, group, [rows] * len(group), rollout=False)
                 ce = F.cross_entropy(logits, labels, reduction="none")                  # (n,)
                 chunk_of = torch.div(row, len(rows), rounding_mode="floor")             # (n,)
@@ -464,17 +579,20 @@ class TaskModelProblem(ProblemBase):
                 rows = torch.arange(lo, min(n, lo + self.eval_batch_size), device=self.device)
                 R = len(rows) * len(group)
                 with torch.no_grad():
-                    logits, labels, row = self._run(maps, group, [rows] * len(group), rollout=False,
-                                                    max_rows=self.eval_rows_per_pass)
-                    ok = logits.argmax(-1) == labels
-                    tok_ok = torch.zeros(R, device=ok.device).index_add(0, row, ok.float())   # (R,)
-                    tok_n = torch.bincount(row, minlength=R).float()
-                    ce_rows = torch.zeros(R, device=ok.device).index_add(
-                        0, row, F.cross_entropy(logits, labels, reduction="none"))
+                    if self._head_only_group(group):
+                        ce_rows, tok_ok, tok_n = self._head_only_rows(maps, group, rows)        # (R,) each
+                    else:
+                        logits, labels, row = self._run(maps, group, [rows] * len(group), rollout=False,
+                                                        max_rows=self.eval_rows_per_pass)
+                        ok = logits.argmax(-1) == labels
+                        tok_ok = torch.zeros(R, device=ok.device).index_add(0, row, ok.float())   # (R,)
+                        tok_n = torch.bincount(row, minlength=R).float()
+                        ce_rows = torch.zeros(R, device=ok.device).index_add(
+                            0, row, F.cross_entropy(logits, labels, reduction="none"))
                     if rollout:
                         ro_logits, ro_labels, ro_row = self._run(maps, group, [rows] * len(group), rollout=True,
                                                                  max_rows=self.eval_rows_per_pass)
-                        ro_ok = torch.zeros(R, device=ok.device).index_add(
+                        ro_ok = torch.zeros(R, device=tok_ok.device).index_add(
                             0, ro_row, (ro_logits.argmax(-1) == ro_labels).float())
                         trial = ro_ok == tok_n
                     else:
