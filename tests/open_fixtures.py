@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from llm_mas.tasks.tensor_data import CounterfactualTensors
+
 T, STIM, N_IN = 14, 8, 3
 
 
@@ -59,6 +61,20 @@ def train_decision(net: nn.Module, steps: int, seed: int) -> float:
 
 
 # ---------------------------------------------------------------------------------- a user's model kind
+def decision_data(n: int = 600, seed: int = 5, position: int = STIM) -> CounterfactualTensors:
+    """Rows whose base and source choices differ; swap the state at `position` (the first delay step);
+    the target must then give the source's choice at the last step."""
+    rng = np.random.default_rng(seed)
+    xb, yb = decision_trials(3 * n, rng)
+    xs, ys = decision_trials(3 * n, rng)
+    keep = torch.nonzero(yb != ys).flatten()[:n]
+    labels = torch.full((len(keep), T), -100)
+    labels[:, -1] = ys[keep]
+    pos = torch.full((len(keep),), position)
+    return CounterfactualTensors(base=xb[keep], source=xs[keep], base_positions=pos, source_positions=pos,
+                                 labels=labels, info={"task": "decision", "position": position})
+
+
 def _register_toy_kind() -> None:
     """``kind: toy``: a GRUNet built from (hidden, seed) and trained briefly at load time; importing this
     module (``plugins: [open_fixtures]`` in a config) registers it."""

@@ -11,14 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from open_fixtures import STIM, GRUNet, T, decision_trials, train_decision
+from open_fixtures import GRUNet, decision_data, train_decision
 
 import llm_mas
-from llm_mas import CounterfactualTensors
 from llm_mas.errors import ConfigError
 from llm_mas.models.modules import state_digest
 from llm_mas.problems.tensors import split_rows
@@ -35,24 +33,10 @@ def grus():
     return [net.eval() for net in nets]
 
 
-def choice_data(n: int, seed: int) -> CounterfactualTensors:
-    """Swap the state at the first delay step; the target must give the source's choice (rows where the two
-    choices differ)."""
-    rng = np.random.default_rng(seed)
-    xb, yb = decision_trials(3 * n, rng)
-    xs, ys = decision_trials(3 * n, rng)
-    keep = torch.nonzero(yb != ys).flatten()[:n]
-    labels = torch.full((len(keep), T), -100)
-    labels[:, -1] = ys[keep]
-    pos = torch.full((len(keep),), STIM)
-    return CounterfactualTensors(base=xb[keep], source=xs[keep], base_positions=pos, source_positions=pos,
-                                 labels=labels)
-
-
 @pytest.fixture(scope="module")
 def trained_run(grus, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    data = choice_data(300, seed=5)
+    data = decision_data(300, seed=5)
     result = llm_mas.compare(models=grus, data=data, site="rnn", k=1, names=["gru-a", "gru-b"], out_dir=str(out),
                              name="choice", **FIT)
     return out / "choice", data, result
@@ -83,14 +67,14 @@ def test_evaluate_reproduces_the_run_on_its_valid_rows_and_scores_new_data(train
         assert (old.source_index, old.target_index, old.n_pairs) == (new.source_index, new.target_index, new.n_pairs)
         assert new.trial_iia == pytest.approx(old.trial_iia, abs=1e-9)
         assert new.loss == pytest.approx(old.loss, rel=1e-4)
-    fresh = llm_mas.evaluate(run_dir, models=grus, data=choice_data(400, seed=11), log=lambda s: None)
+    fresh = llm_mas.evaluate(run_dir, models=grus, data=decision_data(400, seed=11), log=lambda s: None)
     m = fresh.matrix()
     assert fresh.records[1].n_pairs == 400              # every row of new data is scored
     assert m[0, 1] > 0.85 and m[1, 0] > 0.85, m           # the trained alignments transfer to new trials
     # a random alignment of the same rank does not (the 1-d swap then leaves the base's own choice)
     random = llm_mas.compare(models=grus, data=data, site="rnn", k=1, out_dir=str(run_dir.parent), name="random",
                              train={"max_steps": 0}, progress=False)
-    assert (llm_mas.evaluate(run_dir.parent / "random", models=grus, data=choice_data(400, seed=11),
+    assert (llm_mas.evaluate(run_dir.parent / "random", models=grus, data=decision_data(400, seed=11),
                              log=lambda s: None).matrix() < 0.3).all()
     assert random.records
 
@@ -139,7 +123,7 @@ def test_a_factory_planted_in_the_run_is_never_imported(trained_run, grus, tmp_p
     monkeypatch.syspath_prepend(str(tmp_path))        # importable, were anything to import it
     with pytest.raises(ConfigError, match=r"models\[0\].*kind 'module'.*never imported"):
         llm_mas.evaluate(run_dir, data=trained_run[1], log=lambda s: None)
-    res = llm_mas.evaluate(run_dir, models=grus, data=choice_data(200, seed=3), log=lambda s: None)
+    res = llm_mas.evaluate(run_dir, models=grus, data=decision_data(200, seed=3), log=lambda s: None)
     assert res.matrix()[0, 1] > 0.85
     assert not sentinel.exists() and "planted_factory" not in sys.modules
 
@@ -152,7 +136,7 @@ def test_cli_evaluate_takes_factories_named_on_the_command_line(trained_run, gru
     run_dir = tmp_path / "planted"
     shutil.copytree(trained_run[0], run_dir)
     sentinel = _plant(run_dir, tmp_path)
-    data = choice_data(200, seed=3)
+    data = decision_data(200, seed=3)
     data.save(tmp_path / "new")
     for i, net in enumerate(grus):
         save_file(net.state_dict(), str(tmp_path / f"gru{i}.safetensors"))

@@ -36,12 +36,8 @@ GOLDEN_MAPS = load_file(str(record.GOLDEN_MAPS))
 MAP_TOLERANCE = 0.05
 
 
-def _close(a, b, path=""):
-    """Records and history within `_tolerance`; the first difference or None."""
-    return _compare(a, b, path)
-
-
 def _compare(a, b, path: str):
+    """Records and history within `_tolerance`; the first difference or None."""
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():
             return f"{path}: keys {sorted(set(a) ^ set(b))} differ"
@@ -115,7 +111,7 @@ def _compare_case(case: str, got: tuple[dict, dict]):
     summary = json.loads(json.dumps(summary))
     want = GOLDEN[case]
     for part in ("records", "history"):
-        d = _close(want[part], summary[part], f"{case}.{part}")
+        d = _compare(want[part], summary[part], f"{case}.{part}")
         if d:
             return d
     golden_factors = record.factors_from_tensors(GOLDEN_MAPS, case)

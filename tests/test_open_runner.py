@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from open_fixtures import STIM, GRUNet, T, decision_trials, train_decision
+from open_fixtures import STIM, GRUNet, T, decision_data, decision_trials, train_decision
 from torch import nn
 
 import llm_mas
@@ -39,20 +39,6 @@ def grus():
     accuracy = [train_decision(net, 250, seed) for seed, net in enumerate(nets)]
     assert min(accuracy) > 0.85, accuracy
     return [net.eval() for net in nets]
-
-
-def decision_data(n: int = 600, seed: int = 5, position: int = STIM) -> CounterfactualTensors:
-    """Rows whose base and source choices differ; swap the state at `position` (the first delay step);
-    the target must then give the source's choice at the last step."""
-    rng = np.random.default_rng(seed)
-    xb, yb = decision_trials(3 * n, rng)
-    xs, ys = decision_trials(3 * n, rng)
-    keep = torch.nonzero(yb != ys).flatten()[:n]
-    labels = torch.full((len(keep), T), -100)
-    labels[:, -1] = ys[keep]
-    pos = torch.full((len(keep),), position)
-    return CounterfactualTensors(base=xb[keep], source=xs[keep], base_positions=pos, source_positions=pos,
-                                 labels=labels, info={"task": "decision", "position": position})
 
 
 # ---------------------------------------------------------------------------------- recurrent state at a step

@@ -63,7 +63,6 @@ REMARK_RATE = 0.1
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 GROUPS = ("trait", "clean", "shift")
 GROUP_LABELS = {"trait": "toxic", "clean": "nontoxic", "shift": "nontoxic"}
-METRICS_FILE = "metrics.json"
 
 
 # ------------------------------------------------------------------------------------------ the language
@@ -264,7 +263,7 @@ def train_base_lm(out_dir: str | Path, *, width: int = 64, layers: int = 2, head
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from .tiny import _save_quietly
+    from .train_lm import save_trained_lm
 
     log = log or (lambda message: None)
     out = Path(out_dir)
@@ -309,10 +308,7 @@ def train_base_lm(out_dir: str | Path, *, width: int = 64, layers: int = 2, head
                "final_loss": loss_value, "train_seconds": round(time.perf_counter() - started, 1),
                "heldout_texts": n_heldout, "heldout_loss": held["loss"], "heldout_accuracy": held["accuracy"],
                "heldout_tokens": held["tokens"], "trait_rates": rates}
-    out.mkdir(parents=True, exist_ok=True)
-    _save_quietly(model, out)
-    tokenizer.save_pretrained(out)
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
+    save_trained_lm(model, tokenizer, metrics, out)
     log(f"  saved {out}: held-out loss {held['loss']:.4f}, next-token accuracy {held['accuracy']:.4f}, "
         f"trait rates {rates}")
     return metrics

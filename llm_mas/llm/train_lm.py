@@ -179,7 +179,6 @@ def train_lm(task_name: str, out_dir: str | Path, *, width: int = 128, layers: i
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from llm_mas.llm.tiny import _save_quietly
     from llm_mas.tasks.base import PAD
 
     log = log or (lambda message: None)
@@ -270,13 +269,20 @@ def train_lm(task_name: str, out_dir: str | Path, *, width: int = 128, layers: i
         "eval_per_n": eval_per_n, "bar": ACCURACY_BAR, "passes_bar": bool(worst >= ACCURACY_BAR),
         "history": history,
     }
+    save_trained_lm(model, tokenizer, metrics, out)
+    log(f"  saved {out}: min free-running accuracy {worst:.4f} over N ({'passes' if metrics['passes_bar'] else 'FAILS'}"
+        f" the {ACCURACY_BAR} bar), {train_seconds:.0f}s")
+    return metrics
+
+
+def save_trained_lm(model, tokenizer, metrics: dict, out: Path) -> None:
+    """A trained LM's directory: weights, tokenizer and ``metrics.json`` (what its training measured)."""
+    from llm_mas.llm.tiny import _save_quietly
+
     out.mkdir(parents=True, exist_ok=True)
     _save_quietly(model, out)
     tokenizer.save_pretrained(out)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
-    log(f"  saved {out}: min free-running accuracy {worst:.4f} over N ({'passes' if metrics['passes_bar'] else 'FAILS'}"
-        f" the {ACCURACY_BAR} bar), {train_seconds:.0f}s")
-    return metrics
 
 
 MANIFEST_KEYS = ("task", "arch", "width", "layers", "heads", "params", "seed", "steps", "train_seconds",
