@@ -106,6 +106,7 @@ class RecipeConfig:
     models: list[str]
     reference_pairs: list[ReferencePair] = field(default_factory=list)
     site: str = "hidden"
+    arch_sites: dict[str, str] = field(default_factory=dict)  # architecture -> site, overriding `site` for it
     k: int = 32
     mas_preset: str = "llm_mas/presets/three_grus.yaml"
     mas_overrides: list[str] = field(default_factory=list)
@@ -113,6 +114,8 @@ class RecipeConfig:
     directions_per_step: int = 0      # 0: every direction every step; else passed to runs with more directions
     direction_sampling: str = "balanced"
     ns: list[int] = field(default_factory=lambda: [3, 5, 9, 15])
+    alone: bool = False               # also each model alone (DAS: its own direction only), per seed: the bar
+                                      # each model's own direction in the all-model run is held to
     every_direction_ns: list[int] = field(default_factory=list)  # joint sizes also run without the budget:
                                       # the same models, every direction every step (updates matched to pairwise)
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -143,6 +146,11 @@ class RecipeConfig:
         names = [r.name for r in self.reference_pairs]
         if len(set(names)) != len(names):
             p.append(f"reference_pairs: names must be unique, got {names}")
+        archs = {architecture(m) for m in self.models}
+        unknown = sorted(a for a in self.arch_sites if a not in archs)
+        if unknown:
+            p.append(f"arch_sites: no model of architecture {unknown} (models have {sorted(archs)}); "
+                     "key arch_sites by the architecture part of a model name, e.g. transformer")
         if self.k < 1:
             p.append(f"k must be >= 1, got {self.k}")
         if self.directions_per_step < 0:
@@ -173,6 +181,17 @@ def architecture(model: str) -> str:
     """``multiobject-gru-s0`` -> ``gru`` (the second part of a shipped or stand-in name)."""
     parts = Path(model).name.split("-")
     return parts[1] if len(parts) > 1 else parts[0]
+
+
+def site_of(config: RecipeConfig, model: str) -> str:
+    """The site `model` is aligned at: ``arch_sites`` of its architecture, else ``site``."""
+    return config.arch_sites.get(architecture(model), config.site)
+
+
+def site_label(config: RecipeConfig) -> str:
+    """``hidden`` or ``hidden (transformer: layer0)`` for titles and summaries."""
+    extra = ", ".join(f"{arch}: {site}" for arch, site in config.arch_sites.items() if site != config.site)
+    return config.site + (f" ({extra})" if extra else "")
 
 
 def short(model: str) -> str:
@@ -214,7 +233,7 @@ def plan(config: RecipeConfig, names: list[str], mapping: dict[str, str], overri
         return mas_config_from_preset(
             config.mas_preset, [*overrides, *extra, *sampled],
             name=run_name, out_dir=str(mas_dir), seed=seed, device=config.device, progress=progress,
-            models=[{"name": mapping[m], "site": config.site} for m in models], k=config.k, directions="all",
+            models=[{"name": mapping[m], "site": site_of(config, m)} for m in models], k=config.k, directions="all",
             variables=["full"])
 
     def rows(models: list[str], kind: str, n_unlike: int, only: str | None = None):
@@ -231,6 +250,9 @@ def plan(config: RecipeConfig, names: list[str], mapping: dict[str, str], overri
     for seed in seeds:
         runs[f"joint_all_s{seed}"] = PlannedRun(cfg(f"joint_all_s{seed}", names, seed, all_model_overrides),
                                                 rows(names, "all", -1))
+    for seed in seeds:
+        for m in names if config.alone else ():
+            runs[f"alone_{short(m)}_s{seed}"] = PlannedRun(cfg(f"alone_{short(m)}_s{seed}", [m], seed), [])
     for seed in seeds:
         for p in pairs:
             runs[f"pair_{p.name}_s{seed}"] = PlannedRun(cfg(f"pair_{p.name}_s{seed}", p.models, seed),
@@ -454,7 +476,9 @@ def similarities(names: list[str], mapping: dict[str, str], config: RecipeConfig
     from llm_mas.similarity import cka_matrix
 
     per_quantity = SMOKE_SIMILARITY["per_quantity"] if smoke else config.similarity.per_quantity
-    key = {"models": [mapping[m] for m in names], "site": config.site, "per_quantity": per_quantity,
+    sites = [site_of(config, m) for m in names]
+    key = {"models": [mapping[m] for m in names], "site": sites[0] if len(set(sites)) == 1 else sites,
+           "per_quantity": per_quantity,
            "gpa_max_iter": config.similarity.gpa_max_iter}
     path = run_dir / "similarity.json"
     if path.exists():
@@ -464,7 +488,7 @@ def similarities(names: list[str], mapping: dict[str, str], config: RecipeConfig
             return saved
     t0 = time.perf_counter()
     models = [load_task_model(mapping[m], device=config.device) for m in names]
-    rows = collect_rows(models, config.site, default_sequences(models[0].task_name, per_quantity))
+    rows = collect_rows(models, sites, default_sequences(models[0].task_name, per_quantity))
     cka = cka_matrix(rows.latents)
     fit = generalized_procrustes(rows.latents, max_iter=config.similarity.gpa_max_iter)
     result = {"key": key, "names": names, "n_rows": len(rows), "cka_biased": cka.tolist(),
@@ -477,25 +501,89 @@ def similarities(names: list[str], mapping: dict[str, str], config: RecipeConfig
 
 
 # ================================================================================== outputs
-def all_model_matrix(plans: list[PlannedRun], outcomes: dict, names: list[str]) -> tuple[np.ndarray, np.ndarray,
-                                                                                            list[dict]]:
-    """(n, n) trial IIA of the first finished all-model run, its (n, n, 2) CIs and the matrix as CSV rows."""
+def all_model_matrices(plans: list[PlannedRun], outcomes: dict, names: list[str]
+                       ) -> tuple[list[tuple[int, np.ndarray, np.ndarray]], list[dict]]:
+    """Every finished all-model run as (seed, (n, n) trial IIA, (n, n, 2) bootstrap CIs), and its cells as
+    CSV rows."""
     n = len(names)
-    matrix, cis, rows = np.full((n, n), np.nan), np.full((n, n, 2), np.nan), []
+    out, rows = [], []
     for p in plans:
         outcome = outcomes.get(p.name)
         if not p.name.startswith("joint_all") or outcome is None or outcome.result is None:
             continue
+        matrix, cis = np.full((n, n), np.nan), np.full((n, n, 2), np.nan)
         for r in outcome.result.records:
             matrix[r.source_index, r.target_index] = r.trial_iia
             if r.trial_iia_ci is not None:
                 cis[r.source_index, r.target_index] = r.trial_iia_ci
-            rows.append({"run": p.name, "source": short(names[r.source_index]),
+            rows.append({"run": p.name, "seed": p.config.seed, "source": short(names[r.source_index]),
                          "target": short(names[r.target_index]), "trial_iia": r.trial_iia,
                          "trial_iia_lo": (r.trial_iia_ci or [math.nan])[0],
                          "trial_iia_hi": (r.trial_iia_ci or [math.nan, math.nan])[1], "token_iia": r.token_iia})
-        break
-    return matrix, cis, rows
+        out.append((p.config.seed, matrix, cis))
+    return out, rows
+
+
+def mean_matrix(runs: list[tuple[int, np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The mean trial-IIA matrix over the finished seeds and its (n, n, 2) CIs: a 95% t interval over seeds
+    (clipped to [0, 1]) with two or more seeds, the run's bootstrap CIs with one; NaN without a run."""
+    if not runs:
+        return np.full((n, n), np.nan), np.full((n, n, 2), np.nan)
+    if len(runs) == 1:
+        return runs[0][1], runs[0][2]
+    stack = np.stack([m for _, m, _ in runs])                                   # (seeds, n, n)
+    mean, cis = stack.mean(0), np.full((n, n, 2), np.nan)
+    for i in range(n):
+        for j in range(n):
+            _, lo, hi = t_interval(stack[:, i, j])
+            cis[i, j] = [max(lo, 0.0), min(hi, 1.0)]
+    return mean, cis
+
+
+def convergence_rows(runs: list[tuple[int, np.ndarray, np.ndarray]], names: list[str], plans: list[PlannedRun],
+                     outcomes: dict) -> list[dict]:
+    """Per model: its own direction in the all-model runs against the same model aligned alone (mean over
+    seeds with a t interval), and the mean of its cross directions as source and as target."""
+    alone: dict[str, list[float]] = {}
+    for p in plans:
+        outcome = outcomes.get(p.name)
+        if p.name.startswith("alone_") and outcome is not None and outcome.result is not None:
+            alone.setdefault(p.name.rsplit("_s", 1)[0].removeprefix("alone_"), []).extend(
+                r.trial_iia for r in outcome.result.records)
+    rows = []
+    for i, m in enumerate(names):
+        own = [mat[i, i] for _, mat, _ in runs]
+        cross_out = [np.mean([mat[i, j] for j in range(len(names)) if j != i]) for _, mat, _ in runs]
+        cross_in = [np.mean([mat[j, i] for j in range(len(names)) if j != i]) for _, mat, _ in runs]
+        joint, lo, hi = t_interval(own) if own else (math.nan,) * 3
+        a, alo, ahi = t_interval(alone.get(short(m), []))
+        rows.append({"model": short(m), "seeds": len(own), "own_joint": joint, "own_joint_lo": lo,
+                     "own_joint_hi": hi, "alone_seeds": len(alone.get(short(m), [])), "own_alone": a,
+                     "own_alone_lo": alo, "own_alone_hi": ahi,
+                     "joint_minus_alone": joint - a if _num(joint) and _num(a) else math.nan,
+                     "cross_as_source": float(np.mean(cross_out)) if cross_out else math.nan,
+                     "cross_as_target": float(np.mean(cross_in)) if cross_in else math.nan})
+    return rows
+
+
+def block_lines(runs: list[tuple[int, np.ndarray, np.ndarray]], names: list[str]) -> list[str]:
+    """Per seed and over seeds: mean cross-direction trial IIA between and within the architectures, and the
+    GRU–GRU convergence check (every cross direction ≥ 0.9)."""
+    archs = list(dict.fromkeys(architecture(m) for m in names))
+    of = {a: [i for i, m in enumerate(names) if architecture(m) == a] for a in archs}
+    lines = []
+    header = "| seed | " + " | ".join(f"{a}→{b}" for a in archs for b in archs) + " | GRU–GRU cross min | ≥ 0.9 |"
+    lines += [header, "|" + "---|" * (len(archs) ** 2 + 3)]
+    for seed, mat, _ in runs:
+        cells = []
+        for a in archs:
+            for b in archs:
+                vals = [mat[i, j] for i in of[a] for j in of[b] if i != j]
+                cells.append(f"{np.mean(vals):.3f}" if vals else "–")
+        gg = [mat[i, j] for i in of.get("gru", []) for j in of.get("gru", []) if i != j]
+        lines.append(f"| {seed} | " + " | ".join(cells) + (f" | {min(gg):.3f} | {sum(v >= 0.9 for v in gg)}/{len(gg)} |"
+                                                             if gg else " | – | – |"))
+    return lines
 
 
 def plot_iia_vs_n(table: list[dict], path: Path, title: str) -> None:
@@ -557,23 +645,29 @@ def write_outputs(config: RecipeConfig, names: list[str], plans: list[PlannedRun
     write_csv(rows, run_dir / "pairs.csv")
     table = aggregate(rows)
     write_csv(table, run_dir / "aggregate.csv")
-    matrix, cis, matrix_rows = all_model_matrix(plans, outcomes, names)
+    runs, matrix_rows = all_model_matrices(plans, outcomes, names)
+    matrix, cis = mean_matrix(runs, len(names))
     if matrix_rows:
         write_csv(matrix_rows, run_dir / "matrix.csv")
+    convergence = convergence_rows(runs, names, plans, outcomes) if runs else []
+    if convergence:
+        write_csv(convergence, run_dir / "own_directions.csv")
     labels = [short(m) for m in names]
     figure = run_dir / "clustered.png"
     if not np.isnan(matrix[~np.eye(len(names), dtype=bool)]).any():
-        plot_clustered_matrices({"MAS trial IIA (source row → target column)": matrix,
+        mas_title = ("MAS trial IIA (source row → target column)" if len(runs) == 1 else
+                     f"MAS trial IIA, mean of {len(runs)} seeds (source row → target column)")
+        plot_clustered_matrices({mas_title: matrix,
                                  "linear CKA": np.array(similarity["cka_biased"]),
                                  "GPA similarity": np.array(similarity["gpa"])}, labels, figure,
-                                title=f"{len(names)} models at {config.site}: ordered by clustering the MAS matrix",
-                                cis={"MAS trial IIA (source row → target column)": cis})
+                                title=f"{len(names)} models at {site_label(config)}: ordered by clustering the MAS matrix",
+                                cis={mas_title: cis})
     if table:
         plot_iia_vs_n(table, run_dir / "iia_vs_n.png",
                       "Reference pairs: trial IIA trained pairwise vs inside joint runs")
     sections = [SMOKE_NOTE] if smoke else []
     sections += [
-        f"{seconds:.0f} s this call. Models: {', '.join(labels)} at `{config.site}`, k = {config.k}; MAS settings "
+        f"{seconds:.0f} s this call. Models: {', '.join(labels)} at `{site_label(config)}`, k = {config.k}; MAS settings "
         f"from `{config.mas_preset}` with {', '.join(config.mas_overrides) or 'no overrides'}"
         + (f" (the all-model runs also {', '.join(config.all_model_overrides)})" if config.all_model_overrides else "")
         + (f"; runs with more than {config.directions_per_step} directions sample {config.directions_per_step} "
@@ -583,7 +677,17 @@ def write_outputs(config: RecipeConfig, names: list[str], plans: list[PlannedRun
         f"CKA (biased, all rows) and GPA similarity on {similarity.get('n_rows', '–')} rows (GPA "
         f"{similarity.get('gpa_iterations', '–')} rounds, converged {similarity.get('gpa_converged', '–')}). "
         "Figure: `clustered.png` (average linkage on 1 − (IIA + IIAᵀ)/2; the CKA and GPA panels in the same "
-        "order).",
+        f"order). Finished all-model runs: {', '.join(f'seed {seed}' for seed, _, _ in runs) or 'none yet'}"
+        + ("; the figure shows their mean, CIs = 95% t intervals over seeds; per-seed cells with bootstrap CIs "
+           "in `matrix.csv`." if len(runs) > 1 else "."),
+        "Mean cross-direction trial IIA by architecture (source → target; own directions excluded):",
+        "\n".join(block_lines(runs, names)) if runs else "no all-model run finished yet.",
+        "### Each model's own direction: jointly vs alone",
+        "Own direction (DAS) in the all-model runs and in the model's run alone (mean over seeds, 95% t "
+        "interval); cross = mean of the model's cross directions in the all-model runs.",
+        markdown_table(convergence, ["model", "seeds", "own_joint", "own_joint_lo", "own_joint_hi", "alone_seeds",
+                                     "own_alone", "own_alone_lo", "own_alone_hi", "joint_minus_alone",
+                                     "cross_as_source", "cross_as_target"]) if convergence else "–",
         "## 2. Reference pairs alone vs in joint runs",
         f"Per pair, kind and n: mean over seeds of the mean of the two cross directions, 95% t interval over "
         f"seeds; steps to target = first validation with both cross directions ≥ {config.steps_target} (mean "
@@ -599,6 +703,9 @@ def write_outputs(config: RecipeConfig, names: list[str], plans: list[PlannedRun
     ]
     sections += run_status_sections(rows)
     claims = [cluster_claim(matrix, names, config.unlike_arch)]
+    if len(runs) > 1:
+        per_seed = [cluster_claim(m, names, config.unlike_arch).holds for _, m, _ in runs]
+        sections.append(f"Cluster claim per seed: {', '.join(f'seed {s_}: {h}' for (s_, _, _), h in zip(runs, per_seed))}.")
     write_summary(run_dir / "summary.md", "Many models: one joint MAS, clustered, and pairs alone vs jointly",
                   command, sections, claims)
     if config.publish and not smoke:

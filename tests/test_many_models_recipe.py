@@ -138,3 +138,37 @@ def test_clustering_order_on_a_block_matrix():
     s[1, 2] = np.nan
     with pytest.raises(DataError, match="NaN"):
         cluster_order(s)
+
+
+def test_arch_sites_and_alone_runs(tmp_path):
+    config = _config(ns=[3], seeds=[0, 1], arch_sites={"transformer": "layer0"}, alone=True)
+    plans = {p.name: p for p in many_models.plan(config, config.models, {m: m for m in config.models}, [],
+                                                   config.ns, config.seeds, tmp_path, False)}
+    sites = {m.name: m.site for m in plans["joint_all_s0"].config.models}
+    assert sites["multiobject-transformer-s3"] == "layer0" and sites["multiobject-lstm-s2"] == "hidden"
+    assert {m.site for m in plans["gru_transformer_like_n3_s0"].config.models} == {"hidden", "layer0"}
+    alone = plans["alone_lstm-s4_s1"]
+    assert [m.name for m in alone.config.models] == ["multiobject-lstm-s4"] and alone.config.seed == 1
+    assert sum(name.startswith("alone_") for name in plans) == 30
+    assert many_models.site_label(config) == "hidden (transformer: layer0)"
+    assert any("arch_sites" in p and "'rnn'" in p for p in _config(arch_sites={"rnn": "layer0"}).validate())
+
+
+def test_mean_matrix_over_seeds_and_own_directions():
+    n = 3
+    names = ["multiobject-gru-s0", "multiobject-gru-s1", "multiobject-transformer-s0"]
+    a, b = np.full((n, n), 0.5), np.full((n, n), 0.7)
+    a[0, 1], b[0, 1] = 0.9, 1.0
+    runs = [(0, a, np.full((n, n, 2), np.nan)), (1, b, np.full((n, n, 2), np.nan))]
+    mean, cis = many_models.mean_matrix(runs, n)
+    assert mean[0, 1] == pytest.approx(0.95) and mean[2, 2] == pytest.approx(0.6)
+    # two seeds: mean ± t_{0.975, 1} · s / √2 = 0.6 ± 12.706 · 0.1414 / 1.414, clipped to [0, 1]
+    assert cis[2, 2, 0] == 0.0 and cis[2, 2, 1] == 1.0
+    assert cis[0, 1, 0] == pytest.approx(0.95 - 12.7062 * 0.05, abs=1e-3)
+    one, one_cis = many_models.mean_matrix(runs[:1], n)
+    assert one is a and np.isnan(one_cis).all()
+    rows = many_models.convergence_rows(runs, names, [], {})
+    assert rows[0]["own_joint"] == pytest.approx(0.6) and math.isnan(rows[0]["own_alone"])
+    assert rows[0]["cross_as_source"] == pytest.approx((0.95 + 0.6) / 2)
+    lines = many_models.block_lines(runs, names)
+    assert lines[2].startswith("| 0 | 0.700 |") and lines[2].endswith("| 0.500 | 1/2 |")
