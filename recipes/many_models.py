@@ -5,15 +5,20 @@
     python -m recipes.many_models --only joint_all_s0             # just the all-model run
     python -m recipes.many_models --report                        # rewrite the outputs from finished runs
 
-(1) ``joint_all_s{seed}``: one MAS over every model of ``models`` at ``site`` (all n² directions; with more
-    than ``directions_per_step`` directions the run passes ``train.directions_per_step`` and
-    ``train.direction_sampling`` to the core, which samples that many trained directions per step). Its n×n
-    validation trial-IIA matrix (95% bootstrap CIs in ``matrix.csv``) is clustered (average linkage on
+    python -m recipes.many_models recipes/configs/many_models_converged.yaml   # every direction, 3 seeds
+
+(1) ``joint_all_s{seed}``: one MAS over every model of ``models`` at ``site`` (``arch_sites`` overrides it per
+    architecture, e.g. ``{transformer: layer0}``; all n² directions; with more than ``directions_per_step``
+    directions the run passes ``train.directions_per_step`` and ``train.direction_sampling`` to the core,
+    which samples that many trained directions per step). Its n×n validation trial-IIA matrix (95% bootstrap
+    CIs in ``matrix.csv``; with several seeds their mean, 95% t intervals over seeds) is clustered (average linkage on
     1 − (IIA + IIAᵀ)/2, ``recipes.common.clustering``) and drawn with its dendrogram next to the n×n
     linear CKA and generalized-Procrustes similarity (``llm_mas.similarity.cka_matrix``,
     ``llm_mas.hyperalignment``) computed on the same rows: every non-pad position of the same MultiObject
     sequences in every model (``llm_mas.correlative.collect_rows``). Claim checked: the recurrent
     architectures (GRU, LSTM; a Markovian count state) form one cluster that the Transformers do not join.
+    With ``alone: true`` each model is also aligned by itself (``alone_<model>_s<seed>``: DAS, its own
+    direction only), and ``own_directions.csv`` sets each model's own direction in the all-model runs against it.
 (2) For each reference pair (a, b): MAS of the pair alone (``pair_<name>_s<seed>``) and inside joint runs
     of n models: ``<name>_like_n<n>_s<seed>`` adds n − 2 models of other architectures than
     ``unlike_arch`` (GRUs, LSTMs), ``<name>_unlike_n<n>_s<seed>`` adds ``unlike_arch`` models
@@ -29,8 +34,9 @@
     (kind ``like_every`` / ``unlike_every``): it separates fewer updates from conflicting models.
 
 Outputs in ``runs/<name>[-smoke]/``: ``matrix.csv``, ``similarity.json``, ``clustered.png``, ``pairs.csv``,
-``iia_vs_n.png``, ``summary.md`` (rewritten after every run); with ``publish`` (not under --smoke) also
-``docs/results/many_models.{md,csv}`` and ``docs/figures/many_models_{clustered,iia_vs_n}.png``.
+``iia_vs_n.png``, ``own_directions.csv``, ``summary.md`` (rewritten after every run); with ``publish`` (not under
+--smoke) also ``docs/results/<name>.{md,csv}``, ``docs/results/<name>_{matrix,own_directions}.csv`` and
+``docs/figures/<name>_{clustered,iia_vs_n}.png``.
 Restartable like the other recipes (``recipes.common.plans``): finished runs with the same resolved config
 are reused, unfinished ones resume, a ``STOP`` file in a run directory ends it at its best checkpoint.
 """
@@ -710,11 +716,14 @@ def write_outputs(config: RecipeConfig, names: list[str], plans: list[PlannedRun
                   command, sections, claims)
     if config.publish and not smoke:
         docs = REPO / "docs"
-        shutil.copyfile(run_dir / "summary.md", docs / "results" / "many_models.md")
-        shutil.copyfile(run_dir / "aggregate.csv", docs / "results" / "many_models.csv")
+        shutil.copyfile(run_dir / "summary.md", docs / "results" / f"{config.name}.md")
+        shutil.copyfile(run_dir / "aggregate.csv", docs / "results" / f"{config.name}.csv")
+        for name in ("matrix", "own_directions"):
+            if (run_dir / f"{name}.csv").exists():
+                shutil.copyfile(run_dir / f"{name}.csv", docs / "results" / f"{config.name}_{name}.csv")
         for name in ("clustered", "iia_vs_n"):
             if (run_dir / f"{name}.png").exists():
-                shutil.copyfile(run_dir / f"{name}.png", docs / "figures" / f"many_models_{name}.png")
+                shutil.copyfile(run_dir / f"{name}.png", docs / "figures" / f"{config.name}_{name}.png")
 
 
 # ================================================================================== main
