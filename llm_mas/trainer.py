@@ -6,6 +6,19 @@ of YAML, tasks or toxicity. Per step the alignment parametrizations are evaluate
 the optimiser. Validation every ``eval_every`` steps keeps the best checkpoint (by mean validation trial
 IIA over trained directions), stops early, and writes a resumable checkpoint: a killed run resumed from
 its checkpoint ends exactly where an uninterrupted run ends.
+
+The pieces, for use from Python:
+
+    trainer = MASTrainer(alignments, problem, TrainerConfig(max_steps=200), callbacks=[ReleaseMemory()])
+    out = trainer.train_step()        # one optimiser step -> StepOutput(step, loss, info, directions, seconds)
+    result = trainer.fit(callbacks=[StopAfter(50, interrupt=False)])   # validation, checkpoints, stops
+
+``fit`` runs ``train_step`` in a loop with validation, the best checkpoint and the stop rules; everything
+else around the steps is a `Callback` (on_fit_start / on_step_end / on_validation / on_fit_end, each may
+ask to stop): `ReleaseMemory` (hand freed heap back to the OS), `StopFile` (stop when a file appears),
+`ProgressLog` (progress bar or log lines) and `StopAfter` (end a call after n steps; tests simulate a kill
+with it). Without ``callbacks=`` the trainer runs ``default_callbacks()``: the first three, built from
+``progress``, ``log`` and ``stop_file``.
 """
 
 from __future__ import annotations
