@@ -136,9 +136,9 @@ def run_fingerprint(config: MASConfig) -> dict[str, Any]:
     flat = _flatten({k: v for k, v in to_dict(config).items() if k not in COSMETIC_KEYS})
     for key in BUDGET_KEYS + PERMISSION_KEYS:
         flat.pop(key, None)
-    if config.train.directions_per_step is None:
-        # what a budgeted step's gradient is changes nothing without a budget (and runs from before the key
-        # existed stay resumable)
+    if config.train.directions_per_step is None or config.train.budget_gradients == "sampled":
+        # what a budgeted step's gradient is changes nothing without a budget, and `sampled` is what every
+        # run did before the key existed: those runs stay resumable
         flat.pop("train.budget_gradients", None)
     flat.update({f"models.{i}.{key}": value for i, digests in enumerate(model_fingerprints(config))
                  for key, value in digests.items()})

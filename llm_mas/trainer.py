@@ -89,9 +89,10 @@ class TrainerConfig:
     # trained directions per step (None: every trained direction every step); all are still evaluated
     directions_per_step: int | None = None
     direction_sampling: str = "uniform"   # uniform | balanced | by_target (see MASTrainer.step_directions)
-    # with a budget, what a step's gradient is: memory (each direction's last gradient, SAG: every direction
-    # counts every step) | sampled (the sampled directions' loss only); see MASTrainer._memory_gradients
-    budget_gradients: str = "memory"
+    # with a budget, what a step's gradient is: sampled (the sampled directions' loss only) | memory (each
+    # direction's last gradient, SAG: every direction counts every step; see MASTrainer._memory_gradients).
+    # sampled is the default: memory trained worse per step and per CPU second (BENCHMARKS.md)
+    budget_gradients: str = "sampled"
     seed: int = 0
 
     def validate(self) -> list[str]:
