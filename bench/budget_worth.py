@@ -10,7 +10,9 @@ sampled directions' alone (``sampled``) or the gradient memory's (``memory``: ea
 gradient, SAG; ``train.budget_gradients``). Each step is ``MASTrainer.train_step``. Every ``--eval-every``
 steps it records each direction's validation trial IIA (teacher forced), how many updates each direction
 has had and the training CPU seconds so far (validations excluded), so the runs can be read at equal
-updates per direction, equal steps and equal CPU. Results: bench/results/budget_worth.json.
+updates per direction, equal steps and equal CPU; ``--cosine`` adds, at the same points, the cosine between
+the step's gradient and the every-direction gradient at the parameters and rows of that step.
+Results: bench/results/<--out>.json (budget_worth.json).
 """
 
 from __future__ import annotations
@@ -23,8 +25,26 @@ import time
 from common import machine_info, write_result
 
 
+def _cosine_to_full(trainer, before: dict, rows) -> float:
+    """Cosine between the gradient the last step used (left in .grad) and the every-direction loss's gradient
+    at the parameters that step started from (``before``) on the same rows; the parameters are put back."""
+    import torch
+
+    used = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+                      for p in trainer.alignments.parameters()])
+    after = {k: v.clone() for k, v in trainer.alignments.state_dict().items()}
+    trainer.alignments.load_state_dict(before)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss, _ = trainer.problem.loss(trainer.materialize(), rows)
+    loss.backward()
+    full = torch.cat([p.grad.reshape(-1) for p in trainer.alignments.parameters()])
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.alignments.load_state_dict(after)
+    return float(torch.nn.functional.cosine_similarity(used, full, dim=0))
+
+
 def run(models: list[str], budget: int | None, steps: int, eval_every: int, n_train: int, n_valid: int,
-        lr: float, sampling: str, gradients: str = "sampled") -> dict:
+        lr: float, sampling: str, gradients: str = "sampled", cosine: bool = False) -> dict:
     import torch
 
     from llm_mas.config import to_dict
@@ -43,7 +63,7 @@ def run(models: list[str], budget: int | None, steps: int, eval_every: int, n_tr
                          callbacks=[])
     every = trainer.trained_directions
     updates = {d: 0 for d in every}
-    curve = []
+    curve, cosines = [], []
     cpu = 0.0
     label = "every" if budget is None else gradients
     for step in range(steps + 1):
@@ -60,12 +80,20 @@ def run(models: list[str], budget: int | None, steps: int, eval_every: int, n_tr
                   flush=True)
         if step == steps:
             break
+        measure = cosine and (step + 1) % eval_every == 0
+        before = {k: v.clone() for k, v in alignments.state_dict().items()} if measure else None
         t0 = time.process_time()
         out = trainer.train_step()
         cpu += time.process_time() - t0
+        if measure:   # how close the step's gradient was to the every-direction one (outside the CPU count)
+            cos = _cosine_to_full(trainer, before, trainer._batch(step))
+            cosines.append({"step": step + 1, "cosine": cos})
+            print(f"[budget_worth] {label} step {step + 1}: cosine to the every-direction gradient {cos:.3f}",
+                  flush=True)
         for d in (every if out.directions is None else out.directions):
             updates[tuple(d)] += 1
-    return {"budget": budget, "sampling": sampling, "gradients": label, "steps": steps, "curve": curve}
+    return {"budget": budget, "sampling": sampling, "gradients": label, "steps": steps, "curve": curve,
+            **({"cosine_to_full": cosines} if cosine else {})}
 
 
 def main(argv=None) -> dict:
@@ -83,6 +111,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--sampling", default="balanced")
     parser.add_argument("--out", default="budget_worth", help="result name under bench/results/")
+    parser.add_argument("--cosine", action="store_true",
+                        help="at every --eval-every steps, the cosine between the step's gradient and the "
+                             "every-direction gradient at the same parameters and rows")
     args = parser.parse_args(argv)
     import torch
 
@@ -95,7 +126,7 @@ def main(argv=None) -> dict:
         budget = None if mode == "every" else args.budget
         result["runs"].append(run(args.models, budget, args.steps if budget is None else budget_steps,
                                   args.eval_every, args.n_train, args.n_valid, args.lr, args.sampling,
-                                  "sampled" if budget is None else mode))
+                                  "sampled" if budget is None else mode, args.cosine))
         result["machine_after"] = machine_info()
         write_result(args.out, result)   # after every run: a killed bench keeps what it finished
     return result

@@ -186,7 +186,11 @@ class MASTrainer:
                  log: Callable[[str], None] | None = None, sync_gradients: Callable[[nn.Module], None] | None = None,
                  stop_file: str | Path | None = None, callbacks: Sequence[Callback] | None = None):
         self.alignments = alignments
-        # what fit runs around the steps (None: default_callbacks(), built from progress, log and stop_file)
+        # what fit runs around the steps (None: default_callbacks(), built from progress, log and stop_file;
+        # given, it replaces them: `progress` then shows nothing and a stop file must be a StopFile in it)
+        if callbacks is not None and stop_file:
+            raise ConfigError(f"MASTrainer got both callbacks and stop_file={str(stop_file)!r}: the callbacks "
+                              "replace the default ones, so add StopFile(path) to them instead")
         self.callbacks = list(callbacks) if callbacks is not None else None
         # creating this file ends training early (checked before every step): the best checkpoint is kept and
         # evaluated as after any other stop; the file is removed and the stop is not recorded in the checkpoint,

@@ -131,6 +131,8 @@ def test_stop_file_is_checked_only_while_the_run_goes_on(problem, tmp_path):
                          problem, TrainerConfig(max_steps=2, batch_size=16), progress=False, stop_file=stop)
     assert any(isinstance(cb, StopFile) for cb in trainer.default_callbacks())
     assert trainer.fit().steps == 0 and not stop.exists()
+    with pytest.raises(ConfigError, match="add StopFile"):   # not silently dropped beside explicit callbacks
+        MASTrainer(trainer.alignments, problem, TrainerConfig(), stop_file=stop, callbacks=[])
 
 
 def test_progress_log_lines(problem):
