@@ -138,7 +138,8 @@ class StepOutput:
     """What one training step (``MASTrainer.train_step``) did."""
 
     step: int                                   # the trainer's step count after it (the first step is 1)
-    loss: float                                 # its training loss (mean over its micro-batches)
+    loss: float                                 # its training loss (mean over its micro-batches; under
+    #                                             budget_gradients: memory, over its sampled directions too)
     info: dict[str, float]                      # the problem's loss terms (e.g. loss_behaviour), averaged alike
     directions: list[tuple[int, int]] | None    # the directions it trained (None: every trained direction)
     seconds: float                              # its wall time
