@@ -1,25 +1,50 @@
-"""What a budgeted step is worth: validation IIA against updates per direction, budgeted versus
-every-direction training, on the same models, data and seed.
+"""What a budgeted step is worth: validation IIA against updates per direction, steps and CPU, budgeted
+versus every-direction training, on the same models, data and seed.
 
     python bench/budget_worth.py --n 3 --budget 3 --steps 150          # ~ minutes on one core
 
-Runs (one process, 1 thread, consecutively): every direction every step, and ``directions_per_step =
-budget`` with balanced sampling. Every ``--eval-every`` steps it records each direction's validation
-trial IIA (teacher forced) and how many updates that direction has had, so the two runs can be read
-at equal updates per direction. Results: bench/results/budget_worth.json.
+Runs (one process, 1 thread, consecutively; ``--modes``): every direction every step (``every``, ``--steps``
+steps), and ``directions_per_step = budget`` with balanced sampling (``--budget-steps`` steps, default
+enough for as many updates per direction as the every-direction run), its step's gradient either the
+sampled directions' alone (``sampled``) or the gradient memory's (``memory``: each direction's last
+gradient, SAG; ``train.budget_gradients``). Each step is ``MASTrainer.train_step``. Every ``--eval-every``
+steps it records each direction's validation trial IIA (teacher forced), how many updates each direction
+has had and the training CPU seconds so far (validations excluded), so the runs can be read at equal
+updates per direction, equal steps and equal CPU; ``--cosine`` adds, at the same points, the cosine between
+the step's gradient and the every-direction gradient at the parameters and rows of that step.
+Results: bench/results/<--out>.json (budget_worth.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
 from common import machine_info, write_result
 
 
+def _cosine_to_full(trainer, before: dict, rows) -> float:
+    """Cosine between the gradient the last step used (left in .grad) and the every-direction loss's gradient
+    at the parameters that step started from (``before``) on the same rows; the parameters are put back."""
+    import torch
+
+    used = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+                      for p in trainer.alignments.parameters()])
+    after = {k: v.clone() for k, v in trainer.alignments.state_dict().items()}
+    trainer.alignments.load_state_dict(before)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss, _ = trainer.problem.loss(trainer.materialize(), rows)
+    loss.backward()
+    full = torch.cat([p.grad.reshape(-1) for p in trainer.alignments.parameters()])
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.alignments.load_state_dict(after)
+    return float(torch.nn.functional.cosine_similarity(used, full, dim=0))
+
+
 def run(models: list[str], budget: int | None, steps: int, eval_every: int, n_train: int, n_valid: int,
-        lr: float, sampling: str) -> dict:
+        lr: float, sampling: str, gradients: str = "sampled", cosine: bool = False) -> dict:
     import torch
 
     from llm_mas.config import to_dict
@@ -30,56 +55,80 @@ def run(models: list[str], budget: int | None, steps: int, eval_every: int, n_tr
     config = config_from_kwargs(
         models=[{"name": m, "site": "hidden"} for m in models], variables=["full"], k=32, directions="all",
         data={"n_train": n_train, "n_valid": n_valid}, progress=False,
-        train={"batch_size": 128, "lr": lr, "directions_per_step": budget, "direction_sampling": sampling})
+        train={"batch_size": 128, "lr": lr, "directions_per_step": budget, "direction_sampling": sampling,
+               "budget_gradients": gradients})
     problem = build_problem(config)
     alignments = build_alignments(config, problem)
-    trainer = MASTrainer(alignments, problem, TrainerConfig(**{**to_dict(config.train), "seed": 0}), progress=False)
+    trainer = MASTrainer(alignments, problem, TrainerConfig(**{**to_dict(config.train), "seed": 0}), progress=False,
+                         callbacks=[])
     every = trainer.trained_directions
     updates = {d: 0 for d in every}
-    curve = []
-    t0 = time.process_time()
+    curve, cosines = [], []
+    cpu = 0.0
+    label = "every" if budget is None else gradients
     for step in range(steps + 1):
-        if step % eval_every == 0:
+        if step % eval_every == 0 or step == steps:
             with torch.no_grad():
                 records = problem.evaluate(trainer.materialize(), split="valid")
             curve.append({"step": step, "updates": {f"{s}->{t}": updates[(s, t)] for s, t in every},
                           "trial_iia": {f"{c.source}->{c.target}": r.trial_iia
                                         for c, r in zip(problem.splits["valid"], records)},
-                          "cpu_s": time.process_time() - t0})
+                          "cpu_s": cpu})
             mean = sum(r.trial_iia for r in records) / len(records)
-            print(f"[budget_worth] budget={budget} step {step}: mean trial IIA {mean:.3f}, 0->1 "
-                  f"{curve[-1]['trial_iia']['0->1']:.3f} after {updates[(0, 1)]} updates", flush=True)
+            print(f"[budget_worth] {label} budget={budget} step {step}: mean trial IIA {mean:.3f}, 0->1 "
+                  f"{curve[-1]['trial_iia']['0->1']:.3f} after {updates[(0, 1)]} updates, {cpu:.1f} s CPU",
+                  flush=True)
         if step == steps:
             break
-        rows, chosen = trainer._batch(step), trainer.step_directions(step)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss, _ = problem.loss(trainer._step_maps(chosen), rows, **({} if chosen is None else {"directions": chosen}))
-        loss.backward()
-        trainer.optimizer.step()
-        for d in (every if chosen is None else chosen):
+        measure = cosine and (step + 1) % eval_every == 0
+        before = {k: v.clone() for k, v in alignments.state_dict().items()} if measure else None
+        t0 = time.process_time()
+        out = trainer.train_step()
+        cpu += time.process_time() - t0
+        if measure:   # how close the step's gradient was to the every-direction one (outside the CPU count)
+            cos = _cosine_to_full(trainer, before, trainer._batch(step))
+            cosines.append({"step": step + 1, "cosine": cos})
+            print(f"[budget_worth] {label} step {step + 1}: cosine to the every-direction gradient {cos:.3f}",
+                  flush=True)
+        for d in (every if out.directions is None else out.directions):
             updates[tuple(d)] += 1
-    return {"budget": budget, "sampling": sampling, "curve": curve}
+    return {"budget": budget, "sampling": sampling, "gradients": label, "steps": steps, "curve": curve,
+            **({"cosine_to_full": cosines} if cosine else {})}
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["multiobject-gru-s0", "multiobject-gru-s1", "multiobject-gru-s2"])
     parser.add_argument("--budget", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=150, help="steps of the every-direction run")
+    parser.add_argument("--budget-steps", type=int, default=None,
+                        help="steps of the budgeted runs [as many updates per direction as --steps]")
+    parser.add_argument("--modes", nargs="+", default=["every", "sampled", "memory"],
+                        choices=["every", "sampled", "memory"])
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-valid", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--sampling", default="balanced")
+    parser.add_argument("--out", default="budget_worth", help="result name under bench/results/")
+    parser.add_argument("--cosine", action="store_true",
+                        help="at every --eval-every steps, the cosine between the step's gradient and the "
+                             "every-direction gradient at the same parameters and rows")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
-    result = {"machine": machine_info(), "models": args.models, "steps": args.steps, "lr": args.lr, "runs": []}
-    for budget in (None, args.budget):
-        result["runs"].append(run(args.models, budget, args.steps, args.eval_every, args.n_train, args.n_valid,
-                                  args.lr, args.sampling))
-    write_result("budget_worth", result)
+    n_directions = len(args.models) ** 2
+    budget_steps = args.budget_steps or args.steps * math.ceil(n_directions / args.budget)
+    result = {"machine": machine_info(), "models": args.models, "steps": args.steps, "budget_steps": budget_steps,
+              "lr": args.lr, "runs": []}
+    for mode in args.modes:
+        budget = None if mode == "every" else args.budget
+        result["runs"].append(run(args.models, budget, args.steps if budget is None else budget_steps,
+                                  args.eval_every, args.n_train, args.n_valid, args.lr, args.sampling,
+                                  "sampled" if budget is None else mode, args.cosine))
+        result["machine_after"] = machine_info()
+        write_result(args.out, result)   # after every run: a killed bench keeps what it finished
     return result
 
 

@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -51,7 +52,7 @@ from .problems.kinds import model_fingerprint
 from .problems.manifest import write_alignment_manifest
 from .results import MASResult
 from .run_config import MASConfig, preflight
-from .trainer import FitResult, MASTrainer, TrainerConfig
+from .trainer import FitResult, MASTrainer, ProgressLog, ReleaseMemory, StopFile, TrainerConfig
 
 # top-level keys that do not change a run's result (``name`` and ``out_dir`` only say where it goes), and
 # the step budget, which a rerun may raise to continue a run
@@ -135,6 +136,10 @@ def run_fingerprint(config: MASConfig) -> dict[str, Any]:
     flat = _flatten({k: v for k, v in to_dict(config).items() if k not in COSMETIC_KEYS})
     for key in BUDGET_KEYS + PERMISSION_KEYS:
         flat.pop(key, None)
+    if config.train.directions_per_step is None or config.train.budget_gradients == "sampled":
+        # what a budgeted step's gradient is changes nothing without a budget, and `sampled` is what every
+        # run did before the key existed: those runs stay resumable
+        flat.pop("train.budget_gradients", None)
     flat.update({f"models.{i}.{key}": value for i, digests in enumerate(model_fingerprints(config))
                  for key, value in digests.items()})
     flat.update(data_fingerprint(config))
@@ -306,11 +311,13 @@ def _run_locked(config: MASConfig, run_dir: RunDir, shard: Shard | None, log: Ca
     if shard is not None:
         shard.broadcast(alignments)
     train_config = TrainerConfig(**{**to_dict(config.train), "seed": config.seed})
+    progress = config.progress and main
     trainer = MASTrainer(alignments, problem, train_config, checkpoint_path=run_dir.checkpoint if main else None,
-                         progress=config.progress and main, log=say,
+                         progress=progress, log=say,
                          sync_gradients=shard.average_gradients if shard is not None else None,
                          # the STOP file is single-process only (ranks could see it at different steps)
-                         stop_file=run_dir.stop if shard is None else None)
+                         callbacks=[ReleaseMemory(), *([StopFile(run_dir.stop)] if shard is None else []),
+                                    ProgressLog(progress and sys.stderr.isatty(), say)])
     # every process resumes from rank 0's checkpoint; the barrier keeps rank 0 from writing a new one before
     # every process has read (or not found) the old one
     if state is not None:

@@ -6,6 +6,19 @@ of YAML, tasks or toxicity. Per step the alignment parametrizations are evaluate
 the optimiser. Validation every ``eval_every`` steps keeps the best checkpoint (by mean validation trial
 IIA over trained directions), stops early, and writes a resumable checkpoint: a killed run resumed from
 its checkpoint ends exactly where an uninterrupted run ends.
+
+The pieces, for use from Python:
+
+    trainer = MASTrainer(alignments, problem, TrainerConfig(max_steps=200), callbacks=[ReleaseMemory()])
+    out = trainer.train_step()        # one optimiser step -> StepOutput(step, loss, info, directions, seconds)
+    result = trainer.fit(callbacks=[StopAfter(50, interrupt=False)])   # validation, checkpoints, stops
+
+``fit`` runs ``train_step`` in a loop with validation, the best checkpoint and the stop rules; everything
+else around the steps is a `Callback` (on_fit_start / on_step_end / on_validation / on_fit_end, each may
+ask to stop): `ReleaseMemory` (hand freed heap back to the OS), `StopFile` (stop when a file appears),
+`ProgressLog` (progress bar or log lines) and `StopAfter` (end a call after n steps; tests simulate a kill
+with it). Without ``callbacks=`` the trainer runs ``default_callbacks()``: the first three, built from
+``progress``, ``log`` and ``stop_file``.
 """
 
 from __future__ import annotations
@@ -59,6 +72,7 @@ def release_freed_memory() -> None:
 
 
 DIRECTION_SAMPLING = ("uniform", "balanced", "by_target")
+BUDGET_GRADIENTS = ("memory", "sampled")
 
 
 @dataclass
@@ -75,6 +89,10 @@ class TrainerConfig:
     # trained directions per step (None: every trained direction every step); all are still evaluated
     directions_per_step: int | None = None
     direction_sampling: str = "uniform"   # uniform | balanced | by_target (see MASTrainer.step_directions)
+    # with a budget, what a step's gradient is: sampled (the sampled directions' loss only) | memory (each
+    # direction's last gradient, SAG: every direction counts every step; see MASTrainer._memory_gradients).
+    # sampled is the default: memory trained worse per step and per CPU second (BENCHMARKS.md)
+    budget_gradients: str = "sampled"
     seed: int = 0
 
     def validate(self) -> list[str]:
@@ -97,6 +115,9 @@ class TrainerConfig:
         if self.direction_sampling not in DIRECTION_SAMPLING:
             p.append(f"train.direction_sampling {self.direction_sampling!r} must be "
                      f"{', '.join(DIRECTION_SAMPLING[:-1])} or {DIRECTION_SAMPLING[-1]}")
+        if self.budget_gradients not in BUDGET_GRADIENTS:
+            p.append(f"train.budget_gradients {self.budget_gradients!r} must be "
+                     f"{', '.join(BUDGET_GRADIENTS[:-1])} or {BUDGET_GRADIENTS[-1]}")
         if not 0 < self.target_iia <= 1.0 + 1e-9:
             p.append(f"train.target_iia must be in (0, 1], got {self.target_iia}")
         return p
@@ -112,6 +133,48 @@ class FitResult:
     best_records: list[Record] = field(default_factory=list)
 
 
+@dataclass
+class StepOutput:
+    """What one training step (``MASTrainer.train_step``) did."""
+
+    step: int                                   # the trainer's step count after it (the first step is 1)
+    loss: float                                 # its training loss (mean over its micro-batches; under
+    #                                             budget_gradients: memory, over its sampled directions too)
+    info: dict[str, float]                      # the problem's loss terms (e.g. loss_behaviour), averaged alike
+    directions: list[tuple[int, int]] | None    # the directions it trained (None: every trained direction)
+    seconds: float                              # its wall time
+
+
+class Callback:
+    """What ``MASTrainer.fit`` calls around the steps; subclass and override the hooks you need (or pass any
+    object with some of these methods). A hook returning a string asks training to stop before the next
+    step, with that string as the reason (``FitResult.stopped``); None goes on. A stop asked this way is
+    not recorded in the checkpoint, so running again continues the run. Raising stops at once (e.g.
+    KeyboardInterrupt: as a kill, nothing after the last checkpoint is kept).
+
+    - ``on_fit_start(trainer)``: after resuming and the step-0 baseline validation, before the first step;
+    - ``on_validation(trainer, output, records)``: after a validation during training (its history row
+      appended, the checkpoint written); ``records`` are the validation's, ``output`` the step's;
+    - ``on_step_end(trainer, output)``: after every step (and its validation, when it had one);
+    - ``on_fit_end(trainer, result)``: once, with the ``FitResult`` (the best alignments loaded), or None
+      when training ended by an exception; its return value is ignored.
+
+    ``trainer.running`` says whether the run would go on (steps left, no target or patience stop).
+    """
+
+    def on_fit_start(self, trainer: MASTrainer) -> str | None:
+        return None
+
+    def on_step_end(self, trainer: MASTrainer, output: StepOutput) -> str | None:
+        return None
+
+    def on_validation(self, trainer: MASTrainer, output: StepOutput, records: list[Record]) -> str | None:
+        return None
+
+    def on_fit_end(self, trainer: MASTrainer, result: FitResult | None) -> None:
+        return None
+
+
 def _score(records: Sequence[Record]) -> float:
     """Mean validation trial IIA over the trained directions (the model-selection score)."""
     trained = [r.trial_iia for r in records if r.trained]
@@ -122,8 +185,14 @@ class MASTrainer:
     def __init__(self, alignments: nn.ModuleList, problem: InterventionProblem, config: TrainerConfig,
                  checkpoint_path: str | Path | None = None, progress: bool = True,
                  log: Callable[[str], None] | None = None, sync_gradients: Callable[[nn.Module], None] | None = None,
-                 stop_file: str | Path | None = None):
+                 stop_file: str | Path | None = None, callbacks: Sequence[Callback] | None = None):
         self.alignments = alignments
+        # what fit runs around the steps (None: default_callbacks(), built from progress, log and stop_file;
+        # given, it replaces them: `progress` then shows nothing and a stop file must be a StopFile in it)
+        if callbacks is not None and stop_file:
+            raise ConfigError(f"MASTrainer got both callbacks and stop_file={str(stop_file)!r}: the callbacks "
+                              "replace the default ones, so add StopFile(path) to them instead")
+        self.callbacks = list(callbacks) if callbacks is not None else None
         # creating this file ends training early (checked before every step): the best checkpoint is kept and
         # evaluated as after any other stop; the file is removed and the stop is not recorded in the checkpoint,
         # so running again continues the run. Single-process only (ranks could see it at different steps).
@@ -160,9 +229,13 @@ class MASTrainer:
         self.evals_since_best = 0
         self.history: list[dict] = []
         self.stopped: str | None = None   # why training ended (kept in the checkpoint: a finished run stays finished)
+        # budget_gradients: memory: each trained direction's last gradient on the trainable parameters of the
+        # alignments it uses ({direction: {alignment index: [grad or None per parameter]}}; checkpointed)
+        self.grad_memory: dict[tuple[int, int], dict[int, list[torch.Tensor | None]]] = {}
         self._loss_sum = 0.0
         self._loss_n = 0
         self._signature: dict | None = None
+        self._fit_t0: float | None = None
 
     # ------------------------------------------------------------ data order
     def _batch(self, step: int) -> torch.Tensor:
@@ -241,7 +314,9 @@ class MASTrainer:
                 "step": self.step, "best_score": self.best_score, "best_step": self.best_step,
                 "best_state": self.best_state, "best_records": [r.to_dict() for r in self.best_records],
                 "evals_since_best": self.evals_since_best, "history": [dict(row) for row in self.history],
-                "stopped": self.stopped}
+                "stopped": self.stopped,
+                **({"grad_memory": [{"direction": list(d), "grads": [[i, grads] for i, grads in per.items()]}
+                                    for d, per in sorted(self.grad_memory.items())]} if self.grad_memory else {})}
 
     def check_signature(self, state: dict, where: str = "the checkpoint") -> None:
         """ConfigError naming every key in which the checkpoint's signature differs from this trainer's."""
@@ -270,6 +345,8 @@ class MASTrainer:
             setattr(self, key, state[key])
         self.best_records = [r if isinstance(r, Record) else Record.from_dict(r) for r in state["best_records"]]
         self.stopped = state.get("stopped")
+        self.grad_memory = {(int(e["direction"][0]), int(e["direction"][1])): {int(i): list(g) for i, g in e["grads"]}
+                            for e in state.get("grad_memory", [])}
 
     def save_checkpoint(self) -> None:
         if self.checkpoint_path is None:
@@ -341,91 +418,280 @@ class MASTrainer:
             return f"no improvement in {self.config.patience} validations"
         return None
 
-    def fit(self, resume: bool = True, stop_after: int | None = None) -> FitResult:
-        """Train until a stop rule fires. `stop_after` aborts after that many steps (simulates a kill in tests)."""
-        from tqdm.auto import tqdm
+    # ------------------------------------------------------------ the step
+    def train_step(self) -> StepOutput:
+        """One optimiser step on the rows and directions of step ``self.step``, then ``self.step += 1``.
 
+        The gradient is the mean loss's over ``grad_accum`` micro-batches (each materializes the alignments
+        anew); with a direction budget and ``budget_gradients: memory`` it is the gradient memory's
+        (``_memory_gradients``). Raises NumericalError, before anything is applied, when the loss or a
+        gradient is not finite. Validation, checkpoints and stops belong to ``fit``.
+        """
+        t0 = time.perf_counter()
+        rows = self._batch(self.step)
+        directions = self.step_directions(self.step)
+        # the default (every direction) calls loss exactly as before a budget existed
+        budget = {} if directions is None else {"directions": directions}
+        info: dict[str, float] = {}
+        if self.optimizer is not None and directions is not None and self.config.budget_gradients == "memory":
+            total, info = self._memory_gradients(rows, directions)
+            self.optimizer.step()
+        elif self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for micro in rows.chunk(self.config.grad_accum):
+                loss, terms = self.problem.loss(self._step_maps(directions), micro, **budget)
+                (loss / self.config.grad_accum).backward()
+                total += float(loss.detach()) / self.config.grad_accum
+                _add_terms(info, terms, 1 / self.config.grad_accum)
+            if not math.isfinite(total):
+                raise self._non_finite("loss", total, rows)
+            if self.sync_gradients is not None:
+                self.sync_gradients(self.alignments)
+            grads = [p.grad for p in self.alignments.parameters() if p.grad is not None]
+            if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+                raise self._non_finite("gradient", total, rows)
+            self.optimizer.step()
+        else:
+            with torch.no_grad():
+                loss, info = self.problem.loss(self._step_maps(directions), rows, **budget)
+                total = float(loss)
+            if not math.isfinite(total):
+                raise self._non_finite("loss", total, rows)
+        self._loss_sum += total
+        self._loss_n += 1
+        self.step += 1
+        return StepOutput(step=self.step, loss=total, info=dict(info), directions=directions,
+                          seconds=time.perf_counter() - t0)
+
+    def _memory_gradients(self, rows: torch.Tensor, directions: list[tuple[int, int]]
+                          ) -> tuple[float, dict[str, float]]:
+        """Set the parameters' gradients from the gradient memory (SAG) and return the step's loss and terms.
+
+        Each sampled direction's gradient is computed alone (its own loss over the step's rows, on freshly
+        materialized maps; ``grad_accum`` micro-batches; averaged over processes by ``sync_gradients``) and
+        replaces that direction's stored one, which covers only its source and target alignments. The step
+        then uses (1 / D) × the sum of every stored gradient (D trained directions; a direction not trained
+        yet adds nothing), which is the every-direction loss's gradient once every direction has been
+        trained at the current parameters and rows, as ``loss`` averages the directions' losses. The loss
+        returned is the mean of the sampled directions' losses (what ``sampled`` reports for the same step).
+        Nothing is stored before every fresh gradient is checked finite.
+        """
+        accum = self.config.grad_accum
+        total, info = 0.0, {}
+        fresh: dict[tuple[int, int], dict[int, list[torch.Tensor | None]]] = {}
+        for d in directions:
+            self.optimizer.zero_grad(set_to_none=True)
+            for micro in rows.chunk(accum):
+                loss, terms = self.problem.loss(_LazyMaps(self.alignments), micro, directions=[d])
+                (loss / accum).backward()
+                total += float(loss.detach()) / accum / len(directions)
+                _add_terms(info, terms, 1 / accum / len(directions))
+            if not math.isfinite(total):
+                raise self._non_finite("loss", total, rows)
+            if self.sync_gradients is not None:
+                self.sync_gradients(self.alignments)
+            fresh[d] = {i: [None if p.grad is None else p.grad.detach().clone() for p in self._trainable(i)]
+                        for i in sorted(set(d))}
+            grads = [g for per in fresh[d].values() for g in per if g is not None]
+            if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+                raise self._non_finite("gradient", total, rows)
+        self.grad_memory.update(fresh)
+        self.optimizer.zero_grad(set_to_none=True)
+        scale = 1.0 / len(self.trained_directions)
+        for d in sorted(self.grad_memory):   # a fixed order: the sum does not depend on when d was stored
+            for i, per in self.grad_memory[d].items():
+                for p, g in zip(self._trainable(i), per):
+                    if g is not None:
+                        p.grad = g * scale if p.grad is None else p.grad.add_(g, alpha=scale)
+        return total, info
+
+    def _trainable(self, i: int) -> list[nn.Parameter]:
+        return [p for p in self.alignments[i].parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------ fit
+    @property
+    def running(self) -> bool:
+        """Whether training goes on: steps are left and no stop rule (target, patience) has fired."""
+        return self.stopped is None and self.step < self.total_steps
+
+    def elapsed(self) -> float:
+        """Seconds since this ``fit`` call started (0 outside one)."""
+        return time.perf_counter() - self._fit_t0 if self._fit_t0 is not None else 0.0
+
+    def default_callbacks(self) -> list[Callback]:
+        """What ``fit`` runs when the trainer was given no ``callbacks``: memory release, the stop file (when
+        one was given) and the progress bar / log lines."""
+        return [ReleaseMemory(), *([StopFile(self.stop_file)] if self.stop_file is not None else []),
+                ProgressLog(self.bar, self.log)]
+
+    def _notify(self, callbacks: Sequence[Callback], hook: str, *args: Any) -> str | None:
+        """Call ``hook`` on every callback (in order); the first stop reason returned, if any."""
+        reason = None
+        for cb in callbacks:
+            method = getattr(cb, hook, None)
+            said = method(self, *args) if method is not None else None
+            reason = reason or said
+        return reason
+
+    def fit(self, resume: bool = True, callbacks: Sequence[Callback] = ()) -> FitResult:
+        """Train until a stop rule fires (target, patience, step budget) or a callback asks to stop.
+
+        ``callbacks`` run before the trainer's own (``self.callbacks``, by default ``default_callbacks()``)
+        for this call only, e.g. ``StopAfter(n)``. A stop asked by a callback is not recorded in the
+        checkpoint (running again continues the run); one by the target or patience is.
+        """
         if resume:
             self.try_resume()
-        t0 = time.perf_counter()
+        self._fit_t0 = time.perf_counter()
+        callbacks = [*callbacks, *(self.callbacks if self.callbacks is not None else self.default_callbacks())]
         stopped = self.stopped
         if self.step == 0 and self.best_state is None:
             stopped = self.stopped = self._after_eval(self.evaluate(), 0.0)  # step-0 baseline: the random init
             self.save_checkpoint()
-        names = [getattr(m, "name", str(i)) for i, m in enumerate(getattr(self.problem, "models", []))]
+        try:
+            reason = self._notify(callbacks, "on_fit_start")
+            stopped = stopped or reason
+            while stopped is None and self.step < self.total_steps:
+                out = self.train_step()
+                if self.step % self.eval_every == 0 or self.step == self.total_steps:
+                    records = self.evaluate()
+                    # target / patience stops are kept in the checkpoint; a step-budget stop is not (a larger
+                    # budget on resume continues the run), nor is one a callback asks for
+                    stopped = self.stopped = self._after_eval(records, self.elapsed())
+                    self.save_checkpoint()
+                    reason = self._notify(callbacks, "on_validation", out, records)
+                    stopped = stopped or reason
+                reason = self._notify(callbacks, "on_step_end", out)
+                stopped = stopped or reason
+            if stopped is None:
+                stopped = f"step budget reached ({self.total_steps} steps)"
+        except BaseException:
+            self._notify(callbacks, "on_fit_end", None)
+            self._fit_t0 = None
+            raise
+        if self.best_state is not None:
+            self.alignments.load_state_dict(self.best_state)
+        result = FitResult(best_step=self.best_step, best_score=self.best_score, steps=self.step, stopped=stopped,
+                           history=self.history, best_records=self.best_records)
+        self._notify(callbacks, "on_fit_end", result)
+        self._fit_t0 = None
+        return result
+
+
+# ------------------------------------------------------------ built-in callbacks
+class ReleaseMemory(Callback):
+    """Hand freed heap memory back to the OS: at the start, every ``every`` steps, whenever the resident set
+    has grown by ``growth_mib`` since the last release, and after each validation (RELEASE_MEMORY_EVERY)."""
+
+    def __init__(self, every: int = RELEASE_MEMORY_EVERY, growth_mib: float = RELEASE_MEMORY_GROWTH_MIB):
+        self.every, self.growth_mib = every, growth_mib
+        self.released_at = 0.0
+
+    def _release(self) -> None:
+        release_freed_memory()
+        self.released_at = resident_mib() or 0.0
+
+    def on_fit_start(self, trainer):
+        self._release()  # start from a trimmed heap (the build leaves freed blocks behind)
+
+    def on_validation(self, trainer, output, records):
+        self._release()  # what the validation passes freed
+
+    def on_step_end(self, trainer, output):
+        resident = resident_mib()
+        if trainer.step % self.every == 0 or (resident is not None and resident > self.released_at + self.growth_mib):
+            self._release()
+
+
+class StopFile(Callback):
+    """Stop before the next step once ``path`` exists; the file is removed (single process only: ranks could
+    see it at different steps). The stop is not recorded in the checkpoint, so running again continues."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def _check(self, trainer: MASTrainer) -> str | None:
+        if trainer.running and self.path.exists():
+            self.path.unlink(missing_ok=True)
+            return f"stopped early at step {trainer.step}: {self.path} was created"
+        return None
+
+    def on_fit_start(self, trainer):
+        return self._check(trainer)
+
+    def on_step_end(self, trainer, output):
+        return self._check(trainer)
+
+
+class StopAfter(Callback):
+    """End a ``fit`` call after ``steps`` steps of it (not counting resumed ones) if the run would go on.
+    ``interrupt=True`` (default) raises KeyboardInterrupt, as a kill would (tests of resume: the last
+    checkpoint is all that is kept); ``interrupt=False`` asks for an ordinary stop (the best alignments are
+    loaded and a FitResult returned)."""
+
+    def __init__(self, steps: int, interrupt: bool = True):
+        if steps < 0:
+            raise ConfigError(f"StopAfter needs steps >= 0, got {steps}")
+        self.steps, self.interrupt = steps, interrupt
+        self.done = 0
+
+    def _check(self, trainer: MASTrainer) -> str | None:
+        if self.done >= self.steps and trainer.running:
+            if self.interrupt:
+                raise KeyboardInterrupt(f"StopAfter({self.steps}) reached")
+            return f"stopped after {self.steps} steps of this call (StopAfter)"
+        return None
+
+    def on_fit_start(self, trainer):
+        self.done = 0
+        return self._check(trainer)
+
+    def on_step_end(self, trainer, output):
+        self.done += 1
+        return self._check(trainer)
+
+
+class ProgressLog(Callback):
+    """The legend line, then a progress bar (``bar=True``: on a terminal) or one log line per validation
+    (elsewhere: a log file, a notebook's captured stderr), and the closing line."""
+
+    def __init__(self, bar: bool, log: Callable[[str], None]):
+        self.show_bar, self.log = bar, log
+        self.bar = None
+
+    def on_fit_start(self, trainer):
+        from tqdm.auto import tqdm
+
+        names = [getattr(m, "name", str(i)) for i, m in enumerate(getattr(trainer.problem, "models", []))]
         if names:
             self.log("directions are shown as source→target:variable; " +
                      ", ".join(f"{i} = {name}" for i, name in enumerate(names)))
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.bar, desc="MAS", leave=False,
-                   ncols=100)
-        release_freed_memory()  # start from a trimmed heap (the build leaves freed blocks behind)
-        released_at = resident_mib() or 0.0
-        steps_this_call = 0
-        try:
-            while stopped is None and self.step < self.total_steps:
-                if stop_after is not None and steps_this_call >= stop_after:
-                    raise KeyboardInterrupt("stop_after reached")
-                if self.stop_file is not None and self.stop_file.exists():
-                    stopped = f"stopped early at step {self.step}: {self.stop_file} was created"
-                    self.stop_file.unlink(missing_ok=True)
-                    break
-                rows = self._batch(self.step)
-                directions = self.step_directions(self.step)
-                # the default (every direction) calls loss exactly as before a budget existed
-                budget = {} if directions is None else {"directions": directions}
-                if self.optimizer is not None:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    total = 0.0
-                    for micro in rows.chunk(self.config.grad_accum):
-                        loss, _ = self.problem.loss(self._step_maps(directions), micro, **budget)
-                        (loss / self.config.grad_accum).backward()
-                        total += float(loss.detach()) / self.config.grad_accum
-                    if not math.isfinite(total):
-                        raise self._non_finite("loss", total, rows)
-                    if self.sync_gradients is not None:
-                        self.sync_gradients(self.alignments)
-                    grads = [p.grad for p in self.alignments.parameters() if p.grad is not None]
-                    if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
-                        raise self._non_finite("gradient", total, rows)
-                    self.optimizer.step()
-                else:
-                    with torch.no_grad():
-                        total = float(self.problem.loss(self._step_maps(directions), rows, **budget)[0])
-                    if not math.isfinite(total):
-                        raise self._non_finite("loss", total, rows)
-                self._loss_sum += total
-                self._loss_n += 1
-                self.step += 1
-                steps_this_call += 1
-                resident = resident_mib()
-                if self.step % RELEASE_MEMORY_EVERY == 0 or (
-                        resident is not None and resident > released_at + RELEASE_MEMORY_GROWTH_MIB):
-                    release_freed_memory()
-                    released_at = resident_mib() or 0.0
-                bar.update(1)
-                if self.step % self.eval_every == 0 or self.step == self.total_steps:
-                    records = self.evaluate()
-                    release_freed_memory()  # what the validation passes freed
-                    released_at = resident_mib() or 0.0
-                    # target / patience stops are kept in the checkpoint; a step-budget stop is not (a larger
-                    # budget on resume continues the run)
-                    stopped = self.stopped = self._after_eval(records, time.perf_counter() - t0)
-                    self.save_checkpoint()
-                    if self.bar:
-                        bar.set_postfix_str(_short_postfix(total, records), refresh=False)
-                    else:
-                        self.log(f"step {self.step}/{self.total_steps} ({time.perf_counter() - t0:.0f}s) "
-                                 f"{_postfix(self._last_loss(), records)}")
-            if stopped is None:
-                stopped = f"step budget reached ({self.total_steps} steps)"
-        finally:
-            bar.close()
-        if self.best_state is not None:
-            self.alignments.load_state_dict(self.best_state)
-        self.log(f"stopped at step {self.step}: {stopped}; best step {self.best_step} "
-                 f"(mean valid trial IIA {self.best_score:.4f})")
-        return FitResult(best_step=self.best_step, best_score=self.best_score, steps=self.step, stopped=stopped,
-                         history=self.history, best_records=self.best_records)
+        self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, disable=not self.show_bar, desc="MAS",
+                        leave=False, ncols=100)
+
+    def on_step_end(self, trainer, output):
+        self.bar.update(1)
+
+    def on_validation(self, trainer, output, records):
+        if self.show_bar:
+            self.bar.set_postfix_str(_short_postfix(output.loss, records), refresh=False)
+        else:
+            self.log(f"step {trainer.step}/{trainer.total_steps} ({trainer.elapsed():.0f}s) "
+                     f"{_postfix(trainer._last_loss(), records)}")
+
+    def on_fit_end(self, trainer, result):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if result is not None:
+            self.log(f"stopped at step {result.steps}: {result.stopped}; best step {result.best_step} "
+                     f"(mean valid trial IIA {result.best_score:.4f})")
+
+
+def _add_terms(into: dict[str, float], terms: dict[str, float] | None, weight: float) -> None:
+    for key, value in (terms or {}).items():
+        into[key] = into.get(key, 0.0) + weight * float(value)
 
 
 def splits_digest(problem: Any) -> str:

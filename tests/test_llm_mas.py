@@ -217,7 +217,7 @@ def test_backends_match_torch_and_train(trained, backend):
 def test_checkpoint_resume_matches_uninterrupted_run(randoms, tmp_path):
     """A run killed after 2 steps and resumed from its checkpoint ends with the uninterrupted run's alignments."""
     from llm_mas.run import build_alignments, build_problem
-    from llm_mas.trainer import MASTrainer, TrainerConfig
+    from llm_mas.trainer import MASTrainer, StopAfter, TrainerConfig
 
     config = _config(randoms, data={"n_train": 48, "n_valid": 12},
                      train={"max_steps": 4, "eval_every": 2, "batch_size": 12, "grad_accum": 2})
@@ -232,7 +232,7 @@ def test_checkpoint_resume_matches_uninterrupted_run(randoms, tmp_path):
     straight.fit(resume=False)
     killed = trainer(tmp_path / "checkpoint.pt")
     with pytest.raises(KeyboardInterrupt):
-        killed.fit(stop_after=3)
+        killed.fit(callbacks=[StopAfter(3)])
     resumed = trainer(tmp_path / "checkpoint.pt")
     result = resumed.fit(resume=True)
     assert resumed.step == 4 and result.steps == 4

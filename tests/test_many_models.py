@@ -14,7 +14,7 @@ from llm_mas.models.task_models import build_task_model
 from llm_mas.problems.task import TaskModelEntry, TaskModelProblem
 from llm_mas.sites import resolve_site
 from llm_mas.tasks import get_task
-from llm_mas.trainer import MASTrainer, TrainerConfig
+from llm_mas.trainer import MASTrainer, StopAfter, TrainerConfig
 
 TASK = get_task("multiobject")
 
@@ -49,7 +49,7 @@ def test_sampled_directions_are_seeded_and_a_killed_run_resumes_bit_identically(
     assert res.steps == 8
     killed, _ = _trainer(problem, tmp_path / "b.pt", **budget)
     with pytest.raises(KeyboardInterrupt):
-        killed.fit(stop_after=5)                              # last checkpoint at step 3
+        killed.fit(callbacks=[StopAfter(5)])                              # last checkpoint at step 3
     resumed, aligns2 = _trainer(problem, tmp_path / "b.pt", **budget)
     res2 = resumed.fit()
     def timeless(history):

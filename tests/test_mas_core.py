@@ -14,7 +14,7 @@ from llm_mas.models.task_models import build_task_model
 from llm_mas.problems.task import TaskModelEntry, TaskModelProblem
 from llm_mas.sites import Site
 from llm_mas.tasks import get_task
-from llm_mas.trainer import MASTrainer, TrainerConfig
+from llm_mas.trainer import MASTrainer, StopAfter, TrainerConfig
 
 TASK = get_task("multiobject")
 
@@ -137,7 +137,7 @@ def test_trainer_keeps_rotations_orthogonal_and_is_deterministic_and_resumable(t
         trainer = MASTrainer(aligns, prob, cfg, checkpoint_path=path, progress=False)
         if stop_after is not None:
             with pytest.raises(KeyboardInterrupt):
-                trainer.fit(stop_after=stop_after)
+                trainer.fit(callbacks=[StopAfter(stop_after)])
             return None
         res = trainer.fit(resume=resume)
         return aligns, res
@@ -167,7 +167,7 @@ def test_stop_file_ends_training_early_keeps_the_best_and_a_rerun_continues(tmp_
 
     first, _ = trainer()
     with pytest.raises(KeyboardInterrupt):
-        first.fit(stop_after=4)            # killed after step 4: checkpoint at step 3
+        first.fit(callbacks=[StopAfter(4)])            # killed after step 4: checkpoint at step 3
     (tmp_path / "STOP").touch()
     stopped, aligns = trainer()
     res = stopped.fit()                     # resumes at step 3 and stops before training further

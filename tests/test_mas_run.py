@@ -12,7 +12,7 @@ from llm_mas.config import from_dict
 from llm_mas.errors import ConfigError
 from llm_mas.run import run
 from llm_mas.run_config import MASConfig, load_mas_config
-from llm_mas.trainer import MASTrainer
+from llm_mas.trainer import MASTrainer, StopAfter
 
 
 def _cfg(tmp_path, name="run", **kw) -> MASConfig:
@@ -45,9 +45,9 @@ def test_run_writes_outputs_and_is_reproducible_and_resumable(tmp_path, monkeypa
     real_fit = MASTrainer.fit
     calls = {"n": 0}
 
-    def dying_fit(self, resume=True, stop_after=None):
+    def dying_fit(self, resume=True, callbacks=()):
         calls["n"] += 1
-        return real_fit(self, resume=resume, stop_after=5 if calls["n"] == 1 else None)
+        return real_fit(self, resume=resume, callbacks=[StopAfter(5)] if calls["n"] == 1 else callbacks)
 
     monkeypatch.setattr(MASTrainer, "fit", dying_fit)
     with pytest.raises(KeyboardInterrupt):
