@@ -59,6 +59,8 @@ COSMETIC_KEYS = ("name", "out_dir", "progress", "resume")
 BUDGET_KEYS = ("train.max_steps", "train.max_epochs")
 # permissions that change no result: a run that could start at all reads the same tokens either way
 PERMISSION_KEYS = ("data.allow_unknown_tokens",)
+# per-model settings of how a step is computed, not of what it computes (models.{i}.KEY)
+MODEL_SPEED_KEYS = ("skip_below_site",)
 
 
 def build_problem(config: MASConfig, *, shard: Shard | None = None,
@@ -135,6 +137,9 @@ def run_fingerprint(config: MASConfig) -> dict[str, Any]:
     flat = _flatten({k: v for k, v in to_dict(config).items() if k not in COSMETIC_KEYS})
     for key in BUDGET_KEYS + PERMISSION_KEYS:
         flat.pop(key, None)
+    for i in range(len(config.models)):
+        for key in MODEL_SPEED_KEYS:
+            flat.pop(f"models.{i}.{key}", None)
     flat.update({f"models.{i}.{key}": value for i, digests in enumerate(model_fingerprints(config))
                  for key, value in digests.items()})
     flat.update(data_fingerprint(config))
