@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_families import FAMILIES as ALL_FAMILIES
 from hf_families import build_family
 from llm_fixtures import load_tiny, tiny_qwen2_dir
 
@@ -87,10 +88,34 @@ def test_steps_from_the_site_match_the_full_forward(family, backend):
     width = models[0].width
     assert cached == 4 * 24 * TOTAL * width * 4 + 4 * 10 * TOTAL * width * 4  # every pair, train and valid
     _assert_same(_loss_and_grads(resumed, rows), reference)                  # from the cache alone
-    # room for 2 pairs of 2 directions: the rest recomputed (layers 0..l) at every step
+    # room for 4 pairs: the first direction read keeps pairs 0..3, the rest are recomputed (layers 0..l) each step
     small = _problem(models, site_cache_bytes=4 * TOTAL * width * 4)
     _assert_same(_loss_and_grads(small, rows), reference)
     assert small.site_cache_bytes == 4 * TOTAL * width * 4
+
+
+@pytest.mark.parametrize("family", list(ALL_FAMILIES))
+def test_every_tested_family_resumes_with_the_full_forwards_loss_and_gradient(family):
+    """Every family of tests/hf_families.py (tuple-returning blocks, ALiBi, sliding windows, MoE, parallel
+    blocks): its layer-0 site passes LayerResume's self-check and one step's loss and gradients equal the full
+    forward's."""
+    models = [_entry(build_family(family, seed), "torch", "layer0", seed) for seed in (0, 1)]
+    resumed, full = _problem(models), _problem(models, skip_below_site=False)
+    assert all(r is not None and r.layer == 0 for r in resumed.resumes)
+    rows = torch.tensor([1, 4, 9])
+    alignments = [make_alignment("orthogonal", m.width, k=8, seed=i) for i, m in enumerate(models)]
+    out = []
+    for problem in (resumed, full):
+        for a in alignments:
+            a.zero_grad(set_to_none=True)
+        loss, _ = problem.loss([a.materialize() for a in alignments], rows)
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for a in alignments for p in a.parameters() if p.requires_grad]))
+    (l_res, g_res), (l_full, g_full) = out
+    torch.testing.assert_close(l_res, l_full, rtol=2e-6, atol=0)
+    for a, b in zip(g_res, g_full):
+        assert float(b.abs().max()) > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
 
 
 def test_the_cache_holds_the_counterfactual_runs_layer_output():

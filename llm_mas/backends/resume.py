@@ -45,7 +45,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     if hasattr(model, "blocks") and hasattr(model, "readout"):
         return model.blocks
     get_decoder = getattr(model, "get_decoder", None)
-    return getattr(get_decoder(), "layers", None) if callable(get_decoder) else None
+    layers = getattr(get_decoder(), "layers", None) if callable(get_decoder) else None
+    if layers is None and callable(getattr(model, "get_input_embeddings", None)):  # transformer.h, ...
+        from ..sites import decoder_layers_path
+
+        path = decoder_layers_path(model)
+        layers = model.get_submodule(path) if path is not None else None
+    return layers
 
 
 def site_layer(model: nn.Module, module_path: str, io: str, index: int | None) -> int:

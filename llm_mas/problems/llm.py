@@ -126,9 +126,12 @@ class _SiteCache:
             self.filled[todo] = True
         if bool(keep.all()):
             return self.values[rows_cpu.to(self.values.device)]
-        out = resume.collect(ids[rows])                                            # some rows are not kept
-        if bool(keep.any()):
-            out[keep.to(out.device)] = self.values[rows_cpu[keep].to(self.values.device)]
+        fresh = resume.collect(ids[rows_cpu[~keep].to(ids.device)])              # pairs beyond the budget
+        if not bool(keep.any()):
+            return fresh
+        out = fresh.new_empty(len(rows_cpu), *fresh.shape[1:])
+        out[(~keep).to(out.device)] = fresh
+        out[keep.to(out.device)] = self.values[rows_cpu[keep].to(self.values.device)]
         return out
 
 
