@@ -10,7 +10,9 @@ trained (4 directions, 2 target passes), batch 8 pairs per direction, Adam. One 
 backend (torch hooks, nnsight); the two variants of a backend share its models, pairs and alignment start:
 - full: ``skip_below_site=False``: every step runs the target's layers 0..L with the edit inside;
 - site: the default: the pairs' layer-l outputs come from the per-pair cache (filled before timing, over
-  every train pair: ``cache_fill_s``; its size ``cache_mib``), a step runs layers l+1.. and the head.
+  every train pair: ``cache_fill_s``; its size ``cache_mib``), a step runs layers l+1.. and the head;
+- nocache (torch only): as site with ``site_cache_bytes=0``, the fallback past the cache budget and what a
+  step of the first epoch costs: layers 0..l run without a graph at each step, then as site.
 Variants interleaved round by round; ratios are medians of per-round ratios. Resident memory (MiB) is read
 after the full steps and after the cache is filled. Writes bench/results/llm_mas_step.json.
 """
@@ -82,7 +84,12 @@ def bench_size(size: str, repeats: int) -> dict:
             full = LLMProblem(site.models, site.k, n_train=N_TRAIN, n_valid=N_VALID, seed=config.seed,
                               eval_batch_size=config.eval.batch_size, skip_below_site=False)
             assert all(r is not None for r in site.resumes), "the self-check refused the model"
-            for name, problem in ((f"{backend}-full", full), (f"{backend}-site", site)):
+            variants = [(f"{backend}-full", full), (f"{backend}-site", site)]
+            if backend == "torch":
+                variants.append(("torch-nocache", LLMProblem(site.models, site.k, n_train=N_TRAIN, n_valid=N_VALID,
+                                                             seed=config.seed, site_cache_bytes=0,
+                                                             eval_batch_size=config.eval.batch_size)))
+            for name, problem in variants:
                 alignments = build_alignments(config, problem)
                 optimizer = torch.optim.Adam(alignments.parameters(), lr=1e-3)
                 generator = torch.Generator().manual_seed(0)
@@ -117,6 +124,10 @@ def bench_size(size: str, repeats: int) -> dict:
             r["full/site"] = ratio(times, f"{backend}-full", f"{backend}-site")
             r["full/site_cpu"] = ratio(cpu, f"{backend}-full", f"{backend}-site")
             r["first_loss_rel_diff"] = abs(r["full"]["first_loss"] - r["site"]["first_loss"]) / r["full"]["first_loss"]
+        nocache = out["backends"]["torch"]
+        nocache["nocache"] = {"median_ms": 1e3 * median(times["torch-nocache"]),
+                              "cpu_median_ms": 1e3 * median(cpu["torch-nocache"])}
+        nocache["full/nocache"] = ratio(times, "torch-full", "torch-nocache")
         out.update(times_s=times, cpu_times_s=cpu, peak_rss_mib=peak_resident_mib(),
                    parameters=sum(p.numel() for p in problems["torch-full"].models[0].model.parameters()),
                    loadavg_after=list(os.getloadavg()))
@@ -140,12 +151,12 @@ def main(argv=None) -> dict:
     result = {"machine_start": machine_info(), "threads": 1, "batch_per_direction": BATCH, "directions": 4,
               "sizes": {size: bench_size(size, repeats) for size in sizes}}
     rows = [[size, r["layer"], b, x["full"]["median_ms"], x["site"]["median_ms"], x["full/site"]["median"],
-             x["full/site_cpu"]["median"], x["cache_fill_s"], x["cache_mib"], x["rss_mib_built"], x["rss_mib_cached"],
-             x["first_loss_rel_diff"]]
+             x["full/site_cpu"]["median"], x.get("full/nocache", {}).get("median", "-"), x["cache_fill_s"],
+             x["cache_mib"], x["rss_mib_built"], x["rss_mib_cached"], x["first_loss_rel_diff"]]
             for size, r in result["sizes"].items() for b, x in r["backends"].items()]
     print_table("LLM MAS step at a middle layer (2 models, 4 directions, 8 pairs each, 1 thread), ms medians",
-                ["model", "layer", "backend", "full ms", "site ms", "full/site", "full/site CPU", "cache fill s",
-                 "cache MiB", "RSS built", "RSS cached", "first-loss rel diff"], rows)
+                ["model", "layer", "backend", "full ms", "site ms", "full/site", "full/site CPU", "full/nocache",
+                 "cache fill s", "cache MiB", "RSS built", "RSS cached", "first-loss rel diff"], rows)
     if not args.quick:
         write_result("llm_mas_step", result)
     return result
