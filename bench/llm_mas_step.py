@@ -112,7 +112,7 @@ def bench_size(size: str, repeats: int) -> dict:
             for d in site.splits["train"]:
                 site._site_outputs(d, "train", torch.arange(N_TRAIN), site.resumes[d.target])
             out["backends"][backend].update(cache_fill_s=time.perf_counter() - t0,
-                                            cache_mib=site.site_cache_bytes / 2**20, rss_mib_cached=resident_mib())
+                                            cache_mib=site.cached_site_bytes / 2**20, rss_mib_cached=resident_mib())
         cpu: dict[str, list[float]] = {}
         times = interleaved({name: fn for name, (fn, _) in steps.items()}, repeats=repeats, warmup=1, cpu=cpu)
         for backend in BACKENDS:

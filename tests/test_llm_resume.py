@@ -84,14 +84,14 @@ def test_steps_from_the_site_match_the_full_forward(family, backend):
     rows = torch.tensor([0, 5, 7, 11, 3, 19])
     reference = _loss_and_grads(full, rows)
     _assert_same(_loss_and_grads(resumed, rows), reference)
-    cached = resumed.site_cache_bytes
+    cached = resumed.cached_site_bytes
     width = models[0].width
     assert cached == 4 * 24 * TOTAL * width * 4 + 4 * 10 * TOTAL * width * 4  # every pair, train and valid
     _assert_same(_loss_and_grads(resumed, rows), reference)                  # from the cache alone
     # room for 4 pairs: the first direction read keeps pairs 0..3, the rest are recomputed (layers 0..l) each step
     small = _problem(models, site_cache_bytes=4 * TOTAL * width * 4)
     _assert_same(_loss_and_grads(small, rows), reference)
-    assert small.site_cache_bytes == 4 * TOTAL * width * 4
+    assert small.cached_site_bytes == 4 * TOTAL * width * 4
 
 
 @pytest.mark.parametrize("family", list(ALL_FAMILIES))

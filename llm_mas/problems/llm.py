@@ -105,8 +105,8 @@ class LLMPairs(DirectionPairs):
 
 
 class _SiteCache:
-    """The target's layer-l output on one direction's counterfactual inputs of one split, for the first `rows`
-    pairs (the rest are recomputed at each step), filled as pairs are first read."""
+    """The target's layer-l output on one direction's counterfactual inputs of one split, for its first
+    `capacity` pairs (the rest are recomputed at each step), filled as pairs are first read."""
 
     def __init__(self, n_pairs: int, capacity: int):
         self.capacity = capacity             # pairs 0..capacity-1 are kept
@@ -228,8 +228,8 @@ class LLMProblem(ProblemBase):
         return cache.rows(resume, direction.target_ids, rows)
 
     @property
-    def site_cache_bytes(self) -> int:
-        """Bytes the cached site outputs take now."""
+    def cached_site_bytes(self) -> int:
+        """Bytes the cached site outputs take now (at most the `site_cache_bytes` given)."""
         return sum(c.values.numel() * c.values.element_size() for c in self._site_caches.values()
                    if c.values is not None)
 
