@@ -168,7 +168,8 @@ class LLMProblem(ProblemBase):
                  shard: Shard | None = None, skip_below_site: bool | Sequence[bool] = True,
                  site_cache_bytes: int = SITE_CACHE_BYTES, log: Callable[[str], None] | None = None):
         """skip_below_site: per model (or one value for all), whether steps on it as a target start at its
-        site (module docstring); site_cache_bytes: the memory the cached site outputs may take in all."""
+        site (module docstring); site_cache_bytes: the memory the cached site outputs may take in all (they live
+        on their target's device, in its dtype)."""
         super().__init__(models, ["full"], k, stepwise=True, train_directions=train_directions,
                          intervention=intervention, n_train=n_train, n_valid=n_valid, seed=seed,
                          eval_batch_size=eval_batch_size)
