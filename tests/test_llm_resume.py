@@ -195,3 +195,13 @@ def test_config_option_reaches_the_problem_and_not_the_fingerprint(tmp_path):
     switched = config_from_kwargs(models=[{**entry, "skip_below_site": False}, entry],
                                   data={"n_train": 8, "n_valid": 4, "stepwise": True}, progress=False)
     assert run_fingerprint(config) == run_fingerprint(switched)
+
+
+def test_bad_options_are_refused_before_anything_runs():
+    from llm_mas.errors import ConfigError
+
+    models = [_entry(FAMILIES["llama"](0), "torch", "layer0", 0)]
+    with pytest.raises(ConfigError, match="skip_below_site lists 2 values for 1 models"):
+        _problem(models, skip_below_site=[True, False])
+    with pytest.raises(ConfigError, match="site_cache_bytes must be >= 0, got -1"):
+        _problem(models, site_cache_bytes=-1)
