@@ -131,7 +131,7 @@ def data_fingerprint(config: MASConfig) -> dict[str, str]:
 
 def run_fingerprint(config: MASConfig) -> dict[str, Any]:
     """What determines a run's result: the resolved config (flattened; without its cosmetic keys, step
-    budget and permissions; the data seed is its ``seed``), a digest of every model's weights and of
+    budget, permissions and per-model speed switches; the data seed is its ``seed``), a digest of every model's weights and of
     counterfactual tensors
     (``fingerprint.json``)."""
     flat = _flatten({k: v for k, v in to_dict(config).items() if k not in COSMETIC_KEYS})
