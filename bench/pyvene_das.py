@@ -1,7 +1,8 @@
 """One DAS training step through llm_mas (torch hooks, nnsight) and through pyvene, on the same model.
 
-    python bench/pyvene_das.py                 # 256-d/4-layer and 512-d/8-layer Qwen2, 1 thread
+    python bench/pyvene_das.py                 # 256-d/4-layer and 512-d/8-layer Qwen2 and Llama, 1 thread
     python bench/pyvene_das.py --quick         # smoke test (tiny sizes, 2 rounds)
+    python bench/pyvene_das.py --families llama --sizes 512d-8L
 
 The step: the source batch runs without an intervention, the base batch runs with its latents at the
 output of the middle decoder layer replaced, at 4 positions per row (different positions in base and
@@ -18,7 +19,8 @@ position's logits against fixed random labels; backward; one Adam step on the ro
 - pyvene: `RotatedSpaceIntervention(keep_last_dim=True)` (torch's orthogonal parametrisation, matrix
   exponential for a square matrix) in an `IntervenableModel`, sources passed in the same call.
 Both rotations start from the same matrix. Variants are interleaved round by round (rotating order);
-ratios are medians of per-round ratios. Models are random-weight Qwen2s built offline from a config.
+ratios are medians of per-round ratios. Models are random-weight Qwen2s (saved and loaded through
+`load_causal_lm`) or Llamas (built in memory) of the same sizes, offline from a config; all in one process.
 Writes bench/results/pyvene_das.json.
 """
 
@@ -55,22 +57,37 @@ VARIANTS = ("ours-hooks", "ours-nnsight", "ours-resume", "pyvene")
 POSITIONS_PER_ROW = 4
 
 
-def build(size: str, root: Path):
+FAMILIES = ("qwen2", "llama")
+
+
+def build(size: str, root: Path, family: str = "qwen2"):
     from transformers.utils import logging as hf_logging
 
     from llm_mas.llm.loading import load_causal_lm
     from llm_mas.llm.tiny import build_tiny_qwen2, tiny_qwen2_config
 
     hf_logging.disable_progress_bar()
+    if family == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        s = SIZES[size]
+        config = LlamaConfig(vocab_size=512, hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+                             num_hidden_layers=s["n_layers"], num_attention_heads=s["n_heads"],
+                             num_key_value_heads=s["n_kv_heads"], max_position_embeddings=256,
+                             tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config).eval()
+        return model.requires_grad_(False)
     config = tiny_qwen2_config(max_position_embeddings=256, **SIZES[size])
     return load_causal_lm(build_tiny_qwen2(root / size, seed=0, config=config))[0]
 
 
 class DASStep:
-    def __init__(self, size: str, batch: int, length: int, k: int, root: Path):
+    def __init__(self, size: str, batch: int, length: int, k: int, root: Path, family: str = "qwen2"):
         import pyvene as pv
 
-        self.model = build(size, root)
+        self.model = build(size, root, family)
         config = self.model.config
         self.d, self.k, self.layer = config.hidden_size, k, config.num_hidden_layers // 2
         g = torch.Generator().manual_seed(0)
@@ -141,10 +158,10 @@ class DASStep:
         self.losses[variant].append(float(loss.detach()))
 
 
-def bench_size(size: str, batch: int, length: int, k: int, repeats: int) -> dict:
+def bench_size(size: str, batch: int, length: int, k: int, repeats: int, family: str = "qwen2") -> dict:
     root = Path(tempfile.mkdtemp(prefix="llm_mas_pyvene_"))
     try:
-        bench = DASStep(size, batch, length, k, root)
+        bench = DASStep(size, batch, length, k, root, family)
         cpu: dict[str, list[float]] = {}
         times = interleaved({v: (lambda v=v: bench.step(v)) for v in VARIANTS}, repeats=repeats, warmup=1, cpu=cpu)
         out = {"d": bench.d, "layers": bench.model.config.num_hidden_layers, "layer": bench.layer,
@@ -164,7 +181,7 @@ def bench_size(size: str, batch: int, length: int, k: int, repeats: int) -> dict
         firsts = [bench.losses[v][0] for v in VARIANTS]
         out["first_loss"] = dict(zip(VARIANTS, firsts))
         out["first_loss_max_diff"] = max(firsts) - min(firsts)
-        print(f"[pyvene das] {size}: " + ", ".join(f"{v} {out[v]['median_ms']:.0f}ms" for v in VARIANTS)
+        print(f"[pyvene das] {family} {size}: " + ", ".join(f"{v} {out[v]['median_ms']:.0f}ms" for v in VARIANTS)
               + f"; pyvene/hooks x{out['pyvene/ours-hooks']['median']:.2f}, "
               f"pyvene/resume x{out['pyvene/ours-resume']['median']:.2f}, "
               f"pyvene/nnsight x{out['pyvene/ours-nnsight']['median']:.2f}")
@@ -177,6 +194,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sizes", nargs="+", default=None, choices=list(SIZES))
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=64)
@@ -189,8 +207,10 @@ def main(argv=None) -> dict:
     import pyvene
 
     result["pyvene_version"] = getattr(pyvene, "__version__", "0.1.8")
-    for size in sizes:
-        result["sizes"][size] = bench_size(size, args.batch, args.length, args.k, repeats)
+    for family in args.families:
+        for size in sizes:
+            key = size if family == "qwen2" else f"{family} {size}"
+            result["sizes"][key] = bench_size(size, args.batch, args.length, args.k, repeats, family)
     rows = [[size] + [r[v]["median_ms"] for v in VARIANTS] + [r["pyvene/ours-hooks"]["median"],
                                                               r["pyvene/ours-nnsight"]["median"],
                                                               r["pyvene/ours-resume"]["median"],

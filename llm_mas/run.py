@@ -60,6 +60,8 @@ COSMETIC_KEYS = ("name", "out_dir", "progress", "resume")
 BUDGET_KEYS = ("train.max_steps", "train.max_epochs")
 # permissions that change no result: a run that could start at all reads the same tokens either way
 PERMISSION_KEYS = ("data.allow_unknown_tokens",)
+# per-model settings of how a step is computed, not of what it computes (models.{i}.KEY)
+MODEL_SPEED_KEYS = ("skip_below_site",)
 
 
 def build_problem(config: MASConfig, *, shard: Shard | None = None,
@@ -130,7 +132,7 @@ def data_fingerprint(config: MASConfig) -> dict[str, str]:
 
 def run_fingerprint(config: MASConfig) -> dict[str, Any]:
     """What determines a run's result: the resolved config (flattened; without its cosmetic keys, step
-    budget and permissions; the data seed is its ``seed``), a digest of every model's weights and of
+    budget, permissions and per-model speed switches; the data seed is its ``seed``), a digest of every model's weights and of
     counterfactual tensors
     (``fingerprint.json``)."""
     flat = _flatten({k: v for k, v in to_dict(config).items() if k not in COSMETIC_KEYS})
@@ -140,6 +142,9 @@ def run_fingerprint(config: MASConfig) -> dict[str, Any]:
         # what a budgeted step's gradient is changes nothing without a budget, and `sampled` is what every
         # run did before the key existed: those runs stay resumable
         flat.pop("train.budget_gradients", None)
+    for i in range(len(config.models)):
+        for key in MODEL_SPEED_KEYS:
+            flat.pop(f"models.{i}.{key}", None)
     flat.update({f"models.{i}.{key}": value for i, digests in enumerate(model_fingerprints(config))
                  for key, value in digests.items()})
     flat.update(data_fingerprint(config))

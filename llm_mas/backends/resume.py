@@ -35,14 +35,53 @@ class _PassThrough(nn.Module):
         return (out,) if self.as_tuple else out
 
 
+class _Reached(Exception):
+    """Raised by `LayerResume.collect`'s hook once the site's layer has run: ends the forward there."""
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The decoder layer list `LayerResume` resumes through (``blocks`` of a task Transformer,
+    ``model.get_decoder().layers`` of an HF causal LM), or None."""
+    if hasattr(model, "blocks") and hasattr(model, "readout"):
+        return model.blocks
+    get_decoder = getattr(model, "get_decoder", None)
+    layers = getattr(get_decoder(), "layers", None) if callable(get_decoder) else None
+    if layers is None and callable(getattr(model, "get_input_embeddings", None)):  # transformer.h, ...
+        from ..sites import decoder_layers_path
+
+        path = decoder_layers_path(model)
+        layers = model.get_submodule(path) if path is not None else None
+    return layers
+
+
+def site_layer(model: nn.Module, module_path: str, io: str, index: int | None) -> int:
+    """The decoder layer l whose output the site (``module_path``, ``io``, tuple ``index``) is, so that a run
+    can resume at l; InterventionError saying why not otherwise (another module, an input, the embeddings)."""
+    layers = decoder_layers(model)
+    if layers is None:
+        raise InterventionError(f"{type(model).__name__} has no decoder layer list (model.get_decoder().layers) "
+                                "to resume from")
+    try:
+        module = model.get_submodule(module_path)
+    except AttributeError:
+        raise InterventionError(f"no module {module_path!r} in {type(model).__name__}") from None
+    matches = [i for i, layer in enumerate(layers) if layer is module]
+    if not matches:
+        raise InterventionError(f"site {module_path!r} is not the output of a decoder layer (nothing below it "
+                                "to skip, e.g. the embeddings, or a module inside a layer)")
+    if io != "output" or index not in (None, 0):
+        raise InterventionError(f"site {module_path}:{io}[{index}] is not the hidden state a decoder layer "
+                                "returns (only a layer's output, element 0 of a tuple, is resumed from)")
+    return matches[0]
+
+
 class LayerResume:
     """Layers l+1..L (and the head) of a frozen model, fed the output of layer l."""
 
     def __init__(self, model: nn.Module, layer: int, check_length: int = 8):
         self.model = model
         self.task = hasattr(model, "blocks") and hasattr(model, "readout")
-        layers = model.blocks if self.task else getattr(getattr(model, "get_decoder", lambda: None)(), "layers",
-                                                         None)
+        layers = decoder_layers(model)
         if layers is None:
             raise InterventionError(f"{type(model).__name__}: no decoder layer list (model.get_decoder().layers) to resume "
                                "from; run the full model (TorchHookBackend.patch)")
@@ -62,12 +101,18 @@ class LayerResume:
         def grab(module, args, output):
             seen["h"] = output[0] if isinstance(output, tuple) else output
 
-        handle = self.layers[self.layer].register_forward_hook(grab)
+        def grab_and_stop(module, args, output):
+            grab(module, args, output)
+            raise _Reached  # the layers above the site are not needed
+
+        handle = self.layers[self.layer].register_forward_hook(grab if self.task else grab_and_stop)
         try:
             if self.task:
                 self.model.features(input_ids)
             else:
                 self.model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+        except _Reached:
+            pass
         finally:
             handle.remove()
         return seen["h"]
@@ -112,4 +157,4 @@ class LayerResume:
                            "the full model (TorchHookBackend.patch)")
 
 
-__all__ = ["LayerResume"]
+__all__ = ["LayerResume", "decoder_layers", "site_layer"]

@@ -84,6 +84,9 @@ class HFModelConfig(ModelConfigBase):
     dtype: str = "float32"              # float32 | bfloat16 | float16 | auto
     device: str | None = None           # this model's device (default: the run's device)
     backend: str = "torch"              # torch | nnsight | tlens
+    # stepwise LLM MAS at a layer{l} site: a step runs layers l+1.. from the pairs' cached layer-l outputs
+    # (same results; torch and nnsight backends; false: every step runs the whole model)
+    skip_below_site: bool = True
 
     def problems(self, where: str, needs_recording: bool = True) -> list[str]:
         """What is wrong with this entry (``where``: its config path, e.g. ``models.0``). Whether the recording

@@ -30,6 +30,17 @@ the source model's greedy predictions at positions >= i (teacher forced).
   an offline ``HookedTransformer`` conversion). Alignments live on the run's ``device``; their evaluated
   matrices are copied to each target's device once per forward pass. Interventions run in float32 and are
   cast back to the model's dtype.
+- Steps start at the site (``models.i.skip_below_site``, default true): at a ``layer{l}`` site of a torch or
+  nnsight model, nothing below the site depends on the alignments. On a pair's counterfactual input (the
+  target's tokens up to i, the source's after) the output of layer l is the same at every step: at the
+  positions after i as well, since they read only unedited layers 0..l. So a step takes that output from a
+  per-pair cache (filled the first time a pair is read, computed without a graph, up to ``site_cache_bytes``
+  in all; pairs beyond it are recomputed, layers 0..l only, at each step), writes the intervened values at
+  positions 0..i, runs layers l+1.. (`llm_mas.backends.resume.LayerResume`, checked against the full
+  forward once per model) and the head on the scored positions' span only. Same losses, gradients and
+  records as the full forward up to float rounding. Where it cannot apply (the ``embeddings`` site: nothing
+  below it; the ``tlens`` backend's converted model; a model whose layers fail the check) the run logs why
+  and runs the whole model, as with ``skip_below_site: false``.
 - Data parallelism: pass a ``Shard`` (``llm_mas.distributed``): the loss then covers this process's
   rows of each batch (scaled so the average of the processes' gradients is the full batch's gradient) and
   evaluation gathers every process's pairs, so all processes see identical records.
@@ -49,7 +60,8 @@ import torch.nn.functional as F
 from ..alignments import AlignmentMap
 from ..backends import get_backend
 from ..backends.base import Edit
-from ..errors import ConfigError, DataError
+from ..backends.resume import LayerResume, site_layer
+from ..errors import ConfigError, DataError, InterventionError
 from ..llm.loading import load_causal_lm, parse_device, parse_dtype
 from ..llm.record import IGNORE_INDEX, Recording, StepwisePairs, load_recording, stepwise_pairs
 from ..sites import Site
@@ -59,6 +71,9 @@ VALID_FRACTION = 0.2        # recordings are split 80/20
 SPLIT_SEED = 741            # the seed of that split
 MIN_PREFIX = MIN_SUFFIX = 10  # i ~ U[10, L - 10)
 SPLIT_IDS = {"train": 0, "valid": 1}
+# layer-l outputs of the pairs' counterfactual inputs kept for steps that start at the site (all directions and
+# splits of one process together); pairs beyond it are recomputed (layers 0..l, no graph) at every step
+SITE_CACHE_BYTES = 2 << 30
 
 
 @dataclass
@@ -87,6 +102,37 @@ class LLMPairs(DirectionPairs):
 
     def __len__(self) -> int:
         return int(self.target_ids.shape[0])
+
+
+class _SiteCache:
+    """The target's layer-l output on one direction's counterfactual inputs of one split, for its first
+    `capacity` pairs (the rest are recomputed at each step), filled as pairs are first read."""
+
+    def __init__(self, n_pairs: int, capacity: int):
+        self.capacity = capacity             # pairs 0..capacity-1 are kept
+        self.values: torch.Tensor | None = None   # (capacity, L, d), allocated on first use
+        self.filled = torch.zeros(n_pairs, dtype=torch.bool)
+
+    def rows(self, resume: LayerResume, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(len(rows), L, d) layer-l output on ids[rows] (`ids` (P, L) on the model's device), no graph."""
+        rows_cpu = rows.cpu()
+        keep = rows_cpu < self.capacity
+        todo = rows_cpu[keep & ~self.filled[rows_cpu]].unique()
+        if len(todo):
+            fresh = resume.collect(ids[todo.to(ids.device)])                       # (n, L, d)
+            if self.values is None:
+                self.values = fresh.new_empty(self.capacity, *fresh.shape[1:])
+            self.values[todo.to(fresh.device)] = fresh
+            self.filled[todo] = True
+        if bool(keep.all()):
+            return self.values[rows_cpu.to(self.values.device)]
+        fresh = resume.collect(ids[rows_cpu[~keep].to(ids.device)])              # pairs beyond the budget
+        if not bool(keep.any()):
+            return fresh
+        out = fresh.new_empty(len(rows_cpu), *fresh.shape[1:])
+        out[(~keep).to(out.device)] = fresh
+        out[keep.to(out.device)] = self.values[rows_cpu[keep].to(self.values.device)]
+        return out
 
 
 def _map_to(amap: AlignmentMap, device: torch.device) -> AlignmentMap:
@@ -119,7 +165,11 @@ class LLMProblem(ProblemBase):
     def __init__(self, models: Sequence[LLMModelEntry], k: int, *,
                  train_directions: Sequence[tuple[int, int]] | None = None, n_train: int = 10_000,
                  n_valid: int = 1_000, seed: int = 0, intervention: str = "interchange", eval_batch_size: int = 16,
-                 shard: Shard | None = None):
+                 shard: Shard | None = None, skip_below_site: bool | Sequence[bool] = True,
+                 site_cache_bytes: int = SITE_CACHE_BYTES, log: Callable[[str], None] | None = None):
+        """skip_below_site: per model (or one value for all), whether steps on it as a target start at its
+        site (module docstring); site_cache_bytes: the memory the cached site outputs may take in all (they live
+        on their target's device, in its dtype)."""
         super().__init__(models, ["full"], k, stepwise=True, train_directions=train_directions,
                          intervention=intervention, n_train=n_train, n_valid=n_valid, seed=seed,
                          eval_batch_size=eval_batch_size)
@@ -128,6 +178,61 @@ class LLMProblem(ProblemBase):
         self.latent_stats = [self._stats(m.latents["train"]) for m in self.models]
         self.splits = {split: [self._direction(s, t, split, size) for s, t in self.directions]
                        for split, size in (("train", n_train), ("valid", n_valid))}
+        flags = [skip_below_site] * len(self.models) if isinstance(skip_below_site, bool) else list(skip_below_site)
+        if len(flags) != len(self.models):
+            raise ConfigError(f"skip_below_site lists {len(flags)} values for {len(self.models)} models; give one "
+                              "per model or one bool")
+        if site_cache_bytes < 0:
+            raise ConfigError(f"site_cache_bytes must be >= 0, got {site_cache_bytes}")
+        self._cache_bytes_left = int(site_cache_bytes)
+        self._site_caches: dict[tuple[str, int], _SiteCache] = {}
+        self.resumes: list[LayerResume | None] = []
+        for i, on in enumerate(flags):
+            self.resumes.append(self._layer_resume(i, on, log or (lambda s: None)))
+
+    # ------------------------------------------------------------------ steps that start at the site
+    def _layer_resume(self, index: int, on: bool, log: Callable[[str], None]) -> LayerResume | None:
+        """The model's `LayerResume` at its site when steps can start there; else None, saying why in `log`."""
+        entry = self.models[index]
+        if not on:
+            return None
+        why = None
+        if entry.backend.name not in ("torch", "nnsight"):
+            why = f"the {entry.backend.name} backend runs its own model code"
+        else:
+            try:
+                layer = site_layer(entry.model, entry.site.module, entry.site.io, entry.site.index)
+                shared = [r for r, m in zip(self.resumes, self.models)
+                          if r is not None and m.model is entry.model and r.layer == layer]
+                resume = shared[0] if shared else LayerResume(entry.model, layer)
+            except InterventionError as e:
+                why = str(e)
+        if why is not None:
+            log(f"models.{index}: steps run the whole model ({why})")
+            return None
+        log(f"models.{index}: steps start at its site, decoder layer {layer} (its output on each pair is cached; "
+            f"layers {layer + 1}.. run per step)")
+        return resume
+
+    def _site_outputs(self, direction: LLMPairs, split: str, rows: torch.Tensor, resume: LayerResume
+                      ) -> torch.Tensor:
+        """(len(rows), L, d) the target's layer-l output on the direction's counterfactual inputs `rows`."""
+        key = (split, id(direction))
+        cache = self._site_caches.get(key)
+        if cache is None:
+            P, L = direction.target_ids.shape
+            entry = self.models[direction.target]
+            row_bytes = L * entry.width * torch.empty((), dtype=entry.dtype).element_size()
+            capacity = min(P, self._cache_bytes_left // row_bytes)
+            self._cache_bytes_left -= capacity * row_bytes
+            cache = self._site_caches[key] = _SiteCache(P, capacity)
+        return cache.rows(resume, direction.target_ids, rows)
+
+    @property
+    def cached_site_bytes(self) -> int:
+        """Bytes the cached site outputs take now (at most the `site_cache_bytes` given)."""
+        return sum(c.values.numel() * c.values.element_size() for c in self._site_caches.values()
+                   if c.values is not None)
 
     # ------------------------------------------------------------------ data
     @staticmethod
@@ -149,6 +254,12 @@ class LLMProblem(ProblemBase):
     def _edit(self, direction: LLMPairs, split: str, rows: torch.Tensor, full_mask: torch.Tensor,
               maps: dict[int, AlignmentMap]) -> Edit:
         """The Edit replacing the target's latents at this direction's rows (placed inside `full_mask`)."""
+        return Edit(site=self.models[direction.target].site, mask=full_mask,
+                    fn=self._edit_fn(direction, split, rows, maps))
+
+    def _edit_fn(self, direction: LLMPairs, split: str, rows: torch.Tensor, maps: dict[int, AlignmentMap]):
+        """fn(h (n, d), which (n,)) -> (n, d): the intervened latents of this direction's entries `which`
+        (row-major over its mask at `rows`)."""
         source, target = self.models[direction.source], self.models[direction.target]
         r, c = direction.mask[rows].nonzero(as_tuple=True)            # entries in row-major order
         source_rows = direction.source_rows[rows.to(source.device)]
@@ -161,7 +272,7 @@ class LLMProblem(ProblemBase):
 
         def fn(h, which):
             return intervention(maps, upcast(h), h_source[which], s, t, block)  # (n, d_t)
-        return Edit(site=target.site, mask=full_mask, fn=fn)
+        return fn
 
     def _run(self, maps: Sequence[AlignmentMap], directions: Sequence[LLMPairs], split: str,
              rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,6 +283,9 @@ class LLMProblem(ProblemBase):
         moved = {i: _map_to(maps[i], dev) for i in {d.source for d in directions} | {directions[0].target}}
         inputs = torch.cat([d.target_ids[rows] for d in directions])   # (R, L)
         labels = torch.cat([d.labels[rows] for d in directions])       # (R, L)
+        resume = self.resumes[directions[0].target]
+        if resume is not None:
+            return self._run_resumed(resume, moved, directions, split, rows, inputs, labels)
         R, L = inputs.shape
         edits = []
         for j, d in enumerate(directions):
@@ -181,6 +295,22 @@ class LLMProblem(ProblemBase):
         feed = {"input_ids": inputs, **target.backend.feed_options}
         logits = target.backend.patch(target.model, feed, edits)      # (R, L, V)
         return logits, labels
+
+    def _run_resumed(self, resume: LayerResume, maps: dict[int, AlignmentMap], directions: Sequence[LLMPairs],
+                     split: str, rows: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_run` from the site: the cached layer-l outputs, the intervened values written at every direction's
+        mask, layers l+1.. and the head on the positions from the rows' first scored one on.
+        Returns logits (R, L', V) and labels (R, L') of the last L' positions (every scored one)."""
+        hidden = torch.cat([self._site_outputs(d, split, rows, resume) for d in directions])   # (R, L, d)
+        masks = [d.mask[rows] for d in directions]                                            # (r, L) each
+        new = [self._edit_fn(d, split, rows, maps)(hidden[j * len(rows):(j + 1) * len(rows)][m],
+                                                   torch.arange(int(m.sum()), device=m.device))
+               for j, (d, m) in enumerate(zip(directions, masks))]                            # (n_j, d) each
+        hidden[torch.cat(masks)] = torch.cat(new).to(hidden.dtype)  # row-major: directions' rows in order
+        rows_cpu = rows.cpu()
+        keep = inputs.shape[1] - min(int(d.index[rows_cpu].min()) for d in directions)  # positions >= min i
+        return resume(hidden, inputs, keep_last=keep), labels[:, -keep:]
 
     # ------------------------------------------------------------------ trainer interface
     def loss(self, maps: Sequence[AlignmentMap], batch_index: torch.Tensor, directions=None
@@ -383,7 +513,8 @@ def build_llm_problem(config, *, shard: Shard | None = None, log: Callable[[str]
         raise ConfigError(f"k={k} must lie in 1..{min(widths)} (the smallest latent width among the models)")
     return LLMProblem(entries, k, train_directions=config.train_directions(), n_train=config.data.n_train,
                       n_valid=config.data.n_valid, seed=config.seed, intervention=config.intervention,
-                      eval_batch_size=config.eval.batch_size, shard=shard)
+                      eval_batch_size=config.eval.batch_size, shard=shard,
+                      skip_below_site=[m.skip_below_site for m in config.models], log=log)
 
 
 def hf_header_problems(config) -> list[str]:
