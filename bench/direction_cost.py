@@ -3,6 +3,10 @@
     python bench/direction_cost.py                         # n = 2 3 5 9 15, 1 and 2 threads
     python bench/direction_cost.py --n 9 --threads 1 --profile   # + torch.profiler table of one step
     python bench/direction_cost.py --quick                 # n = 2 3, 1 thread, few steps (smoke test)
+    python bench/direction_cost.py --steps 4 --budget-min 40   # bounded: no new point after 40 min
+
+From n = 9 on (``--cut-threads-from``) a 2-thread point is skipped once a smaller n measured 2 threads slower
+than 1 by ``--cut-factor`` (1.5) in wall time; skipped points are listed with the reason.
 
 The models are the shipped MultiObject models interleaved by architecture (gru-s0, lstm-s0,
 transformer-s0, gru-s1, ...; the first n are used), each at its hidden site, variable ``full``, k = 32,
@@ -95,6 +99,20 @@ def child(n: int, threads: int, batch: int, steps: int, n_train: int, skip_froze
             "loadavg": list(os.getloadavg()), "profile": table}
 
 
+def _skip_reason(runs: list[dict], n: int, threads: int, skip_frozen: bool, args, started: float) -> str | None:
+    """Why the point (n, threads) is not measured (time budget spent; more threads already shown slower)."""
+    if args.budget_min is not None and time.perf_counter() - started > 60 * args.budget_min:
+        return f"time budget of {args.budget_min:g} min spent"
+    if threads == 1 or n < args.cut_threads_from:
+        return None
+    wall = {(r["n"], r["threads"]): r["step_wall_s"] for r in runs if r["skip_frozen"] == skip_frozen}
+    for m in sorted({m for m, _ in wall}, reverse=True):
+        if m < n and (m, 1) in wall and (m, threads) in wall and wall[m, threads] > args.cut_factor * wall[m, 1]:
+            return (f"{threads} threads were {wall[m, threads] / wall[m, 1]:.1f}x slower than 1 in wall time at "
+                    f"n={m}")
+    return None
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -107,7 +125,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--exact", action="store_true", help="also measure with the frozen-prefix shortcuts off")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of 2 steps")
     parser.add_argument("--name", default="direction_cost", help="result file name under bench/results")
+    parser.add_argument("--budget-min", type=float, default=None,
+                        help="stop starting new points after this many minutes (the skipped ones are listed)")
+    parser.add_argument("--cut-threads-from", type=int, default=9,
+                        help="from this n on, skip the >1-thread points once a smaller n measured them slower "
+                             "than 1 thread by --cut-factor in wall time (listed as skipped, with the reason)")
+    parser.add_argument("--cut-factor", type=float, default=1.5)
     args = parser.parse_args(argv)
+    started = time.perf_counter()
+    skipped = []
     ns = args.n or ([2, 3] if args.quick else [2, 3, 5, 9, 15])
     threads = args.threads or ([1] if args.quick else [1, 2])
     steps = args.steps or (3 if args.quick else 8)
@@ -116,6 +142,11 @@ def main(argv=None) -> dict:
     for n in ns:
         for th in threads:
             for skip in modes:
+                why = _skip_reason(runs, n, th, skip, args, started)
+                if why:
+                    skipped.append({"n": n, "threads": th, "skip_frozen": skip, "why": why})
+                    print(f"[direction_cost] n={n} threads={th} skip_frozen={skip}: skipped ({why})", flush=True)
+                    continue
                 command = [sys.executable, str(HERE / "direction_cost.py"), "--child", str(n), str(th), str(args.batch),
                            str(steps), str(args.n_train), str(int(skip)), str(int(args.profile))]
                 out = subprocess.run(command, capture_output=True, text=True,
@@ -131,7 +162,7 @@ def main(argv=None) -> dict:
                     print(result["profile"], flush=True)
                 if not args.quick:  # after every point: a long run that is stopped keeps what it measured
                     write_result(args.name, {"machine": machine_info(), "batch": args.batch, "steps": steps,
-                                             "n_train": args.n_train, "runs": runs})
+                                             "n_train": args.n_train, "runs": runs, "skipped": skipped})
     header = ["n", "directions", "threads", "skip frozen", "CPU s/step", "wall s/step", "CPU ms/direction",
               "wall ms/direction", "peak RSS MiB", "load"]
     rows = [[r["n"], r["directions"], r["threads"], r["skip_frozen"], r["step_cpu_s"], r["step_wall_s"],
@@ -139,7 +170,7 @@ def main(argv=None) -> dict:
     print_table(f"Every-direction step versus n (batch {args.batch}, {steps} timed steps, n_train {args.n_train})",
                 header, rows)
     payload = {"machine": machine_info(), "batch": args.batch, "steps": steps, "n_train": args.n_train,
-               "runs": runs, "table_markdown": markdown_table(header, rows)}
+               "runs": runs, "skipped": skipped, "table_markdown": markdown_table(header, rows)}
     if not args.quick:
         write_result(args.name, payload)
     return payload

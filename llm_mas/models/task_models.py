@@ -164,11 +164,18 @@ class _RecurrentTaskModel(TaskModel):
 
     # per-architecture primitives -------------------------------------------------------------
     _output_width: int  # width of what the next layer and the head read from a latent
+    # layer 0 may read tokens through the folded input table (`_folded_inputs`); False: always the plain
+    # products (the reference the folded path is tested and benchmarked against)
+    fold_inputs: bool = True
 
-    def _fused(self, layer: int, x: torch.Tensor, latent: torch.Tensor, need_latents: bool
-               ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    def _fused(self, layer: int, x: torch.Tensor, latent: torch.Tensor, need_latents: bool,
+               tokens: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Fused kernel over a stretch: x (B, S, in), latent (B, d) ->
-        (latents (B, S, d) or None when not needed, outputs (B, S, out), last latent (B, d))."""
+        (latents (B, S, d) or None when not needed, outputs (B, S, out), last latent (B, d)).
+
+        tokens (B, S): layer 0 only, given when x is exactly ``embed(tokens)`` (`_folded_inputs`): the kernel
+        then reads one-hot tokens through the table embed·W_ih (V × gates) instead of projecting every
+        embedding (the same numbers up to rounding, the input products V/d as wide)."""
         raise NotImplementedError
 
     def _cell(self, layer: int, x: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
@@ -205,12 +212,57 @@ class _RecurrentTaskModel(TaskModel):
         positions = self._positions(position_offset, length, input_ids.device)  # (T,)
         x = self.hook_embed(self.embed(input_ids), positions)  # (B, T, d)
         latents0 = self._initial_latents(batch, state, input_ids.device)
+        tokens = input_ids if self._folded_inputs() else None
         for layer in range(self.n_layers):
-            x = self._run_layer(layer, x, latents0[layer], positions, position_offset)  # (B, T, out)
+            x = self._run_layer(layer, x, latents0[layer], positions, position_offset,
+                                tokens if layer == 0 else None)  # (B, T, out)
         return x
 
+    def _folded_inputs(self, hooks_called: bool = True) -> bool:
+        """Whether layer 0's fused kernel may read tokens through the folded table embed·W_ih: nothing is
+        hooked on the embeddings (the kernel's input is exactly ``embed(ids)``; hooks_called=False: no hook
+        runs at all), the vocabulary is narrower than the embedding, and no gradient is asked of the
+        embedding or the input weights (training a model keeps the plain products). A frozen model's MAS
+        step: the input products, the larger half of the fused kernel's work on CPU (one batched product
+        over the stretch), shrink by V/d."""
+        rnn = self.rnns[0]
+        return (self.fold_inputs and not (hooks_called and _has_hooks(self.hook_embed))
+                and self.vocab_size < self.d_model
+                and not (torch.is_grad_enabled() and (self.embed.weight.requires_grad
+                                                      or rnn.weight_ih_l0.requires_grad)))
+
+    # a one-layer model run from a given latent, no hook called (the MAS fast path: the problem applies
+    # the edit at the intervened token itself, then continues the recurrence) ---------------------------
+    def _one_layer(self, what: str) -> None:
+        if self.n_layers != 1:
+            raise ConfigError(f"{what} runs one-layer recurrent models only; this {self.arch} has "
+                              f"{self.n_layers} layers: use features() with hooks")
+
+    def step(self, input_ids: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """One recurrent step without hooks: input_ids (B,) after the latent `state` (B, d) -> latent (B, d)."""
+        self._one_layer("step")
+        return self._cell(0, self.embed(input_ids), state.to(self.embed.weight.dtype))
+
+    def latent_features(self, latent: torch.Tensor) -> torch.Tensor:
+        """What the head reads from a latent: (..., d) -> (..., out) (the GRU's state; the LSTM's h)."""
+        return self._readout(latent)
+
+    def continue_from(self, latent: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Features (B, S, out) of input_ids (B, S) read after the latent (B, d), without hooks: the fused
+        kernel from that latent (the same numbers as `features(input_ids, state=latent)` with nothing
+        hooked, up to rounding)."""
+        self._one_layer("continue_from")
+        tokens = input_ids if self._folded_inputs(hooks_called=False) else None
+        x = self.embed(input_ids) if tokens is None else None  # the folded kernel reads the tokens
+        _, out, _ = self._fused(0, x, latent, need_latents=False, tokens=tokens)
+        return out
+
+    def _input_table(self, layer: int) -> torch.Tensor:
+        """(V, gates): each token's input product embed[v] · W_ih of layer 0 (no bias)."""
+        return F.linear(self.embed.weight, self.rnns[layer].weight_ih_l0)
+
     def _run_layer(self, layer: int, x: torch.Tensor, latent: torch.Tensor, positions: torch.Tensor,
-                   position_offset: int) -> torch.Tensor:
+                   position_offset: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
         hook = self.hook_layers[layer]
         length = x.shape[1]
         breaks = hook.steps_to_break(position_offset + length)
@@ -230,7 +282,8 @@ class _RecurrentTaskModel(TaskModel):
             while stop < length and not (breaks is not None and breaks[stop]):
                 stop += 1
             watched = _has_hooks(hook)
-            latents, out, last = self._fused(layer, x[:, start:stop], latent, need_latents=watched)
+            latents, out, last = self._fused(layer, x[:, start:stop], latent, need_latents=watched,
+                                             tokens=None if tokens is None else tokens[:, start:stop])
             if latents is not None:
                 seen = hook(latents, positions[start:stop])  # (B, S, d)
                 if seen is not latents:
@@ -282,8 +335,15 @@ class GRUTaskModel(_RecurrentTaskModel):
         super().__init__(task_name, vocab_size, d_model, n_layers, head_width, dropout, config or {})
         self.rnns = nn.ModuleList([nn.GRU(d_model, d_model, batch_first=True) for _ in range(n_layers)])
 
-    def _fused(self, layer, x, latent, need_latents):
-        out, last = self.rnns[layer](x, latent.unsqueeze(0).contiguous())  # (B, S, d), (1, B, d)
+    def _fused(self, layer, x, latent, need_latents, tokens=None):
+        rnn = self.rnns[layer]
+        h0 = latent.unsqueeze(0).contiguous()  # (1, B, d)
+        if tokens is None:
+            out, last = rnn(x, h0)  # (B, S, d), (1, B, d)
+        else:  # one-hot tokens through the folded input table (V, 3d): same gates up to rounding
+            onehot = F.one_hot(tokens, self.vocab_size).to(latent.dtype)  # (B, S, V)
+            weights = (self._input_table(layer).T.contiguous(), rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+            out, last = torch.gru(onehot, h0, weights, True, 1, 0.0, False, False, True)
         return out, out, last[0]
 
     def _cell(self, layer, x, latent):
@@ -316,17 +376,27 @@ class LSTMTaskModel(_RecurrentTaskModel):
     def _split(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return latent[..., : self.hidden], latent[..., self.hidden:]  # h, c (..., d/2) each
 
-    def _fused(self, layer, x, latent, need_latents):
+    def _fused(self, layer, x, latent, need_latents, tokens=None):
         rnn = self.rnns[layer]
         h0, c0 = self._split(latent)
-        h_seq, (h_last, c_last) = rnn(x, (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous()))
+        state = (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous())
+        if tokens is None:
+            h_seq, (h_last, c_last) = rnn(x, state)
+            x_gates = None
+        else:  # one-hot tokens through the folded input table (V, 4·d/2): same gates up to rounding
+            table = self._input_table(layer)
+            onehot = F.one_hot(tokens, self.vocab_size).to(latent.dtype)  # (B, S, V)
+            weights = (table.T.contiguous(), rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+            h_seq, h_last, c_last = torch.lstm(onehot, state, weights, True, 1, 0.0, False, False, True)
+            x_gates = table[tokens]
         last = torch.cat([h_last[0], c_last[0]], dim=-1)  # (B, d)
         if not need_latents:
             return None, h_seq, last
         # The fused kernel returns h at every step but c only at the end; recover c_t from the gates, which
         # depend on the known h_{t-1} only, by the (elementwise) cell recurrence c_t = f_t c_{t-1} + i_t g_t.
         h_prev = torch.cat([h0.unsqueeze(1), h_seq[:, :-1]], dim=1)  # (B, S, d/2)
-        gates = (x @ rnn.weight_ih_l0.T + rnn.bias_ih_l0 + h_prev @ rnn.weight_hh_l0.T + rnn.bias_hh_l0)
+        x_gates = x @ rnn.weight_ih_l0.T if x_gates is None else x_gates  # (B, S, 4·d/2)
+        gates = (x_gates + rnn.bias_ih_l0 + h_prev @ rnn.weight_hh_l0.T + rnn.bias_hh_l0)
         i, f, g, _ = gates.chunk(4, dim=-1)  # (B, S, d/2) each; PyTorch gate order i, f, g, o
         i, f, g = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g)
         c = c0

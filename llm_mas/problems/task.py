@@ -359,6 +359,11 @@ class TaskModelProblem(ProblemBase):
         intervention, source, target, block = self.intervention, chunk.source, chunk.target, chunk.block
         return lambda h, which: intervention(maps, h, src[which], source, target, block)
 
+    # teacher-forced runs of a one-layer RNN target from the intervened token (``fast``) go through
+    # `_run_recurrent` (no hooks; rows stop at their last scored label); False: the hooked run of `_run`,
+    # the reference it is tested and benchmarked against
+    direct_recurrent = True
+
     @staticmethod
     def _buckets(needed: torch.Tensor) -> list[torch.Tensor]:
         """Rows grouped by the length they need, so fused kernels do not run over padding."""
@@ -377,6 +382,8 @@ class TaskModelProblem(ProblemBase):
         bounded whatever the number of rows). The buckets and their widths are those of the whole run and
         the entries come out in the same order, so slicing changes no number (tested).
         """
+        if chunks[0].fast and not rollout and self.direct_recurrent:
+            return self._run_recurrent(maps, chunks, rows, max_rows)
         model = self.models[chunks[0].target].model
         site = self.models[chunks[0].target].site
         batches = [c.batch(r) for c, r in zip(chunks, rows)]
@@ -420,6 +427,60 @@ class TaskModelProblem(ProblemBase):
             out_labels.append(lab[scored])
             out_rows.append(bucket[:, None].expand_as(scored)[scored])
         return torch.cat(out_logits), torch.cat(out_labels), torch.cat(out_rows)
+
+    def _run_recurrent(self, maps, chunks: Sequence[TaskPairs], rows: Sequence[torch.Tensor],
+                       max_rows: int | None):
+        """`_run` (teacher forced) for a one-layer RNN target run from the intervened token (``fast``), with
+        no hook: per length bucket, one recurrent step at the intervened token, each chunk's edit on its rows,
+        the fused kernel from the edited latent up to the bucket's last scored label (nothing later reaches
+        the loss), and the head once on every scored position (per slice when max_rows bounds memory).
+
+        The hooked run's buckets, edits and entry order, op for op: the same logits, losses and gradients,
+        bit for bit on one machine (tested); what is saved is the hooks' bookkeeping, the head's calls and
+        the time steps past the last scored label."""
+        model = self.models[chunks[0].target].model
+        batches = [c.batch(r) for c, r in zip(chunks, rows)]
+        width = max(int(b.input_ids.shape[1]) for b in batches)
+
+        def cat(field: str, value):
+            return torch.cat([F.pad(getattr(b, field), (0, width - getattr(b, field).shape[1]), value=value)
+                              for b in batches])
+
+        inputs, labels = cat("input_ids", 0), cat("labels", IGNORE_INDEX)                      # (R, W)
+        state0 = torch.cat([b.state0 for b in batches])                                         # (R, d_t)
+        chunk_of = torch.cat([torch.full((len(r),), i, device=inputs.device) for i, r in enumerate(rows)])
+        local = torch.cat([torch.arange(len(r), device=inputs.device) for r in rows])     # (R,) batch row
+        buckets = self._buckets((inputs != 0).sum(1))
+        col = torch.arange(1, width + 1, device=inputs.device)
+        last = torch.where(labels != IGNORE_INDEX, col, 0).amax(1)                              # (R,) 0: none
+        widths = [max(int(last[bucket].max()), 1) for bucket in buckets]
+        if max_rows is not None:
+            buckets, widths = zip(*[(piece, wb) for bucket, wb in zip(buckets, widths)
+                                    for piece in bucket.tensor_split(max(1, -(-len(bucket) // max_rows)))])
+        feats, out_labels, out_rows = [], [], []
+        for bucket, wb in zip(buckets, widths):
+            h = model.step(inputs[bucket, 0], state0[bucket])                                  # (Rb, d_t)
+            which = chunk_of[bucket]
+            for i in which.unique().tolist():
+                mine = (which == i).nonzero(as_tuple=True)[0]                                   # (n_i,)
+                c = chunks[i]
+                new = self.intervention(maps, h[mine], batches[i].source[local[bucket][mine]], c.source, c.target,
+                                        c.block)
+                h = h.clone()
+                h[mine] = new
+            f = model.latent_features(h).unsqueeze(1)                                            # (Rb, 1, out)
+            if wb > 1:
+                f = torch.cat([f, model.continue_from(h, inputs[bucket, 1:wb])], 1)            # (Rb, Wb, out)
+            lab = labels[bucket, :wb]                                                            # (Rb, Wb)
+            scored = lab != IGNORE_INDEX
+            feats.append(f[scored])
+            out_labels.append(lab[scored])
+            out_rows.append(bucket[:, None].expand_as(scored)[scored])
+        if max_rows is None:
+            logits = model.readout(torch.cat(feats))                                             # (n, V)
+        else:
+            logits = torch.cat([model.readout(f) for f in feats])
+        return logits, torch.cat(out_labels), torch.cat(out_rows)
 
     # ------------------------------------------------------------------ last-layer Transformer sites
     def _head_only(self, target: int) -> bool:
