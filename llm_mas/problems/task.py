@@ -126,6 +126,9 @@ class TaskPairs(DirectionPairs):
     # every pair's counterfactual tokens 0..target_pos equal its base sequence's, so the target's natural
     # latent at target_pos is the cached one (what the head-only step at a last-layer site relies on)
     prefix_is_base: bool = False
+    # no scored token at or before target_pos: every label the loss reads sits at or after the intervened
+    # position (what the resumed step at a lower Transformer layer relies on; make_pairs always scores after)
+    scored_after_pos: bool = False
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -340,12 +343,14 @@ class TaskModelProblem(ProblemBase):
         upto = np.arange(width)[None, :] <= pairs.target_pos[:, None]                      # (n, width)
         prefix_is_base = bool((pairs.target_pos < width).all() and (
             (pairs.ids[:, :width] == target_base.ids[pairs.target_index, :width]) | ~upto).all())
+        scored = pairs.scored_mask()                                                        # (n, L)
+        scored_after_pos = not (scored & (np.arange(scored.shape[1])[None, :] <= pairs.target_pos[:, None])).any()
         return TaskPairs(s, t, v, self.blocks[v], trained, fast, self.stepwise,
                          torch.as_tensor(pairs.ids, device=dev).to(small),              # (n, L)
-                         torch.as_tensor(pairs.scored_mask(), device=dev),              # (n, L)
+                         torch.as_tensor(scored, device=dev),                           # (n, L)
                          index(pairs.target_index), index(pairs.target_pos), index(pairs.source_index),
                          index(pairs.source_pos), source_cache, target_cache, quantity,
-                         prefix_is_base=prefix_is_base)
+                         prefix_is_base=prefix_is_base, scored_after_pos=scored_after_pos)
 
     # ------------------------------------------------------------------ one patched run per target
     def _edit_fn(self, chunk: TaskPairs, batch: TaskBatch, local: torch.Tensor, maps, mask: torch.Tensor):
@@ -496,6 +501,111 @@ class TaskModelProblem(ProblemBase):
         tok_n = torch.cat([r.count[rows] for r in rests]) + take.float()
         return ce_rows, tok_ok, tok_n
 
+    # ------------------------------------------------------------------ lower Transformer layers
+    def _resume_layer(self, target: int) -> int | None:
+        """Layer l when a step at the target's site can start there (indywise, output of Transformer block l
+        below the last one, ``skip_frozen``); None otherwise."""
+        entry = self.models[target]
+        model = entry.model
+        if not (self.skip_frozen and not self.stepwise and getattr(model, "arch", None) == "transformer"
+                and entry.site.io == "output" and entry.site.index is None and not model.training):
+            return None
+        layers = [f"hook_layers.{i}" for i in range(model.n_layers - 1)]
+        return layers.index(entry.site.module) if entry.site.module in layers else None
+
+    def _resume_group(self, group: Sequence[TaskPairs]) -> bool:
+        """`_resume_layer` for the group's target, every chunk's counterfactual prefix is its base's (the
+        target's cached latents hold the layer's output before the intervened token) and every scored
+        label sits at or after the intervened position (nothing before it depends on the edit)."""
+        return (self._resume_layer(group[0].target) is not None
+                and all(c.prefix_is_base and c.scored_after_pos for c in group))
+
+    def _frozen_rows(self, maps, group: Sequence[TaskPairs], rows: torch.Tensor, max_rows: int | None = None):
+        """(ce, tokens right, scored positions) per run row by the group's shortcut: `_head_only_rows` at a
+        last-layer site, `_resume_rows` at a lower one."""
+        if self._resume_group(group):
+            return self._resume_rows(maps, group, rows, max_rows=max_rows)
+        return self._head_only_rows(maps, group, rows)
+
+    def _frozen_group(self, group: Sequence[TaskPairs]) -> bool:
+        """True when the group's target runs by a frozen-prefix shortcut (`_frozen_rows`)."""
+        return self._head_only_group(group) or self._resume_group(group)
+
+    def _resume_rows(self, maps, group: Sequence[TaskPairs], rows: torch.Tensor, max_rows: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per run row (chunk after chunk, `rows` each): cross-entropy summed over the scored positions,
+        tokens right, scored positions — the full patched run's numbers when the site is the output of
+        Transformer block l < L - 1 (indywise).
+
+        Nothing at or below the site depends on the alignment, so it runs without a graph: the layer-l
+        output of the counterfactual sequence at positions p.. (p the intervened token; block 0 over those
+        positions from the embeddings when l = 0, else blocks 0..l naturally) and, before p, the target's
+        cached latents (the counterfactual prefix is the base's). The edited latent replaces position p,
+        and blocks l+1.. run with queries at positions p.. only (their keys and values before p are the
+        frozen ones); the head reads the scored positions, all at or after p.
+        max_rows: rows per pass at most (evaluation: memory bounded).
+        """
+        entry = self.models[group[0].target]
+        model, layer = entry.model, self._resume_layer(group[0].target)
+        depth, d = model.n_layers, model.d_model
+        width = max(c.ids.shape[1] for c in group)
+        ids = torch.cat([F.pad(c.ids[rows].long(), (0, width - c.ids.shape[1])) for c in group])     # (R, W)
+        scored = torch.cat([F.pad(c.scored[rows], (0, width - c.scored.shape[1])) for c in group])   # (R, W)
+        pos = torch.cat([c.target_pos[rows].long() for c in group])                                  # (R,)
+        base_row = torch.cat([c.target_index[rows].long() for c in group])                           # (R,)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[:, :-1] = torch.where(scored[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
+        sources = [c.source_latents(rows) for c in group]                                            # (B, d_s)
+        chunk_of = torch.arange(len(group), device=ids.device).repeat_interleave(len(rows))          # (R,)
+        lengths = (ids != 0).sum(1)                                                                  # (R,)
+        cache = group[0].target_cache
+        R = len(ids)
+        ce_rows, tok_ok, tok_n = (torch.zeros(R, device=ids.device) for _ in range(3))
+        buckets = self._buckets(lengths)
+        if max_rows is not None:
+            buckets = [piece for bucket in buckets
+                       for piece in bucket.tensor_split(max(1, -(-len(bucket) // max_rows)))]
+        for bucket in buckets:
+            span = max(int(lengths[bucket].max()), 1)
+            p = pos[bucket]                                                                          # (Rb,)
+            steps = max(int((lengths[bucket] - p).max()), 1)
+            absolute = p[:, None] + torch.arange(steps, device=ids.device)[None, :]                  # (Rb, S)
+            at = absolute.clamp(max=span - 1)[..., None].expand(-1, -1, d)                           # (Rb, S, d)
+            x = ids[bucket, :span]                                                                   # (Rb, T)
+            with torch.no_grad():
+                if layer == 0 and depth == 2:
+                    # block 0 at positions p.. only (keys and values from the embeddings); block 1's input
+                    # before p is the target's cached layer-0 latents of the shared prefix
+                    embedded = model.embed(x)                                                        # (Rb, T, d)
+                    natural = model.blocks_from(0, embedded.gather(1, at), p, [embedded])              # (Rb, S, d)
+                    cols = torch.minimum(torch.arange(span, device=ids.device)[None, :], p[:, None])
+                    contexts = [cache.at(base_row[bucket][:, None], cols)]                          # (Rb, T, d)
+                else:  # blocks 0..L-2 over every position; deeper blocks' keys before p come from them
+                    outputs = model.block_outputs(x, depth - 2)                                    # (Rb, T, d) each
+                    natural = outputs[layer].gather(1, at)                                           # (Rb, S, d)
+                    contexts = outputs[layer:]
+            edited = natural[:, 0]                                                                   # (Rb, d)
+            pieces = []
+            for i, c in enumerate(group):
+                mine = (chunk_of[bucket] == i).nonzero()[:, 0]
+                if len(mine):
+                    src = sources[i][bucket[mine] - i * len(rows)]
+                    pieces.append((mine, self.intervention(maps, edited[mine], src, c.source, c.target, c.block)))
+            order = torch.cat([m for m, _ in pieces])
+            edited = torch.cat([e for _, e in pieces])[torch.argsort(order)]                          # (Rb, d)
+            feats = model.blocks_from(layer + 1, torch.cat([edited[:, None], natural[:, 1:]], 1), p, contexts)
+            inside = absolute < lengths[bucket][:, None]                                             # (Rb, S)
+            lab = torch.where(inside, labels[bucket].gather(1, absolute.clamp(max=width - 1)),
+                              torch.full_like(absolute, IGNORE_INDEX))                               # (Rb, S)
+            take = lab != IGNORE_INDEX
+            logits = model.readout(feats[take])                                                      # (m, V)
+            which = bucket[:, None].expand_as(take)[take]                                            # (m,)
+            ce_rows = ce_rows.index_add(0, which, F.cross_entropy(logits, lab[take], reduction="none"))
+            tok_ok = tok_ok.index_add(0, which, (logits.argmax(-1) == lab[take]).float())
+            tok_n = tok_n.index_add(0, which, torch.ones_like(which, dtype=tok_n.dtype))
+        return ce_rows, tok_ok, tok_n
+
+
     # ------------------------------------------------------------------ trainer interface
     def loss(self, maps, batch_index: torch.Tensor, directions=None):
         """(1 − ε)·L_behaviour + ε·L_CL over the trained chunks (either term alone when the other is empty);
@@ -511,8 +621,8 @@ class TaskModelProblem(ProblemBase):
         if behaviour:
             total = 0.0
             for group in self._groups(behaviour):
-                if self._head_only_group(group):
-                    ce_rows, _, n_rows = self._head_only_rows(maps, group, rows)        # (G·B,) each
+                if self._frozen_group(group):
+                    ce_rows, _, n_rows = self._frozen_rows(maps, group, rows)           # (G·B,) each
                     sums = ce_rows.view(len(group), -1).sum(1)
                     counts = n_rows.view(len(group), -1).sum(1).clamp(min=1)
                     total = total + (sums / counts).sum()
@@ -579,8 +689,9 @@ class TaskModelProblem(ProblemBase):
                 rows = torch.arange(lo, min(n, lo + self.eval_batch_size), device=self.device)
                 R = len(rows) * len(group)
                 with torch.no_grad():
-                    if self._head_only_group(group):
-                        ce_rows, tok_ok, tok_n = self._head_only_rows(maps, group, rows)        # (R,) each
+                    if self._frozen_group(group):
+                        ce_rows, tok_ok, tok_n = self._frozen_rows(maps, group, rows,
+                                                                   max_rows=self.eval_rows_per_pass)  # (R,) each
                     else:
                         logits, labels, row = self._run(maps, group, [rows] * len(group), rollout=False,
                                                         max_rows=self.eval_rows_per_pass)
