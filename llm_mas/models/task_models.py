@@ -399,32 +399,37 @@ class _Block(nn.Module):
         return x, (k, v)
 
     def forward_from(self, x: torch.Tensor, start: torch.Tensor, context: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor) -> torch.Tensor:
+                     sin: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
         """The block's output at a suffix of each row only (eval mode, no dropout).
 
         x (B, S, d): the block's input at absolute positions ``start[b] + 0..S-1`` of row b (start (B,));
-        context (B, T, d): its input at absolute positions 0..T-1, read at positions < start[b] only (keys and
-        values there). cos, sin: RoPE tables (>= max(start) + S rows, d/2). Queries run at x's positions only
-        and attend causally over all positions; the result equals ``forward``'s output at those positions.
+        context (B, P, d): its input at absolute positions 0..P-1, read at positions < start[b] only (keys and
+        values there; P >= max(start)). cos, sin: RoPE tables (>= max(start) + S rows, d/2). query (B, M):
+        the outputs wanted, as indices into x's positions (None: all S). Queries attend causally over all
+        positions; the result equals ``forward``'s output at those positions.
         """
         batch, width, d = x.shape
-        span = context.shape[1]
         absolute = start[:, None] + torch.arange(width, device=x.device)[None, :]          # (B, S)
         q, k, v = self.qkv(self.ln_attn(x)).chunk(3, dim=-1)                               # (B, S, d) each
-        q, k = _apply_rope(q, cos[absolute], sin[absolute]), _apply_rope(k, cos[absolute], sin[absolute])
+        k = _apply_rope(k, cos[absolute], sin[absolute])
         # the context's keys and values only (its queries are never read)
+        span = context.shape[1]
         k_ctx, v_ctx = F.linear(self.ln_attn(context), self.qkv.weight[d:], self.qkv.bias[d:]).chunk(2, dim=-1)
-        k_ctx = _apply_rope(k_ctx, cos[:span], sin[:span])                                  # (B, T, d)
-        key_pos = torch.arange(span, device=x.device)                                       # (T,)
-        before = key_pos[None, :] < start[:, None]                                          # (B, T)
-        local = (key_pos[None, :] - start[:, None]).clamp(0, width - 1)[..., None].expand(-1, -1, d)
-        keys = torch.where(before[..., None], k_ctx, k.gather(1, local))                     # (B, T, d)
-        values = torch.where(before[..., None], v_ctx, v.gather(1, local))
-        mask = key_pos[None, None, :] <= absolute[:, :, None]                               # (B, S, T)
+        k_ctx = _apply_rope(k_ctx, cos[:span], sin[:span])                                  # (B, P, d)
+        if query is not None:
+            at = query[..., None].expand(-1, -1, d)                                         # (B, M, d)
+            q, x, absolute_q = q.gather(1, at), x.gather(1, at), absolute.gather(1, query)
+        else:
+            absolute_q = absolute
+        q = _apply_rope(q, cos[absolute_q], sin[absolute_q])                               # (B, M, d)
+        keys, values = torch.cat([k_ctx, k], 1), torch.cat([v_ctx, v], 1)                  # (B, P + S, d)
+        ctx_pos = torch.arange(span, device=x.device)
+        mask = torch.cat([(ctx_pos[None, :] < start[:, None])[:, None, :].expand(-1, q.shape[1], -1),
+                          absolute[:, None, :] <= absolute_q[:, :, None]], dim=-1)          # (B, M, P + S)
         attn = F.scaled_dot_product_attention(q.unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1),
-                                              attn_mask=mask.unsqueeze(1))                 # (B, 1, S, d)
+                                              attn_mask=mask.unsqueeze(1))                 # (B, 1, M, d)
         x = x + self.out(attn.squeeze(1))
-        return x + self.ff(self.ln_ff(x))                                                   # (B, S, d)
+        return x + self.ff(self.ln_ff(x))                                                   # (B, M, d)
 
 
 class TransformerTaskModel(TaskModel):
@@ -492,14 +497,15 @@ class TransformerTaskModel(TaskModel):
             outputs.append(x)
         return outputs
 
-    def blocks_from(self, first: int, x: torch.Tensor, start: torch.Tensor, contexts: list[torch.Tensor]
-                    ) -> torch.Tensor:
+    def blocks_from(self, first: int, x: torch.Tensor, start: torch.Tensor, contexts: list[torch.Tensor],
+                    query: torch.Tensor | None = None) -> torch.Tensor:
         """Blocks first .. first + len(contexts) - 1 on a suffix of each row (``_Block.forward_from``, eval mode;
         hooks do not fire).
 
-        x (B, S, d): block `first`'s input at absolute positions ``start[b] + 0..S-1``; contexts[i] (B, T, d):
-        block first+i's input at every position (read before start[b] only). Returns the last block's output
-        (B, S, d) at x's positions (the head's features there when the last block is the model's last).
+        x (B, S, d): block `first`'s input at absolute positions ``start[b] + 0..S-1``; contexts[i] (B, P, d):
+        block first+i's input at positions 0..P-1 (read before start[b] only; P >= max(start)). query (B, M):
+        the last block's outputs wanted, as indices into x's positions (None: all). Returns the last block's
+        output (B, M or S, d) (the head's features there when the last block is the model's last).
         """
         if not contexts or first < 0 or first + len(contexts) > self.n_layers:
             raise ConfigError(f"blocks_from({first}) with {len(contexts)} contexts: the blocks must lie in "
@@ -509,8 +515,9 @@ class TransformerTaskModel(TaskModel):
         need = int(start.max()) + x.shape[1] if len(start) else x.shape[1]
         positions = self._positions(0, max(need, max(c.shape[1] for c in contexts)), x.device)
         cos, sin = _rope_tables(positions, self.d_model, self.rope_base, x.dtype)
-        for block, context in zip(self.blocks[first:first + len(contexts)], contexts):
-            x = block.forward_from(x, start, context, cos, sin)
+        blocks = self.blocks[first:first + len(contexts)]
+        for i, (block, context) in enumerate(zip(blocks, contexts)):
+            x = block.forward_from(x, start, context, cos, sin, query if i == len(blocks) - 1 else None)
         return x
 
     def _begin_decode(self, batch, state, position_offset, device):

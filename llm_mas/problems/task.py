@@ -16,7 +16,15 @@ Speed (the models are frozen and the data fixed, so work that never changes is d
   head's verdict on every other scored position of a pair (its natural output on the counterfactual
   sequence) is computed once per pair, the first time a batch reads it, and kept (a few numbers per
   pair). A step then runs the head on the edited positions only (``skip_frozen``; same losses and
-  gradients as the full run, tested).
+  gradients as the full run, tested);
+- indywise at a lower Transformer layer l (e.g. ``layer0`` of the 2-layer models), the step starts at the
+  intervened layer: layers <= l of the counterfactual sequence run without a graph (for l = 0 of a 2-layer
+  model only block 0 at positions p.. from the embeddings, the prefix's layer-0 latents being the cached
+  ones), the edited latent replaces position p, and blocks l+1.. run with queries at positions p.. only
+  (every scored label sits there). Recomputed each step rather than cached: the counterfactual layer-l
+  activations after p are ~13 positions x d per pair, ~1 GB in float32 for 75 Transformer directions x
+  2 000 pairs. Same losses, gradients and teacher-forced records as the full run (tested); the rollout
+  evaluation runs the full model.
 
 Metrics: trial IIA = every scored token right in an autoregressive rollout of the intervened target
 (scored = task tokens after the intervention; other tokens given); token IIA = teacher-forced accuracy on
@@ -538,11 +546,12 @@ class TaskModelProblem(ProblemBase):
         Transformer block l < L - 1 (indywise).
 
         Nothing at or below the site depends on the alignment, so it runs without a graph: the layer-l
-        output of the counterfactual sequence at positions p.. (p the intervened token; block 0 over those
-        positions from the embeddings when l = 0, else blocks 0..l naturally) and, before p, the target's
-        cached latents (the counterfactual prefix is the base's). The edited latent replaces position p,
-        and blocks l+1.. run with queries at positions p.. only (their keys and values before p are the
-        frozen ones); the head reads the scored positions, all at or after p.
+        output of the counterfactual sequence after p (p the intervened token; for l = 0 of a 2-layer model
+        block 0 at those positions only, from the embeddings; otherwise blocks 0..L-2 over the sequence)
+        and, up to p, the target's cached latents (the counterfactual prefix is the base's). The edited
+        latent (the intervention on the cached one at p) takes position p, and blocks l+1.. run on positions
+        p.. only (keys and values before p are the frozen ones), the last block's queries at the scored
+        positions only, all at or after p.
         max_rows: rows per pass at most (evaluation: memory bounded).
         """
         entry = self.models[group[0].target]
@@ -555,53 +564,58 @@ class TaskModelProblem(ProblemBase):
         base_row = torch.cat([c.target_index[rows].long() for c in group])                           # (R,)
         labels = torch.full_like(ids, IGNORE_INDEX)
         labels[:, :-1] = torch.where(scored[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
-        sources = [c.source_latents(rows) for c in group]                                            # (B, d_s)
-        chunk_of = torch.arange(len(group), device=ids.device).repeat_interleave(len(rows))          # (R,)
-        lengths = (ids != 0).sum(1)                                                                  # (R,)
         cache = group[0].target_cache
+        # the edited latent at p: the intervention on the cached natural latent there (the prefix is the base's)
+        edited_all = torch.cat([
+            self.intervention(maps, cache.at(c.target_index[rows].long(), c.target_pos[rows].long()),
+                              c.source_latents(rows), c.source, c.target, c.block) for c in group])  # (R, d)
+        lengths = (ids != 0).sum(1)                                                                  # (R,)
         R = len(ids)
         ce_rows, tok_ok, tok_n = (torch.zeros(R, device=ids.device) for _ in range(3))
-        buckets = self._buckets(lengths)
+        # grouped by the positions each row runs (p .. its end), ~128 rows or more each (at most 8 groups), so
+        # no block runs over much padding
+        steps_of = lengths - pos                                                                     # (R,)
+        buckets = list(torch.argsort(steps_of, stable=True).chunk(min(8, max(1, R // 128))))
         if max_rows is not None:
             buckets = [piece for bucket in buckets
                        for piece in bucket.tensor_split(max(1, -(-len(bucket) // max_rows)))]
         for bucket in buckets:
-            span = max(int(lengths[bucket].max()), 1)
             p = pos[bucket]                                                                          # (Rb,)
             steps = max(int((lengths[bucket] - p).max()), 1)
+            before = max(int(p.max()), 1)                     # context positions: every row's prefix 0..p-1
             absolute = p[:, None] + torch.arange(steps, device=ids.device)[None, :]                  # (Rb, S)
-            at = absolute.clamp(max=span - 1)[..., None].expand(-1, -1, d)                           # (Rb, S, d)
-            x = ids[bucket, :span]                                                                   # (Rb, T)
-            with torch.no_grad():
-                if layer == 0 and depth == 2:
-                    # block 0 at positions p.. only (keys and values from the embeddings); block 1's input
-                    # before p is the target's cached layer-0 latents of the shared prefix
-                    embedded = model.embed(x)                                                        # (Rb, T, d)
-                    natural = model.blocks_from(0, embedded.gather(1, at), p, [embedded])              # (Rb, S, d)
-                    cols = torch.minimum(torch.arange(span, device=ids.device)[None, :], p[:, None])
-                    contexts = [cache.at(base_row[bucket][:, None], cols)]                          # (Rb, T, d)
-                else:  # blocks 0..L-2 over every position; deeper blocks' keys before p come from them
-                    outputs = model.block_outputs(x, depth - 2)                                    # (Rb, T, d) each
-                    natural = outputs[layer].gather(1, at)                                           # (Rb, S, d)
-                    contexts = outputs[layer:]
-            edited = natural[:, 0]                                                                   # (Rb, d)
-            pieces = []
-            for i, c in enumerate(group):
-                mine = (chunk_of[bucket] == i).nonzero()[:, 0]
-                if len(mine):
-                    src = sources[i][bucket[mine] - i * len(rows)]
-                    pieces.append((mine, self.intervention(maps, edited[mine], src, c.source, c.target, c.block)))
-            order = torch.cat([m for m, _ in pieces])
-            edited = torch.cat([e for _, e in pieces])[torch.argsort(order)]                          # (Rb, d)
-            feats = model.blocks_from(layer + 1, torch.cat([edited[:, None], natural[:, 1:]], 1), p, contexts)
-            inside = absolute < lengths[bucket][:, None]                                             # (Rb, S)
+            inside = absolute < lengths[bucket][:, None]
             lab = torch.where(inside, labels[bucket].gather(1, absolute.clamp(max=width - 1)),
                               torch.full_like(absolute, IGNORE_INDEX))                               # (Rb, S)
             take = lab != IGNORE_INDEX
-            logits = model.readout(feats[take])                                                      # (m, V)
-            which = bucket[:, None].expand_as(take)[take]                                            # (m,)
-            ce_rows = ce_rows.index_add(0, which, F.cross_entropy(logits, lab[take], reduction="none"))
-            tok_ok = tok_ok.index_add(0, which, (logits.argmax(-1) == lab[take]).float())
+            counts = take.sum(1)                                                                     # (Rb,)
+            wanted = max(int(counts.max()), 1)
+            # the last block's queries: each row's scored positions first, in order (the rest is padding)
+            query = torch.argsort((~take).to(torch.uint8), dim=1, stable=True)[:, :wanted]          # (Rb, M)
+            real = torch.arange(wanted, device=ids.device)[None, :] < counts[:, None]               # (Rb, M)
+            x = ids[bucket]                                                                          # (Rb, W)
+            with torch.no_grad():
+                if layer == 0 and depth == 2:
+                    # block 0 at positions p+1.. only (keys and values up to p from the embeddings); block 1's
+                    # input before p is the target's cached layer-0 latents of the shared prefix
+                    after = absolute[:, 1:].clamp(max=width - 1)                                     # (Rb, S-1)
+                    natural = (model.blocks_from(0, model.embed(x.gather(1, after)), p + 1, [model.embed(x[:, :before + 1])])
+                               if steps > 1 else edited_all.new_zeros(len(bucket), 0, d))            # (Rb, S-1, d)
+                    cols = torch.minimum(torch.arange(before, device=ids.device)[None, :], p[:, None])
+                    contexts = [cache.at(base_row[bucket][:, None], cols)]                          # (Rb, P, d)
+                else:  # blocks 0..L-2 over every position; deeper blocks' keys before p come from them
+                    span = max(int(lengths[bucket].max()), 1)
+                    outputs = model.block_outputs(x[:, :span], depth - 2)                           # (Rb, T, d) each
+                    at = absolute[:, 1:].clamp(max=span - 1)[..., None].expand(-1, -1, d)
+                    natural = outputs[layer].gather(1, at)                                           # (Rb, S-1, d)
+                    contexts = [o[:, :before] for o in outputs[layer:]]
+            feats = model.blocks_from(layer + 1, torch.cat([edited_all[bucket, None], natural], 1), p, contexts,
+                                      query=query)                                                   # (Rb, M, d)
+            logits = model.readout(feats[real])                                                      # (m, V)
+            target_ids = lab.gather(1, query)[real]                                                  # (m,)
+            which = bucket[:, None].expand_as(real)[real]                                            # (m,)
+            ce_rows = ce_rows.index_add(0, which, F.cross_entropy(logits, target_ids, reduction="none"))
+            tok_ok = tok_ok.index_add(0, which, (logits.argmax(-1) == target_ids).float())
             tok_n = tok_n.index_add(0, which, torch.ones_like(which, dtype=tok_n.dtype))
         return ce_rows, tok_ok, tok_n
 
