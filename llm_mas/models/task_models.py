@@ -399,18 +399,27 @@ class _Block(nn.Module):
         return x, (k, v)
 
     def forward_from(self, x: torch.Tensor, start: torch.Tensor, context: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+                     sin: torch.Tensor, query: torch.Tensor | None = None, frozen_after: int | None = None
+                     ) -> torch.Tensor:
         """The block's output at a suffix of each row only (eval mode, no dropout).
 
         x (B, S, d): the block's input at absolute positions ``start[b] + 0..S-1`` of row b (start (B,));
         context (B, P, d): its input at absolute positions 0..P-1, read at positions < start[b] only (keys and
         values there; P >= max(start)). cos, sin: RoPE tables (>= max(start) + S rows, d/2). query (B, M):
-        the outputs wanted, as indices into x's positions (None: all S). Queries attend causally over all
-        positions; the result equals ``forward``'s output at those positions.
+        the outputs wanted, as indices into x's positions (None: all S). frozen_after: x's positions from this
+        one on carry no gradient (their queries, keys and values are computed without a graph; the result is
+        the same). Queries attend causally over all positions; the result equals ``forward``'s output at
+        those positions.
         """
         batch, width, d = x.shape
         absolute = start[:, None] + torch.arange(width, device=x.device)[None, :]          # (B, S)
-        q, k, v = self.qkv(self.ln_attn(x)).chunk(3, dim=-1)                               # (B, S, d) each
+        if frozen_after is None:
+            qkv = self.qkv(self.ln_attn(x))
+        else:
+            with torch.no_grad():
+                rest = self.qkv(self.ln_attn(x[:, frozen_after:].detach()))
+            qkv = torch.cat([self.qkv(self.ln_attn(x[:, :frozen_after])), rest], 1)
+        q, k, v = qkv.chunk(3, dim=-1)                                                      # (B, S, d) each
         k = _apply_rope(k, cos[absolute], sin[absolute])
         # the context's keys and values only (its queries are never read)
         span = context.shape[1]
@@ -498,14 +507,15 @@ class TransformerTaskModel(TaskModel):
         return outputs
 
     def blocks_from(self, first: int, x: torch.Tensor, start: torch.Tensor, contexts: list[torch.Tensor],
-                    query: torch.Tensor | None = None) -> torch.Tensor:
+                    query: torch.Tensor | None = None, frozen_after: int | None = None) -> torch.Tensor:
         """Blocks first .. first + len(contexts) - 1 on a suffix of each row (``_Block.forward_from``, eval mode;
         hooks do not fire).
 
         x (B, S, d): block `first`'s input at absolute positions ``start[b] + 0..S-1``; contexts[i] (B, P, d):
         block first+i's input at positions 0..P-1 (read before start[b] only; P >= max(start)). query (B, M):
-        the last block's outputs wanted, as indices into x's positions (None: all). Returns the last block's
-        output (B, M or S, d) (the head's features there when the last block is the model's last).
+        the last block's outputs wanted, as indices into x's positions (None: all). frozen_after: x's positions
+        from this one on carry no gradient into the first block (``_Block.forward_from``). Returns the last
+        block's output (B, M or S, d) (the head's features there when the last block is the model's last).
         """
         if not contexts or first < 0 or first + len(contexts) > self.n_layers:
             raise ConfigError(f"blocks_from({first}) with {len(contexts)} contexts: the blocks must lie in "
@@ -517,7 +527,8 @@ class TransformerTaskModel(TaskModel):
         cos, sin = _rope_tables(positions, self.d_model, self.rope_base, x.dtype)
         blocks = self.blocks[first:first + len(contexts)]
         for i, (block, context) in enumerate(zip(blocks, contexts)):
-            x = block.forward_from(x, start, context, cos, sin, query if i == len(blocks) - 1 else None)
+            x = block.forward_from(x, start, context, cos, sin, query if i == len(blocks) - 1 else None,
+                                   frozen_after if i == 0 else None)
         return x
 
     def _begin_decode(self, batch, state, position_offset, device):

@@ -609,8 +609,9 @@ class TaskModelProblem(ProblemBase):
                     at = absolute[:, 1:].clamp(max=span - 1)[..., None].expand(-1, -1, d)
                     natural = outputs[layer].gather(1, at)                                           # (Rb, S-1, d)
                     contexts = [o[:, :before] for o in outputs[layer:]]
+            # only position p carries the alignment's gradient into block l+1 (the rest is the natural run)
             feats = model.blocks_from(layer + 1, torch.cat([edited_all[bucket, None], natural], 1), p, contexts,
-                                      query=query)                                                   # (Rb, M, d)
+                                      query=query, frozen_after=1)                                   # (Rb, M, d)
             logits = model.readout(feats[real])                                                      # (m, V)
             target_ids = lab.gather(1, query)[real]                                                  # (m,)
             which = bucket[:, None].expand_as(real)[real]                                            # (m,)
