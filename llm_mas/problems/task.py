@@ -18,13 +18,13 @@ Speed (the models are frozen and the data fixed, so work that never changes is d
   pair). A step then runs the head on the edited positions only (``skip_frozen``; same losses and
   gradients as the full run, tested);
 - indywise at a lower Transformer layer l (e.g. ``layer0`` of the 2-layer models), the step starts at the
-  intervened layer: layers <= l of the counterfactual sequence run without a graph (for l = 0 of a 2-layer
-  model only block 0 at positions p.. from the embeddings, the prefix's layer-0 latents being the cached
-  ones), the edited latent replaces position p, and blocks l+1.. run with queries at positions p.. only
-  (every scored label sits there). Recomputed each step rather than cached: the counterfactual layer-l
-  activations after p are ~13 positions x d per pair, ~1 GB in float32 for 75 Transformer directions x
-  2 000 pairs. Same losses, gradients and teacher-forced records as the full run (tested); the rollout
-  evaluation runs the full model.
+  intervened layer p: layers <= l of the counterfactual sequence run without a graph (for l = 0 of a
+  2-layer model block 0 at the positions after p only, the prefix's layer-0 latents being the cached
+  ones), the edited latent takes position p, and blocks l+1.. run on positions p.. only, the last one's
+  queries at the scored positions only (every scored label sits at or after p). Recomputed each step
+  rather than cached: the counterfactual layer-l activations after p are ~13 positions x d per pair,
+  ~1 GB in float32 for 75 Transformer directions x 2 000 pairs. Same losses, gradients and teacher-forced
+  records as the full run (tested); the rollout evaluation runs the full model.
 
 Metrics: trial IIA = every scored token right in an autoregressive rollout of the intervened target
 (scored = task tokens after the intervention; other tokens given); token IIA = teacher-forced accuracy on
@@ -599,7 +599,8 @@ class TaskModelProblem(ProblemBase):
                     # block 0 at positions p+1.. only (keys and values up to p from the embeddings); block 1's
                     # input before p is the target's cached layer-0 latents of the shared prefix
                     after = absolute[:, 1:].clamp(max=width - 1)                                     # (Rb, S-1)
-                    natural = (model.blocks_from(0, model.embed(x.gather(1, after)), p + 1, [model.embed(x[:, :before + 1])])
+                    natural = (model.blocks_from(0, model.embed(x.gather(1, after)), p + 1,
+                                                 [model.embed(x[:, :before + 1])])
                                if steps > 1 else edited_all.new_zeros(len(bucket), 0, d))            # (Rb, S-1, d)
                     cols = torch.minimum(torch.arange(before, device=ids.device)[None, :], p[:, None])
                     contexts = [cache.at(base_row[bucket][:, None], cols)]                          # (Rb, P, d)
@@ -619,7 +620,6 @@ class TaskModelProblem(ProblemBase):
             tok_ok = tok_ok.index_add(0, which, (logits.argmax(-1) == target_ids).float())
             tok_n = tok_n.index_add(0, which, torch.ones_like(which, dtype=tok_n.dtype))
         return ce_rows, tok_ok, tok_n
-
 
     # ------------------------------------------------------------------ trainer interface
     def loss(self, maps, batch_index: torch.Tensor, directions=None):
