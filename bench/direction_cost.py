@@ -4,6 +4,7 @@
     python bench/direction_cost.py --n 9 --threads 1 --profile   # + torch.profiler table of one step
     python bench/direction_cost.py --quick                 # n = 2 3, 1 thread, few steps (smoke test)
     python bench/direction_cost.py --steps 4 --budget-min 40   # bounded: no new point after 40 min
+    python bench/direction_cost.py --n 15 --threads 1 --transformer-site layer0 --ab   # layer0, on/off in one process
 
 From n = 9 on (``--cut-threads-from``) a 2-thread point is skipped once a smaller n measured 2 threads slower
 than 1 by ``--cut-factor`` (1.5) in wall time; skipped points are listed with the reason.
@@ -18,7 +19,10 @@ direction). ``--exact`` runs the same points with the frozen-prefix shortcuts sw
 (``TaskModelProblem.skip_frozen = False``: every target recomputed from its input tokens, as before), so
 before/after come from the same script on the same machine. With the shortcuts on, the constant head
 verdicts of every training pair are filled before the timed steps (``precompute_frozen``; a run fills them
-lazily during its first epoch) and that one-off cost is reported as ``prefill``. Results: bench/results/direction_cost.json.
+lazily during its first epoch) and that one-off cost is reported as ``prefill``. ``--transformer-site layer0``
+puts the Transformers at their first block's output (the RNNs stay at hidden); ``--ab`` then times, in the
+same process, the directions into Transformers and the others with the shortcuts on and off alternately.
+Results: bench/results/direction_cost.json.
 """
 
 from __future__ import annotations
@@ -37,8 +41,48 @@ HERE = Path(__file__).resolve().parent
 ORDER = [f"multiobject-{arch}-s{seed}" for seed in range(5) for arch in ("gru", "lstm", "transformer")]
 
 
-def child(n: int, threads: int, batch: int, steps: int, n_train: int, skip_frozen: bool, profile: bool) -> dict:
+def ab_rounds(problem, trainer, rounds: int) -> dict:
+    """Same process, before/after by flag: per round, the loss + backward of the directions into Transformers
+    and of the others, each timed (process CPU) with the shortcuts on and off, alternately. No optimizer
+    step (the cost does not depend on the alignments' values); the two paths' losses are compared."""
+    import time
+
+    transformer = {t for t, m in enumerate(problem.models) if m.model.arch == "transformer"}
+    groups = {"into_transformers": [d for d in problem.directions if d[1] in transformer],
+              "others": [d for d in problem.directions if d[1] not in transformer]}
+    cpu = {(g, flag): [] for g in groups for flag in (True, False)}
+    rel = []
+    for r in range(rounds + 1):                       # round 0: warm-up of the exact path, not timed
+        rows, maps = trainer._batch(r), None
+        for group, directions in groups.items():
+            if not directions:
+                continue
+            losses = {}
+            for flag in (True, False):
+                problem.skip_frozen = flag
+                trainer.optimizer.zero_grad(set_to_none=True)
+                c0 = time.process_time()
+                maps = trainer.materialize()
+                loss, _ = problem.loss(maps, rows, directions=directions)
+                loss.backward()
+                if r:
+                    cpu[(group, flag)].append(time.process_time() - c0)
+                losses[flag] = float(loss.detach())
+            rel.append(abs(losses[True] - losses[False]) / abs(losses[False]))
+    problem.skip_frozen = True
+    out = {"loss_rel_diff_max": max(rel)}
+    for group, directions in groups.items():
+        out[group] = {"directions": len(directions)}
+        for flag, name in ((True, "skip_frozen"), (False, "exact")):
+            if directions:
+                out[group][f"{name}_cpu_ms_per_direction"] = 1e3 * median(cpu[(group, flag)]) / len(directions)
+    return out
+
+
+def child(n: int, threads: int, batch: int, steps: int, n_train: int, skip_frozen: bool, profile: bool,
+          transformer_site: str = "hidden", ab: bool = False, models: list[str] | None = None) -> dict:
     """One measurement in this (fresh) process; returns the JSON-able result."""
+    names = models or ORDER[:n]
     import torch
 
     torch.set_num_threads(threads)
@@ -49,7 +93,8 @@ def child(n: int, threads: int, batch: int, steps: int, n_train: int, skip_froze
     from llm_mas.trainer import MASTrainer, TrainerConfig
 
     config = config_from_kwargs(
-        models=[{"name": name, "site": "hidden"} for name in ORDER[:n]], variables=["full"], k=32,
+        models=[{"name": name, "site": transformer_site if "transformer" in name else "hidden"} for name in names],
+        variables=["full"], k=32,
         directions="all", data={"n_train": n_train, "n_valid": 100}, progress=False,
         train={"batch_size": batch})
     after_imports = resident_mib()
@@ -91,7 +136,12 @@ def child(n: int, threads: int, batch: int, steps: int, n_train: int, skip_froze
                 one_step(step)
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
     d = n * n
-    return {"n": n, "threads": threads, "skip_frozen": skip_frozen, "models": ORDER[:n], "directions": d,
+    ab_result = None
+    if ab:
+        peak_before_ab = peak_resident_mib()
+        ab_result = {"peak_rss_before_mib": peak_before_ab, **ab_rounds(problem, trainer, steps)}
+    return {"n": n, "threads": threads, "skip_frozen": skip_frozen, "models": names, "directions": d,
+            "transformer_site": transformer_site, "ab": ab_result,
             "batch": batch, "n_train": n_train, "steps": steps, "build_s": build_s, "prefill": prefill,
             "step_wall_s": median(wall), "step_cpu_s": median(cpu),
             "direction_wall_ms": 1e3 * median(wall) / d, "direction_cpu_ms": 1e3 * median(cpu) / d,
@@ -124,6 +174,13 @@ def main(argv=None) -> dict:
                         help="pairs per direction (the step's cost does not depend on it; the build does)")
     parser.add_argument("--exact", action="store_true", help="also measure with the frozen-prefix shortcuts off")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of 2 steps")
+    parser.add_argument("--transformer-site", default="hidden",
+                        help="the Transformers' site (hidden = last layer, layer0, ...); the RNNs stay at hidden")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated model names instead of the first n of the interleaved order")
+    parser.add_argument("--ab", action="store_true",
+                        help="after the timed steps, time the directions into Transformers (and the others) with "
+                             "the shortcuts on and off alternately in the same process")
     parser.add_argument("--name", default="direction_cost", help="result file name under bench/results")
     parser.add_argument("--budget-min", type=float, default=None,
                         help="stop starting new points after this many minutes (the skipped ones are listed)")
@@ -135,6 +192,8 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     skipped = []
     ns = args.n or ([2, 3] if args.quick else [2, 3, 5, 9, 15])
+    if args.models:
+        ns = [len(args.models.split(","))]
     threads = args.threads or ([1] if args.quick else [1, 2])
     steps = args.steps or (3 if args.quick else 8)
     modes = [True, False] if args.exact else [True]
@@ -148,7 +207,8 @@ def main(argv=None) -> dict:
                     print(f"[direction_cost] n={n} threads={th} skip_frozen={skip}: skipped ({why})", flush=True)
                     continue
                 command = [sys.executable, str(HERE / "direction_cost.py"), "--child", str(n), str(th), str(args.batch),
-                           str(steps), str(args.n_train), str(int(skip)), str(int(args.profile))]
+                           str(steps), str(args.n_train), str(int(skip)), str(int(args.profile)),
+                           args.transformer_site, str(int(args.ab)), args.models or ""]
                 out = subprocess.run(command, capture_output=True, text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": str(th)})
                 if out.returncode != 0:
@@ -158,6 +218,8 @@ def main(argv=None) -> dict:
                 print(f"[direction_cost] n={n} threads={th} skip_frozen={skip}: step {result['step_cpu_s']:.3f}s CPU / "
                       f"{result['step_wall_s']:.3f}s wall, {result['direction_cpu_ms']:.1f} ms CPU a direction, "
                       f"peak RSS {result['peak_rss_mib']:.0f} MiB, load {result['loadavg'][0]:.1f}", flush=True)
+                if result["ab"]:
+                    print(f"[direction_cost]   same process: {json.dumps(result['ab'])}", flush=True)
                 if result["profile"]:
                     print(result["profile"], flush=True)
                 if not args.quick:  # after every point: a long run that is stopped keeps what it measured
@@ -179,6 +241,8 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         n, th, batch, steps, n_train, skip, prof = map(int, sys.argv[2:9])
-        print(json.dumps(child(n, th, batch, steps, n_train, bool(skip), bool(prof))))
+        site, ab = (sys.argv[9], bool(int(sys.argv[10]))) if len(sys.argv) > 10 else ("hidden", False)
+        names = sys.argv[11].split(",") if len(sys.argv) > 11 and sys.argv[11] else None
+        print(json.dumps(child(n, th, batch, steps, n_train, bool(skip), bool(prof), site, ab, names)))
     else:
         main(sys.argv[1:])

@@ -468,6 +468,48 @@ class _Block(nn.Module):
         x = x + self.resid_drop(self.ff(self.ln_ff(x)))
         return x, (k, v)
 
+    def forward_from(self, x: torch.Tensor, start: torch.Tensor, context: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, query: torch.Tensor | None = None, frozen_after: int | None = None
+                     ) -> torch.Tensor:
+        """The block's output at a suffix of each row only (eval mode, no dropout).
+
+        x (B, S, d): the block's input at absolute positions ``start[b] + 0..S-1`` of row b (start (B,));
+        context (B, P, d): its input at absolute positions 0..P-1, read at positions < start[b] only (keys and
+        values there; P >= max(start)). cos, sin: RoPE tables (>= max(start) + S rows, d/2). query (B, M):
+        the outputs wanted, as indices into x's positions (None: all S). frozen_after: x's positions from this
+        one on carry no gradient (their queries, keys and values are computed without a graph; the result is
+        the same). Queries attend causally over all positions; the result equals ``forward``'s output at
+        those positions.
+        """
+        batch, width, d = x.shape
+        absolute = start[:, None] + torch.arange(width, device=x.device)[None, :]          # (B, S)
+        if frozen_after is None:
+            qkv = self.qkv(self.ln_attn(x))
+        else:
+            with torch.no_grad():
+                rest = self.qkv(self.ln_attn(x[:, frozen_after:].detach()))
+            qkv = torch.cat([self.qkv(self.ln_attn(x[:, :frozen_after])), rest], 1)
+        q, k, v = qkv.chunk(3, dim=-1)                                                      # (B, S, d) each
+        k = _apply_rope(k, cos[absolute], sin[absolute])
+        # the context's keys and values only (its queries are never read)
+        span = context.shape[1]
+        k_ctx, v_ctx = F.linear(self.ln_attn(context), self.qkv.weight[d:], self.qkv.bias[d:]).chunk(2, dim=-1)
+        k_ctx = _apply_rope(k_ctx, cos[:span], sin[:span])                                  # (B, P, d)
+        if query is not None:
+            at = query[..., None].expand(-1, -1, d)                                         # (B, M, d)
+            q, x, absolute_q = q.gather(1, at), x.gather(1, at), absolute.gather(1, query)
+        else:
+            absolute_q = absolute
+        q = _apply_rope(q, cos[absolute_q], sin[absolute_q])                               # (B, M, d)
+        keys, values = torch.cat([k_ctx, k], 1), torch.cat([v_ctx, v], 1)                  # (B, P + S, d)
+        ctx_pos = torch.arange(span, device=x.device)
+        mask = torch.cat([(ctx_pos[None, :] < start[:, None])[:, None, :].expand(-1, q.shape[1], -1),
+                          absolute[:, None, :] <= absolute_q[:, :, None]], dim=-1)          # (B, M, P + S)
+        attn = F.scaled_dot_product_attention(q.unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1),
+                                              attn_mask=mask.unsqueeze(1))                 # (B, 1, M, d)
+        x = x + self.out(attn.squeeze(1))
+        return x + self.ff(self.ln_ff(x))                                                   # (B, M, d)
+
 
 class TransformerTaskModel(TaskModel):
     """Causal pre-LayerNorm Transformer: one head, RoPE on the full head, FF with GELU, final LN -> Linear."""
@@ -519,6 +561,44 @@ class TransformerTaskModel(TaskModel):
         for i in range(layer + 1, self.n_layers):
             x, _ = self.blocks[i](x, cos, sin)
             x = self.hook_layers[i](x, positions)  # (B, T, d)
+        return x
+
+    def block_outputs(self, input_ids: torch.Tensor, last: int) -> list[torch.Tensor]:
+        """The outputs (B, T, d) of blocks 0..last on input_ids (B, T): hooks fire as in `features`."""
+        self._check_ids(input_ids)
+        positions = self._positions(0, input_ids.shape[1], input_ids.device)  # (T,)
+        x = self.embed_drop(self.hook_embed(self.embed(input_ids), positions))  # (B, T, d)
+        cos, sin = _rope_tables(positions, self.d_model, self.rope_base, x.dtype)  # (T, d/2)
+        outputs = []
+        for layer, block in enumerate(self.blocks[:last + 1]):
+            x, _ = block(x, cos, sin)
+            x = self.hook_layers[layer](x, positions)  # (B, T, d)
+            outputs.append(x)
+        return outputs
+
+    def blocks_from(self, first: int, x: torch.Tensor, start: torch.Tensor, contexts: list[torch.Tensor],
+                    query: torch.Tensor | None = None, frozen_after: int | None = None) -> torch.Tensor:
+        """Blocks first .. first + len(contexts) - 1 on a suffix of each row (``_Block.forward_from``, eval mode;
+        hooks do not fire).
+
+        x (B, S, d): block `first`'s input at absolute positions ``start[b] + 0..S-1``; contexts[i] (B, P, d):
+        block first+i's input at positions 0..P-1 (read before start[b] only; P >= max(start)). query (B, M):
+        the last block's outputs wanted, as indices into x's positions (None: all). frozen_after: x's positions
+        from this one on carry no gradient into the first block (``_Block.forward_from``). Returns the last
+        block's output (B, M or S, d) (the head's features there when the last block is the model's last).
+        """
+        if not contexts or first < 0 or first + len(contexts) > self.n_layers:
+            raise ConfigError(f"blocks_from({first}) with {len(contexts)} contexts: the blocks must lie in "
+                              f"0..{self.n_layers - 1} (one context per block run)")
+        if self.training and any(block.dropout for block in self.blocks):
+            raise ConfigError("blocks_from runs without dropout: put the model in eval mode (model.eval())")
+        need = int(start.max()) + x.shape[1] if len(start) else x.shape[1]
+        positions = self._positions(0, max(need, max(c.shape[1] for c in contexts)), x.device)
+        cos, sin = _rope_tables(positions, self.d_model, self.rope_base, x.dtype)
+        blocks = self.blocks[first:first + len(contexts)]
+        for i, (block, context) in enumerate(zip(blocks, contexts)):
+            x = block.forward_from(x, start, context, cos, sin, query if i == len(blocks) - 1 else None,
+                                   frozen_after if i == 0 else None)
         return x
 
     def _begin_decode(self, batch, state, position_offset, device):

@@ -16,7 +16,15 @@ Speed (the models are frozen and the data fixed, so work that never changes is d
   head's verdict on every other scored position of a pair (its natural output on the counterfactual
   sequence) is computed once per pair, the first time a batch reads it, and kept (a few numbers per
   pair). A step then runs the head on the edited positions only (``skip_frozen``; same losses and
-  gradients as the full run, tested).
+  gradients as the full run, tested);
+- indywise at a lower Transformer layer l (e.g. ``layer0`` of the 2-layer models), the step starts at the
+  intervened layer p: layers <= l of the counterfactual sequence run without a graph (for l = 0 of a
+  2-layer model block 0 at the positions after p only, the prefix's layer-0 latents being the cached
+  ones), the edited latent takes position p, and blocks l+1.. run on positions p.. only, the last one's
+  queries at the scored positions only (every scored label sits at or after p). Recomputed each step
+  rather than cached: the counterfactual layer-l activations after p are ~13 positions x d per pair,
+  ~1 GB in float32 for 75 Transformer directions x 2 000 pairs. Same losses, gradients and teacher-forced
+  records as the full run (tested); the rollout evaluation runs the full model.
 
 Metrics: trial IIA = every scored token right in an autoregressive rollout of the intervened target
 (scored = task tokens after the intervention; other tokens given); token IIA = teacher-forced accuracy on
@@ -126,6 +134,9 @@ class TaskPairs(DirectionPairs):
     # every pair's counterfactual tokens 0..target_pos equal its base sequence's, so the target's natural
     # latent at target_pos is the cached one (what the head-only step at a last-layer site relies on)
     prefix_is_base: bool = False
+    # no scored token at or before target_pos: every label the loss reads sits at or after the intervened
+    # position (what the resumed step at a lower Transformer layer relies on; make_pairs always scores after)
+    scored_after_pos: bool = False
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -340,12 +351,14 @@ class TaskModelProblem(ProblemBase):
         upto = np.arange(width)[None, :] <= pairs.target_pos[:, None]                      # (n, width)
         prefix_is_base = bool((pairs.target_pos < width).all() and (
             (pairs.ids[:, :width] == target_base.ids[pairs.target_index, :width]) | ~upto).all())
+        scored = pairs.scored_mask()                                                        # (n, L)
+        scored_after_pos = not (scored & (np.arange(scored.shape[1])[None, :] <= pairs.target_pos[:, None])).any()
         return TaskPairs(s, t, v, self.blocks[v], trained, fast, self.stepwise,
                          torch.as_tensor(pairs.ids, device=dev).to(small),              # (n, L)
-                         torch.as_tensor(pairs.scored_mask(), device=dev),              # (n, L)
+                         torch.as_tensor(scored, device=dev),                           # (n, L)
                          index(pairs.target_index), index(pairs.target_pos), index(pairs.source_index),
                          index(pairs.source_pos), source_cache, target_cache, quantity,
-                         prefix_is_base=prefix_is_base)
+                         prefix_is_base=prefix_is_base, scored_after_pos=scored_after_pos)
 
     # ------------------------------------------------------------------ one patched run per target
     def _edit_fn(self, chunk: TaskPairs, batch: TaskBatch, local: torch.Tensor, maps, mask: torch.Tensor):
@@ -557,6 +570,118 @@ class TaskModelProblem(ProblemBase):
         tok_n = torch.cat([r.count[rows] for r in rests]) + take.float()
         return ce_rows, tok_ok, tok_n
 
+    # ------------------------------------------------------------------ lower Transformer layers
+    def _resume_layer(self, target: int) -> int | None:
+        """Layer l when a step at the target's site can start there (indywise, output of Transformer block l
+        below the last one, ``skip_frozen``); None otherwise."""
+        entry = self.models[target]
+        model = entry.model
+        if not (self.skip_frozen and not self.stepwise and getattr(model, "arch", None) == "transformer"
+                and entry.site.io == "output" and entry.site.index is None and not model.training):
+            return None
+        layers = [f"hook_layers.{i}" for i in range(model.n_layers - 1)]
+        return layers.index(entry.site.module) if entry.site.module in layers else None
+
+    def _resume_group(self, group: Sequence[TaskPairs]) -> bool:
+        """`_resume_layer` for the group's target, every chunk's counterfactual prefix is its base's (the
+        target's cached latents hold the layer's output before the intervened token) and every scored
+        label sits at or after the intervened position (nothing before it depends on the edit)."""
+        return (self._resume_layer(group[0].target) is not None
+                and all(c.prefix_is_base and c.scored_after_pos for c in group))
+
+    def _frozen_rows(self, maps, group: Sequence[TaskPairs], rows: torch.Tensor, max_rows: int | None = None):
+        """(ce, tokens right, scored positions) per run row by the group's shortcut: `_head_only_rows` at a
+        last-layer site, `_resume_rows` at a lower one."""
+        if self._resume_group(group):
+            return self._resume_rows(maps, group, rows, max_rows=max_rows)
+        return self._head_only_rows(maps, group, rows)
+
+    def _frozen_group(self, group: Sequence[TaskPairs]) -> bool:
+        """True when the group's target runs by a frozen-prefix shortcut (`_frozen_rows`)."""
+        return self._head_only_group(group) or self._resume_group(group)
+
+    def _resume_rows(self, maps, group: Sequence[TaskPairs], rows: torch.Tensor, max_rows: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per run row (chunk after chunk, `rows` each): cross-entropy summed over the scored positions,
+        tokens right, scored positions — the full patched run's numbers when the site is the output of
+        Transformer block l < L - 1 (indywise).
+
+        Nothing at or below the site depends on the alignment, so it runs without a graph: the layer-l
+        output of the counterfactual sequence after p (p the intervened token; for l = 0 of a 2-layer model
+        block 0 at those positions only, from the embeddings; otherwise blocks 0..L-2 over the sequence)
+        and, up to p, the target's cached latents (the counterfactual prefix is the base's). The edited
+        latent (the intervention on the cached one at p) takes position p, and blocks l+1.. run on positions
+        p.. only (keys and values before p are the frozen ones), the last block's queries at the scored
+        positions only, all at or after p.
+        max_rows: rows per pass at most (evaluation: memory bounded).
+        """
+        entry = self.models[group[0].target]
+        model, layer = entry.model, self._resume_layer(group[0].target)
+        depth, d = model.n_layers, model.d_model
+        width = max(c.ids.shape[1] for c in group)
+        ids = torch.cat([F.pad(c.ids[rows].long(), (0, width - c.ids.shape[1])) for c in group])     # (R, W)
+        scored = torch.cat([F.pad(c.scored[rows], (0, width - c.scored.shape[1])) for c in group])   # (R, W)
+        pos = torch.cat([c.target_pos[rows].long() for c in group])                                  # (R,)
+        base_row = torch.cat([c.target_index[rows].long() for c in group])                           # (R,)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[:, :-1] = torch.where(scored[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
+        cache = group[0].target_cache
+        # the edited latent at p: the intervention on the cached natural latent there (the prefix is the base's)
+        edited_all = torch.cat([
+            self.intervention(maps, cache.at(c.target_index[rows].long(), c.target_pos[rows].long()),
+                              c.source_latents(rows), c.source, c.target, c.block) for c in group])  # (R, d)
+        lengths = (ids != 0).sum(1)                                                                  # (R,)
+        R = len(ids)
+        ce_rows, tok_ok, tok_n = (torch.zeros(R, device=ids.device) for _ in range(3))
+        # grouped by the positions each row runs (p .. its end), ~128 rows or more each (at most 8 groups), so
+        # no block runs over much padding
+        steps_of = lengths - pos                                                                     # (R,)
+        buckets = list(torch.argsort(steps_of, stable=True).chunk(min(8, max(1, R // 128))))
+        if max_rows is not None:
+            buckets = [piece for bucket in buckets
+                       for piece in bucket.tensor_split(max(1, -(-len(bucket) // max_rows)))]
+        for bucket in buckets:
+            p = pos[bucket]                                                                          # (Rb,)
+            steps = max(int((lengths[bucket] - p).max()), 1)
+            before = max(int(p.max()), 1)                     # context positions: every row's prefix 0..p-1
+            absolute = p[:, None] + torch.arange(steps, device=ids.device)[None, :]                  # (Rb, S)
+            inside = absolute < lengths[bucket][:, None]
+            lab = torch.where(inside, labels[bucket].gather(1, absolute.clamp(max=width - 1)),
+                              torch.full_like(absolute, IGNORE_INDEX))                               # (Rb, S)
+            take = lab != IGNORE_INDEX
+            counts = take.sum(1)                                                                     # (Rb,)
+            wanted = max(int(counts.max()), 1)
+            # the last block's queries: each row's scored positions first, in order (the rest is padding)
+            query = torch.argsort((~take).to(torch.uint8), dim=1, stable=True)[:, :wanted]          # (Rb, M)
+            real = torch.arange(wanted, device=ids.device)[None, :] < counts[:, None]               # (Rb, M)
+            x = ids[bucket]                                                                          # (Rb, W)
+            with torch.no_grad():
+                if layer == 0 and depth == 2:
+                    # block 0 at positions p+1.. only (keys and values up to p from the embeddings); block 1's
+                    # input before p is the target's cached layer-0 latents of the shared prefix
+                    after = absolute[:, 1:].clamp(max=width - 1)                                     # (Rb, S-1)
+                    natural = (model.blocks_from(0, model.embed(x.gather(1, after)), p + 1,
+                                                 [model.embed(x[:, :before + 1])])
+                               if steps > 1 else edited_all.new_zeros(len(bucket), 0, d))            # (Rb, S-1, d)
+                    cols = torch.minimum(torch.arange(before, device=ids.device)[None, :], p[:, None])
+                    contexts = [cache.at(base_row[bucket][:, None], cols)]                          # (Rb, P, d)
+                else:  # blocks 0..L-2 over every position; deeper blocks' keys before p come from them
+                    span = max(int(lengths[bucket].max()), 1)
+                    outputs = model.block_outputs(x[:, :span], depth - 2)                           # (Rb, T, d) each
+                    at = absolute[:, 1:].clamp(max=span - 1)[..., None].expand(-1, -1, d)
+                    natural = outputs[layer].gather(1, at)                                           # (Rb, S-1, d)
+                    contexts = [o[:, :before] for o in outputs[layer:]]
+            # only position p carries the alignment's gradient into block l+1 (the rest is the natural run)
+            feats = model.blocks_from(layer + 1, torch.cat([edited_all[bucket, None], natural], 1), p, contexts,
+                                      query=query, frozen_after=1)                                   # (Rb, M, d)
+            logits = model.readout(feats[real])                                                      # (m, V)
+            target_ids = lab.gather(1, query)[real]                                                  # (m,)
+            which = bucket[:, None].expand_as(real)[real]                                            # (m,)
+            ce_rows = ce_rows.index_add(0, which, F.cross_entropy(logits, target_ids, reduction="none"))
+            tok_ok = tok_ok.index_add(0, which, (logits.argmax(-1) == target_ids).float())
+            tok_n = tok_n.index_add(0, which, torch.ones_like(which, dtype=tok_n.dtype))
+        return ce_rows, tok_ok, tok_n
+
     # ------------------------------------------------------------------ trainer interface
     def loss(self, maps, batch_index: torch.Tensor, directions=None):
         """(1 − ε)·L_behaviour + ε·L_CL over the trained chunks (either term alone when the other is empty);
@@ -572,8 +697,8 @@ class TaskModelProblem(ProblemBase):
         if behaviour:
             total = 0.0
             for group in self._groups(behaviour):
-                if self._head_only_group(group):
-                    ce_rows, _, n_rows = self._head_only_rows(maps, group, rows)        # (G·B,) each
+                if self._frozen_group(group):
+                    ce_rows, _, n_rows = self._frozen_rows(maps, group, rows)           # (G·B,) each
                     sums = ce_rows.view(len(group), -1).sum(1)
                     counts = n_rows.view(len(group), -1).sum(1).clamp(min=1)
                     total = total + (sums / counts).sum()
@@ -640,8 +765,9 @@ class TaskModelProblem(ProblemBase):
                 rows = torch.arange(lo, min(n, lo + self.eval_batch_size), device=self.device)
                 R = len(rows) * len(group)
                 with torch.no_grad():
-                    if self._head_only_group(group):
-                        ce_rows, tok_ok, tok_n = self._head_only_rows(maps, group, rows)        # (R,) each
+                    if self._frozen_group(group):
+                        ce_rows, tok_ok, tok_n = self._frozen_rows(maps, group, rows,
+                                                                   max_rows=self.eval_rows_per_pass)  # (R,) each
                     else:
                         logits, labels, row = self._run(maps, group, [rows] * len(group), rollout=False,
                                                         max_rows=self.eval_rows_per_pass)
