@@ -4,10 +4,12 @@ versus every-direction training, on the same models, data and seed.
     python bench/budget_worth.py --n 3 --budget 3 --steps 150          # ~ minutes on one core
 
 Runs (one process, 1 thread, consecutively; ``--modes``): every direction every step (``every``, ``--steps``
-steps), and ``directions_per_step = budget`` with balanced sampling (``--budget-steps`` steps, default
-enough for as many updates per direction as the every-direction run), its step's gradient either the
-sampled directions' alone (``sampled``) or the gradient memory's (``memory``: each direction's last
-gradient, SAG; ``train.budget_gradients``). Each step is ``MASTrainer.train_step``. Every ``--eval-every``
+steps), and ``directions_per_step = budget`` with each ``--sampling`` (``train.direction_sampling``, default
+balanced; ``--budget-steps`` steps, default enough for as many updates per direction as the every-direction
+run), its step's gradient either the
+sampled directions' alone (``sampled``), the gradient memory's (``memory``: each direction's last
+gradient, SAG; ``train.budget_gradients``) or the sampled one with each alignment's gradient rescaled to
+estimate its every-direction gradient (``scaled``: bench-only, a ``sync_gradients`` hook). Each step is ``MASTrainer.train_step``. Every ``--eval-every``
 steps it records each direction's validation trial IIA (teacher forced), how many updates each direction
 has had and the training CPU seconds so far (validations excluded), so the runs can be read at equal
 updates per direction, equal steps and equal CPU; ``--cosine`` adds, at the same points, the cosine between
@@ -43,6 +45,30 @@ def _cosine_to_full(trainer, before: dict, rows) -> float:
     return float(torch.nn.functional.cosine_similarity(used, full, dim=0))
 
 
+def _per_matrix_scaling(trainer):
+    """A ``sync_gradients`` hook for ``--modes scaled``: scale each alignment's gradient by
+    (b / D) · (f_m / c_m), where the step trains b of D directions, c_m of them touch alignment m (as source
+    or target) and f_m of all trained directions do. The step's loss is the mean over its b directions, so
+    alignment m's gradient is (1/b)·Σ of its c_m sampled directions' gradients; scaled, it is the unbiased
+    per-matrix estimate of the every-direction gradient (1/D)·Σ over its f_m directions, whatever the number
+    of sampled directions that touch m this step (by_target: a target's n, then a source's one or two)."""
+    every = trainer.trained_directions
+
+    def touching(m, directions):
+        return sum(1 for s, t in directions if m in (s, t))
+
+    def hook(alignments):
+        directions = trainer.step_directions(trainer.step)
+        if directions is None:
+            return
+        for m, a in enumerate(alignments):
+            c = touching(m, directions)
+            for p in a.parameters():
+                if p.grad is not None and c:
+                    p.grad.mul_(len(directions) / len(every) * touching(m, every) / c)
+    return hook
+
+
 def run(models: list[str], budget: int | None, steps: int, eval_every: int, n_train: int, n_valid: int,
         lr: float, sampling: str, gradients: str = "sampled", cosine: bool = False) -> dict:
     import torch
@@ -56,16 +82,18 @@ def run(models: list[str], budget: int | None, steps: int, eval_every: int, n_tr
         models=[{"name": m, "site": "hidden"} for m in models], variables=["full"], k=32, directions="all",
         data={"n_train": n_train, "n_valid": n_valid}, progress=False,
         train={"batch_size": 128, "lr": lr, "directions_per_step": budget, "direction_sampling": sampling,
-               "budget_gradients": gradients})
+               "budget_gradients": "sampled" if gradients == "scaled" else gradients})
     problem = build_problem(config)
     alignments = build_alignments(config, problem)
     trainer = MASTrainer(alignments, problem, TrainerConfig(**{**to_dict(config.train), "seed": 0}), progress=False,
                          callbacks=[])
+    if gradients == "scaled":
+        trainer.sync_gradients = _per_matrix_scaling(trainer)
     every = trainer.trained_directions
     updates = {d: 0 for d in every}
     curve, cosines = [], []
     cpu = 0.0
-    label = "every" if budget is None else gradients
+    label = "every" if budget is None else f"{gradients}/{sampling}"
     for step in range(steps + 1):
         if step % eval_every == 0 or step == steps:
             with torch.no_grad():
@@ -104,12 +132,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--budget-steps", type=int, default=None,
                         help="steps of the budgeted runs [as many updates per direction as --steps]")
     parser.add_argument("--modes", nargs="+", default=["every", "sampled", "memory"],
-                        choices=["every", "sampled", "memory"])
+                        choices=["every", "sampled", "memory", "scaled"])
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-valid", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--sampling", default="balanced")
+    parser.add_argument("--sampling", nargs="+", default=["balanced"],
+                        choices=["uniform", "balanced", "by_target"],
+                        help="train.direction_sampling of the budgeted runs; each budgeted mode runs once per "
+                             "sampling given")
     parser.add_argument("--out", default="budget_worth", help="result name under bench/results/")
     parser.add_argument("--cosine", action="store_true",
                         help="at every --eval-every steps, the cosine between the step's gradient and the "
@@ -124,11 +155,12 @@ def main(argv=None) -> dict:
               "lr": args.lr, "runs": []}
     for mode in args.modes:
         budget = None if mode == "every" else args.budget
-        result["runs"].append(run(args.models, budget, args.steps if budget is None else budget_steps,
-                                  args.eval_every, args.n_train, args.n_valid, args.lr, args.sampling,
-                                  "sampled" if budget is None else mode, args.cosine))
-        result["machine_after"] = machine_info()
-        write_result(args.out, result)   # after every run: a killed bench keeps what it finished
+        for sampling in args.sampling[:1] if budget is None else args.sampling:   # every: sampling unused
+            result["runs"].append(run(args.models, budget, args.steps if budget is None else budget_steps,
+                                      args.eval_every, args.n_train, args.n_valid, args.lr, sampling,
+                                      "sampled" if budget is None else mode, args.cosine))
+            result["machine_after"] = machine_info()
+            write_result(args.out, result)   # after every run: a killed bench keeps what it finished
     return result
 
 
