@@ -561,8 +561,8 @@ def convergence_rows(runs: list[tuple[int, np.ndarray, np.ndarray]], names: list
         own = [mat[i, i] for _, mat, _ in runs]
         cross_out = [np.mean([mat[i, j] for j in range(len(names)) if j != i]) for _, mat, _ in runs]
         cross_in = [np.mean([mat[j, i] for j in range(len(names)) if j != i]) for _, mat, _ in runs]
-        joint, lo, hi = t_interval(own) if own else (math.nan,) * 3
-        a, alo, ahi = t_interval(alone.get(short(m), []))
+        joint, lo, hi = _clipped(t_interval(own) if own else (math.nan,) * 3)
+        a, alo, ahi = _clipped(t_interval(alone.get(short(m), [])))
         rows.append({"model": short(m), "seeds": len(own), "own_joint": joint, "own_joint_lo": lo,
                      "own_joint_hi": hi, "alone_seeds": len(alone.get(short(m), [])), "own_alone": a,
                      "own_alone_lo": alo, "own_alone_hi": ahi,
@@ -570,6 +570,12 @@ def convergence_rows(runs: list[tuple[int, np.ndarray, np.ndarray]], names: list
                      "cross_as_source": float(np.mean(cross_out)) if cross_out else math.nan,
                      "cross_as_target": float(np.mean(cross_in)) if cross_in else math.nan})
     return rows
+
+
+def _clipped(interval: tuple[float, float, float]) -> tuple[float, float, float]:
+    """(mean, lo, hi) with the bounds clipped to [0, 1] (IIA is a proportion; NaN stays NaN)."""
+    mean, lo, hi = interval
+    return mean, (max(lo, 0.0) if _num(lo) else lo), (min(hi, 1.0) if _num(hi) else hi)
 
 
 def block_lines(runs: list[tuple[int, np.ndarray, np.ndarray]], names: list[str]) -> list[str]:
