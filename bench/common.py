@@ -18,6 +18,13 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# the tiny Llama/Qwen2 shapes of the middle-layer step benches (bench/pyvene_das.py, bench/llm_mas_step.py)
+MIDDLE_LAYER_SIZES = {
+    "256d-4L": dict(hidden_size=256, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=704),
+    "512d-8L": dict(hidden_size=512, n_layers=8, n_heads=8, n_kv_heads=4, intermediate_size=1408),
+    "64d-2L": dict(hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128),  # --quick
+}
+
 
 def machine_info() -> dict:
     """Cores, load average, torch version and thread settings (recorded in every result file)."""

@@ -1,10 +1,10 @@
 """FLOPs of an every-direction MAS step at n = 15 against what this CPU's cores can do.
 
-    python bench/flop_rate.py                                   # n = 15, Transformers at layer0, 1 thread
-    python bench/flop_rate.py --transformer-site hidden --n 9
+    python bench/flop_rate.py                                   # n = 15, every model at hidden, 1 thread
+    python bench/flop_rate.py --transformer-site layer0 --n 9
 
-A step (materialize, loss, backward, Adam; every direction, batch 128) is counted once with
-``torch.utils.flop_counter.FlopCounterMode`` (matrix products, attention; element-wise work is not
+A step (``MASTrainer.train_step``: materialize, loss, backward, Adam; every direction, batch 128) is counted
+once with ``torch.utils.flop_counter.FlopCounterMode`` (matrix products, attention; element-wise work is not
 counted, so the rate below is a lower bound of the work done) and timed over a few steps (median process
 CPU time). The machine's peak is measured the same way on one thread: a square float32 matrix product
 (the best case of this BLAS) and products of the step's own shapes (128-row operands against 128-512-wide
@@ -47,7 +47,7 @@ def peak_gflops(shapes: list[tuple[int, int, int]], seconds: float = 1.0) -> dic
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=15)
-    parser.add_argument("--transformer-site", default="layer0")
+    parser.add_argument("--transformer-site", default="hidden")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--n-train", type=int, default=256)
@@ -73,24 +73,17 @@ def main(argv=None) -> dict:
     alignments = build_alignments(config, problem)
     trainer = MASTrainer(alignments, problem, TrainerConfig(**{**to_dict(config.train), "seed": 0}), progress=False)
 
-    def one_step(step: int) -> None:
-        rows = trainer._batch(step)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss, _ = problem.loss(trainer.materialize(), rows)
-        loss.backward()
-        trainer.optimizer.step()
-
-    one_step(0)
+    trainer.train_step()  # warm-up
     counter = FlopCounterMode(display=False)
     with counter:
-        one_step(1)
+        trainer.train_step()
     flops = counter.get_total_flops()
     by_op = {str(op): int(v) for op, v in sorted(counter.get_flop_counts().get("Global", {}).items(),
                                                    key=lambda kv: -kv[1])}
     cpu = []
-    for step in range(2, 2 + args.steps):
+    for _ in range(args.steps):
         c0 = time.process_time()
-        one_step(step)
+        trainer.train_step()
         cpu.append(time.process_time() - c0)
     step_cpu = median(cpu)
     peaks = peak_gflops([(2048, 2048, 2048), (128, 128, 384), (128, 128, 512), (128, 512, 128)])

@@ -32,15 +32,20 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from common import interleaved, machine_info, median, print_table, ratio, set_threads, write_result  # noqa: E402
+from common import (  # noqa: E402
+    MIDDLE_LAYER_SIZES,
+    interleaved,
+    machine_info,
+    median,
+    print_table,
+    ratio,
+    set_threads,
+    write_result,
+)
 
 from llm_mas.resources import peak_resident_mib, resident_mib  # noqa: E402
 
-SIZES = {
-    "256d-4L": dict(hidden_size=256, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=704),
-    "512d-8L": dict(hidden_size=512, n_layers=8, n_heads=8, n_kv_heads=4, intermediate_size=1408),
-    "64d-2L": dict(hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128),  # --quick
-}
+SIZES = MIDDLE_LAYER_SIZES
 BACKENDS = ("torch", "nnsight")
 N_TRAIN, N_VALID, BATCH = 64, 16, 8
 

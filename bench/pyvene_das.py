@@ -40,7 +40,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import interleaved, machine_info, median, print_table, ratio, set_threads, write_result  # noqa: E402
+from common import (  # noqa: E402
+    MIDDLE_LAYER_SIZES,
+    interleaved,
+    machine_info,
+    median,
+    print_table,
+    ratio,
+    set_threads,
+    write_result,
+)
 
 from llm_mas.alignments import make_alignment  # noqa: E402
 from llm_mas.backends import Edit, get_backend  # noqa: E402
@@ -48,11 +57,7 @@ from llm_mas.backends.resume import LayerResume  # noqa: E402
 from llm_mas.interventions import intervene  # noqa: E402
 from llm_mas.sites import Site  # noqa: E402
 
-SIZES = {
-    "256d-4L": dict(hidden_size=256, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=704),
-    "512d-8L": dict(hidden_size=512, n_layers=8, n_heads=8, n_kv_heads=4, intermediate_size=1408),
-    "64d-2L": dict(hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128),  # --quick
-}
+SIZES = MIDDLE_LAYER_SIZES
 VARIANTS = ("ours-hooks", "ours-nnsight", "ours-resume", "pyvene")
 POSITIONS_PER_ROW = 4
 

@@ -541,8 +541,7 @@ def mean_matrix(runs: list[tuple[int, np.ndarray, np.ndarray]], n: int) -> tuple
     mean, cis = stack.mean(0), np.full((n, n, 2), np.nan)
     for i in range(n):
         for j in range(n):
-            _, lo, hi = t_interval(stack[:, i, j])
-            cis[i, j] = [max(lo, 0.0), min(hi, 1.0)]
+            cis[i, j] = _clipped(t_interval(stack[:, i, j]))[1:]
     return mean, cis
 
 

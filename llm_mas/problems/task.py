@@ -385,6 +385,23 @@ class TaskModelProblem(ProblemBase):
         order = torch.argsort(needed, stable=True)
         return list(order.chunk(3))
 
+    @staticmethod
+    def _concat(chunks: Sequence[TaskPairs], rows: Sequence[torch.Tensor]):
+        """The batches of `chunks` on their `rows`, as one run: (batches, cat, chunk_of, local), where
+        ``cat(field, pad)`` concatenates a (rows, W_i) field of every batch padded to the widest, chunk_of
+        (R,) is each run row's chunk and local (R,) its row in that chunk's batch."""
+        batches = [c.batch(r) for c, r in zip(chunks, rows)]
+        width = max(int(b.input_ids.shape[1]) for b in batches)
+
+        def cat(field: str, value):
+            return torch.cat([F.pad(getattr(b, field), (0, width - getattr(b, field).shape[1]), value=value)
+                              for b in batches])
+
+        device = batches[0].input_ids.device
+        chunk_of = torch.cat([torch.full((len(r),), i, device=device) for i, r in enumerate(rows)])
+        local = torch.cat([torch.arange(len(r), device=device) for r in rows])            # (R,) batch row
+        return batches, cat, chunk_of, local
+
     def _run(self, maps, chunks: Sequence[TaskPairs], rows: Sequence[torch.Tensor], rollout: bool,
              max_rows: int | None = None):
         """Run the target of `chunks` on their concatenated `rows` (rows of chunk i follow those of chunk i-1).
@@ -399,17 +416,9 @@ class TaskModelProblem(ProblemBase):
             return self._run_recurrent(maps, chunks, rows, max_rows)
         model = self.models[chunks[0].target].model
         site = self.models[chunks[0].target].site
-        batches = [c.batch(r) for c, r in zip(chunks, rows)]
-        width = max(int(b.input_ids.shape[1]) for b in batches)
-
-        def cat(field: str, value):
-            return torch.cat([F.pad(getattr(b, field), (0, width - getattr(b, field).shape[1]), value=value)
-                              for b in batches])
-
+        batches, cat, chunk_of, local = self._concat(chunks, rows)
         inputs, labels = cat("input_ids", 0), cat("labels", IGNORE_INDEX)                      # (R, W)
         free, edit_mask = cat("free_mask", False), cat("edit_mask", False)
-        chunk_of = torch.cat([torch.full((len(r),), i, device=inputs.device) for i, r in enumerate(rows)])
-        local = torch.cat([torch.arange(len(r), device=inputs.device) for r in rows])     # (R,) batch row
         state0 = torch.cat([b.state0 for b in batches]) if chunks[0].fast else None
         needed = (inputs != 0).sum(1)                                                      # (R,) real length
         out_logits, out_labels, out_rows = [], [], []
@@ -452,19 +461,11 @@ class TaskModelProblem(ProblemBase):
         bit for bit on one machine (tested); what is saved is the hooks' bookkeeping, the head's calls and
         the time steps past the last scored label."""
         model = self.models[chunks[0].target].model
-        batches = [c.batch(r) for c, r in zip(chunks, rows)]
-        width = max(int(b.input_ids.shape[1]) for b in batches)
-
-        def cat(field: str, value):
-            return torch.cat([F.pad(getattr(b, field), (0, width - getattr(b, field).shape[1]), value=value)
-                              for b in batches])
-
+        batches, cat, chunk_of, local = self._concat(chunks, rows)
         inputs, labels = cat("input_ids", 0), cat("labels", IGNORE_INDEX)                      # (R, W)
         state0 = torch.cat([b.state0 for b in batches])                                         # (R, d_t)
-        chunk_of = torch.cat([torch.full((len(r),), i, device=inputs.device) for i, r in enumerate(rows)])
-        local = torch.cat([torch.arange(len(r), device=inputs.device) for r in rows])     # (R,) batch row
         buckets = self._buckets((inputs != 0).sum(1))
-        col = torch.arange(1, width + 1, device=inputs.device)
+        col = torch.arange(1, inputs.shape[1] + 1, device=inputs.device)
         last = torch.where(labels != IGNORE_INDEX, col, 0).amax(1)                              # (R,) 0: none
         widths = [max(int(last[bucket].max()), 1) for bucket in buckets]
         if max_rows is not None:
