@@ -113,6 +113,7 @@ class RecipeConfig:
     reference_pairs: list[ReferencePair] = field(default_factory=list)
     site: str = "hidden"
     arch_sites: dict[str, str] = field(default_factory=dict)  # architecture -> site, overriding `site` for it
+    standardize: bool = False         # z-score every model's latents inside its alignment (models.i.standardize)
     k: int = 32
     mas_preset: str = "llm_mas/presets/three_grus.yaml"
     mas_overrides: list[str] = field(default_factory=list)
@@ -239,7 +240,8 @@ def plan(config: RecipeConfig, names: list[str], mapping: dict[str, str], overri
         return mas_config_from_preset(
             config.mas_preset, [*overrides, *extra, *sampled],
             name=run_name, out_dir=str(mas_dir), seed=seed, device=config.device, progress=progress,
-            models=[{"name": mapping[m], "site": site_of(config, m)} for m in models], k=config.k, directions="all",
+            models=[{"name": mapping[m], "site": site_of(config, m), "standardize": config.standardize} for m in models],
+            k=config.k, directions="all",
             variables=["full"])
 
     def rows(models: list[str], kind: str, n_unlike: int, only: str | None = None):
