@@ -70,7 +70,8 @@ def _per_matrix_scaling(trainer):
 
 
 def run(models: list[str], budget: int | None, steps: int, eval_every: int, n_train: int, n_valid: int,
-        lr: float, sampling: str, gradients: str = "sampled", cosine: bool = False) -> dict:
+        lr: float, sampling: str, gradients: str = "sampled", cosine: bool = False,
+        standardize: bool = False) -> dict:
     import torch
 
     from llm_mas.config import to_dict
@@ -79,7 +80,7 @@ def run(models: list[str], budget: int | None, steps: int, eval_every: int, n_tr
     from llm_mas.trainer import MASTrainer, TrainerConfig
 
     config = config_from_kwargs(
-        models=[{"name": m, "site": "hidden"} for m in models], variables=["full"], k=32, directions="all",
+        models=[{"name": m, "site": "hidden", "standardize": standardize} for m in models], variables=["full"], k=32, directions="all",
         data={"n_train": n_train, "n_valid": n_valid}, progress=False,
         train={"batch_size": 128, "lr": lr, "directions_per_step": budget, "direction_sampling": sampling,
                "budget_gradients": "sampled" if gradients == "scaled" else gradients})
@@ -141,6 +142,8 @@ def main(argv=None) -> dict:
                         choices=["uniform", "balanced", "by_target"],
                         help="train.direction_sampling of the budgeted runs; each budgeted mode runs once per "
                              "sampling given")
+    parser.add_argument("--standardize", action="store_true",
+                        help="z-score every model's latents inside its alignment (models.i.standardize)")
     parser.add_argument("--out", default="budget_worth", help="result name under bench/results/")
     parser.add_argument("--cosine", action="store_true",
                         help="at every --eval-every steps, the cosine between the step's gradient and the "
@@ -152,13 +155,13 @@ def main(argv=None) -> dict:
     n_directions = len(args.models) ** 2
     budget_steps = args.budget_steps or args.steps * math.ceil(n_directions / args.budget)
     result = {"machine": machine_info(), "models": args.models, "steps": args.steps, "budget_steps": budget_steps,
-              "lr": args.lr, "runs": []}
+              "lr": args.lr, "standardize": args.standardize, "runs": []}
     for mode in args.modes:
         budget = None if mode == "every" else args.budget
         for sampling in args.sampling[:1] if budget is None else args.sampling:   # every: sampling unused
             result["runs"].append(run(args.models, budget, args.steps if budget is None else budget_steps,
                                       args.eval_every, args.n_train, args.n_valid, args.lr, sampling,
-                                      "sampled" if budget is None else mode, args.cosine))
+                                      "sampled" if budget is None else mode, args.cosine, args.standardize))
             result["machine_after"] = machine_info()
             write_result(args.out, result)   # after every run: a killed bench keeps what it finished
     return result

@@ -47,6 +47,7 @@ from .files import (
     atomic_write_text,
     load_torch_state,
 )
+from .interventions import Intervention
 from .problems import PROBLEMS, InterventionProblem, Record, Shard
 from .problems.kinds import model_fingerprint
 from .problems.manifest import write_alignment_manifest
@@ -87,6 +88,39 @@ def build_alignments(config: MASConfig, problem: InterventionProblem) -> nn.Modu
         alignments.append(make_alignment(m.alignment, width, k=k, seed=config.seed * 101 + i, standardize=std,
                                          **m.alignment_options))
     return nn.ModuleList(alignments).to(config.device)
+
+
+SCALE_RATIO_NOTICE = 2.0   # latent scales further apart than this get the standardisation notice
+
+
+def latent_scale_notice(config: MASConfig, problem: InterventionProblem) -> str | None:
+    """A line for the run's log when the models' latents differ in scale by more than ``SCALE_RATIO_NOTICE``×
+    among the models whose alignment keeps lengths (orthogonal, low_rank, gram_schmidt, identity) and is not
+    standardised, else None. Such a map can rotate but not rescale or shift, so a direction between models
+    of very different scale cannot be aligned whatever the training: the shipped GRU (0.6) and LSTM (3.6,
+    its cell state included) are such a pair. Scale: the root mean square
+    of the site's training values, sqrt(mean over features of mean² + std²); a standardised model counts
+    1 (its aligned space is z-scored); models whose alignment can rescale (``linear``) are left out."""
+    stats = problem.latent_stats
+    own_maps = type(problem.intervention).own_maps is not Intervention.own_maps   # stitches: maps per direction
+    if len(config.models) < 2 or len(stats) != len(config.models) or own_maps:
+        return None
+    scales = {}
+    for i, (m, (mean, std)) in enumerate(zip(config.models, stats)):
+        if not ALIGNMENTS[m.alignment].isometric:
+            continue
+        scales[i] = 1.0 if m.standardize else float((mean.double().square() + std.double().square()).mean().sqrt())
+    plain = [i for i in scales if not config.models[i].standardize]
+    if len(scales) < 2 or not plain or min(scales.values()) <= 0:
+        return None
+    ratio = max(scales.values()) / min(scales.values())
+    if ratio <= SCALE_RATIO_NOTICE:
+        return None
+    listed = ", ".join(f"{config.models[i].name} {scales[i]:.2g}" for i in scales)
+    return (f"[{config.name}] note: the models' latents differ {ratio:.1f}x in scale (root mean square of the "
+            f"site's values: {listed}); a length-keeping alignment cannot rescale, so directions between "
+            f"models of different scale are capped. Set models.<i>.standardize: true (models "
+            f"{', '.join(str(i) for i in plain)}) to z-score each model's latents inside its alignment.")
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -312,6 +346,9 @@ def _run_locked(config: MASConfig, run_dir: RunDir, shard: Shard | None, log: Ca
     say(f"[{config.name}] {processes}pairs built and latents cached in {time.perf_counter() - t0:.1f}s "
         f"({len(problem.models)} models, k={problem.k}, variables {problem.all_variables}, "
         f"{'stepwise' if problem.stepwise else 'indywise'}, device {config.device})")
+    notice_line = latent_scale_notice(config, problem)
+    if notice_line is not None:
+        say(notice_line)
     alignments = build_alignments(config, problem)
     if shard is not None:
         shard.broadcast(alignments)
