@@ -91,6 +91,8 @@ def test_standardising_makes_the_lstm_reachable():
             records = problem.evaluate(trainer.materialize(), split="valid")
         iia[z] = {(c.source, c.target): r.trial_iia for c, r in zip(problem.splits["valid"], records)}
     plain, zscored = iia[False], iia[True]
-    assert zscored[(0, 1)] > plain[(0, 1)] + 0.3, (plain, zscored)     # GRU -> LSTM
-    assert zscored[(1, 1)] > plain[(1, 1)] + 0.15, (plain, zscored)    # the LSTM's own direction
+    # measured here: GRU -> LSTM 0.23 -> 0.92, the LSTM's own 0.55 -> 1.00, the GRU's own 0.96 -> 1.00
+    assert zscored[(0, 1)] > plain[(0, 1)] + 0.5, (plain, zscored)     # GRU -> LSTM
+    assert zscored[(1, 1)] > plain[(1, 1)] + 0.3, (plain, zscored)     # the LSTM's own direction
+    assert zscored[(1, 1)] >= 0.95, zscored
     assert zscored[(0, 0)] >= 0.9, zscored                             # the GRU's own is not lost
