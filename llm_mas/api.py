@@ -24,7 +24,8 @@ from .errors import ConfigError, MASError
 def compare(models: Sequence[Any], site: str | Sequence[str] = "hidden", task: str | None = None,
             k: int | None = None, variables: Sequence[str] | None = None, stepwise: bool = False,
             alignment: str = "orthogonal", name: str | None = None, out_dir: str = "runs",
-            overrides: Sequence[str] = (), data: Any = None, names: Sequence[str] | None = None, **config):
+            overrides: Sequence[str] = (), data: Any = None, names: Sequence[str] | None = None,
+            standardize: bool = False, **config):
     """Run MAS between `models` and return a `MASResult`.
 
     models: shipped task-model names or checkpoint directories, ``torch.nn.Module`` objects (any module;
@@ -36,6 +37,10 @@ def compare(models: Sequence[Any], site: str | Sequence[str] = "hidden", task: s
     site: one site for every model or one per model ("embeddings", "hidden", "layer{l}", a module path or
           a HookPoint's path; at an nn.RNN/GRU/LSTM: its state at each step).
     names: display names of the models (default: the checkpoint's name, the module's class name).
+    standardize: z-score every model's latents (per feature, training statistics) inside its alignment
+          (``models.i.standardize``; an entry mapping's own key wins). Use it when the models' latents differ
+          in scale or offset (different architectures, an LSTM's cell state): an orthogonal map cannot
+          rescale, and the run's log names the models when their scales differ more than 2x.
     task: optional check that every model was trained on this task.
     config: further `MASConfig` fields as keyword arguments (data=..., train=..., directions=..., seed=...).
     overrides: ``key.sub=value`` strings applied last (same syntax as the CLI).
@@ -70,6 +75,7 @@ def compare(models: Sequence[Any], site: str | Sequence[str] = "hidden", task: s
                               f"{type(m).__name__}")
         entry.setdefault("site", s)
         entry.setdefault("alignment", alignment)
+        entry.setdefault("standardize", standardize)
         if names is not None:
             entry["name"] = names[i]
         entries.append(entry)

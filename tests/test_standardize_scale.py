@@ -96,3 +96,15 @@ def test_standardising_makes_the_lstm_reachable():
     assert zscored[(1, 1)] > plain[(1, 1)] + 0.3, (plain, zscored)     # the LSTM's own direction
     assert zscored[(1, 1)] >= 0.95, zscored
     assert zscored[(0, 0)] >= 0.9, zscored                             # the GRU's own is not lost
+
+
+def test_compare_standardizes_every_model_unless_an_entry_says_otherwise(tmp_path):
+    import yaml
+
+    import llm_mas
+
+    llm_mas.compare(models=[{"name": GRU, "standardize": False}, LSTM], standardize=True, k=32, name="z",
+                    out_dir=str(tmp_path), data={"n_train": 32, "n_valid": 16},
+                    train={"max_steps": 0, "batch_size": 16})
+    saved = yaml.safe_load((tmp_path / "z" / "config.yaml").read_text())
+    assert [m["standardize"] for m in saved["models"]] == [False, True]
