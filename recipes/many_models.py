@@ -322,8 +322,11 @@ def execute_with_cost(plans: list[PlannedRun], search_dirs, selected, after_each
                       minutes_per_run: float = 0.0) -> dict:
     """`execute_plan` one plan at a time, measuring the peak resident memory of every run that trains
     (written to ``cost.json`` in its run directory, so reused runs keep it). With `minutes_per_run` > 0 a
-    timer creates the run's ``STOP`` file after that long (the trainer then ends at its best checkpoint)."""
+    timer creates the run's ``STOP`` file after that long (the trainer then ends at its best checkpoint).
+    ``after_each(outcomes)`` (the outputs' rewrite, figures included: seconds) follows every run that trained
+    or failed, and ends the call once if the last plan was only reused or skipped."""
     outcomes: dict[str, RunOutcome] = {p.name: RunOutcome(p.name, "pending") for p in plans}
+    fresh = True   # outcomes changed since the last after_each
     for i, plan_ in enumerate(plans, 1):
         log(f"[{i}/{len(plans)}] {plan_.name} ({len(plan_.config.models)} models)")
         stop_file = Path(plan_.config.out_dir) / plan_.config.name / "STOP"
@@ -341,6 +344,11 @@ def execute_with_cost(plans: list[PlannedRun], search_dirs, selected, after_each
                 {"peak_rss_mb": round(memory.peak / 2**20, 1),
                  "peak_rss_above_start_mb": round((memory.peak - memory.before) / 2**20, 1)}))
         outcomes[plan_.name] = outcome
+        fresh = True
+        if outcome.status in ("trained", "failed"):
+            after_each(outcomes)
+            fresh = False
+    if fresh:
         after_each(outcomes)
     return outcomes
 

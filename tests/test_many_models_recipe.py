@@ -172,3 +172,30 @@ def test_mean_matrix_over_seeds_and_own_directions():
     assert rows[0]["cross_as_source"] == pytest.approx((0.95 + 0.6) / 2)
     lines = many_models.block_lines(runs, names)
     assert lines[2].startswith("| 0 | 0.700 |") and lines[2].endswith("| 0.500 | 1/2 |")
+
+
+def test_outputs_are_rewritten_after_runs_that_trained_and_once_at_the_end(monkeypatch, tmp_path):
+    """--report reuses every run: one rewrite (figures take seconds each), not one per run."""
+    from types import SimpleNamespace
+
+    from recipes.common.plans import RunOutcome
+
+    statuses = iter(["reused", "trained", "reused", "failed", "reused", "reused"])
+
+    def fake_execute(plans, search_dirs, log, selected):
+        return {plans[0].name: RunOutcome(plans[0].name, next(statuses))}
+
+    monkeypatch.setattr(many_models, "execute_plan", fake_execute)
+    plans = [SimpleNamespace(name=f"run{i}", config=SimpleNamespace(models=[0], out_dir=str(tmp_path),
+                                                                    name=f"run{i}")) for i in range(6)]
+    seen = []
+    many_models.execute_with_cost(plans, [], None, lambda o: seen.append([o[p.name].status for p in plans]),
+                                  log=lambda s: None)
+    # after run1 (trained), after run3 (failed), and once at the end for the reused tail
+    assert [s.count("pending") for s in seen] == [4, 2, 0]
+    assert seen[-1] == ["reused", "trained", "reused", "failed", "reused", "reused"]
+    # every run reused (--report): exactly one rewrite
+    statuses = iter(["reused"] * 6)
+    seen.clear()
+    many_models.execute_with_cost(plans, [], None, lambda o: seen.append(1), log=lambda s: None)
+    assert seen == [1]
