@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..errors import ConfigError, DataError, InterventionError, choice_error
 from ..hooks import HookPoint
@@ -167,6 +168,10 @@ class _RecurrentTaskModel(TaskModel):
     # layer 0 may read tokens through the folded input table (`_folded_inputs`); False: always the plain
     # products (the reference the folded path is tested and benchmarked against)
     fold_inputs: bool = True
+    # `continue_from` with a gradient in the latent only runs the recurrence with a hand-written backward
+    # (`_continue_frozen`, GRU); False: the fused kernel under autograd (the reference it is tested and
+    # benchmarked against)
+    hand_backward: bool = False
 
     def _fused(self, layer: int, x: torch.Tensor, latent: torch.Tensor, need_latents: bool,
                tokens: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -253,9 +258,56 @@ class _RecurrentTaskModel(TaskModel):
         hooked, up to rounding)."""
         self._one_layer("continue_from")
         tokens = input_ids if self._folded_inputs(hooks_called=False) else None
+        if tokens is not None and self._hand_backward(latent):
+            return self._continue_frozen(latent, tokens)
         x = self.embed(input_ids) if tokens is None else None  # the folded kernel reads the tokens
         _, out, _ = self._fused(0, x, latent, need_latents=False, tokens=tokens)
         return out
+
+    # whether `continue_packed` exists for this architecture (the GRU's)
+    packed_continuation: bool = False
+
+    def continue_packed(self, latent: torch.Tensor, input_ids: torch.Tensor, lengths: torch.Tensor
+                        ) -> torch.Tensor:
+        """`continue_from` for rows of different lengths in one run, without hooks: latent (R, d), input_ids
+        (R, W) and lengths (R,) with rows sorted by length, longest first; row i reads input_ids[i,
+        :lengths[i]] after latent[i]. Returns the features (sum(lengths), out), packed time-major as torch's
+        packed sequences: step t's rows 0..b_t - 1, b_t = #(lengths > t). The numbers of `continue_from`
+        row by row, up to rounding; no step runs past a row's length, and one kernel call serves every
+        length (a shrinking batch instead of one run per length bucket)."""
+        self._one_layer("continue_packed")
+        if not self.packed_continuation:
+            raise ConfigError(f"continue_packed runs GRU models only; this is a {self.arch}: use continue_from")
+        if lengths.numel() > 1 and bool((lengths[1:] > lengths[:-1]).any()):
+            raise DataError("continue_packed needs rows sorted by length, longest first; sort latent, input_ids "
+                            "and lengths by lengths (descending) before the call")
+        longest = int(lengths[0]) if lengths.numel() else 0
+        if longest > input_ids.shape[1]:
+            raise DataError(f"a row's length {longest} exceeds the {input_ids.shape[1]} input columns")
+        if longest == 0:
+            return latent.new_zeros(0, self._output_width)
+        running = torch.arange(longest, device=lengths.device)[:, None] < lengths[None, :]  # (S, R)
+        batch_sizes = running.sum(1).tolist()
+        tokens = input_ids[:, :longest].T[running]                                         # (N,) time-major
+        if self._folded_inputs(hooks_called=False) and self._hand_backward(latent):
+            return self._continue_frozen(latent, tokens, batch_sizes)
+        return self._packed(latent, tokens, batch_sizes)
+
+    def _packed(self, latent: torch.Tensor, tokens: torch.Tensor, batch_sizes: list[int]) -> torch.Tensor:
+        """The packed run of `continue_packed` through the fused kernel (under autograd)."""
+        raise NotImplementedError
+
+    def _hand_backward(self, latent: torch.Tensor) -> bool:
+        """Whether `continue_from` may run the recurrence with a hand-written backward (`_continue_frozen`):
+        the architecture has one (``hand_backward``), a gradient is asked of the latent and of nothing else
+        (the recurrent weights are frozen; the inputs are fixed tokens, `_folded_inputs`). Otherwise, and
+        without a gradient (evaluation), the fused kernel under autograd."""
+        return (self.hand_backward and torch.is_grad_enabled() and latent.requires_grad
+                and not any(p.requires_grad for p in self.rnns[0].parameters()))
+
+    def _continue_frozen(self, latent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """`continue_from` through frozen weights and fixed tokens (B, S), differentiable in the latent only."""
+        raise NotImplementedError
 
     def _input_table(self, layer: int) -> torch.Tensor:
         """(V, gates): each token's input product embed[v] · W_ih of layer 0 (no bias)."""
@@ -324,6 +376,94 @@ class _RecurrentTaskModel(TaskModel):
         return self.readout(x), new_cache  # (B, V)
 
 
+class _GRUContinuation(torch.autograd.Function):
+    """A one-layer GRU run from a latent that needs a gradient, through frozen weights and fixed token inputs:
+    the only gradient asked is the initial latent's, so the backward is a hand-written loop through time that
+    carries dL/dh alone (one product with W_hh per step), with no weight or input gradient and no autograd
+    graph of the per-step operations (whose bookkeeping costs more than their arithmetic at these sizes).
+
+    forward(h0 (R, d), tokens (N,), batch_sizes (S,) list, gates (V, 3d), gate_n (V, d), w_hh (3d, d),
+    tanh_by_sigmoid) -> latents (N, d), packed time-major like `torch.nn.utils.rnn.PackedSequence`: step t
+    runs rows 0..batch_sizes[t]-1 (non-increasing), from h0 at step 0, on tokens[offset_t:offset_t +
+    batch_sizes[t]]. Per token, gates holds the input part of the reset and update pre-activations with both
+    biases (``x W_ir^T + b_ir + b_hr``, the same for z) and ``b_hn`` in its last d columns, gate_n the input
+    part of the candidate, ``x W_in^T + b_in``. Per step, as `torch.gru` on CPU: ``a = gates[x] + h W_hh^T``
+    (one product; its last d columns are ``h W_hn^T + b_hn``), ``r, z = sigmoid(a_r), sigmoid(a_z)``,
+    ``n = tanh(gate_n[x] + r a_n)``, ``h = n + z (h - n)``: the same numbers up to rounding.
+
+    tanh_by_sigmoid: n as ``2 sigmoid(2u) - 1`` (the factor 2 folded into the weights and inputs: exact, a
+    power of two); this torch build's tanh costs 5x its sigmoid per element. Rows of h0 past batch_sizes[0]
+    get a zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, h0, tokens, batch_sizes, gates, gate_n, w_hh, tanh_by_sigmoid):
+        d = h0.shape[1]
+        if tanh_by_sigmoid:
+            w_fwd = torch.cat([w_hh[:2 * d], 2 * w_hh[2 * d:]])
+            gates = torch.cat([gates[:, :2 * d], 2 * gates[:, 2 * d:]], -1)
+            gate_n = 2 * gate_n
+        else:
+            w_fwd = w_hh
+        w_fwd = w_fwd.t()
+        # Per step, small tensors only (stretch-wide buffers and passes over them cost more in cache misses
+        # and page faults than they save in calls): the latent, z, and coef = d(pre-activations)/dh_t
+        # (b, 3d), so that a backward step is dL/dpre = dL/dh_t coef, one product and two element-wise ops.
+        h, latents, zs, coefs, offset = h0, [], [], [], 0
+        for b in batch_sizes:
+            x = tokens[offset:offset + b]
+            offset += b
+            h = h[:b]
+            a = torch.addmm(gates.index_select(0, x), h, w_fwd)                          # (b, 3d)
+            rz = torch.sigmoid(a[:, :2 * d])                                              # r, z (b, 2d)
+            r, z, a_n = rz[:, :d], rz[:, d:], a[:, 2 * d:]
+            u = torch.addcmul(gate_n.index_select(0, x), a_n, r)
+            n = torch.sigmoid(u).mul_(2).sub_(1) if tanh_by_sigmoid else torch.tanh(u)
+            h_minus_n = h - n
+            h = torch.addcmul(n, h_minus_n, z)
+            latents.append(h)
+            zs.append(z)
+            # coef = [dn a_n r (1 - r), (h - n) z (1 - z), dn r] with dn = dh/dn dn/du = (1 - z)(1 - n^2)
+            one_minus = 1 - rz
+            dsig = rz * one_minus
+            dn = torch.addcmul(one_minus[:, d:], one_minus[:, d:] * n, n, value=-1)
+            coef = torch.empty_like(a)
+            torch.mul(dn, r, out=coef[:, 2 * d:])
+            if tanh_by_sigmoid:
+                a_n = a_n * 0.5                                                            # exact
+            torch.mul(dn * a_n, dsig[:, :d], out=coef[:, :d])
+            torch.mul(h_minus_n, dsig[:, d:], out=coef[:, d:2 * d])
+            coefs.append(coef)
+        ctx.zs, ctx.coefs, ctx.rows = zs, coefs, h0.shape[0]
+        ctx.save_for_backward(w_hh)
+        return torch.cat(latents) if latents else h0.new_zeros(0, d)                      # (N, d)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (w_hh,) = ctx.saved_tensors
+        zs, coefs = ctx.zs, ctx.coefs
+        d = grad.shape[1]
+        carry, end = None, grad.shape[0]
+        for z, coef in zip(reversed(zs), reversed(coefs)):
+            b = z.shape[0]
+            g = grad[end - b:end]                                                          # dL/dh_t, own output
+            end -= b
+            if carry is not None:                                                          # ... and later steps
+                if carry.shape[0] == b:
+                    g = g + carry
+                else:
+                    g = g.clone()
+                    g[:carry.shape[0]] += carry
+            d_pre = torch.mul(g.unsqueeze(1), coef.view(b, 3, d)).view(b, 3 * d)
+            carry = torch.addmm(g * z, d_pre, w_hh)                                        # dL/dh_{t-1}
+        if carry is None:
+            carry = grad.new_zeros(ctx.rows, d)
+        elif carry.shape[0] < ctx.rows:
+            carry = F.pad(carry, (0, 0, 0, ctx.rows - carry.shape[0]))
+        return carry, None, None, None, None, None, None
+
+
 class GRUTaskModel(_RecurrentTaskModel):
     """Embedding -> GRU(d) per layer -> head Linear(d, 512) -> GELU -> Dropout -> Linear(512, V)."""
 
@@ -345,6 +485,38 @@ class GRUTaskModel(_RecurrentTaskModel):
             weights = (self._input_table(layer).T.contiguous(), rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
             out, last = torch.gru(onehot, h0, weights, True, 1, 0.0, False, False, True)
         return out, out, last[0]
+
+    # the hand-written recurrence (`_GRUContinuation`); tanh_by_sigmoid: its candidate as 2 sigmoid(2u) - 1
+    packed_continuation = True
+    hand_backward = True
+    tanh_by_sigmoid = True
+
+    def _continue_frozen(self, latent, tokens, batch_sizes=None):
+        rnn, d = self.rnns[0], self.d_model
+        table = self._input_table(0) + rnn.bias_ih_l0                                  # (V, 3d)
+        bias_hh = rnn.bias_hh_l0
+        # per token: [x W_ir^T + b_ir + b_hr, x W_iz^T + b_iz + b_hz, b_hn] and x W_in^T + b_in
+        gates = torch.cat([table[:, :2 * d] + bias_hh[:2 * d], bias_hh[2 * d:].expand(len(table), d)], 1)
+        if batch_sizes is None:                                                            # (B, S): every row
+            batch, steps = tokens.shape
+            packed = _GRUContinuation.apply(latent.to(table.dtype), tokens.T.reshape(-1), [batch] * steps, gates,
+                                            table[:, 2 * d:].contiguous(), rnn.weight_hh_l0, self.tanh_by_sigmoid)
+            return packed.view(steps, batch, d).transpose(0, 1)                            # (B, S, d)
+        return _GRUContinuation.apply(latent.to(table.dtype), tokens, batch_sizes, gates,
+                                      table[:, 2 * d:].contiguous(), rnn.weight_hh_l0, self.tanh_by_sigmoid)
+
+    def _packed(self, latent, tokens, batch_sizes):
+        rnn = self.rnns[0]
+        h0 = latent[:batch_sizes[0]].unsqueeze(0).contiguous()                             # (1, b_0, d)
+        sizes = torch.tensor(batch_sizes, dtype=torch.long)
+        if self._folded_inputs(hooks_called=False):
+            x = F.one_hot(tokens, self.vocab_size).to(latent.dtype)                        # (N, V)
+            weights = (self._input_table(0).T.contiguous(), rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+        else:
+            x = self.embed(tokens)                                                         # (N, d)
+            weights = (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+        out, _ = torch.gru(x, sizes, h0, weights, True, 1, 0.0, False, False)
+        return out
 
     def _cell(self, layer, x, latent):
         rnn = self.rnns[layer]
