@@ -392,48 +392,42 @@ class _GRUContinuation(torch.autograd.Function):
     (one product; its last d columns are ``h W_hn^T + b_hn``), ``r, z = sigmoid(a_r), sigmoid(a_z)``,
     ``n = tanh(gate_n[x] + r a_n)``, ``h = n + z (h - n)``: the same numbers up to rounding.
 
-    tanh_by_sigmoid: n as ``2 sigmoid(2u) - 1`` (the factor 2 folded into the weights and inputs: exact, a
-    power of two); this torch build's tanh costs 5x its sigmoid per element. Rows of h0 past batch_sizes[0]
+    tanh_by_sigmoid: n as ``2 sigmoid(2u) - 1`` (2u computed as ``2 gate_n[x] + 2 (r a_n)``: exact, a power of
+    two); this torch build's tanh costs 5x its sigmoid per element. Rows of h0 past batch_sizes[0]
     get a zero gradient.
     """
 
     @staticmethod
     def forward(ctx, h0, tokens, batch_sizes, gates, gate_n, w_hh, tanh_by_sigmoid):
         d = h0.shape[1]
-        if tanh_by_sigmoid:
-            w_fwd = torch.cat([w_hh[:2 * d], 2 * w_hh[2 * d:]])
-            gates = torch.cat([gates[:, :2 * d], 2 * gates[:, 2 * d:]], -1)
-            gate_n = 2 * gate_n
-        else:
-            w_fwd = w_hh
-        w_fwd = w_fwd.t()
+        # one gather a step: [gates, gate_n] per token, gate_n doubled for 2 sigmoid(2u) - 1 (exact)
+        table = torch.cat([gates, 2 * gate_n if tanh_by_sigmoid else gate_n], 1)          # (V, 4d)
+        scale = 2.0 if tanh_by_sigmoid else 1.0
+        w_t = w_hh.t()
         # Per step, small tensors only (stretch-wide buffers and passes over them cost more in cache misses
         # and page faults than they save in calls): the latent, z, and coef = d(pre-activations)/dh_t
         # (b, 3d), so that a backward step is dL/dpre = dL/dh_t coef, one product and two element-wise ops.
         h, latents, zs, coefs, offset = h0, [], [], [], 0
         for b in batch_sizes:
-            x = tokens[offset:offset + b]
+            x = table.index_select(0, tokens[offset:offset + b])                           # (b, 4d)
             offset += b
             h = h[:b]
-            a = torch.addmm(gates.index_select(0, x), h, w_fwd)                          # (b, 3d)
+            a = torch.addmm(x[:, :3 * d], h, w_t)                                          # (b, 3d)
             rz = torch.sigmoid(a[:, :2 * d])                                              # r, z (b, 2d)
             r, z, a_n = rz[:, :d], rz[:, d:], a[:, 2 * d:]
-            u = torch.addcmul(gate_n.index_select(0, x), a_n, r)
+            u = torch.addcmul(x[:, 3 * d:], a_n, r, value=scale)                          # u (or 2u)
             n = torch.sigmoid(u).mul_(2).sub_(1) if tanh_by_sigmoid else torch.tanh(u)
-            h_minus_n = h - n
+            # coef = [dn a_n r (1 - r), (h - n) z (1 - z), dn r] with dn = dh/dn dn/du = (1 - z)(1 - n^2)
+            coef = torch.empty_like(a)
+            h_minus_n = torch.sub(h, n, out=coef[:, d:2 * d])
             h = torch.addcmul(n, h_minus_n, z)
             latents.append(h)
             zs.append(z)
-            # coef = [dn a_n r (1 - r), (h - n) z (1 - z), dn r] with dn = dh/dn dn/du = (1 - z)(1 - n^2)
-            one_minus = 1 - rz
-            dsig = rz * one_minus
-            dn = torch.addcmul(one_minus[:, d:], one_minus[:, d:] * n, n, value=-1)
-            coef = torch.empty_like(a)
+            one_minus_z = 1 - z
+            dn = torch.addcmul(one_minus_z, one_minus_z * n, n, value=-1)
+            torch.mul(dn, a_n, out=coef[:, :d])
+            coef[:, :2 * d].mul_(torch.addcmul(rz, rz, rz, value=-1))                     # sigmoid' = s - s^2
             torch.mul(dn, r, out=coef[:, 2 * d:])
-            if tanh_by_sigmoid:
-                a_n = a_n * 0.5                                                            # exact
-            torch.mul(dn * a_n, dsig[:, :d], out=coef[:, :d])
-            torch.mul(h_minus_n, dsig[:, d:], out=coef[:, d:2 * d])
             coefs.append(coef)
         ctx.zs, ctx.coefs, ctx.rows = zs, coefs, h0.shape[0]
         ctx.save_for_backward(w_hh)
