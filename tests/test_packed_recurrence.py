@@ -1,5 +1,6 @@
-"""The packed GRU continuation of a MAS training step (`continue_packed`, `TaskModelProblem._packed_run`) and its
-hand-written backward (`_GRUContinuation`) give the numbers of the per-bucket run through torch's kernel.
+"""The packed continuation of a MAS training step (`continue_packed`, `TaskModelProblem._packed_run`; GRU and LSTM)
+and the GRU's hand-written backward (`_GRUContinuation`) give the numbers of the per-bucket run through torch's
+kernel.
 
 References: torch's own GRU under autograd (gradcheck in float64; `torch.gru` on packed sequences), and the
 per-bucket direct run (``packed_recurrent = False``, ``hand_backward = False``), itself tested against the
@@ -95,34 +96,40 @@ def test_continue_packed_equals_torch_row_by_row_float64(monkeypatch, tanh_by_si
     torch.testing.assert_close(out[True][1], out[False][1], rtol=0, atol=1e-12)
 
 
-def test_continue_packed_float32_paths_agree(monkeypatch):
-    """float32: the hand-written run and torch's packed kernel under autograd (the fallback) give the row-by-row
-    numbers within float32 rounding (measured: features 3e-7, gradients 2e-7 of their largest entry)."""
-    model = _model("gru", 1)
+@pytest.mark.parametrize("arch", ["gru", "lstm"])
+def test_continue_packed_float32_paths_agree(monkeypatch, arch):
+    """float32: the GRU's hand-written run, and torch's packed kernel under autograd (the GRU's fallback, the
+    LSTM's path), give the row-by-row numbers within float32 rounding (measured: features 3e-7, gradients
+    2e-7 of their largest entry)."""
+    model = _model(arch, 1)
     ids, lengths, state = _sorted_rows(40, 12, seed=3)
-    weights = torch.randn(int(lengths.sum()), 128, generator=torch.Generator().manual_seed(4))
+    weights = torch.randn(int(lengths.sum()), model._output_width, generator=torch.Generator().manual_seed(4))
     out = {}
-    for name, hand in (("hand", True), ("packed", False), ("rows", False)):
+    names = (("hand", True), ("packed", False), ("rows", False)) if arch == "gru" else (("packed", False),
+                                                                                         ("rows", False))
+    for name, hand in names:
         monkeypatch.setattr(GRUTaskModel, "hand_backward", hand)
         h = state.clone().requires_grad_(True)
         feats = _row_by_row(model, h, ids, lengths) if name == "rows" else model.continue_packed(h, ids, lengths)
         (feats * weights).sum().backward()
         out[name] = feats.detach(), h.grad
-    for name in ("hand", "packed"):
+    for name, _ in names[:-1]:
         torch.testing.assert_close(out[name][0], out["rows"][0], rtol=0, atol=2e-6)
         scale = float(out["rows"][1].abs().max())
         torch.testing.assert_close(out[name][1], out["rows"][1], rtol=0, atol=2e-6 * scale)
 
 
-def test_continue_packed_checks_its_input():
+def test_continue_packed_checks_its_input(monkeypatch):
     model = _model("gru", 0)
     ids, lengths, state = _sorted_rows(4, 5, seed=5)
     with pytest.raises(DataError, match="sorted by length"):
         model.continue_packed(state, ids, lengths.flip(0))
     with pytest.raises(DataError, match="input columns"):
         model.continue_packed(state, ids[:, :3], lengths)
-    with pytest.raises(ConfigError, match="GRU models only"):
-        _model("lstm", 0).continue_packed(state, ids, lengths)
+    monkeypatch.setattr(GRUTaskModel, "packed_continuation", False)
+    with pytest.raises(ConfigError, match="GRU and LSTM models"):
+        model.continue_packed(state, ids, lengths)
+    monkeypatch.undo()
     assert model.continue_packed(state, ids, torch.zeros(4, dtype=torch.long)).shape == (0, 128)
 
 
@@ -149,9 +156,10 @@ def _problem(archs, variables=("count", "phase"), k=16, n=96):
 @pytest.mark.parametrize("archs", [("gru", "gru"), ("gru", "lstm")])
 @pytest.mark.parametrize("tanh_by_sigmoid", [False, True])
 def test_packed_step_equals_the_bucket_run(archs, tanh_by_sigmoid, paths):
-    """A training step's loss, alignment gradients and per-direction logits: the packed run with the
-    hand-written backward against the per-bucket autograd run (measured here: loss 1.2e-7 relative, gradients
-    3.5e-7 of their largest entry, logits 1.2e-7 absolute), the entries' labels and rows in the same order."""
+    """A training step's loss, alignment gradients and per-direction logits: the packed runs (a GRU target's
+    with the hand-written backward, an LSTM target's through torch's packed kernel) against the per-bucket
+    autograd run (measured here: loss 1.2e-7 relative, gradients 3.5e-7 of their largest entry, logits 1.2e-7
+    absolute), the entries' labels and rows in the same order."""
     prob = _problem(archs)
     modules = [make_alignment("orthogonal", 128, seed=s) for s in (3, 4)]
     rows = torch.randperm(96, generator=torch.Generator().manual_seed(0))[:80]

@@ -265,7 +265,7 @@ class _RecurrentTaskModel(TaskModel):
         _, out, _ = self._fused(0, x, latent, need_latents=False, tokens=tokens)
         return out
 
-    # whether `continue_packed` exists for this architecture (the GRU's)
+    # whether this architecture has `continue_packed` (GRU and LSTM)
     packed_continuation: bool = False
 
     def continue_packed(self, latent: torch.Tensor, input_ids: torch.Tensor, lengths: torch.Tensor
@@ -278,7 +278,7 @@ class _RecurrentTaskModel(TaskModel):
         length (a shrinking batch instead of one run per length bucket)."""
         self._one_layer("continue_packed")
         if not self.packed_continuation:
-            raise ConfigError(f"continue_packed runs GRU models only; this is a {self.arch}: use continue_from")
+            raise ConfigError(f"continue_packed runs GRU and LSTM models; this is a {self.arch}: use continue_from")
         if lengths.numel() > 1 and bool((lengths[1:] > lengths[:-1]).any()):
             raise DataError("continue_packed needs rows sorted by length, longest first; sort latent, input_ids "
                             "and lengths by lengths (descending) before the call")
@@ -295,8 +295,17 @@ class _RecurrentTaskModel(TaskModel):
         return self._packed(latent, tokens, batch_sizes)
 
     def _packed(self, latent: torch.Tensor, tokens: torch.Tensor, batch_sizes: list[int]) -> torch.Tensor:
-        """The packed run of `continue_packed` through the fused kernel (under autograd)."""
+        """The packed run of `continue_packed` through torch's kernel (under autograd): latent (R, d), tokens
+        (N,) time-major -> outputs (N, out)."""
         raise NotImplementedError
+
+    def _packed_inputs(self, latent: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """Layer 0's packed input (N, V one-hot through the folded table, or N, d embeddings) and weights."""
+        rnn = self.rnns[0]
+        if self._folded_inputs(hooks_called=False):
+            return (F.one_hot(tokens, self.vocab_size).to(latent.dtype),
+                    (self._input_table(0).T.contiguous(), rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0))
+        return self.embed(tokens), (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
 
     def _hand_backward(self, latent: torch.Tensor) -> bool:
         """Whether `continue_from` may run the recurrence with a hand-written backward (`_continue_frozen`):
@@ -501,16 +510,9 @@ class GRUTaskModel(_RecurrentTaskModel):
                                       table[:, 2 * d:].contiguous(), rnn.weight_hh_l0, self.tanh_by_sigmoid)
 
     def _packed(self, latent, tokens, batch_sizes):
-        rnn = self.rnns[0]
         h0 = latent[:batch_sizes[0]].unsqueeze(0).contiguous()                             # (1, b_0, d)
-        sizes = torch.tensor(batch_sizes, dtype=torch.long)
-        if self._folded_inputs(hooks_called=False):
-            x = F.one_hot(tokens, self.vocab_size).to(latent.dtype)                        # (N, V)
-            weights = (self._input_table(0).T.contiguous(), rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
-        else:
-            x = self.embed(tokens)                                                         # (N, d)
-            weights = (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
-        out, _ = torch.gru(x, sizes, h0, weights, True, 1, 0.0, False, False)
+        x, weights = self._packed_inputs(latent, tokens)
+        out, _ = torch.gru(x, torch.tensor(batch_sizes, dtype=torch.long), h0, weights, True, 1, 0.0, False, False)
         return out
 
     def _cell(self, layer, x, latent):
@@ -573,6 +575,16 @@ class LSTMTaskModel(_RecurrentTaskModel):
             cells.append(c)
         latents = torch.cat([h_seq, torch.stack(cells, dim=1)], dim=-1)  # (B, S, d)
         return latents, h_seq, last
+
+    packed_continuation = True
+
+    def _packed(self, latent, tokens, batch_sizes):
+        h0, c0 = self._split(latent[:batch_sizes[0]])                                      # (b_0, d/2) each
+        x, weights = self._packed_inputs(latent, tokens)
+        out, _, _ = torch.lstm(x, torch.tensor(batch_sizes, dtype=torch.long),
+                               (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous()), weights, True, 1,
+                               0.0, False, False)
+        return out                                                                          # (N, d/2): h
 
     def _cell(self, layer, x, latent):
         rnn = self.rnns[layer]

@@ -376,8 +376,8 @@ class TaskModelProblem(ProblemBase):
     # `_run_recurrent` (no hooks; rows stop at their last scored label); False: the hooked run of `_run`,
     # the reference it is tested and benchmarked against
     direct_recurrent = True
-    # a direct run that needs a gradient (training) and whose target has `continue_packed` (GRU): the buckets'
-    # steps and edits, then one packed run of every row up to its own last scored label (`_packed_run`);
+    # a direct run that needs a gradient (training) and whose target has `continue_packed` (GRU, LSTM): the
+    # buckets' steps and edits, then one packed run of every row up to its own last scored label (`_packed_run`);
     # False: the continuation per length bucket (the reference; evaluation keeps it, its records unchanged)
     packed_recurrent = True
 
@@ -463,7 +463,7 @@ class TaskModelProblem(ProblemBase):
 
         The hooked run's buckets, edits and entry order, op for op: the same logits, losses and gradients,
         bit for bit on one machine (tested); what is saved is the hooks' bookkeeping, the head's calls and
-        the time steps past the last scored label. With a gradient (training) and a GRU target
+        the time steps past the last scored label. With a gradient (training) and a GRU or LSTM target
         (``packed_recurrent``), the continuation is one packed run instead (`_packed_run`): the same numbers up
         to rounding (tests/test_packed_recurrence.py)."""
         model = self.models[chunks[0].target].model
