@@ -376,6 +376,10 @@ class TaskModelProblem(ProblemBase):
     # `_run_recurrent` (no hooks; rows stop at their last scored label); False: the hooked run of `_run`,
     # the reference it is tested and benchmarked against
     direct_recurrent = True
+    # a direct run that needs a gradient (training) and whose target has `continue_packed` (GRU, LSTM): the
+    # buckets' steps and edits, then one packed run of every row up to its own last scored label (`_packed_run`);
+    # False: the continuation per length bucket (the reference; evaluation keeps it, its records unchanged)
+    packed_recurrent = True
 
     @staticmethod
     def _buckets(needed: torch.Tensor) -> list[torch.Tensor]:
@@ -459,7 +463,9 @@ class TaskModelProblem(ProblemBase):
 
         The hooked run's buckets, edits and entry order, op for op: the same logits, losses and gradients,
         bit for bit on one machine (tested); what is saved is the hooks' bookkeeping, the head's calls and
-        the time steps past the last scored label."""
+        the time steps past the last scored label. With a gradient (training) and a GRU or LSTM target
+        (``packed_recurrent``), the continuation is one packed run instead (`_packed_run`): the same numbers up
+        to rounding (tests/test_packed_recurrence.py)."""
         model = self.models[chunks[0].target].model
         batches, cat, chunk_of, local = self._concat(chunks, rows)
         inputs, labels = cat("input_ids", 0), cat("labels", IGNORE_INDEX)                      # (R, W)
@@ -471,8 +477,9 @@ class TaskModelProblem(ProblemBase):
         if max_rows is not None:
             buckets, widths = zip(*[(piece, wb) for bucket, wb in zip(buckets, widths)
                                     for piece in bucket.tensor_split(max(1, -(-len(bucket) // max_rows)))])
-        feats, out_labels, out_rows = [], [], []
-        for bucket, wb in zip(buckets, widths):
+
+        def edited(bucket: torch.Tensor) -> torch.Tensor:
+            """The bucket's latents (Rb, d_t) at the intervened token, each chunk's edit on its rows."""
             h = model.step(inputs[bucket, 0], state0[bucket])                                  # (Rb, d_t)
             which = chunk_of[bucket]
             for i in which.unique().tolist():
@@ -482,6 +489,17 @@ class TaskModelProblem(ProblemBase):
                                         c.block)
                 h = h.clone()
                 h[mine] = new
+            return h
+
+        if (self.packed_recurrent and max_rows is None and torch.is_grad_enabled()
+                and getattr(model, "packed_continuation", False)):
+            # the edits stay per bucket: editing all rows at once sums the alignments' gradient in another
+            # order, which moves a golden run's rollout trial (BENCHMARKS.md, "The 2-model GRU-GRU step")
+            return self._packed_run(model, torch.cat([edited(bucket) for bucket in buckets]), torch.cat(list(buckets)),
+                                    inputs, labels, last)
+        feats, out_labels, out_rows = [], [], []
+        for bucket, wb in zip(buckets, widths):
+            h = edited(bucket)
             f = model.latent_features(h).unsqueeze(1)                                            # (Rb, 1, out)
             if wb > 1:
                 f = torch.cat([f, model.continue_from(h, inputs[bucket, 1:wb])], 1)            # (Rb, Wb, out)
@@ -495,6 +513,32 @@ class TaskModelProblem(ProblemBase):
         else:
             logits = torch.cat([model.readout(f) for f in feats])
         return logits, torch.cat(out_labels), torch.cat(out_rows)
+
+    @staticmethod
+    def _packed_run(model, h: torch.Tensor, order: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,
+                    last: torch.Tensor):
+        """The continuation of `_run_recurrent` as one packed run (`continue_packed`) from the edited latents h
+        (R, d_t) of the run's rows `order` (R,) (bucket by bucket, edited per bucket as in the bucket run),
+        every row continued up to its own last scored label, in one shrinking batch: no time step runs past a
+        row's last label, and each time step costs one kernel call for every row instead of one per bucket.
+        The entries come out in the bucket run's order (bucket by bucket, row by row, position by position),
+        so the loss sums them in that order."""
+        steps = (last[order] - 1).clamp_min(0)                                                   # (R,)
+        by_length = torch.argsort(steps, descending=True, stable=True)
+        rank = torch.empty_like(by_length)
+        rank[by_length] = torch.arange(len(order), device=order.device)                          # (R,)
+        packed = model.continue_packed(h[by_length], inputs[order[by_length], 1:], steps[by_length])  # (N, out)
+        longest = int(steps.max()) if len(steps) else 0
+        sizes = (steps[None, :] > torch.arange(longest, device=steps.device)[:, None]).sum(1)  # (S,) rows per step
+        offsets = torch.cumsum(sizes, 0) - sizes                                                  # (S,)
+        lab = labels[order]                                                                       # (R, W)
+        scored = lab != IGNORE_INDEX
+        row, col = scored.nonzero(as_tuple=True)                                                  # (n,) each
+        # position 0 reads the edited latent itself; position t >= 1 the packed step t - 1
+        index = torch.where(col == 0, row, len(order) + offsets[(col - 1).clamp(0, max(longest - 1, 0))]
+                            + rank[row]) if longest else row
+        feats = torch.cat([model.latent_features(h), packed])[index]                              # (n, out)
+        return model.readout(feats), lab[scored], order[row]
 
     # ------------------------------------------------------------------ last-layer Transformer sites
     def _head_only(self, target: int) -> bool:
