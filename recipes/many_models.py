@@ -6,9 +6,11 @@
     python -m recipes.many_models --report                        # rewrite the outputs from finished runs
 
     python -m recipes.many_models recipes/configs/many_models_converged.yaml   # every direction, 3 seeds
+    python -m recipes.many_models recipes/configs/many_models_standardized.yaml  # the same, latents z-scored
 
 (1) ``joint_all_s{seed}``: one MAS over every model of ``models`` at ``site`` (``arch_sites`` overrides it per
-    architecture, e.g. ``{transformer: layer0}``; all n² directions; with more than ``directions_per_step``
+    architecture, e.g. ``{transformer: layer0}``; ``standardize: true`` z-scores every model's latents inside its
+    alignment, which models of different latent scale need; all n² directions; with more than ``directions_per_step``
     directions the run passes ``train.directions_per_step`` and ``train.direction_sampling`` to the core,
     which samples that many trained directions per step). Its n×n validation trial-IIA matrix (95% bootstrap
     CIs in ``matrix.csv``; with several seeds their mean, 95% t intervals over seeds) is clustered (average linkage on
