@@ -176,6 +176,8 @@ def run_fingerprint(config: MASConfig) -> dict[str, Any]:
         # what a budgeted step's gradient is changes nothing without a budget, and `sampled` is what every
         # run did before the key existed: those runs stay resumable
         flat.pop("train.budget_gradients", None)
+    if config.train.own_weight == 1:
+        flat.pop("train.own_weight", None)   # equal weights: what every run did before the key existed
     for i in range(len(config.models)):
         for key in MODEL_SPEED_KEYS:
             flat.pop(f"models.{i}.{key}", None)

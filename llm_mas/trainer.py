@@ -93,6 +93,10 @@ class TrainerConfig:
     # direction's last gradient, SAG: every direction counts every step; see MASTrainer._memory_gradients).
     # sampled is the default: memory trained worse per step and per CPU second (BENCHMARKS.md)
     budget_gradients: str = "sampled"
+    # weight of each model's own direction (s = t, DAS) in the loss, each cross direction weighing 1 (1: the
+    # paper's equal weights). > 1 keeps a model's own alignment from being pulled away by cross directions
+    # no rotation can satisfy (BENCHMARKS.md, "Joint MAS across architectures"); the loss is the weighted mean
+    own_weight: float = 1.0
     seed: int = 0
 
     def validate(self) -> list[str]:
@@ -120,6 +124,12 @@ class TrainerConfig:
                      f"{', '.join(BUDGET_GRADIENTS[:-1])} or {BUDGET_GRADIENTS[-1]}")
         if not 0 < self.target_iia <= 1.0 + 1e-9:
             p.append(f"train.target_iia must be in (0, 1], got {self.target_iia}")
+        if not (isinstance(self.own_weight, (int, float)) and math.isfinite(self.own_weight) and self.own_weight > 0):
+            p.append(f"train.own_weight must be a finite number > 0 (1: every direction weighs the same), got "
+                     f"{self.own_weight!r}")
+        elif self.own_weight != 1 and self.directions_per_step is not None and self.budget_gradients == "memory":
+            p.append("train.own_weight != 1 does not combine with budget_gradients: memory (its stored gradients "
+                     "are each direction's own); use budget_gradients: sampled or own_weight: 1")
         return p
 
 
@@ -430,8 +440,6 @@ class MASTrainer:
         t0 = time.perf_counter()
         rows = self._batch(self.step)
         directions = self.step_directions(self.step)
-        # the default (every direction) calls loss exactly as before a budget existed
-        budget = {} if directions is None else {"directions": directions}
         info: dict[str, float] = {}
         if self.optimizer is not None and directions is not None and self.config.budget_gradients == "memory":
             total, info = self._memory_gradients(rows, directions)
@@ -440,7 +448,7 @@ class MASTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for micro in rows.chunk(self.config.grad_accum):
-                loss, terms = self.problem.loss(self._step_maps(directions), micro, **budget)
+                loss, terms = self._loss(self._step_maps(directions), micro, directions)
                 (loss / self.config.grad_accum).backward()
                 total += float(loss.detach()) / self.config.grad_accum
                 _add_terms(info, terms, 1 / self.config.grad_accum)
@@ -454,7 +462,7 @@ class MASTrainer:
             self.optimizer.step()
         else:
             with torch.no_grad():
-                loss, info = self.problem.loss(self._step_maps(directions), rows, **budget)
+                loss, info = self._loss(self._step_maps(directions), rows, directions)
                 total = float(loss)
             if not math.isfinite(total):
                 raise self._non_finite("loss", total, rows)
@@ -463,6 +471,23 @@ class MASTrainer:
         self.step += 1
         return StepOutput(step=self.step, loss=total, info=dict(info), directions=directions,
                           seconds=time.perf_counter() - t0)
+
+    def _loss(self, maps, rows: torch.Tensor, directions: list[tuple[int, int]] | None):
+        """The step's loss and terms: ``problem.loss`` over the step's directions (None: every trained one),
+        or with ``own_weight`` != 1 the weighted mean (w·n_own·L_own + n_cross·L_cross) / (w·n_own + n_cross)
+        of the own directions' mean loss and the cross directions' (two calls on the same maps and rows)."""
+        w = self.config.own_weight
+        pool = self.trained_directions if directions is None else [tuple(d) for d in directions]
+        own = [d for d in pool if d[0] == d[1]]
+        cross = [d for d in pool if d[0] != d[1]]
+        if w == 1 or not own or not cross:
+            return self.problem.loss(maps, rows, **({} if directions is None else {"directions": directions}))
+        l_own, t_own = self.problem.loss(maps, rows, directions=own)
+        l_cross, t_cross = self.problem.loss(maps, rows, directions=cross)
+        a, b = w * len(own), len(cross)
+        terms = {key: (a * t_own.get(key, 0.0) + b * t_cross.get(key, 0.0)) / (a + b)
+                 for key in {**t_own, **t_cross}}
+        return (a * l_own + b * l_cross) / (a + b), terms
 
     def _memory_gradients(self, rows: torch.Tensor, directions: list[tuple[int, int]]
                           ) -> tuple[float, dict[str, float]]:
