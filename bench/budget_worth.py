@@ -24,7 +24,7 @@ import math
 import sys
 import time
 
-from common import machine_info, write_result
+from common import hidden_mas_trainer, machine_info, valid_trial_iia, write_result
 
 
 def _cosine_to_full(trainer, before: dict, rows) -> float:
@@ -72,22 +72,12 @@ def _per_matrix_scaling(trainer):
 def run(models: list[str], budget: int | None, steps: int, eval_every: int, n_train: int, n_valid: int,
         lr: float, sampling: str, gradients: str = "sampled", cosine: bool = False,
         standardize: bool = False) -> dict:
-    import torch
 
-    from llm_mas.config import to_dict
-    from llm_mas.run import build_alignments, build_problem
-    from llm_mas.run_config import config_from_kwargs
-    from llm_mas.trainer import MASTrainer, TrainerConfig
-
-    config = config_from_kwargs(
-        models=[{"name": m, "site": "hidden", "standardize": standardize} for m in models], variables=["full"], k=32, directions="all",
-        data={"n_train": n_train, "n_valid": n_valid}, progress=False,
-        train={"batch_size": 128, "lr": lr, "directions_per_step": budget, "direction_sampling": sampling,
-               "budget_gradients": "sampled" if gradients == "scaled" else gradients})
-    problem = build_problem(config)
-    alignments = build_alignments(config, problem)
-    trainer = MASTrainer(alignments, problem, TrainerConfig(**{**to_dict(config.train), "seed": 0}), progress=False,
-                         callbacks=[])
+    problem, trainer = hidden_mas_trainer(
+        models, {"batch_size": 128, "lr": lr, "directions_per_step": budget, "direction_sampling": sampling,
+                 "budget_gradients": "sampled" if gradients == "scaled" else gradients},
+        n_train=n_train, n_valid=n_valid, standardize=standardize)
+    alignments = trainer.alignments
     if gradients == "scaled":
         trainer.sync_gradients = _per_matrix_scaling(trainer)
     every = trainer.trained_directions
@@ -97,13 +87,11 @@ def run(models: list[str], budget: int | None, steps: int, eval_every: int, n_tr
     label = "every" if budget is None else f"{gradients}/{sampling}"
     for step in range(steps + 1):
         if step % eval_every == 0 or step == steps:
-            with torch.no_grad():
-                records = problem.evaluate(trainer.materialize(), split="valid")
+            iia = valid_trial_iia(problem, trainer)
             curve.append({"step": step, "updates": {f"{s}->{t}": updates[(s, t)] for s, t in every},
-                          "trial_iia": {f"{c.source}->{c.target}": r.trial_iia
-                                        for c, r in zip(problem.splits["valid"], records)},
+                          "trial_iia": {f"{s}->{t}": v for (s, t), v in iia.items()},
                           "cpu_s": cpu})
-            mean = sum(r.trial_iia for r in records) / len(records)
+            mean = sum(iia.values()) / len(iia)
             print(f"[budget_worth] {label} budget={budget} step {step}: mean trial IIA {mean:.3f}, 0->1 "
                   f"{curve[-1]['trial_iia']['0->1']:.3f} after {updates[(0, 1)]} updates, {cpu:.1f} s CPU",
                   flush=True)

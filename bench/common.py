@@ -164,3 +164,31 @@ def alignment_cost(d: int, k: int, repeats: int = 5, maps=("matrix_exp", "cayley
     if cpu_ms is not None:
         cpu_ms.update({m: 1e3 * median(v) for m, v in cpu.items()})
     return {m: 1e3 * median(ts) for m, ts in times.items()}
+
+
+def hidden_mas_trainer(models: list[str], train: dict, n_train: int = 2000, n_valid: int = 256,
+                       standardize: bool = False):
+    """(problem, trainer) of a joint MAS over shipped task models at `hidden` (`full`, k 32, every direction
+    trained and evaluated; `train`: TrainerConfig settings; trainer seed 0, no callbacks): the set-up of the
+    training-quality benches (budget_worth.py, own_weight.py)."""
+    from llm_mas.config import to_dict
+    from llm_mas.run import build_alignments, build_problem
+    from llm_mas.run_config import config_from_kwargs
+    from llm_mas.trainer import MASTrainer, TrainerConfig
+
+    config = config_from_kwargs(
+        models=[{"name": m, "site": "hidden", "standardize": standardize} for m in models], variables=["full"],
+        k=32, directions="all", data={"n_train": n_train, "n_valid": n_valid}, progress=False, train=train)
+    problem = build_problem(config)
+    trainer = MASTrainer(build_alignments(config, problem), problem,
+                         TrainerConfig(**{**to_dict(config.train), "seed": 0}), progress=False, callbacks=[])
+    return problem, trainer
+
+
+def valid_trial_iia(problem, trainer) -> dict[tuple[int, int], float]:
+    """{(source, target): validation trial IIA} at the trainer's current alignments (teacher forced)."""
+    import torch
+
+    with torch.no_grad():
+        records = problem.evaluate(trainer.materialize(), split="valid")
+    return {(c.source, c.target): r.trial_iia for c, r in zip(problem.splits["valid"], records)}

@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from common import machine_info, write_result
+from common import hidden_mas_trainer, machine_info, valid_trial_iia, write_result
 
 SHIPPED = [f"multiobject-{arch}-s{seed}" for arch in ("gru", "lstm", "transformer") for seed in range(5)]
 
@@ -29,27 +29,15 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     import torch
 
-    from llm_mas.config import to_dict
-    from llm_mas.run import build_alignments, build_problem
-    from llm_mas.run_config import config_from_kwargs
-    from llm_mas.trainer import MASTrainer, TrainerConfig
-
     torch.set_num_threads(1)
-    config = config_from_kwargs(
-        models=[{"name": m, "site": "hidden", "standardize": True} for m in args.models], variables=["full"], k=32,
-        directions="all", data={"n_train": 2000, "n_valid": 256}, progress=False,
-        train={"batch_size": 128, "lr": 3e-3, "own_weight": args.weight})
-    problem = build_problem(config)
-    trainer = MASTrainer(build_alignments(config, problem), problem,
-                         TrainerConfig(**{**to_dict(config.train), "seed": 0}), progress=False, callbacks=[])
+    problem, trainer = hidden_mas_trainer(args.models, {"batch_size": 128, "lr": 3e-3, "own_weight": args.weight},
+                                          standardize=True)
     arch = [m.split("-")[1] for m in args.models]
     result = {"machine": machine_info(), "models": args.models, "own_weight": args.weight, "curve": []}
     cpu = 0.0
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
-            with torch.no_grad():
-                records = problem.evaluate(trainer.materialize(), split="valid")
-            iia = {(c.source, c.target): r.trial_iia for c, r in zip(problem.splits["valid"], records)}
+            iia = valid_trial_iia(problem, trainer)
             blocks: dict[str, list[float]] = {}
             for (s, t), v in iia.items():
                 if s != t:

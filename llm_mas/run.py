@@ -98,9 +98,9 @@ def latent_scale_notice(config: MASConfig, problem: InterventionProblem) -> str 
     among the models whose alignment keeps lengths (orthogonal, low_rank, gram_schmidt, identity) and is not
     standardised, else None. Such a map can rotate but not rescale or shift, so a direction between models
     of very different scale cannot be aligned whatever the training: the shipped GRU (0.6) and LSTM (3.6,
-    its cell state included) are such a pair. Scale: the root mean square
-    of the site's training values, sqrt(mean over features of mean² + std²); a standardised model counts
-    1 (its aligned space is z-scored); models whose alignment can rescale (``linear``) are left out."""
+    its cell state included) are such a pair. Scale: the root mean square of the site's training values,
+    sqrt(mean over features of mean² + std²); a standardised model counts 1 (its aligned space is z-scored);
+    models whose alignment can rescale (``linear``) and interventions with their own maps are left out."""
     stats = problem.latent_stats
     own_maps = type(problem.intervention).own_maps is not Intervention.own_maps   # stitches: maps per direction
     if len(config.models) < 2 or len(stats) != len(config.models) or own_maps:

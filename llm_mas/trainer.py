@@ -477,11 +477,14 @@ class MASTrainer:
         or with ``own_weight`` != 1 the weighted mean (w·n_own·L_own + n_cross·L_cross) / (w·n_own + n_cross)
         of the own directions' mean loss and the cross directions' (two calls on the same maps and rows)."""
         w = self.config.own_weight
+        plain = {} if directions is None else {"directions": directions}   # the loss as before the key existed
+        if w == 1:
+            return self.problem.loss(maps, rows, **plain)
         pool = self.trained_directions if directions is None else [tuple(d) for d in directions]
         own = [d for d in pool if d[0] == d[1]]
         cross = [d for d in pool if d[0] != d[1]]
-        if w == 1 or not own or not cross:
-            return self.problem.loss(maps, rows, **({} if directions is None else {"directions": directions}))
+        if not own or not cross:
+            return self.problem.loss(maps, rows, **plain)
         l_own, t_own = self.problem.loss(maps, rows, directions=own)
         l_cross, t_cross = self.problem.loss(maps, rows, directions=cross)
         a, b = w * len(own), len(cross)

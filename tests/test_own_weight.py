@@ -8,29 +8,20 @@ import math
 
 import pytest
 import torch
+from task_fixtures import task_problem
 
 from llm_mas.alignments import make_alignment
 from llm_mas.config import from_dict
 from llm_mas.errors import ConfigError
-from llm_mas.models.task_models import build_task_model
-from llm_mas.problems.task import TaskModelEntry, TaskModelProblem
+from llm_mas.problems.task import TaskModelProblem
 from llm_mas.run import run_fingerprint
 from llm_mas.run_config import MASConfig
-from llm_mas.sites import resolve_site
-from llm_mas.tasks import get_task
 from llm_mas.trainer import MASTrainer, TrainerConfig
-
-TASK = get_task("multiobject")
 
 
 @pytest.fixture(scope="module")
 def problem() -> TaskModelProblem:
-    entries = []
-    for i, arch in enumerate(("gru", "gru", "lstm")):
-        m = build_task_model(arch, "multiobject", len(TASK.vocab), seed=i).eval().requires_grad_(False)
-        entries.append(TaskModelEntry(name=f"{arch}{i}", model=m, task=TASK, site=resolve_site(m, "hidden"),
-                                      width=m.d_model, variable_map={}))
-    return TaskModelProblem(entries, ["full"], 8, n_train=48, n_valid=16, seed=3, progress=False)
+    return task_problem(("gru", "gru", "lstm"), variables=["full"], k=8, n_train=48, n_valid=16, seed=3)
 
 
 def _trainer(problem, **train) -> MASTrainer:

@@ -13,21 +13,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from task_fixtures import TASK, task_problem
+from task_fixtures import frozen_model as _model
 
 from llm_mas.alignments import make_alignment
 from llm_mas.errors import ConfigError, DataError
 from llm_mas.llm.record import IGNORE_INDEX
-from llm_mas.models.task_models import GRUTaskModel, _GRUContinuation, build_task_model
-from llm_mas.problems.task import TaskModelEntry, TaskModelProblem
-from llm_mas.sites import resolve_site
-from llm_mas.tasks import get_task
-
-TASK = get_task("multiobject")
-
-
-def _model(arch: str, seed: int, dtype=torch.float32):
-    m = build_task_model(arch, "multiobject", len(TASK.vocab), seed=seed).eval().to(dtype)
-    return m.requires_grad_(False)
+from llm_mas.models.task_models import GRUTaskModel, _GRUContinuation
+from llm_mas.problems.task import TaskModelProblem
 
 
 @pytest.fixture
@@ -143,14 +136,8 @@ def test_trained_weights_take_torch_kernel():
     assert model.rnns[0].weight_hh_l0.grad is not None and h.grad is not None
 
 
-def _problem(archs, variables=("count", "phase"), k=16, n=96):
-    entries = []
-    for i, arch in enumerate(archs):
-        m = _model(arch, i)
-        entries.append(TaskModelEntry(name=f"{arch}{i}", model=m, task=TASK, site=resolve_site(m, "hidden"),
-                                      width=m.d_model, variable_map={}))
-    return TaskModelProblem(entries, list(variables), k, n_train=n, n_valid=n, seed=5, eval_batch_size=40,
-                            progress=False)
+def _problem(archs):
+    return task_problem(archs, eval_batch_size=40)
 
 
 @pytest.mark.parametrize("archs", [("gru", "gru"), ("gru", "lstm")])

@@ -10,31 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from task_fixtures import TASK, task_problem
+from task_fixtures import frozen_model as _model
 
 from llm_mas.alignments import make_alignment
 from llm_mas.errors import ConfigError
 from llm_mas.llm.record import IGNORE_INDEX
-from llm_mas.models.task_models import build_task_model
-from llm_mas.problems.task import TaskModelEntry, TaskModelProblem
-from llm_mas.sites import resolve_site
-from llm_mas.tasks import get_task
-
-TASK = get_task("multiobject")
+from llm_mas.problems.task import TaskModelProblem
 
 
-def _model(arch: str, seed: int, **overrides):
-    m = build_task_model(arch, "multiobject", len(TASK.vocab), seed=seed, **overrides).eval()
-    return m.requires_grad_(False)
-
-
-def _problem(archs, variables=("count", "phase"), k=16, n=96):
-    entries = []
-    for i, arch in enumerate(archs):
-        m = _model(arch, i)
-        entries.append(TaskModelEntry(name=f"{arch}{i}", model=m, task=TASK, site=resolve_site(m, "hidden"),
-                                      width=m.d_model, variable_map={}))
-    return TaskModelProblem(entries, list(variables), k, n_train=n, n_valid=n, seed=5, eval_batch_size=40,
-                            progress=False)
+def _problem(archs):
+    return task_problem(archs, eval_batch_size=40)
 
 
 @pytest.fixture

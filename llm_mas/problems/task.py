@@ -473,11 +473,6 @@ class TaskModelProblem(ProblemBase):
         buckets = self._buckets((inputs != 0).sum(1))
         col = torch.arange(1, inputs.shape[1] + 1, device=inputs.device)
         last = torch.where(labels != IGNORE_INDEX, col, 0).amax(1)                              # (R,) 0: none
-        widths = [max(int(last[bucket].max()), 1) for bucket in buckets]
-        if max_rows is not None:
-            buckets, widths = zip(*[(piece, wb) for bucket, wb in zip(buckets, widths)
-                                    for piece in bucket.tensor_split(max(1, -(-len(bucket) // max_rows)))])
-
         def edited(bucket: torch.Tensor) -> torch.Tensor:
             """The bucket's latents (Rb, d_t) at the intervened token, each chunk's edit on its rows."""
             h = model.step(inputs[bucket, 0], state0[bucket])                                  # (Rb, d_t)
@@ -497,6 +492,10 @@ class TaskModelProblem(ProblemBase):
             # order, which moves a golden run's rollout trial (BENCHMARKS.md, "The 2-model GRU-GRU step")
             return self._packed_run(model, torch.cat([edited(bucket) for bucket in buckets]), torch.cat(list(buckets)),
                                     inputs, labels, last)
+        widths = [max(int(last[bucket].max()), 1) for bucket in buckets]   # each bucket's last scored label
+        if max_rows is not None:
+            buckets, widths = zip(*[(piece, wb) for bucket, wb in zip(buckets, widths)
+                                    for piece in bucket.tensor_split(max(1, -(-len(bucket) // max_rows)))])
         feats, out_labels, out_rows = [], [], []
         for bucket, wb in zip(buckets, widths):
             h = edited(bucket)
