@@ -178,6 +178,10 @@ def run_fingerprint(config: MASConfig) -> dict[str, Any]:
         flat.pop("train.budget_gradients", None)
     if config.train.own_weight == 1:
         flat.pop("train.own_weight", None)   # equal weights: what every run did before the key existed
+    if config.train.lr_schedule == "constant":
+        # a constant rate is what every run did before the schedule keys existed (lr_warmup must then be 0)
+        for key in ("train.lr_schedule", "train.lr_warmup", "train.lr_min_ratio"):
+            flat.pop(key, None)
     for i in range(len(config.models)):
         for key in MODEL_SPEED_KEYS:
             flat.pop(f"models.{i}.{key}", None)

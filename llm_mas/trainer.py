@@ -42,6 +42,7 @@ from .errors import ConfigError, NumericalError
 from .files import atomic_torch_save, load_torch_state
 from .problems.base import InterventionProblem, Record
 from .resources import resident_mib
+from .schedules import warmup_cosine
 
 # Every step allocates tensors whose sizes change with the batch (run widths, scored-token counts), and glibc's
 # allocator keeps the freed blocks: the resident memory of a 2-model run at full size grew ~11 MB per step
@@ -73,6 +74,7 @@ def release_freed_memory() -> None:
 
 DIRECTION_SAMPLING = ("uniform", "balanced", "by_target")
 BUDGET_GRADIENTS = ("memory", "sampled")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -97,6 +99,12 @@ class TrainerConfig:
     # paper's equal weights). > 1 keeps a model's own alignment from being pulled away by cross directions
     # no rotation can satisfy (BENCHMARKS.md, "Joint MAS across architectures"); the loss is the weighted mean
     own_weight: float = 1.0
+    # the learning rate over the run's steps: constant (the default) | cosine (linear warm-up over
+    # lr_warmup steps, then a half cosine from lr down to lr_min_ratio * lr at the last step,
+    # llm_mas.schedules.warmup_cosine). A pure function of the step, so a resumed run continues on it
+    lr_schedule: str = "constant"
+    lr_warmup: int = 0
+    lr_min_ratio: float = 0.0
     seed: int = 0
 
     def validate(self) -> list[str]:
@@ -122,6 +130,16 @@ class TrainerConfig:
         if self.budget_gradients not in BUDGET_GRADIENTS:
             p.append(f"train.budget_gradients {self.budget_gradients!r} must be "
                      f"{', '.join(BUDGET_GRADIENTS[:-1])} or {BUDGET_GRADIENTS[-1]}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            p.append(f"train.lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if not (isinstance(self.lr_warmup, int) and self.lr_warmup >= 0):
+            p.append(f"train.lr_warmup must be an integer >= 0 (steps of linear warm-up), got {self.lr_warmup!r}")
+        elif self.lr_schedule == "constant" and self.lr_warmup:
+            p.append(f"train.lr_warmup={self.lr_warmup} needs train.lr_schedule: cosine (the constant schedule "
+                     "has no warm-up)")
+        if not (isinstance(self.lr_min_ratio, (int, float)) and 0 <= self.lr_min_ratio <= 1):
+            p.append(f"train.lr_min_ratio must be in [0, 1] (the cosine's floor as a fraction of lr), got "
+                     f"{self.lr_min_ratio!r}")
         if not 0 < self.target_iia <= 1.0 + 1e-9:
             p.append(f"train.target_iia must be in (0, 1], got {self.target_iia}")
         if not (isinstance(self.own_weight, (int, float)) and math.isfinite(self.own_weight) and self.own_weight > 0):
@@ -226,6 +244,8 @@ class MASTrainer:
             config.max_epochs * self.batches_per_epoch)
         self.eval_every = config.eval_every or self.batches_per_epoch
         problems = config.validate()
+        if config.lr_schedule == "cosine" and config.lr_warmup >= self.total_steps:
+            problems.append(f"train.lr_warmup={config.lr_warmup} must be below the run's {self.total_steps} steps")
         if problems:
             raise ConfigError(problems)
         # every direction a loss trains (behaviour or CL), in a fixed order: what step_directions samples from
@@ -441,6 +461,9 @@ class MASTrainer:
         rows = self._batch(self.step)
         directions = self.step_directions(self.step)
         info: dict[str, float] = {}
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(self.step)
         if self.optimizer is not None and directions is not None and self.config.budget_gradients == "memory":
             total, info = self._memory_gradients(rows, directions)
             self.optimizer.step()
@@ -533,6 +556,13 @@ class MASTrainer:
                     if g is not None:
                         p.grad = g * scale if p.grad is None else p.grad.add_(g, alpha=scale)
         return total, info
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of (0-based) step `step` under ``lr_schedule``."""
+        if self.config.lr_schedule == "constant":
+            return self.config.lr
+        return self.config.lr * warmup_cosine(step, self.total_steps, self.config.lr_warmup,
+                                              self.config.lr_min_ratio)
 
     def _trainable(self, i: int) -> list[nn.Parameter]:
         return [p for p in self.alignments[i].parameters() if p.requires_grad]

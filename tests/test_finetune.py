@@ -1,4 +1,4 @@
-"""Fine-tuning on a tiny offline Qwen2: batches, schedule, config checks, a loss-lowering smoke run, LoRA
+"""Fine-tuning on a tiny offline Qwen2: batches, config checks, a loss-lowering smoke run, LoRA
 save / reload / merge round trip, full fine-tuning, exact resumption after a simulated kill, and the CLI."""
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from llm_mas.toxicity.finetune import (
     batch_indices,
     collate,
     latest_checkpoint,
-    linear_schedule,
     run_finetune,
 )
 
@@ -83,13 +82,6 @@ def test_collate_right_pads_and_masks_labels():
     assert input_ids.tolist() == [[5, 6, 7], [8, 1, 1]]
     assert attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert labels.tolist() == [[5, 6, 7], [8, -100, -100]]
-
-
-def test_linear_schedule():
-    f = linear_schedule(0, 4)
-    assert [f(s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
-    g = linear_schedule(2, 6)
-    assert [round(g(s), 3) for s in range(6)] == [0.333, 0.667, 1.0, 0.75, 0.5, 0.25]
 
 
 def test_config_problems_reported_together():

@@ -1,4 +1,5 @@
-"""The one learning-rate schedule (llm_mas.schedules) and its two users."""
+"""The learning-rate schedules (llm_mas.schedules) and their users: task-model and tiny-LM training, LoRA
+fine-tuning (the MAS trainer's `train.lr_schedule`: tests/test_lr_schedule.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 from llm_mas.llm.train_lm import _lr_at
 from llm_mas.models.training import TrainConfig, lr_factor
-from llm_mas.schedules import warmup_cosine
+from llm_mas.schedules import warmup_cosine, warmup_linear
 
 
 def test_warmup_cosine_by_hand():
@@ -26,3 +27,10 @@ def test_both_trainers_use_it():
     for step in (0, 5, 19, 20, 150, 299, 400):
         assert lr_factor(step, cfg) == warmup_cosine(step, 300, 20, 0.1)
         assert _lr_at(step, 300, 2e-3, 20) == pytest.approx(2e-3 * warmup_cosine(step, 300, 20, 0.1), rel=1e-15)
+
+
+def test_warmup_linear_by_hand():
+    f = warmup_linear(0, 4)
+    assert [f(s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    g = warmup_linear(2, 6)
+    assert [round(g(s), 3) for s in range(6)] == [0.333, 0.667, 1.0, 0.75, 0.5, 0.25]

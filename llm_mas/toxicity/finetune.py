@@ -63,6 +63,7 @@ from typing import Any
 from ..dtypes import WEIGHT_DTYPES
 from ..errors import ConfigError, DataError
 from ..files import load_torch_state
+from ..schedules import warmup_linear
 from .data import MODES, SOURCES
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -219,15 +220,6 @@ def collate(sequences: list[list[int]], pad_id: int):
         attention_mask[i, :len(seq)] = 1
     labels = input_ids.masked_fill(attention_mask == 0, -100)                   # (B, T)
     return input_ids, attention_mask, labels
-
-
-def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up from 0, then linear decay to 0 at ``total_steps`` (HF's linear schedule)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1) if warmup_steps else 1.0
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return factor
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -491,7 +483,7 @@ def setup_finetune(config: FinetuneConfig) -> FinetuneSession:
     n_total = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(config.warmup_steps, config.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(config.warmup_steps, config.steps))
     model, optimizer = acc.prepare(model, optimizer)  # the scheduler steps once per optimizer step: not prepared
 
     log_path = out / "train_log.jsonl"
