@@ -13,7 +13,8 @@ estimate its every-direction gradient (``scaled``: bench-only, a ``sync_gradient
 steps it records each direction's validation trial IIA (teacher forced), how many updates each direction
 has had and the training CPU seconds so far (validations excluded), so the runs can be read at equal
 updates per direction, equal steps and equal CPU; ``--cosine`` adds, at the same points, the cosine between
-the step's gradient and the every-direction gradient at the parameters and rows of that step.
+the step's gradient and the every-direction gradient at the parameters and rows of that step;
+``--lr-schedule cosine`` decays every run's rate to 0 over its own steps (``train.lr_schedule``).
 Results: bench/results/<--out>.json (budget_worth.json).
 """
 
@@ -71,11 +72,12 @@ def _per_matrix_scaling(trainer):
 
 def run(models: list[str], budget: int | None, steps: int, eval_every: int, n_train: int, n_valid: int,
         lr: float, sampling: str, gradients: str = "sampled", cosine: bool = False,
-        standardize: bool = False) -> dict:
+        standardize: bool = False, lr_schedule: str = "constant") -> dict:
 
     problem, trainer = hidden_mas_trainer(
         models, {"batch_size": 128, "lr": lr, "directions_per_step": budget, "direction_sampling": sampling,
-                 "budget_gradients": "sampled" if gradients == "scaled" else gradients},
+                 "budget_gradients": "sampled" if gradients == "scaled" else gradients,
+                 "lr_schedule": lr_schedule, "max_steps": steps},
         n_train=n_train, n_valid=n_valid, standardize=standardize)
     alignments = trainer.alignments
     if gradients == "scaled":
@@ -133,6 +135,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--standardize", action="store_true",
                         help="z-score every model's latents inside its alignment (models.i.standardize)")
     parser.add_argument("--out", default="budget_worth", help="result name under bench/results/")
+    parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                        help="train.lr_schedule of every run (cosine: from --lr down to 0 over that run's steps)")
     parser.add_argument("--cosine", action="store_true",
                         help="at every --eval-every steps, the cosine between the step's gradient and the "
                              "every-direction gradient at the same parameters and rows")
@@ -143,13 +147,14 @@ def main(argv=None) -> dict:
     n_directions = len(args.models) ** 2
     budget_steps = args.budget_steps or args.steps * math.ceil(n_directions / args.budget)
     result = {"machine": machine_info(), "models": args.models, "steps": args.steps, "budget_steps": budget_steps,
-              "lr": args.lr, "standardize": args.standardize, "runs": []}
+              "lr": args.lr, "lr_schedule": args.lr_schedule, "standardize": args.standardize, "runs": []}
     for mode in args.modes:
         budget = None if mode == "every" else args.budget
         for sampling in args.sampling[:1] if budget is None else args.sampling:   # every: sampling unused
             result["runs"].append(run(args.models, budget, args.steps if budget is None else budget_steps,
                                       args.eval_every, args.n_train, args.n_valid, args.lr, sampling,
-                                      "sampled" if budget is None else mode, args.cosine, args.standardize))
+                                      "sampled" if budget is None else mode, args.cosine, args.standardize,
+                                      args.lr_schedule))
             result["machine_after"] = machine_info()
             write_result(args.out, result)   # after every run: a killed bench keeps what it finished
     return result
