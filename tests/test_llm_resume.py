@@ -79,8 +79,11 @@ def test_steps_from_the_site_match_the_full_forward(family, backend):
     resumed = _problem(models, log=logs.append)
     full = _problem(models, skip_below_site=False)
     assert [r.layer for r in resumed.resumes] == [0, 0] and full.resumes == [None, None]
+    mib = 2 * (24 + 10) * TOTAL * models[0].width * 4 / 2**20     # every pair of both directions into i, float32
     assert logs == [f"models.{i}: steps start at its site, decoder layer 0 (its output on each pair is cached; "
-                    "layers 1.. run per step)" for i in (0, 1)]
+                    "layers 1.. run per step)" for i in (0, 1)] + [
+        f"models.{i}: site outputs of 68 pairs: 68 in memory ({mib:.1f} MiB on cpu), 0 on disk (0.0 MiB), 0 "
+        "recomputed at every read" for i in (0, 1)]
     rows = torch.tensor([0, 5, 7, 11, 3, 19])
     reference = _loss_and_grads(full, rows)
     _assert_same(_loss_and_grads(resumed, rows), reference)
