@@ -34,13 +34,23 @@ the source model's greedy predictions at positions >= i (teacher forced).
   nnsight model, nothing below the site depends on the alignments. On a pair's counterfactual input (the
   target's tokens up to i, the source's after) the output of layer l is the same at every step: at the
   positions after i as well, since they read only unedited layers 0..l. So a step takes that output from a
-  per-pair cache (filled the first time a pair is read, computed without a graph, up to ``site_cache_bytes``
-  in all; pairs beyond it are recomputed, layers 0..l only, at each step), writes the intervened values at
-  positions 0..i, runs layers l+1.. (`llm_mas.backends.resume.LayerResume`, checked against the full
-  forward once per model) and the head on the scored positions' span only. Same losses, gradients and
-  records as the full forward up to float rounding. Where it cannot apply (the ``embeddings`` site: nothing
-  below it; the ``tlens`` backend's converted model; a model whose layers fail the check) the run logs why
-  and runs the whole model, as with ``skip_below_site: false``.
+  per-pair cache, writes the intervened values at positions 0..i, runs layers l+1..
+  (`llm_mas.backends.resume.LayerResume`, checked against the full forward once per model) and the head on
+  the scored positions' span only. Same losses, gradients and records as the full forward up to float
+  rounding. Where it cannot apply (the ``embeddings`` site: nothing below it; the ``tlens`` backend's
+  converted model; a model whose layers fail the check) the run logs why and runs the whole model, as with
+  ``skip_below_site: false``.
+- The site cache (config section ``site_cache``): a pair's layer-l output is computed without a graph the
+  first time a batch reads the pair. Places are given up front, train pairs of the trained directions
+  first (read at every epoch), then the valid pairs: in memory on the target's device up to
+  ``site_cache_bytes`` (``site_cache.memory_mib``, 2 GiB) in all, then in files up to ``site_disk_bytes``
+  (``site_cache.disk_mib``) in all, written once and read back (through the OS page cache) at each later
+  read; pairs beyond both are recomputed, layers 0..l only, at every read. The run logs per model how many
+  pairs sit where. Disk is off by default: a run at the paper's scale would write gigabytes (10 000 pairs ×
+  4 directions at d = 1536, L = 64 in bf16: 7.3 GiB), and where they may go (a /tmp in memory would only
+  move the memory) is the user's call. The files live in a fresh ``llm_mas-site-cache-*`` directory under
+  ``site_cache_dir`` (``site_cache.dir``; default the system's temporary directory), removed when the problem
+  is garbage-collected or the process exits (a killed process leaves it behind).
 - Data parallelism: pass a ``Shard`` (``llm_mas.distributed``): the loss then covers this process's
   rows of each batch (scaled so the average of the processes' gradients is the full batch's gradient) and
   evaluation gathers every process's pairs, so all processes see identical records.
