@@ -268,6 +268,11 @@ def test_pairs_beyond_memory_go_to_disk_with_the_same_results(monkeypatch):
     assert spill.spilled_site_bytes == 30 * row
     files = sorted(spill.site_spill_dir.iterdir())                   # target 0's pass, (1,0), runs first
     assert [f.name for f in files] == ["0.bin", "1.bin"] and [f.stat().st_size for f in files] == [12 * row, 18 * row]
+    # only cross directions trained: (0,1) and (1,0)'s train pairs first, then every direction's valid pairs;
+    # the train pairs of (0,0) and (1,1) are never read and get no place
+    cross = _problem(models, train_directions=[(0, 1), (1, 0)], site_cache_bytes=30 * row, site_disk_bytes=20 * row)
+    assert cross.site_cache_pairs == [{"memory": 6, "disk": 18 + 2, "recomputed": 8 + 10},
+                                      {"memory": 24, "disk": 0, "recomputed": 10 + 10}]
 
 
 def test_a_kept_pair_is_computed_once_and_one_beyond_both_budgets_at_every_read(monkeypatch):

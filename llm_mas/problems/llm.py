@@ -297,8 +297,8 @@ class LLMProblem(ProblemBase):
     def _plan_site_caches(self, memory_bytes: int, disk_bytes: int) -> list[dict[str, int] | None]:
         """Give each direction and split whose target starts at its site its pairs' places: memory first,
         then disk, in the order train (trained directions: read at every epoch) then valid (every direction);
-        pairs beyond both budgets, and the train pairs of untrained directions (never read), are recomputed.
-        Per model (None where steps run the whole model): pairs in memory, on disk and recomputed."""
+        pairs beyond both budgets are recomputed; the train pairs of untrained directions (never read) get no
+        place. Per model (None where steps run the whole model): pairs read in memory, on disk and recomputed."""
         counts: list[dict[str, int] | None] = [None if r is None else {"memory": 0, "disk": 0, "recomputed": 0}
                                                for r in self.resumes]
         order = [("train", d) for d in self.splits["train"] if d.trained] + [("valid", d) for d in self.splits["valid"]]
@@ -314,8 +314,9 @@ class LLMProblem(ProblemBase):
             memory_bytes -= memory * row_bytes
             disk_bytes -= disk * row_bytes
             cache = self._site_caches[(split, id(d))] = _SiteCache(P, memory, disk, self._spill)
-            for place, n in (("memory", memory), ("disk", disk), ("recomputed", cache.recomputed)):
-                counts[d.target][place] += n
+            if id(d) in planned:
+                for place, n in (("memory", memory), ("disk", disk), ("recomputed", cache.recomputed)):
+                    counts[d.target][place] += n
         return counts
 
     def _site_cache_line(self, index: int, counts: dict[str, int]) -> str:
