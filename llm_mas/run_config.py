@@ -214,14 +214,14 @@ class MASConfig:
                      "counterfactual runs (set data.task or data.dataset)")
         elif kinds == ["hf"]:
             p.extend(self._hf_problems())
-        if self.site_cache != SiteCacheConfig() and self.kind != "hf":
-            p.append(f"site_cache: set, but only stepwise LLM MAS runs (kind: hf models, no data.dataset / "
-                     f"data.task) have a site cache; this is a {self.kind} run: remove site_cache")
         elif kinds == ["module"]:
             p.append("models: module models run on counterfactual tensors: set data.dataset to a directory "
                      "written by CounterfactualTensors.save (or pass data=CounterfactualTensors to compare)")
         elif kinds and KINDS[kinds[0]].build is None:
             p.append(f"models: kind {kinds[0]!r} has no problem of its own; set data.dataset (counterfactual tensors)")
+        if self.site_cache != SiteCacheConfig() and self.kind != "hf":
+            p.append(f"site_cache: set, but only stepwise LLM MAS runs (kind: hf models, no data.dataset / "
+                     f"data.task) have a site cache; this is a {self.kind} run: remove site_cache")
         for i, m in enumerate(self.models):
             if not isinstance(m, ModelConfigBase):
                 continue
