@@ -3,6 +3,7 @@ the whole model every step against steps that start at the site (``skip_below_si
 
     python bench/llm_mas_step.py                  # 256-d/4-layer and 512-d/8-layer Qwen2s, 1 thread
     python bench/llm_mas_step.py --quick          # smoke test
+    python bench/llm_mas_step.py --sizes 512d-8L --backends torch   # the torch variants only (own results file)
 
 Two random-weight Qwen2s of the sizes of bench/pyvene_das.py (built offline, seeds 0 and 1), each recorded on
 the tiny corpus (40 prompts of 16 tokens, greedy to 64), site ``layer{L/2}``, k = d/2, every direction
@@ -12,9 +13,13 @@ backend (torch hooks, nnsight); the two variants of a backend share its models, 
 - site: the default: the pairs' layer-l outputs come from the per-pair cache (filled before timing, over
   every train pair: ``cache_fill_s``; its size ``cache_mib``), a step runs layers l+1.. and the head;
 - nocache (torch only): as site with ``site_cache_bytes=0``, the fallback past the cache budget and what a
-  step of the first epoch costs: layers 0..l run without a graph at each step, then as site.
+  step of the first epoch costs: layers 0..l run without a graph at each step, then as site;
+- disk (torch only): as nocache but with a disk budget for every pair (``site_disk_bytes``): the pairs'
+  layer-l outputs written to files once (filled before timing, over every train pair: ``disk_fill_s``)
+  and read back at each step.
 Variants interleaved round by round; ratios are medians of per-round ratios. Resident memory (MiB) is read
-after the full steps and after the cache is filled. Writes bench/results/llm_mas_step.json.
+after the full steps and after the cache is filled. Writes bench/results/llm_mas_step.json (with
+``--backends torch``: llm_mas_step_torch.json).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from llm_mas.resources import peak_resident_mib, resident_mib  # noqa: E402
 
 SIZES = MIDDLE_LAYER_SIZES
 BACKENDS = ("torch", "nnsight")
+DISK_BYTES = 1 << 30      # every pair of the disk variant (4 directions × 80 pairs × 64 × 512 × 4 B = 40 MiB)
 N_TRAIN, N_VALID, BATCH = 64, 16, 8
 
 
@@ -70,7 +76,7 @@ def _models(size: str, root: Path) -> list[tuple[str, str]]:
     return out
 
 
-def bench_size(size: str, repeats: int) -> dict:
+def bench_size(size: str, repeats: int, backends: tuple[str, ...] = BACKENDS) -> dict:
     from llm_mas.problems.llm import LLMProblem
     from llm_mas.run import build_alignments, build_problem
     from llm_mas.run_config import config_from_kwargs
@@ -80,7 +86,7 @@ def bench_size(size: str, repeats: int) -> dict:
         pairs = _models(size, root)
         layer = SIZES[size]["n_layers"] // 2
         steps, problems, out = {}, {}, {"layer": layer, "backends": {}}
-        for backend in BACKENDS:
+        for backend in backends:
             config = config_from_kwargs(
                 models=[dict(name=m, kind="hf", recording=r, site=f"layer{layer}", backend=backend) for m, r in pairs],
                 data={"n_train": N_TRAIN, "n_valid": N_VALID, "stepwise": True}, train={"batch_size": BATCH},
@@ -94,6 +100,10 @@ def bench_size(size: str, repeats: int) -> dict:
                 variants.append(("torch-nocache", LLMProblem(site.models, site.k, n_train=N_TRAIN, n_valid=N_VALID,
                                                              seed=config.seed, site_cache_bytes=0,
                                                              eval_batch_size=config.eval.batch_size)))
+                variants.append(("torch-disk", LLMProblem(site.models, site.k, n_train=N_TRAIN, n_valid=N_VALID,
+                                                          seed=config.seed, site_cache_bytes=0,
+                                                          site_disk_bytes=DISK_BYTES,
+                                                          eval_batch_size=config.eval.batch_size)))
             for name, problem in variants:
                 alignments = build_alignments(config, problem)
                 optimizer = torch.optim.Adam(alignments.parameters(), lr=1e-3)
@@ -111,16 +121,23 @@ def bench_size(size: str, repeats: int) -> dict:
 
                 steps[name], problems[name] = (step, losses), problem
             out["backends"][backend] = {"rss_mib_built": resident_mib()}
-        for backend in BACKENDS:  # fill the caches over every train pair (what the first epoch does)
+        for backend in backends:  # fill the caches over every train pair (what the first epoch does)
             site = problems[f"{backend}-site"]
             t0 = time.perf_counter()
             for d in site.splits["train"]:
                 site._site_outputs(d, "train", torch.arange(N_TRAIN), site.resumes[d.target])
             out["backends"][backend].update(cache_fill_s=time.perf_counter() - t0,
                                             cache_mib=site.cached_site_bytes / 2**20, rss_mib_cached=resident_mib())
+        if "torch" in backends:  # the same over the disk variant's files
+            disk = problems["torch-disk"]
+            t0 = time.perf_counter()
+            for d in disk.splits["train"]:
+                disk._site_outputs(d, "train", torch.arange(N_TRAIN), disk.resumes[d.target])
+            out["backends"]["torch"].update(disk_fill_s=time.perf_counter() - t0,
+                                            disk_mib=disk.spilled_site_bytes / 2**20)
         cpu: dict[str, list[float]] = {}
         times = interleaved({name: fn for name, (fn, _) in steps.items()}, repeats=repeats, warmup=1, cpu=cpu)
-        for backend in BACKENDS:
+        for backend in backends:
             r = out["backends"][backend]
             for v in ("full", "site"):
                 r[v] = {"median_ms": 1e3 * median(times[f"{backend}-{v}"]),
@@ -129,16 +146,21 @@ def bench_size(size: str, repeats: int) -> dict:
             r["full/site"] = ratio(times, f"{backend}-full", f"{backend}-site")
             r["full/site_cpu"] = ratio(cpu, f"{backend}-full", f"{backend}-site")
             r["first_loss_rel_diff"] = abs(r["full"]["first_loss"] - r["site"]["first_loss"]) / r["full"]["first_loss"]
-        nocache = out["backends"]["torch"]
-        nocache["nocache"] = {"median_ms": 1e3 * median(times["torch-nocache"]),
-                              "cpu_median_ms": 1e3 * median(cpu["torch-nocache"])}
-        nocache["full/nocache"] = ratio(times, "torch-full", "torch-nocache")
+        if "torch" in backends:
+            r = out["backends"]["torch"]
+            for v in ("nocache", "disk"):
+                r[v] = {"median_ms": 1e3 * median(times[f"torch-{v}"]), "cpu_median_ms": 1e3 * median(cpu[f"torch-{v}"]),
+                        "first_loss": steps[f"torch-{v}"][1][0]}
+            r["full/nocache"] = ratio(times, "torch-full", "torch-nocache")
+            r["nocache/disk"] = ratio(times, "torch-nocache", "torch-disk")
+            r["nocache/disk_cpu"] = ratio(cpu, "torch-nocache", "torch-disk")
+            r["disk/site"] = ratio(times, "torch-disk", "torch-site")
         out.update(times_s=times, cpu_times_s=cpu, peak_rss_mib=peak_resident_mib(),
                    parameters=sum(p.numel() for p in problems["torch-full"].models[0].model.parameters()),
                    loadavg_after=list(os.getloadavg()))
         print(f"[llm mas step] {size}: " + ", ".join(
             f"{b} full {out['backends'][b]['full']['median_ms']:.0f}ms site {out['backends'][b]['site']['median_ms']:.0f}ms"
-            f" (x{out['backends'][b]['full/site']['median']:.2f})" for b in BACKENDS))
+            f" (x{out['backends'][b]['full/site']['median']:.2f})" for b in backends))
         return out
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -149,21 +171,26 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sizes", nargs="+", default=None, choices=list(SIZES))
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     args = parser.parse_args(argv)
     set_threads(1)
     sizes = args.sizes or (["64d-2L"] if args.quick else ["256d-4L", "512d-8L"])
     repeats = args.repeats or (2 if args.quick else 7)
     result = {"machine_start": machine_info(), "threads": 1, "batch_per_direction": BATCH, "directions": 4,
-              "sizes": {size: bench_size(size, repeats) for size in sizes}}
+              "sizes": {size: bench_size(size, repeats, tuple(args.backends)) for size in sizes}}
     rows = [[size, r["layer"], b, x["full"]["median_ms"], x["site"]["median_ms"], x["full/site"]["median"],
-             x["full/site_cpu"]["median"], x.get("full/nocache", {}).get("median", "-"), x["cache_fill_s"],
-             x["cache_mib"], x["rss_mib_built"], x["rss_mib_cached"], x["first_loss_rel_diff"]]
+             x["full/site_cpu"]["median"], x.get("full/nocache", {}).get("median", "-"),
+             x.get("nocache/disk", {}).get("median", "-"), x.get("nocache/disk_cpu", {}).get("median", "-"),
+             x["cache_fill_s"], x.get("disk_fill_s", "-"), x["cache_mib"], x["rss_mib_built"], x["rss_mib_cached"],
+             x["first_loss_rel_diff"]]
             for size, r in result["sizes"].items() for b, x in r["backends"].items()]
     print_table("LLM MAS step at a middle layer (2 models, 4 directions, 8 pairs each, 1 thread), ms medians",
                 ["model", "layer", "backend", "full ms", "site ms", "full/site", "full/site CPU", "full/nocache",
-                 "cache fill s", "cache MiB", "RSS built", "RSS cached", "first-loss rel diff"], rows)
+                 "nocache/disk", "nocache/disk CPU", "cache fill s", "disk fill s", "cache MiB", "RSS built",
+                 "RSS cached", "first-loss rel diff"], rows)
     if not args.quick:
-        write_result("llm_mas_step", result)
+        write_result("llm_mas_step" if tuple(args.backends) == BACKENDS else "llm_mas_step_" + "_".join(args.backends),
+                     result)
     return result
 
 

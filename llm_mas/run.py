@@ -61,8 +61,9 @@ COSMETIC_KEYS = ("name", "out_dir", "progress", "resume")
 BUDGET_KEYS = ("train.max_steps", "train.max_epochs")
 # permissions that change no result: a run that could start at all reads the same tokens either way
 PERMISSION_KEYS = ("data.allow_unknown_tokens",)
-# per-model settings of how a step is computed, not of what it computes (models.{i}.KEY)
+# settings of how a step is computed, not of what it computes: per model (models.{i}.KEY) and for the run
 MODEL_SPEED_KEYS = ("skip_below_site",)
+SPEED_KEYS = ("site_cache.memory_mib", "site_cache.disk_mib", "site_cache.dir")
 
 
 def build_problem(config: MASConfig, *, shard: Shard | None = None,
@@ -166,11 +167,11 @@ def data_fingerprint(config: MASConfig) -> dict[str, str]:
 
 def run_fingerprint(config: MASConfig) -> dict[str, Any]:
     """What determines a run's result: the resolved config (flattened; without its cosmetic keys, step
-    budget, permissions and per-model speed switches; the data seed is its ``seed``), a digest of every model's weights and of
+    budget, permissions and speed settings; the data seed is its ``seed``), a digest of every model's weights and of
     counterfactual tensors
     (``fingerprint.json``)."""
     flat = _flatten({k: v for k, v in to_dict(config).items() if k not in COSMETIC_KEYS})
-    for key in BUDGET_KEYS + PERMISSION_KEYS:
+    for key in BUDGET_KEYS + PERMISSION_KEYS + SPEED_KEYS:
         flat.pop(key, None)
     if config.train.directions_per_step is None or config.train.budget_gradients == "sampled":
         # what a budgeted step's gradient is changes nothing without a budget, and `sampled` is what every

@@ -31,7 +31,12 @@ from .problems.kinds import (
     ModuleModelConfig,
     TaskModelConfig,
 )
-from .problems.llm import hf_header_problems  # noqa: F401  (re-exported: the hf kind's check)
+from .problems.llm import (
+    SITE_CACHE_BYTES,
+    SITE_DISK_BYTES,
+    hf_header_problems,  # noqa: F401  (re-exported: the hf kind's check)
+    site_cache_dir_problems,
+)
 from .problems.task import task_model_header_problems, task_model_infos  # noqa: F401  (the task kind's check)
 from .trainer import TrainerConfig
 
@@ -118,6 +123,36 @@ class EvalConfig:
 
 
 @dataclass
+class SiteCacheConfig:
+    """Where stepwise LLM MAS keeps the targets' layer-l outputs when steps start at the site
+    (``models.i.skip_below_site``, docs/method.md §14.3); how fast a step is, not what it computes (not part
+    of the run's fingerprint).
+
+    Each pair's output is computed once; the first pairs (train, then valid) are kept in memory on their
+    target's device up to ``memory_mib`` in all, the next ones in files up to ``disk_mib`` in all, and the
+    rest are recomputed (layers 0..l) at every read. Disk is off by default: how much a run would write
+    (L × d × bytes per value per pair and direction: 7.3 GiB for 10 000 pairs × 4 directions at d = 1536,
+    L = 64 in bf16) and where it may go (a /tmp in memory would only move the memory) are the user's call.
+    ``dir``: the files go in a fresh ``llm_mas-site-cache-*`` directory under it (unset: the system's
+    temporary directory), removed when the run's problem goes or the process exits.
+    """
+
+    memory_mib: float = SITE_CACHE_BYTES / 2**20
+    disk_mib: float = SITE_DISK_BYTES / 2**20
+    dir: str | None = None
+
+    def validate(self) -> list[str]:
+        p = [f"site_cache.{key} must be >= 0 (MiB), got {value}" for key, value in
+             (("memory_mib", self.memory_mib), ("disk_mib", self.disk_mib)) if value < 0]
+        if self.dir is not None:
+            if self.disk_mib == 0:
+                p.append(f"site_cache.dir is {self.dir!r} but site_cache.disk_mib is 0 (nothing goes to disk); set "
+                         "site_cache.disk_mib (e.g. 4096) or remove site_cache.dir")
+            p.extend(f"site_cache.dir: {problem}" for problem in site_cache_dir_problems(self.dir))
+        return p
+
+
+@dataclass
 class MASConfig:
     models: list[MODEL_CONFIG]
     name: str = "mas"
@@ -133,6 +168,7 @@ class MASConfig:
     train: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cl: CLConfig = field(default_factory=CLConfig)
+    site_cache: SiteCacheConfig = field(default_factory=SiteCacheConfig)   # stepwise LLM MAS only
     out_dir: str = "runs"
     device: str = "cpu"
     progress: bool = True
@@ -183,6 +219,9 @@ class MASConfig:
                      "written by CounterfactualTensors.save (or pass data=CounterfactualTensors to compare)")
         elif kinds and KINDS[kinds[0]].build is None:
             p.append(f"models: kind {kinds[0]!r} has no problem of its own; set data.dataset (counterfactual tensors)")
+        if self.site_cache != SiteCacheConfig() and self.kind != "hf":
+            p.append(f"site_cache: set, but only stepwise LLM MAS runs (kind: hf models, no data.dataset / "
+                     f"data.task) have a site cache; this is a {self.kind} run: remove site_cache")
         for i, m in enumerate(self.models):
             if not isinstance(m, ModelConfigBase):
                 continue

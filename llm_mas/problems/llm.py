@@ -34,13 +34,23 @@ the source model's greedy predictions at positions >= i (teacher forced).
   nnsight model, nothing below the site depends on the alignments. On a pair's counterfactual input (the
   target's tokens up to i, the source's after) the output of layer l is the same at every step: at the
   positions after i as well, since they read only unedited layers 0..l. So a step takes that output from a
-  per-pair cache (filled the first time a pair is read, computed without a graph, up to ``site_cache_bytes``
-  in all; pairs beyond it are recomputed, layers 0..l only, at each step), writes the intervened values at
-  positions 0..i, runs layers l+1.. (`llm_mas.backends.resume.LayerResume`, checked against the full
-  forward once per model) and the head on the scored positions' span only. Same losses, gradients and
-  records as the full forward up to float rounding. Where it cannot apply (the ``embeddings`` site: nothing
-  below it; the ``tlens`` backend's converted model; a model whose layers fail the check) the run logs why
-  and runs the whole model, as with ``skip_below_site: false``.
+  per-pair cache, writes the intervened values at positions 0..i, runs layers l+1..
+  (`llm_mas.backends.resume.LayerResume`, checked against the full forward once per model) and the head on
+  the scored positions' span only. Same losses, gradients and records as the full forward up to float
+  rounding. Where it cannot apply (the ``embeddings`` site: nothing below it; the ``tlens`` backend's
+  converted model; a model whose layers fail the check) the run logs why and runs the whole model, as with
+  ``skip_below_site: false``.
+- The site cache (config section ``site_cache``): a pair's layer-l output is computed without a graph the
+  first time a batch reads the pair. Places are given up front, train pairs of the trained directions
+  first (read at every epoch), then the valid pairs: in memory on the target's device up to
+  ``site_cache_bytes`` (``site_cache.memory_mib``, 2 GiB) in all, then in files up to ``site_disk_bytes``
+  (``site_cache.disk_mib``) in all, written once and read back (through the OS page cache) at each later
+  read; pairs beyond both are recomputed, layers 0..l only, at every read. The run logs per model how many
+  pairs sit where. Disk is off by default: a run at the paper's scale would write gigabytes (10 000 pairs ×
+  4 directions at d = 1536, L = 64 in bf16: 7.3 GiB), and where they may go (a /tmp in memory would only
+  move the memory) is the user's call. The files live in a fresh ``llm_mas-site-cache-*`` directory under
+  ``site_cache_dir`` (``site_cache.dir``; default the system's temporary directory), removed when the problem
+  is garbage-collected or the process exits (a killed process leaves it behind).
 - Data parallelism: pass a ``Shard`` (``llm_mas.distributed``): the loss then covers this process's
   rows of each batch (scaled so the average of the processes' gradients is the full batch's gradient) and
   evaluation gathers every process's pairs, so all processes see identical records.
@@ -48,6 +58,11 @@ the source model's greedy predictions at positions >= i (teacher forced).
 
 from __future__ import annotations
 
+import math
+import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,9 +86,11 @@ VALID_FRACTION = 0.2        # recordings are split 80/20
 SPLIT_SEED = 741            # the seed of that split
 MIN_PREFIX = MIN_SUFFIX = 10  # i ~ U[10, L - 10)
 SPLIT_IDS = {"train": 0, "valid": 1}
-# layer-l outputs of the pairs' counterfactual inputs kept for steps that start at the site (all directions and
-# splits of one process together); pairs beyond it are recomputed (layers 0..l, no graph) at every step
+# layer-l outputs of the pairs' counterfactual inputs kept in memory for steps that start at the site (all
+# directions and splits of one process together); pairs beyond it go to disk up to the disk budget (default
+# none: module docstring), the rest are recomputed (layers 0..l, no graph) at every step
 SITE_CACHE_BYTES = 2 << 30
+SITE_DISK_BYTES = 0
 
 
 @dataclass
@@ -104,34 +121,85 @@ class LLMPairs(DirectionPairs):
         return int(self.target_ids.shape[0])
 
 
-class _SiteCache:
-    """The target's layer-l output on one direction's counterfactual inputs of one split, for its first
-    `capacity` pairs (the rest are recomputed at each step), filled as pairs are first read."""
+class _SpillDir:
+    """A fresh directory for one problem's spilled site outputs, made on first use (``tempfile.mkdtemp`` under
+    `parent`, None: the system's temporary directory) and removed with everything in it when this object is
+    garbage-collected or the process exits (whichever comes first)."""
 
-    def __init__(self, n_pairs: int, capacity: int):
-        self.capacity = capacity             # pairs 0..capacity-1 are kept
-        self.values: torch.Tensor | None = None   # (capacity, L, d), allocated on first use
+    PREFIX = "llm_mas-site-cache-"
+
+    def __init__(self, parent: str | None):
+        self.parent = None if parent is None else os.path.expanduser(parent)
+        self.path: Path | None = None
+        self._files = 0
+
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A zero-filled CPU tensor backed by a new file of this directory (written through, read back by
+        mapping: the OS page cache, not the process, holds what is read)."""
+        if self.path is None:
+            if self.parent is not None:
+                Path(self.parent).mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix=self.PREFIX, dir=self.parent))
+            weakref.finalize(self, shutil.rmtree, str(self.path), ignore_errors=True)
+        numel = math.prod(shape)
+        file = self.path / f"{self._files}.bin"
+        self._files += 1
+        with open(file, "xb") as f:          # a new file: nothing is overwritten
+            f.truncate(numel * torch.empty((), dtype=dtype).element_size())
+        return torch.from_file(str(file), shared=True, size=numel, dtype=dtype).view(shape)
+
+
+class _SiteCache:
+    """The target's layer-l output on one direction's counterfactual inputs of one split, filled as pairs are
+    first read: pairs 0..memory-1 in memory (on the model's device), the next `disk` pairs in a file of
+    `spill` (read back to the model's device), the rest recomputed (layers 0..l, no graph) at every read."""
+
+    def __init__(self, n_pairs: int, memory: int, disk: int = 0, spill: _SpillDir | None = None):
+        self.memory, self.disk, self.spill = memory, disk, spill
+        self.values: torch.Tensor | None = None   # (memory, L, d) on the model's device, allocated on first use
+        self.spilled: torch.Tensor | None = None  # (disk, L, d) file-backed, on the CPU, made on first use
         self.filled = torch.zeros(n_pairs, dtype=torch.bool)
+
+    @property
+    def recomputed(self) -> int:
+        return len(self.filled) - self.memory - self.disk
+
+    def _store(self, todo: torch.Tensor, fresh: torch.Tensor) -> None:
+        """Keep the layer-l outputs `fresh` (n, L, d) of pairs `todo` (n,) (CPU, each within memory + disk)."""
+        to_memory = todo < self.memory
+        if bool(to_memory.any()):
+            if self.values is None:
+                self.values = fresh.new_empty(self.memory, *fresh.shape[1:])
+            self.values[todo[to_memory].to(fresh.device)] = fresh[to_memory.to(fresh.device)]
+        if not bool(to_memory.all()):
+            if self.spilled is None:
+                self.spilled = self.spill.tensor((self.disk, *fresh.shape[1:]), fresh.dtype)
+            self.spilled[todo[~to_memory] - self.memory] = fresh[(~to_memory).to(fresh.device)].cpu()
+        self.filled[todo] = True
 
     def rows(self, resume: LayerResume, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(len(rows), L, d) layer-l output on ids[rows] (`ids` (P, L) on the model's device), no graph."""
         rows_cpu = rows.cpu()
-        keep = rows_cpu < self.capacity
-        todo = rows_cpu[keep & ~self.filled[rows_cpu]].unique()
+        in_memory = rows_cpu < self.memory
+        kept = rows_cpu < self.memory + self.disk
+        todo = rows_cpu[kept & ~self.filled[rows_cpu]].unique()
         if len(todo):
-            fresh = resume.collect(ids[todo.to(ids.device)])                       # (n, L, d)
-            if self.values is None:
-                self.values = fresh.new_empty(self.capacity, *fresh.shape[1:])
-            self.values[todo.to(fresh.device)] = fresh
-            self.filled[todo] = True
-        if bool(keep.all()):
+            self._store(todo, resume.collect(ids[todo.to(ids.device)]))                   # (n, L, d)
+        if bool(in_memory.all()):
             return self.values[rows_cpu.to(self.values.device)]
-        fresh = resume.collect(ids[rows_cpu[~keep].to(ids.device)])              # pairs beyond the budget
-        if not bool(keep.any()):
-            return fresh
-        out = fresh.new_empty(len(rows_cpu), *fresh.shape[1:])
-        out[(~keep).to(out.device)] = fresh
-        out[keep.to(out.device)] = self.values[rows_cpu[keep].to(self.values.device)]
+        parts = []                                                    # (which rows, their values)
+        if bool(in_memory.any()):
+            parts.append((in_memory, self.values[rows_cpu[in_memory].to(self.values.device)]))
+        on_disk = kept & ~in_memory
+        if bool(on_disk.any()):
+            parts.append((on_disk, self.spilled[rows_cpu[on_disk] - self.memory].to(ids.device)))
+        if not bool(kept.all()):                                      # pairs beyond both budgets
+            parts.append((~kept, resume.collect(ids[rows_cpu[~kept].to(ids.device)])))
+        if len(parts) == 1:
+            return parts[0][1]
+        out = parts[0][1].new_empty(len(rows_cpu), *parts[0][1].shape[1:])
+        for which, values in parts:
+            out[which.to(out.device)] = values
         return out
 
 
@@ -166,10 +234,13 @@ class LLMProblem(ProblemBase):
                  train_directions: Sequence[tuple[int, int]] | None = None, n_train: int = 10_000,
                  n_valid: int = 1_000, seed: int = 0, intervention: str = "interchange", eval_batch_size: int = 16,
                  shard: Shard | None = None, skip_below_site: bool | Sequence[bool] = True,
-                 site_cache_bytes: int = SITE_CACHE_BYTES, log: Callable[[str], None] | None = None):
+                 site_cache_bytes: int = SITE_CACHE_BYTES, site_disk_bytes: int = SITE_DISK_BYTES,
+                 site_cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = None):
         """skip_below_site: per model (or one value for all), whether steps on it as a target start at its
         site (module docstring); site_cache_bytes: the memory the cached site outputs may take in all (they live
-        on their target's device, in its dtype)."""
+        on their target's device, in its dtype); site_disk_bytes: the disk the outputs of pairs beyond that
+        may take in all (0: none, they are recomputed at every read), in a fresh directory under
+        site_cache_dir (None: the system's temporary directory) removed with the problem."""
         super().__init__(models, ["full"], k, stepwise=True, train_directions=train_directions,
                          intervention=intervention, n_train=n_train, n_valid=n_valid, seed=seed,
                          eval_batch_size=eval_batch_size)
@@ -182,13 +253,22 @@ class LLMProblem(ProblemBase):
         if len(flags) != len(self.models):
             raise ConfigError(f"skip_below_site lists {len(flags)} values for {len(self.models)} models; give one "
                               "per model or one bool")
-        if site_cache_bytes < 0:
-            raise ConfigError(f"site_cache_bytes must be >= 0, got {site_cache_bytes}")
-        self._cache_bytes_left = int(site_cache_bytes)
-        self._site_caches: dict[tuple[str, int], _SiteCache] = {}
+        problems = [f"{name} must be >= 0, got {value}" for name, value in
+                    (("site_cache_bytes", site_cache_bytes), ("site_disk_bytes", site_disk_bytes)) if value < 0]
+        if site_cache_dir is not None:
+            problems += [f"site_cache_dir: {p}" for p in site_cache_dir_problems(site_cache_dir)]
+        if problems:
+            raise ConfigError(problems)
+        self._spill = _SpillDir(None if site_cache_dir is None else str(site_cache_dir))
         self.resumes: list[LayerResume | None] = []
+        say = log or (lambda s: None)
         for i, on in enumerate(flags):
-            self.resumes.append(self._layer_resume(i, on, log or (lambda s: None)))
+            self.resumes.append(self._layer_resume(i, on, say))
+        self._site_caches: dict[tuple[str, int], _SiteCache] = {}
+        self.site_cache_pairs = self._plan_site_caches(int(site_cache_bytes), int(site_disk_bytes))
+        for i, counts in enumerate(self.site_cache_pairs):
+            if counts is not None:
+                say(self._site_cache_line(i, counts))
 
     # ------------------------------------------------------------------ steps that start at the site
     def _layer_resume(self, index: int, on: bool, log: Callable[[str], None]) -> LayerResume | None:
@@ -214,25 +294,64 @@ class LLMProblem(ProblemBase):
             f"layers {layer + 1}.. run per step)")
         return resume
 
+    def _plan_site_caches(self, memory_bytes: int, disk_bytes: int) -> list[dict[str, int] | None]:
+        """Give each direction and split whose target starts at its site its pairs' places: memory first,
+        then disk, in the order train (trained directions: read at every epoch) then valid (every direction);
+        pairs beyond both budgets are recomputed; the train pairs of untrained directions (never read) get no
+        place. Per model (None where steps run the whole model): pairs read in memory, on disk and recomputed."""
+        counts: list[dict[str, int] | None] = [None if r is None else {"memory": 0, "disk": 0, "recomputed": 0}
+                                               for r in self.resumes]
+        order = [("train", d) for d in self.splits["train"] if d.trained] + [("valid", d) for d in self.splits["valid"]]
+        planned = {id(d) for _, d in order}
+        for split, d in order + [("train", d) for d in self.splits["train"] if id(d) not in planned]:
+            if self.resumes[d.target] is None:
+                continue
+            entry = self.models[d.target]
+            P, L = d.target_ids.shape
+            row_bytes = L * entry.width * torch.empty((), dtype=entry.dtype).element_size()
+            memory = min(P, memory_bytes // row_bytes) if id(d) in planned else 0
+            disk = min(P - memory, disk_bytes // row_bytes) if id(d) in planned else 0
+            memory_bytes -= memory * row_bytes
+            disk_bytes -= disk * row_bytes
+            cache = self._site_caches[(split, id(d))] = _SiteCache(P, memory, disk, self._spill)
+            if id(d) in planned:
+                for place, n in (("memory", memory), ("disk", disk), ("recomputed", cache.recomputed)):
+                    counts[d.target][place] += n
+        return counts
+
+    def _site_cache_line(self, index: int, counts: dict[str, int]) -> str:
+        """The log line saying where model `index`'s layer-l outputs are kept."""
+        entry = self.models[index]
+        L = self.splits["train"][0].target_ids.shape[1]
+        mib = L * entry.width * torch.empty((), dtype=entry.dtype).element_size() / 2**20
+        line = (f"models.{index}: site outputs of {sum(counts.values())} pairs: {counts['memory']} in memory "
+                f"({counts['memory'] * mib:.1f} MiB on {entry.device}), {counts['disk']} on disk "
+                f"({counts['disk'] * mib:.1f} MiB), {counts['recomputed']} recomputed at every read")
+        if counts["recomputed"]:
+            line += " (a larger site_cache.memory_mib or site_cache.disk_mib keeps them)"
+        return line
+
     def _site_outputs(self, direction: LLMPairs, split: str, rows: torch.Tensor, resume: LayerResume
                       ) -> torch.Tensor:
         """(len(rows), L, d) the target's layer-l output on the direction's counterfactual inputs `rows`."""
-        key = (split, id(direction))
-        cache = self._site_caches.get(key)
-        if cache is None:
-            P, L = direction.target_ids.shape
-            entry = self.models[direction.target]
-            row_bytes = L * entry.width * torch.empty((), dtype=entry.dtype).element_size()
-            capacity = min(P, self._cache_bytes_left // row_bytes)
-            self._cache_bytes_left -= capacity * row_bytes
-            cache = self._site_caches[key] = _SiteCache(P, capacity)
-        return cache.rows(resume, direction.target_ids, rows)
+        return self._site_caches[(split, id(direction))].rows(resume, direction.target_ids, rows)
 
     @property
     def cached_site_bytes(self) -> int:
-        """Bytes the cached site outputs take now (at most the `site_cache_bytes` given)."""
+        """Bytes the site outputs cached in memory take now (at most the `site_cache_bytes` given)."""
         return sum(c.values.numel() * c.values.element_size() for c in self._site_caches.values()
                    if c.values is not None)
+
+    @property
+    def spilled_site_bytes(self) -> int:
+        """Bytes of the files holding site outputs on disk now (at most the `site_disk_bytes` given)."""
+        return sum(c.spilled.numel() * c.spilled.element_size() for c in self._site_caches.values()
+                   if c.spilled is not None)
+
+    @property
+    def site_spill_dir(self) -> Path | None:
+        """The directory of this problem's spilled site outputs (None until the first is written)."""
+        return self._spill.path
 
     # ------------------------------------------------------------------ data
     @staticmethod
@@ -514,7 +633,31 @@ def build_llm_problem(config, *, shard: Shard | None = None, log: Callable[[str]
     return LLMProblem(entries, k, train_directions=config.train_directions(), n_train=config.data.n_train,
                       n_valid=config.data.n_valid, seed=config.seed, intervention=config.intervention,
                       eval_batch_size=config.eval.batch_size, shard=shard,
-                      skip_below_site=[m.skip_below_site for m in config.models], log=log)
+                      skip_below_site=[m.skip_below_site for m in config.models],
+                      site_cache_bytes=int(config.site_cache.memory_mib * 2**20),
+                      site_disk_bytes=int(config.site_cache.disk_mib * 2**20), site_cache_dir=config.site_cache.dir,
+                      log=log)
+
+
+def site_cache_dir_problems(path: str | os.PathLike) -> list[str]:
+    """What is wrong with `path` as the directory under which spilled site outputs go: it must be a writable
+    directory, or not exist yet under a writable one (it is then made)."""
+    where = Path(path).expanduser()
+    if where.exists():
+        if not where.is_dir():
+            return [f"{str(path)!r} is not a directory; give a directory (the cache goes in a fresh subdirectory "
+                    "of it) or leave it unset for the system's temporary directory"]
+        if not os.access(where, os.W_OK | os.X_OK):
+            return [f"{str(path)!r} is not writable by this user; give a writable directory or leave it unset for "
+                    "the system's temporary directory"]
+        return []
+    parent = where.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return [f"{str(path)!r} does not exist and cannot be made ({str(parent)!r} is not a writable directory); "
+                "give a writable directory or leave it unset for the system's temporary directory"]
+    return []
 
 
 def hf_header_problems(config) -> list[str]:
