@@ -199,3 +199,34 @@ def test_outputs_are_rewritten_after_runs_that_trained_and_once_at_the_end(monke
     seen.clear()
     many_models.execute_with_cost(plans, [], None, lambda o: seen.append(1), log=lambda s: None)
     assert seen == [1]
+
+
+def test_the_tuned_config_changes_only_its_all_model_runs(tmp_path):
+    """many_models_tuned.yaml reuses many_models_standardized.yaml's alone and pair runs (found by config in
+    its reuse_dirs): those runs must resolve to identical MAS configs, and only the all-model runs train
+    longer, with own directions weighted and a cosine-decayed rate."""
+    from llm_mas.config import from_dict, load_yaml, to_dict
+    from recipes.common.plans import MAS_IGNORED_KEYS, _comparable
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+
+    def planned(name):
+        config = from_dict(RecipeConfig, load_yaml(root / f"{name}.yaml"))
+        assert config.validate() == []
+        plans = many_models.plan(config, config.models, {m: m for m in config.models}, config.mas_overrides,
+                                 config.ns, config.seeds, tmp_path / name, False,
+                                 all_model_overrides=config.all_model_overrides)
+        return config, {p.name: p.config for p in plans}
+
+    tuned_config, tuned = planned("many_models_tuned")
+    _, standardized = planned("many_models_standardized")
+    assert "runs/many_models_standardized/mas" in tuned_config.reuse_dirs
+    shared = [n for n in tuned if not n.startswith("joint_all_")]
+    assert len(shared) == 15 * 3 + 3 * 3 and set(shared) <= set(standardized)
+    for name in shared:
+        assert _comparable(to_dict(tuned[name]), MAS_IGNORED_KEYS) == \
+            _comparable(to_dict(standardized[name]), MAS_IGNORED_KEYS), name
+    for seed in (0, 1, 2):
+        joint, before = tuned[f"joint_all_s{seed}"].train, standardized[f"joint_all_s{seed}"].train
+        assert (joint.max_steps, joint.own_weight, joint.lr_schedule, joint.lr_min_ratio) == (600, 10, "cosine", 0.05)
+        assert (before.max_steps, before.own_weight, before.lr_schedule) == (300, 1, "constant")
