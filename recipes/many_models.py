@@ -138,6 +138,10 @@ class RecipeConfig:
     name: str = "many_models"
     out_dir: str = "runs"
     device: str = "cpu"
+    # torch CPU threads of this recipe's process: 1 (the default) on a shared machine, where extra threads
+    # spin while other jobs hold the cores; 2 on two quiet cores made a 15-model step 1.45x faster in wall
+    # time (BENCHMARKS.md, "The cost of a direction versus n")
+    threads: int = 1
     reuse_dirs: list[str] = field(default_factory=lambda: ["runs"])
 
     def validate(self) -> list[str]:
@@ -172,6 +176,9 @@ class RecipeConfig:
         bad = [n for n in self.every_direction_ns if n not in self.ns]
         if bad:
             p.append(f"every_direction_ns: {bad} not in ns {self.ns}; list joint-run sizes that are also in ns")
+        if not (isinstance(self.threads, int) and self.threads >= 1):
+            p.append(f"threads must be an integer >= 1 (torch CPU threads; 1 on a shared machine), got "
+                     f"{self.threads!r}")
         if self.minutes_per_run < 0:
             p.append(f"minutes_per_run must be >= 0 (0: no budget), got {self.minutes_per_run}")
         if not self.seeds:
@@ -751,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--models-from-scratch", action="store_true",
                             help="random-weight checkpoints of the same architectures instead of the models")
 
-    torch.set_num_threads(1)  # small task models: more threads only add overhead
+    torch.set_num_threads(1)  # until the config is read (its `threads`): small models, a shared machine
     return recipe_front_door(argv, name="many_models", doc=__doc__, config_cls=RecipeConfig, run=_run,
                              add_arguments=add_arguments,
                              smoke_help="smoke_models, one seed, n = all of them, 2 training steps on a few dozen "
@@ -760,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(call: RecipeInvocation) -> int:
     config, run_dir, smoke = call.config, call.run_dir, call.smoke
+    torch.set_num_threads(config.threads)
     names = list(config.smoke_models or config.models[:3]) if smoke else list(config.models)
     mapping = resolve_models(names, run_dir / "scratch_models" if call.args.models_from_scratch else None)
     overrides = [*config.mas_overrides, *(SMOKE_MAS_OVERRIDES if smoke else ())]

@@ -230,3 +230,27 @@ def test_the_tuned_config_changes_only_its_all_model_runs(tmp_path):
         joint, before = tuned[f"joint_all_s{seed}"].train, standardized[f"joint_all_s{seed}"].train
         assert (joint.max_steps, joint.own_weight, joint.lr_schedule, joint.lr_min_ratio) == (600, 10, "cosine", 0.05)
         assert (before.max_steps, before.own_weight, before.lr_schedule) == (300, 1, "constant")
+
+
+def test_threads_are_checked_and_set(tmp_path, monkeypatch):
+    assert any("threads must be an integer >= 1" in p for p in _config(threads=0).validate())
+    assert _config().threads == 1 and not any("threads" in p for p in _config(threads=2).validate())
+    import torch
+
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(many_models, "resolve_models", stop)
+    from types import SimpleNamespace
+
+    call = SimpleNamespace(config=_config(threads=2), run_dir=tmp_path, smoke=False,
+                           args=SimpleNamespace(models_from_scratch=False))
+    with pytest.raises(Stop):
+        many_models._run(call)
+    assert seen == [2]
