@@ -76,6 +76,14 @@ def _models(size: str, root: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _fill(problem) -> float:
+    """Seconds to read every train pair's site output once (what a run's first epoch does): fills its caches."""
+    t0 = time.perf_counter()
+    for d in problem.splits["train"]:
+        problem._site_outputs(d, "train", torch.arange(N_TRAIN), problem.resumes[d.target])
+    return time.perf_counter() - t0
+
+
 def bench_size(size: str, repeats: int, backends: tuple[str, ...] = BACKENDS) -> dict:
     from llm_mas.problems.llm import LLMProblem
     from llm_mas.run import build_alignments, build_problem
@@ -123,17 +131,11 @@ def bench_size(size: str, repeats: int, backends: tuple[str, ...] = BACKENDS) ->
             out["backends"][backend] = {"rss_mib_built": resident_mib()}
         for backend in backends:  # fill the caches over every train pair (what the first epoch does)
             site = problems[f"{backend}-site"]
-            t0 = time.perf_counter()
-            for d in site.splits["train"]:
-                site._site_outputs(d, "train", torch.arange(N_TRAIN), site.resumes[d.target])
-            out["backends"][backend].update(cache_fill_s=time.perf_counter() - t0,
+            out["backends"][backend].update(cache_fill_s=_fill(site),
                                             cache_mib=site.cached_site_bytes / 2**20, rss_mib_cached=resident_mib())
         if "torch" in backends:  # the same over the disk variant's files
             disk = problems["torch-disk"]
-            t0 = time.perf_counter()
-            for d in disk.splits["train"]:
-                disk._site_outputs(d, "train", torch.arange(N_TRAIN), disk.resumes[d.target])
-            out["backends"]["torch"].update(disk_fill_s=time.perf_counter() - t0,
+            out["backends"]["torch"].update(disk_fill_s=_fill(disk),
                                             disk_mib=disk.spilled_site_bytes / 2**20)
         cpu: dict[str, list[float]] = {}
         times = interleaved({name: fn for name, (fn, _) in steps.items()}, repeats=repeats, warmup=1, cpu=cpu)

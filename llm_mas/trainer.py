@@ -137,6 +137,9 @@ class TrainerConfig:
         elif self.lr_schedule == "constant" and self.lr_warmup:
             p.append(f"train.lr_warmup={self.lr_warmup} needs train.lr_schedule: cosine (the constant schedule "
                      "has no warm-up)")
+        elif (self.lr_schedule == "cosine" and isinstance(self.max_steps, int) and self.max_steps > 0
+              and self.lr_warmup >= self.max_steps):
+            p.append(f"train.lr_warmup={self.lr_warmup} must be below the run's {self.max_steps} steps")
         if not (isinstance(self.lr_min_ratio, (int, float)) and 0 <= self.lr_min_ratio <= 1):
             p.append(f"train.lr_min_ratio must be in [0, 1] (the cosine's floor as a fraction of lr), got "
                      f"{self.lr_min_ratio!r}")
@@ -244,7 +247,8 @@ class MASTrainer:
             config.max_epochs * self.batches_per_epoch)
         self.eval_every = config.eval_every or self.batches_per_epoch
         problems = config.validate()
-        if config.lr_schedule == "cosine" and config.lr_warmup >= self.total_steps:
+        if config.max_steps is None and config.lr_schedule == "cosine" and config.lr_warmup >= self.total_steps:
+            # an epoch budget's steps are known only now (validate checks lr_warmup against max_steps)
             problems.append(f"train.lr_warmup={config.lr_warmup} must be below the run's {self.total_steps} steps")
         if problems:
             raise ConfigError(problems)

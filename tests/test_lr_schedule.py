@@ -92,6 +92,12 @@ def test_every_bad_setting_is_named_at_once(problem):
         _trainer(problem, lr_warmup=3)
     with pytest.raises(ConfigError, match="lr_warmup=10 must be below the run's 10 steps"):
         _trainer(problem, lr_schedule="cosine", lr_warmup=10)
+    # with max_steps the config alone says so (preflight, before any model loads); with an epoch budget the
+    # trainer does, once it knows the steps of an epoch (48 rows / batch 16 = 3)
+    assert "train.lr_warmup=10 must be below the run's 10 steps" in TrainerConfig(
+        lr_schedule="cosine", lr_warmup=10, max_steps=10).validate()
+    with pytest.raises(ConfigError, match="lr_warmup=3 must be below the run's 3 steps"):
+        _trainer(problem, lr_schedule="cosine", lr_warmup=3, max_steps=None, max_epochs=1)
 
 
 def test_fingerprints_change_only_with_a_schedule():

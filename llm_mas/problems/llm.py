@@ -301,6 +301,7 @@ class LLMProblem(ProblemBase):
         place. Per model (None where steps run the whole model): pairs read in memory, on disk and recomputed."""
         counts: list[dict[str, int] | None] = [None if r is None else {"memory": 0, "disk": 0, "recomputed": 0}
                                                for r in self.resumes]
+        self._site_cache_mib = [{"memory": 0.0, "disk": 0.0} for _ in self.resumes]   # what the log line says
         order = [("train", d) for d in self.splits["train"] if d.trained] + [("valid", d) for d in self.splits["valid"]]
         planned = {id(d) for _, d in order}
         for split, d in order + [("train", d) for d in self.splits["train"] if id(d) not in planned]:
@@ -317,16 +318,16 @@ class LLMProblem(ProblemBase):
             if id(d) in planned:
                 for place, n in (("memory", memory), ("disk", disk), ("recomputed", cache.recomputed)):
                     counts[d.target][place] += n
+                self._site_cache_mib[d.target]["memory"] += memory * row_bytes / 2**20
+                self._site_cache_mib[d.target]["disk"] += disk * row_bytes / 2**20
         return counts
 
     def _site_cache_line(self, index: int, counts: dict[str, int]) -> str:
         """The log line saying where model `index`'s layer-l outputs are kept."""
-        entry = self.models[index]
-        L = self.splits["train"][0].target_ids.shape[1]
-        mib = L * entry.width * torch.empty((), dtype=entry.dtype).element_size() / 2**20
+        entry, mib = self.models[index], self._site_cache_mib[index]   # bytes as planned, direction by direction
         line = (f"models.{index}: site outputs of {sum(counts.values())} pairs: {counts['memory']} in memory "
-                f"({counts['memory'] * mib:.1f} MiB on {entry.device}), {counts['disk']} on disk "
-                f"({counts['disk'] * mib:.1f} MiB), {counts['recomputed']} recomputed at every read")
+                f"({mib['memory']:.1f} MiB on {entry.device}), {counts['disk']} on disk "
+                f"({mib['disk']:.1f} MiB), {counts['recomputed']} recomputed at every read")
         if counts["recomputed"]:
             line += " (a larger site_cache.memory_mib or site_cache.disk_mib keeps them)"
         return line
