@@ -157,7 +157,9 @@ def evaluate(run: str | Path, models: Sequence[Any] | None = None, data: Any = N
         raise ConfigError(f"models: the run has {len(entries)} models; got {len(given)} (give one per model, None "
                           "to reload a task/hf model from the run)")
     settings = {k: v for k, v in raw.items() if k not in ("plugins", "models", "data")}
-    settings["models"] = [_resolve_model(g, dict(e), i) for i, (g, e) in enumerate(zip(given, entries))]
+    # a trained run's tensors replace its start: where it started (alignment_init) need not exist any more
+    settings["models"] = [_resolve_model(g, {k: v for k, v in dict(e).items() if k != "alignment_init"}, i)
+                          for i, (g, e) in enumerate(zip(given, entries))]
     settings["progress"] = False
     if device is not None:
         settings["device"] = device
@@ -187,7 +189,7 @@ def evaluate(run: str | Path, models: Sequence[Any] | None = None, data: Any = N
     split = "valid"
     if data is not None:
         split = problem.add_split("all", torch.arange(len(data)))
-    alignments = build_alignments(config, problem)
+    alignments = build_alignments(config, problem, init=False)   # the trained tensors are loaded next
     state = load_file(str(run_path / "alignments.safetensors"), device=str(config.device))
     own = {f"model{i}.{k}" for i, a in enumerate(alignments) for k in a.state_dict()}
     if set(state) != own:

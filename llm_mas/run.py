@@ -50,7 +50,7 @@ from .files import (
 from .interventions import Intervention
 from .problems import PROBLEMS, InterventionProblem, Record, Shard
 from .problems.kinds import model_fingerprint
-from .problems.manifest import write_alignment_manifest
+from .problems.manifest import alignment_init_digest, load_alignment_init, write_alignment_manifest
 from .results import MASResult
 from .run_config import MASConfig, preflight
 from .trainer import FitResult, MASTrainer, ProgressLog, ReleaseMemory, StopFile, TrainerConfig
@@ -75,9 +75,10 @@ def build_problem(config: MASConfig, *, shard: Shard | None = None,
     return PROBLEMS[config.kind](config, shard=shard, log=log)
 
 
-def build_alignments(config: MASConfig, problem: InterventionProblem) -> nn.ModuleList:
+def build_alignments(config: MASConfig, problem: InterventionProblem, init: bool = True) -> nn.ModuleList:
     """The trained modules: the intervention's own maps when it has them (linear stitch: one per direction),
-    else one alignment per model (kind, options and standardisation from its model entry)."""
+    else one alignment per model (kind, options and standardisation from its model entry; started from
+    ``alignment_init``'s run unless `init` is False, as when trained tensors are loaded over them)."""
     widths = [e.width for e in problem.models]
     own = problem.intervention.own_maps(widths, problem.k, config.seed)
     if own is not None:
@@ -88,6 +89,8 @@ def build_alignments(config: MASConfig, problem: InterventionProblem) -> nn.Modu
         k = problem.k * len(problem.all_variables) if ALIGNMENTS[m.alignment].rank_k else problem.k
         alignments.append(make_alignment(m.alignment, width, k=k, seed=config.seed * 101 + i, standardize=std,
                                          **m.alignment_options))
+        if init and m.alignment_init is not None:
+            load_alignment_init(alignments[-1], m.alignment_init, m.name)
     return nn.ModuleList(alignments).to(config.device)
 
 
@@ -183,9 +186,14 @@ def run_fingerprint(config: MASConfig) -> dict[str, Any]:
         # a constant rate is what every run did before the schedule keys existed (lr_warmup must then be 0)
         for key in ("train.lr_schedule", "train.lr_warmup", "train.lr_min_ratio"):
             flat.pop(key, None)
-    for i in range(len(config.models)):
+    for i, m in enumerate(config.models):
         for key in MODEL_SPEED_KEYS:
             flat.pop(f"models.{i}.{key}", None)
+        # where a start came from is not the result's; what was copied is (None: a random start, as every run
+        # before the key existed)
+        flat.pop(f"models.{i}.alignment_init", None)
+        if getattr(m, "alignment_init", None) is not None:
+            flat[f"models.{i}.alignment_init"] = alignment_init_digest(m.alignment_init, m.name)
     flat.update({f"models.{i}.{key}": value for i, digests in enumerate(model_fingerprints(config))
                  for key, value in digests.items()})
     flat.update(data_fingerprint(config))

@@ -227,6 +227,8 @@ class MASConfig:
                 continue
             if not isinstance(m, (HFModelConfig, TaskModelConfig)):
                 p.extend(m.problems(f"models.{i}"))
+            if m.alignment_init is not None:
+                p.extend(self._init_problems(i, m))
             if m.alignment not in ALIGNMENTS:
                 p.append(f"models.{i}.alignment: unknown kind {m.alignment!r}; valid: {', '.join(sorted(ALIGNMENTS))}")
             elif m.alignment_options:
@@ -266,6 +268,24 @@ class MASConfig:
                          "alignment: orthogonal for null_subspace: true, or set null_subspace: false")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             p.append(f"device {self.device!r} must be cpu or cuda[:i]")
+        return p
+
+    def _init_problems(self, i: int, m: ModelConfigBase) -> list[str]:
+        from .problems.manifest import alignment_init_problems
+
+        where = f"models.{i}"
+        if self.intervention == "linear_stitch":
+            return [f"{where}.alignment_init: a linear_stitch run trains one map per direction, not per model's "
+                    "alignment; remove alignment_init or use intervention: interchange / stitch"]
+        p, entry = alignment_init_problems(m.alignment_init, m.name, m.alignment, m.standardize,
+                                           m.alignment_options, where)
+        if entry is not None:
+            if self.k is not None and entry["run_k"] not in (None, self.k):
+                p.append(f"{where}.alignment_init: {m.alignment_init!r} was trained with k={entry['run_k']}, this "
+                         f"run has k={self.k}; set k: {entry['run_k']} or start from a run with k={self.k}")
+            if entry["run_variables"] is not None and list(entry["run_variables"]) != list(self.variables):
+                p.append(f"{where}.alignment_init: {m.alignment_init!r} aligned variables {entry['run_variables']}, "
+                         f"this run {list(self.variables)}; they must be the same")
         return p
 
     def _tensor_problems(self) -> list[str]:

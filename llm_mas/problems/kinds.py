@@ -51,6 +51,11 @@ class ModelConfigBase:
     # bias (linear)
     alignment_options: dict[str, Any] = field(default_factory=dict)
     standardize: bool = False           # z-score latents (per feature) inside the alignment
+    # start this model's alignment from a finished run's trained one (its directory: the model of the same
+    # name there, or DIR#i for its model i) instead of a random rotation; e.g. each model's run alone (DAS)
+    # before a joint run. Kind, k, width and standardisation must match; a standardised alignment keeps this
+    # run's own mean and std. The copied tensors' digest is part of the fingerprint, not the path
+    alignment_init: str | None = None
 
     def problems(self, where: str) -> list[str]:
         """What is wrong with this entry alone (``where``: its config path, e.g. ``models.0``)."""
