@@ -60,8 +60,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from llm_mas.config import from_dict, to_dict
 from llm_mas.errors import ConfigError
 from llm_mas.resources import resident_mib
+from llm_mas.run_config import MASConfig
 from llm_mas.stats import t_interval
 from recipes.common.claims import Claim
 from recipes.common.cli import RecipeInvocation, recipe_front_door
@@ -125,6 +127,8 @@ class RecipeConfig:
     ns: list[int] = field(default_factory=lambda: [3, 5, 9, 15])
     alone: bool = False               # also each model alone (DAS: its own direction only), per seed: the bar
                                       # each model's own direction in the all-model run is held to
+    start_from_alone: bool = False    # the all-model runs start each model's alignment from its run alone at
+                                      # the same seed (models.i.alignment_init; needs alone: true)
     every_direction_ns: list[int] = field(default_factory=list)  # joint sizes also run without the budget:
                                       # the same models, every direction every step (updates matched to pairwise)
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -179,6 +183,8 @@ class RecipeConfig:
         if not (isinstance(self.threads, int) and self.threads >= 1):
             p.append(f"threads must be an integer >= 1 (torch CPU threads; 1 on a shared machine), got "
                      f"{self.threads!r}")
+        if self.start_from_alone and not self.alone:
+            p.append("start_from_alone: the all-model runs start from each model's run alone; set alone: true")
         if self.minutes_per_run < 0:
             p.append(f"minutes_per_run must be >= 0 (0: no budget), got {self.minutes_per_run}")
         if not self.seeds:
@@ -264,12 +270,14 @@ def plan(config: RecipeConfig, names: list[str], mapping: dict[str, str], overri
         return out
 
     runs: dict[str, PlannedRun] = {}
-    for seed in seeds:
-        runs[f"joint_all_s{seed}"] = PlannedRun(cfg(f"joint_all_s{seed}", names, seed, all_model_overrides),
-                                                rows(names, "all", -1))
+    joint = {f"joint_all_s{seed}": PlannedRun(cfg(f"joint_all_s{seed}", names, seed, all_model_overrides),
+                                              rows(names, "all", -1)) for seed in seeds}
+    if not config.start_from_alone:
+        runs.update(joint)   # first: the headline runs
     for seed in seeds:
         for m in names if config.alone else ():
             runs[f"alone_{short(m)}_s{seed}"] = PlannedRun(cfg(f"alone_{short(m)}_s{seed}", [m], seed), [])
+    runs.update(joint)       # (after the runs alone they start from)
     for seed in seeds:
         for p in pairs:
             runs[f"pair_{p.name}_s{seed}"] = PlannedRun(cfg(f"pair_{p.name}_s{seed}", p.models, seed),
@@ -290,6 +298,25 @@ def plan(config: RecipeConfig, names: list[str], mapping: dict[str, str], overri
                         runs[run_name] = PlannedRun(cfg(run_name, models, seed, budget=False),
                                                     rows(models, kind + EVERY, n_unlike, p.name))
     return list(runs.values())
+
+
+def start_from_alone(plan_: PlannedRun, outcomes: dict, names: list[str]) -> None:
+    """Before an all-model run of a ``start_from_alone`` recipe: set each model's ``alignment_init`` to its
+    finished run alone at the same seed, or block the run naming the runs alone that have not finished."""
+    if not plan_.name.startswith("joint_all_s"):
+        return
+    seed = plan_.name.removeprefix("joint_all_s")
+    alone = {m: outcomes.get(f"alone_{short(m)}_s{seed}") for m in names}
+    missing = [f"alone_{short(m)}_s{seed}" for m, o in alone.items() if o is None or o.run_dir is None
+               or o.status not in ("trained", "reused")]
+    if missing:
+        plan_.blocked = (f"start_from_alone: {', '.join(missing)} not finished (run them first: without --only, "
+                         "or list them in --only)")
+        return
+    data = to_dict(plan_.config)
+    for entry, m in zip(data["models"], names):
+        entry["alignment_init"] = str(alone[m].run_dir)
+    plan_.config = from_dict(MASConfig, data)
 
 
 # ================================================================================== memory and cost
@@ -328,15 +355,18 @@ class PeakResident:
 
 
 def execute_with_cost(plans: list[PlannedRun], search_dirs, selected, after_each, log=print,
-                      minutes_per_run: float = 0.0) -> dict:
+                      minutes_per_run: float = 0.0, prepare=None) -> dict:
     """`execute_plan` one plan at a time, measuring the peak resident memory of every run that trains
     (written to ``cost.json`` in its run directory, so reused runs keep it). With `minutes_per_run` > 0 a
     timer creates the run's ``STOP`` file after that long (the trainer then ends at its best checkpoint).
     ``after_each(outcomes)`` (the outputs' rewrite, figures included: seconds) follows every run that trained
-    or failed, and ends the call once if the last plan was only reused or skipped."""
+    or failed, and ends the call once if the last plan was only reused or skipped. ``prepare(plan, outcomes)``
+    may complete a plan's config from the runs before it (or block it) just before it runs."""
     outcomes: dict[str, RunOutcome] = {p.name: RunOutcome(p.name, "pending") for p in plans}
     fresh = True   # outcomes changed since the last after_each
     for i, plan_ in enumerate(plans, 1):
+        if prepare is not None:
+            prepare(plan_, outcomes)
         log(f"[{i}/{len(plans)}] {plan_.name} ({len(plan_.config.models)} models)")
         stop_file = Path(plan_.config.out_dir) / plan_.config.name / "STOP"
         timer = threading.Timer(60.0 * minutes_per_run, lambda f=stop_file: f.parent.is_dir() and f.touch())
@@ -789,7 +819,9 @@ def _run(call: RecipeInvocation) -> int:
 
     selected = (lambda p: False) if call.report else (lambda p: p.name in only) if only else None
     outcomes = execute_with_cost(plans, config.reuse_dirs, selected, refresh,
-                                 minutes_per_run=0.0 if smoke else config.minutes_per_run)
+                                 minutes_per_run=0.0 if smoke else config.minutes_per_run,
+                                 prepare=(lambda p, o: start_from_alone(p, o, names)) if config.start_from_alone
+                                 else None)
     failed = [o.name for o in outcomes.values() if o.status == "failed"]
     print(f"wrote {run_dir}/summary.md, pairs.csv, aggregate.csv, matrix.csv, clustered.png, iia_vs_n.png "
           f"({time.perf_counter() - call.started:.0f}s)" + (f"; FAILED runs: {', '.join(failed)}" if failed else ""),

@@ -254,3 +254,42 @@ def test_threads_are_checked_and_set(tmp_path, monkeypatch):
     with pytest.raises(Stop):
         many_models._run(call)
     assert seen == [2]
+
+
+def test_start_from_alone_orders_the_runs_and_is_checked(tmp_path):
+    config = _config(ns=[3], seeds=[0], alone=True, start_from_alone=True)
+    names = [p.name for p in many_models.plan(config, config.models, {m: m for m in config.models}, [],
+                                              config.ns, config.seeds, tmp_path, False)]
+    assert names.index("joint_all_s0") > max(i for i, n in enumerate(names) if n.startswith("alone_"))
+    plain = _config(ns=[3], seeds=[0], alone=True)
+    assert [p.name for p in many_models.plan(plain, plain.models, {m: m for m in plain.models}, [], plain.ns,
+                                             plain.seeds, tmp_path, False)][0] == "joint_all_s0"
+    assert any("start_from_alone" in p and "alone: true" in p for p in _config(start_from_alone=True).validate())
+
+
+def test_start_from_alone_end_to_end(tmp_path):
+    """Smoke size: the all-model run starts each model from its run alone (config.yaml names them, the
+    fingerprint holds their tensors' digests); asked for alone, it is blocked until those runs have run."""
+    import json
+
+    import yaml
+
+    from llm_mas.problems.manifest import alignment_init_digest
+
+    args = [f"out_dir={tmp_path}", "mas_overrides=[data.n_valid=16]", "alone=true", "start_from_alone=true",
+            f"smoke_models={SHIPPED}".replace("'", "")]
+    assert many_models.main(["--smoke", "--only", "joint_all_s0", *args]) == 0
+    out = tmp_path / "many_models-smoke"
+    assert not (out / "mas" / "joint_all_s0" / "results.json").exists()
+    with open(out / "pairs.csv") as f:
+        joint_rows = [r for r in csv.DictReader(f) if r["kind"] == "all"]
+    assert joint_rows and all(r["status"] == "blocked" and "start_from_alone: alone_gru-s0_s0, alone_gru-s1_s0, "
+                              "alone_transformer-s0_s0 not finished" in r["run_dir"] for r in joint_rows)
+    assert many_models.main(["--smoke", *args]) == 0
+    joint = out / "mas" / "joint_all_s0"
+    models = yaml.safe_load((joint / "config.yaml").read_text())["models"]
+    starts = [m["alignment_init"] for m in models]
+    assert starts == [str(out / "mas" / f"alone_{many_models.short(m)}_s0") for m in SHIPPED]
+    values = json.loads((joint / "fingerprint.json").read_text())["values"]
+    assert [values[f"models.{i}.alignment_init"] for i in range(3)] == \
+        [alignment_init_digest(s, m) for s, m in zip(starts, SHIPPED)]
