@@ -20,7 +20,9 @@
     sequences in every model (``llm_mas.correlative.collect_rows``). Claim checked: the recurrent
     architectures (GRU, LSTM; a Markovian count state) form one cluster that the Transformers do not join.
     With ``alone: true`` each model is also aligned by itself (``alone_<model>_s<seed>``: DAS, its own
-    direction only), and ``own_directions.csv`` sets each model's own direction in the all-model runs against it.
+    direction only), and ``own_directions.csv`` sets each model's own direction in the all-model runs against it;
+    with ``start_from_alone: true`` too, the all-model run of each seed starts every model's alignment from
+    its run alone at that seed (``models.i.alignment_init``) instead of a random rotation, and runs after them.
 (2) For each reference pair (a, b): MAS of the pair alone (``pair_<name>_s<seed>``) and inside joint runs
     of n models: ``<name>_like_n<n>_s<seed>`` adds n − 2 models of other architectures than
     ``unlike_arch`` (GRUs, LSTMs), ``<name>_unlike_n<n>_s<seed>`` adds ``unlike_arch`` models
