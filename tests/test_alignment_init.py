@@ -180,3 +180,24 @@ def test_evaluate_does_not_need_the_start_any_more(tmp_path, source_run):
     again = llm_mas.evaluate(tmp_path / "later", log=lambda s: None, with_ci=False)
     for old, new in zip(trained.records, again.records):
         assert new.trial_iia == pytest.approx(old.trial_iia, abs=1e-9)
+
+
+def test_a_recipe_reuses_a_started_run_by_the_tensors_it_started_from(tmp_path, source_run):
+    from recipes.common.plans import same_config
+
+    source, _ = source_run
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    run(_started(tmp_path, copy, name="done"), log=lambda s: None)
+    done = tmp_path / "done"
+    assert same_config(done, _started(tmp_path, copy, name="done"))
+    assert same_config(done, _started(tmp_path, source, name="done"))     # another path, the same tensors
+    plain = _cfg(tmp_path, "done", [{"name": GRU0}, {"name": GRU1, "standardize": True}],
+                 train={"batch_size": 64, "max_steps": 0, "eval_every": 3, "lr": 1e-2})
+    assert not same_config(done, plain)                                    # a random start is another run
+    state = load_file(str(copy / "alignments.safetensors"))
+    state["model1.inner.linear.parametrizations.weight.original"][2, 0] += 1e-3
+    save_file(state, str(copy / "alignments.safetensors"))
+    assert not same_config(done, _started(tmp_path, copy, name="done"))   # the start was retrained since
+    shutil.rmtree(copy)
+    assert same_config(done, _started(tmp_path, source, name="done"))     # the config.yaml's start is gone

@@ -293,3 +293,16 @@ def test_start_from_alone_end_to_end(tmp_path):
     values = json.loads((joint / "fingerprint.json").read_text())["values"]
     assert [values[f"models.{i}.alignment_init"] for i in range(3)] == \
         [alignment_init_digest(s, m) for s, m in zip(starts, SHIPPED)]
+
+
+def test_the_from_alone_config_is_the_tuned_one_started_from_the_runs_alone(tmp_path):
+    from llm_mas.config import load_yaml
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+    tuned, alone = (load_yaml(root / f"many_models_{n}.yaml") for n in ("tuned", "from_alone"))
+    assert alone.pop("start_from_alone") is True and alone.pop("name") == "many_models_from_alone"
+    tuned.pop("name")
+    assert alone == tuned
+    config = RecipeConfig(**{k: v for k, v in load_yaml(root / "many_models_from_alone.yaml").items()
+                             if k not in ("reference_pairs", "similarity")})
+    assert config.validate() == [] and config.alone and config.start_from_alone

@@ -76,16 +76,51 @@ def _comparable(data: dict, ignored: Iterable[str]) -> dict:
     return {k: v for k, v in data.items() if k not in set(ignored)}
 
 
+def _without_starts(data: dict) -> dict:
+    """A MAS config's dict with its models' ``alignment_init`` paths removed (compared by content instead)."""
+    if not isinstance(data.get("models"), list):
+        return data
+    return {**data, "models": [{k: v for k, v in m.items() if k != "alignment_init"} if isinstance(m, dict) else m
+                               for m in data["models"]]}
+
+
+def _same_starts(run_dir: Path, config) -> bool:
+    """Whether the run at `run_dir` started its models' alignments from the same tensors as `config` would
+    (``alignment_init``: digests in its fingerprint.json against the runs `config` names now)."""
+    from llm_mas.problems.manifest import alignment_init_digest
+
+    models = getattr(config, "models", [])
+    starts = {i: m.alignment_init for i, m in enumerate(models) if getattr(m, "alignment_init", None) is not None}
+    path = run_dir / "fingerprint.json"
+    try:
+        saved = json.loads(path.read_text()).get("values", {}) if path.exists() else {}
+    except ValueError:
+        return False
+    recorded = {int(k.split(".")[1]): v for k, v in saved.items()
+                if k.startswith("models.") and k.endswith(".alignment_init")}
+    if set(recorded) != set(starts):
+        return False
+    try:
+        return all(recorded[i] == alignment_init_digest(ref, models[i].name) for i, ref in starts.items())
+    except ConfigError:   # the start named now is gone or changed
+        return False
+
+
 def same_config(run_dir: str | Path, config, ignored: Iterable[str] = MAS_IGNORED_KEYS) -> bool:
-    """True when ``run_dir/config.yaml`` resolves to `config` up to the `ignored` top-level keys."""
+    """True when ``run_dir/config.yaml`` resolves to `config` up to the `ignored` top-level keys (models
+    started from a finished run: the same tensors, wherever that run now lies)."""
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         return False
     try:
-        saved = from_dict(type(config), load_yaml(path))
+        # (the start is read without its path: the run it names may have moved since)
+        saved = from_dict(type(config), _without_starts(load_yaml(path)))
     except ConfigError:  # written by another version of the config: not the same run
         return False
-    return _comparable(to_dict(saved), ignored) == _comparable(to_dict(config), ignored)
+    if _comparable(_without_starts(to_dict(saved)), ignored) != _comparable(_without_starts(to_dict(config)),
+                                                                            ignored):
+        return False
+    return _same_starts(Path(run_dir), config)
 
 
 def find_finished_run(config: MASConfig, search_dirs: Sequence[str | Path] = ()) -> Path | None:
