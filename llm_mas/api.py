@@ -15,6 +15,7 @@ Any torch modules, on counterfactual tensors (`llm_mas.CounterfactualTensors`):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .config import apply_overrides, from_dict
@@ -25,7 +26,8 @@ def compare(models: Sequence[Any], site: str | Sequence[str] = "hidden", task: s
             k: int | None = None, variables: Sequence[str] | None = None, stepwise: bool = False,
             alignment: str = "orthogonal", name: str | None = None, out_dir: str = "runs",
             overrides: Sequence[str] = (), data: Any = None, names: Sequence[str] | None = None,
-            standardize: bool = False, **config):
+            standardize: bool = False, alignment_init: str | Path | Sequence[str | Path | None] | None = None,
+            **config):
     """Run MAS between `models` and return a `MASResult`.
 
     models: shipped task-model names or checkpoint directories, ``torch.nn.Module`` objects (any module;
@@ -41,6 +43,10 @@ def compare(models: Sequence[Any], site: str | Sequence[str] = "hidden", task: s
           (``models.i.standardize``; an entry mapping's own key wins). Use it when the models' latents differ
           in scale or offset (different architectures, an LSTM's cell state): an orthogonal map cannot
           rescale, and the run's log names the models when their scales differ more than 2x.
+    alignment_init: start the alignments from a finished run's trained ones instead of random rotations: its
+          directory (each model starts from that run's model of the same name) or one entry per model
+          (a directory, ``DIR#j`` for that run's model j, or None for a random start); ``models.i.alignment_init``,
+          an entry mapping's own key wins. E.g. each model's run alone before a joint run.
     task: optional check that every model was trained on this task.
     config: further `MASConfig` fields as keyword arguments (data=..., train=..., directions=..., seed=...).
     overrides: ``key.sub=value`` strings applied last (same syntax as the CLI).
@@ -61,6 +67,13 @@ def compare(models: Sequence[Any], site: str | Sequence[str] = "hidden", task: s
     if names is not None and len(names) != len(models):
         raise ConfigError(f"names: got {len(names)} names for {len(models)} models; give one per model")
     entries = []
+    if alignment_init is None or isinstance(alignment_init, (str, Path)):
+        starts = [alignment_init] * len(models)
+    else:
+        starts = list(alignment_init)
+        if len(starts) != len(models):
+            raise ConfigError(f"alignment_init: got {len(starts)} entries for {len(models)} models; give one run "
+                              "directory for all or one entry (a directory or None) per model")
     for i, (m, s) in enumerate(zip(models, sites)):
         if isinstance(m, nn.Module):
             entry = {"kind": "module", "name": type(m).__name__, "module": m}
@@ -76,6 +89,8 @@ def compare(models: Sequence[Any], site: str | Sequence[str] = "hidden", task: s
         entry.setdefault("site", s)
         entry.setdefault("alignment", alignment)
         entry.setdefault("standardize", standardize)
+        if starts[i] is not None:
+            entry.setdefault("alignment_init", str(starts[i]))
         if names is not None:
             entry["name"] = names[i]
         entries.append(entry)

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 import llm_mas
@@ -201,3 +202,26 @@ def test_a_recipe_reuses_a_started_run_by_the_tensors_it_started_from(tmp_path, 
     assert not same_config(done, _started(tmp_path, copy, name="done"))   # the start was retrained since
     shutil.rmtree(copy)
     assert same_config(done, _started(tmp_path, source, name="done"))     # the config.yaml's start is gone
+
+
+def test_compare_starts_module_models_from_an_earlier_compare(tmp_path):
+    from open_fixtures import GRUNet, decision_data
+
+    nets = [GRUNet(16, seed).eval() for seed in (0, 1)]
+    data = decision_data(200, seed=5)
+    fit = {"train": {"max_steps": 20, "batch_size": 64, "eval_every": 10, "lr": 1e-2}, "progress": False}
+    first = llm_mas.compare(models=nets, data=data, site="rnn", k=2, names=["gru-a", "gru-b"],
+                            out_dir=str(tmp_path), name="first", **fit)
+    again = llm_mas.compare(models=nets, data=data, site="rnn", k=2, names=["gru-a", "gru-b"],
+                            out_dir=str(tmp_path), name="again", alignment_init=tmp_path / "first",
+                            train={"max_steps": 0}, progress=False)
+    assert [r.trial_iia for r in again.records] == [r.trial_iia for r in first.records]
+    # one entry per model: gru-b from the first run's model 0, gru-a from a random rotation
+    mixed = llm_mas.compare(models=nets, data=data, site="rnn", k=2, names=["gru-a", "gru-b"],
+                            out_dir=str(tmp_path), name="mixed", alignment_init=[None, f"{tmp_path / 'first'}#0"],
+                            train={"max_steps": 0}, progress=False)
+    models = yaml.safe_load((tmp_path / "mixed" / "config.yaml").read_text())["models"]
+    assert models[0].get("alignment_init") is None and models[1]["alignment_init"].endswith("first#0")
+    assert len(mixed.records) == 4
+    with pytest.raises(ConfigError, match="got 1 entries for 2 models"):
+        llm_mas.compare(models=nets, data=data, site="rnn", k=2, alignment_init=[None], out_dir=str(tmp_path))
