@@ -307,7 +307,7 @@ def start_from_alone(plan_: PlannedRun, outcomes: dict, names: list[str]) -> Non
     finished run alone at the same seed, or block the run naming the runs alone that have not finished."""
     if not plan_.name.startswith("joint_all_s"):
         return
-    seed = plan_.name.removeprefix("joint_all_s")
+    seed = plan_.config.seed
     alone = {m: outcomes.get(f"alone_{short(m)}_s{seed}") for m in names}
     missing = [f"alone_{short(m)}_s{seed}" for m, o in alone.items() if o is None or o.run_dir is None
                or o.status not in ("trained", "reused")]

@@ -116,7 +116,7 @@ def test_the_fingerprint_holds_the_copied_tensors_not_the_path(tmp_path, source_
     assert c["models.1.alignment_init"] == a["models.1.alignment_init"]
 
 
-def test_a_run_by_index_and_a_one_model_run(tmp_path, source_run):
+def test_a_start_by_index(tmp_path, source_run):
     source, _ = source_run
     # GRU s1 started from the source's GRU s0 by index: the tensors of model 0
     config = _cfg(tmp_path, "byindex", [{"name": GRU1, "alignment_init": f"{source}#0"}], train={"max_steps": 0})

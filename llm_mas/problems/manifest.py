@@ -147,12 +147,11 @@ def alignment_init_digest(ref: str, name: str) -> str:
     return tensors_digest(_init_state(run, index, bool(entry["alignment"].get("standardize"))))
 
 
-def load_alignment_init(alignment: torch.nn.Module, ref: str, name: str) -> str:
+def load_alignment_init(alignment: torch.nn.Module, ref: str, name: str) -> None:
     """Copy model `name`'s trained parameters from the run ``ref`` names into `alignment` (a standardised
-    alignment keeps its own mean and std: only ``inner.*`` is copied); returns a digest of what was copied.
-    Raises ConfigError when the spec (kind, k, dtype, standardisation, width) differs."""
+    alignment keeps its own mean and std: only ``inner.*`` is copied). Raises ConfigError when the spec
+    (kind, k, dtype, standardisation, width) differs."""
     from ..errors import ConfigError
-    from ..models.modules import tensors_digest
 
     run, index, entry = read_alignment_init(ref, name)
     theirs, mine = entry["alignment"], alignment.spec
@@ -170,4 +169,3 @@ def load_alignment_init(alignment: torch.nn.Module, ref: str, name: str) -> str:
     with torch.no_grad():
         for k in wanted:
             own[k].copy_(state[k])
-    return tensors_digest(state)
