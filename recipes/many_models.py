@@ -434,7 +434,8 @@ def pair_rows(plans: list[PlannedRun], outcomes: dict, threshold: float) -> list
 # ================================================================================== aggregates and verdict
 def aggregate(rows: list[dict]) -> list[dict]:
     """Per (pair, kind, n): mean trial IIA over seeds and both cross directions with a 95% t interval over
-    the seeds (each seed's value = the mean of its two directions), mean steps to target, mean cost."""
+    the seeds (each seed's value = the mean of its two directions; clipped to [0, 1]), mean steps to target,
+    mean cost."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["pair"], r["kind"], r["n"]), []).append(r)
@@ -445,7 +446,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
             if isinstance(r.get("trial_iia"), float) and not math.isnan(r["trial_iia"]):
                 per_seed.setdefault(r["seed"], []).append(r["trial_iia"])
         values = np.array([np.mean(v) for v in per_seed.values()])
-        mean, lo, hi = t_interval(values)
+        mean, lo, hi = _clipped(t_interval(values))
         steps = [r["steps_to_target"] for r in members if _num(r.get("steps_to_target"))]
         out.append({"pair": pair, "kind": kind, "n": n, "seeds": len(values), "trial_iia": mean,
                     "trial_iia_lo": lo, "trial_iia_hi": hi,

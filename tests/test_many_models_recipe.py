@@ -306,3 +306,48 @@ def test_the_from_alone_config_is_the_tuned_one_started_from_the_runs_alone(tmp_
     config = RecipeConfig(**{k: v for k, v in load_yaml(root / "many_models_from_alone.yaml").items()
                              if k not in ("reference_pairs", "similarity")})
     assert config.validate() == [] and config.alone and config.start_from_alone
+
+
+def test_the_warmup_config_is_the_from_alone_one_with_a_warmup(tmp_path):
+    """many_models_from_alone_warmup.yaml differs from many_models_from_alone.yaml only by name and a 60-step
+    warm-up in its all-model runs: the alone and pair runs resolve to the same MAS configs (so they are
+    reused), and the all-model runs' trainer differs in lr_warmup alone."""
+    import dataclasses
+
+    from llm_mas.config import from_dict, load_yaml
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+    alone, warm = (load_yaml(root / f"many_models_{n}.yaml") for n in ("from_alone", "from_alone_warmup"))
+    assert warm.pop("name") == "many_models_from_alone_warmup" and alone.pop("name") == "many_models_from_alone"
+    assert warm.pop("all_model_overrides") == [*alone.pop("all_model_overrides"), "train.lr_warmup=60"]
+    assert warm == alone
+
+    def planned(name):
+        config = from_dict(RecipeConfig, load_yaml(root / f"{name}.yaml"))
+        assert config.validate() == []
+        plans = many_models.plan(config, config.models, {m: m for m in config.models}, config.mas_overrides,
+                                 config.ns, config.seeds, tmp_path / name, False,
+                                 all_model_overrides=config.all_model_overrides)
+        return {p.name: p.config for p in plans}
+
+    before, after = planned("many_models_from_alone"), planned("many_models_from_alone_warmup")
+    assert before.keys() == after.keys()
+    for name in before:
+        if name.startswith("joint_all_"):
+            assert after[name].train.lr_warmup == 60 and before[name].train.lr_warmup == 0
+            assert dataclasses.replace(after[name].train, lr_warmup=0) == before[name].train
+        else:
+            assert after[name].train == before[name].train and after[name].models == before[name].models, name
+
+
+def test_aggregate_intervals_are_clipped_to_proportions():
+    """Three seeds at 0.98, 0.99 and 1.00 (each the mean of two directions): the t interval's upper bound
+    is 1.0238 unclipped (mean 0.99, sd 0.01, t(0.975, 2) = 4.303), so it is clipped to 1; the lower bound
+    0.9652 is kept."""
+    rows = [{"pair": "p", "kind": "pairwise", "n": 2, "seed": s, "trial_iia": v, "steps_to_target": math.nan,
+             "seconds": 1.0, "peak_rss_mb": 1.0, "peak_rss_above_start_mb": 1.0}
+            for s, pair in enumerate([(0.97, 0.99), (0.99, 0.99), (1.0, 1.0)]) for v in pair]
+    (row,) = many_models.aggregate(rows)
+    assert row["trial_iia"] == pytest.approx(0.99)
+    assert row["trial_iia_lo"] == pytest.approx(0.99 - 4.302652729911275 * 0.01 / math.sqrt(3))
+    assert row["trial_iia_hi"] == 1.0 and row["reached_target"] == "0/3"
