@@ -99,6 +99,15 @@ class TrainerConfig:
     # paper's equal weights). > 1 keeps a model's own alignment from being pulled away by cross directions
     # no rotation can satisfy (BENCHMARKS.md, "Joint MAS across architectures"); the loss is the weighted mean
     own_weight: float = 1.0
+    # keep each model's own direction where it started: with own_keep = δ, every validation that finds a
+    # model's own direction (mean validation trial IIA over its variables) below its step-0 value − δ
+    # multiplies that model's own-direction weight by own_boost, up to own_boost_max × own_weight; a raised
+    # weight stays raised. None (default): off. Meant for runs started from each model's alignment alone
+    # (models.i.alignment_init), whose step-0 value is what the model reaches alone. The weights are a
+    # function of the validation history, so a resumed run continues with them (MASTrainer.own_weights)
+    own_keep: float | None = None
+    own_boost: float = 2.0
+    own_boost_max: float = 8.0
     # the learning rate over the run's steps: constant (the default) | cosine (linear warm-up over
     # lr_warmup steps, then a half cosine from lr down to lr_min_ratio * lr at the last step,
     # llm_mas.schedules.warmup_cosine). A pure function of the step, so a resumed run continues on it
@@ -151,6 +160,21 @@ class TrainerConfig:
         elif self.own_weight != 1 and self.directions_per_step is not None and self.budget_gradients == "memory":
             p.append("train.own_weight != 1 does not combine with budget_gradients: memory (its stored gradients "
                      "are each direction's own); use budget_gradients: sampled or own_weight: 1")
+        if self.own_keep is not None:
+            if not (isinstance(self.own_keep, (int, float)) and not isinstance(self.own_keep, bool)
+                    and 0 <= self.own_keep <= 1):
+                p.append(f"train.own_keep must be null (off) or a number in [0, 1] (how far a model's own direction "
+                         f"may fall below its step-0 validation trial IIA), got {self.own_keep!r}")
+            if not (isinstance(self.own_boost, (int, float)) and math.isfinite(self.own_boost) and self.own_boost > 1):
+                p.append(f"train.own_boost must be a finite number > 1 (the factor a fallen model's own weight is "
+                         f"multiplied by), got {self.own_boost!r}")
+            if not (isinstance(self.own_boost_max, (int, float)) and math.isfinite(self.own_boost_max)
+                    and self.own_boost_max >= 1):
+                p.append(f"train.own_boost_max must be a finite number >= 1 (the largest own weight, in units of "
+                         f"own_weight), got {self.own_boost_max!r}")
+            if self.directions_per_step is not None and self.budget_gradients == "memory":
+                p.append("train.own_keep does not combine with budget_gradients: memory (its stored gradients are "
+                         "each direction's own); use budget_gradients: sampled or own_keep: null")
         return p
 
 
@@ -436,8 +460,15 @@ class MASTrainer:
             key = f"{r.source}->{r.target}:{r.variable}"
             row[f"{key}:trial_iia"] = r.trial_iia
             row[f"{key}:token_iia"] = r.token_iia
+        before = self.own_weights() if self.config.own_keep is not None and self.history else None
         self.history.append(row)
         self._loss_sum, self._loss_n = 0.0, 0
+        if before is not None:
+            for i, weight in self.own_weights().items():
+                if weight != before[i]:
+                    self.log(f"  own_keep: {self.problem.models[i].name}'s own direction at "
+                             f"{self._own_iia(row, i):.3f} < step 0's {self._own_iia(self.history[0], i):.3f} − "
+                             f"{self.config.own_keep}: its weight {before[i]:g} -> {weight:g}")
         if score > self.best_score + self.config.min_delta or self.best_state is None:
             self.best_score, self.best_step = score, self.step
             self.best_state = copy.deepcopy(self.alignments.state_dict())
@@ -499,25 +530,56 @@ class MASTrainer:
         return StepOutput(step=self.step, loss=total, info=dict(info), directions=directions,
                           seconds=time.perf_counter() - t0)
 
+    def own_weights(self) -> dict[int, float]:
+        """Each model's own-direction weight now: ``own_weight``, raised under ``own_keep`` by replaying the
+        validation history (step 0 is the reference; each later validation multiplies the weight of every
+        model below its step-0 value − own_keep by own_boost, up to own_boost_max × own_weight). Models
+        without a trained own direction are left out."""
+        c = self.config
+        models = sorted({s for s, t in self.trained_directions if s == t})
+        weights = {i: float(c.own_weight) for i in models}
+        if c.own_keep is None or not self.history or self.history[0]["step"] != 0:
+            return weights
+        start = {i: self._own_iia(self.history[0], i) for i in models}
+        cap = c.own_weight * c.own_boost_max
+        for row in self.history[1:]:
+            for i in models:
+                now = self._own_iia(row, i)
+                if now is not None and start[i] is not None and now < start[i] - c.own_keep:
+                    weights[i] = min(weights[i] * c.own_boost, cap)
+        return weights
+
+    def _own_iia(self, row: dict, i: int) -> float | None:
+        """Model i's own direction in a history row: the mean validation trial IIA over its variables."""
+        name = self.problem.models[i].name
+        values = [row[key] for v in self.problem.all_variables
+                  if (key := f"{name}->{name}:{v}:trial_iia") in row]
+        return float(sum(values) / len(values)) if values else None
+
     def _loss(self, maps, rows: torch.Tensor, directions: list[tuple[int, int]] | None):
         """The step's loss and terms: ``problem.loss`` over the step's directions (None: every trained one),
         or with ``own_weight`` != 1 the weighted mean (w·n_own·L_own + n_cross·L_cross) / (w·n_own + n_cross)
-        of the own directions' mean loss and the cross directions' (two calls on the same maps and rows)."""
+        of the own directions' mean loss and the cross directions' (two calls on the same maps and rows).
+        Under ``own_keep`` the own directions are grouped by their model's weight (``own_weights``): one
+        call per group, Σ_g w_g·n_g·L_g + n_cross·L_cross over Σ_g w_g·n_g + n_cross."""
+        weights = self.own_weights() if self.config.own_keep is not None else None
         w = self.config.own_weight
         plain = {} if directions is None else {"directions": directions}   # the loss as before the key existed
-        if w == 1:
+        if w == 1 and (weights is None or all(x == 1 for x in weights.values())):
             return self.problem.loss(maps, rows, **plain)
         pool = self.trained_directions if directions is None else [tuple(d) for d in directions]
         own = [d for d in pool if d[0] == d[1]]
         cross = [d for d in pool if d[0] != d[1]]
         if not own or not cross:
             return self.problem.loss(maps, rows, **plain)
-        l_own, t_own = self.problem.loss(maps, rows, directions=own)
-        l_cross, t_cross = self.problem.loss(maps, rows, directions=cross)
-        a, b = w * len(own), len(cross)
-        terms = {key: (a * t_own.get(key, 0.0) + b * t_cross.get(key, 0.0)) / (a + b)
-                 for key in {**t_own, **t_cross}}
-        return (a * l_own + b * l_cross) / (a + b), terms
+        groups: dict[float, list[tuple[int, int]]] = {}
+        for d in own:
+            groups.setdefault(weights[d[0]] if weights is not None else w, []).append(d)
+        parts = [(gw * len(ds), *self.problem.loss(maps, rows, directions=ds)) for gw, ds in sorted(groups.items())]
+        parts.append((len(cross), *self.problem.loss(maps, rows, directions=cross)))
+        norm = sum(a for a, _, _ in parts)
+        terms = {key: sum(a * t.get(key, 0.0) for a, _, t in parts) / norm for _, _, t in parts for key in t}
+        return sum(a * loss for a, loss, _ in parts) / norm, terms
 
     def _memory_gradients(self, rows: torch.Tensor, directions: list[tuple[int, int]]
                           ) -> tuple[float, dict[str, float]]:

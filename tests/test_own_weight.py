@@ -4,6 +4,7 @@ unweighted loss exactly and leaves run fingerprints as they were."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -106,3 +107,121 @@ def test_fingerprints_change_only_when_the_weight_does():
         from llm_mas.run_config import preflight
 
         preflight(cfg(own_weight=-2.0))
+
+
+# ------------------------------------------------------------ own_keep: weights that rise when a model falls
+def _row(problem, step, own):
+    """A history row with model i's own direction at own[i]."""
+    return {"step": step, **{f"{m.name}->{m.name}:full:trial_iia": v for m, v in zip(problem.models, own)}}
+
+
+def test_own_keep_raises_the_weight_of_a_fallen_model_only(problem):
+    trainer = _trainer(problem, own_weight=10.0, own_keep=0.02, own_boost=2.0, own_boost_max=8.0)
+    assert trainer.own_weights() == {0: 10.0, 1: 10.0, 2: 10.0}
+    trainer.history = [_row(problem, 0, [1.0, 0.9, 0.99])]
+    assert trainer.own_weights() == {0: 10.0, 1: 10.0, 2: 10.0}
+    # model 0 falls by 0.015 (kept), model 2 by 0.30 (raised); model 1 rises
+    trainer.history.append(_row(problem, 50, [0.985, 0.95, 0.69]))
+    assert trainer.own_weights() == {0: 10.0, 1: 10.0, 2: 20.0}
+    trainer.history.append(_row(problem, 100, [0.97, 0.95, 0.80]))   # model 0 now 0.03 below: raised too
+    assert trainer.own_weights() == {0: 20.0, 1: 10.0, 2: 40.0}
+    for step in (150, 200, 250):
+        trainer.history.append(_row(problem, step, [1.0, 0.95, 0.80]))
+    assert trainer.own_weights() == {0: 20.0, 1: 10.0, 2: 80.0}  # capped at 8 × 10; a recovered weight stays
+    # off: the configured weight whatever the history
+    off = _trainer(problem, own_weight=10.0)
+    off.history = trainer.history
+    assert off.own_weights() == {0: 10.0, 1: 10.0, 2: 10.0}
+
+
+def test_own_keep_loss_is_the_weighted_mean_by_model(problem):
+    trainer = _trainer(problem, own_weight=2.0, own_keep=0.0, own_boost=3.0)
+    trainer.history = [_row(problem, 0, [1.0, 1.0, 1.0]), _row(problem, 50, [1.0, 0.5, 1.0])]
+    assert trainer.own_weights() == {0: 2.0, 1: 6.0, 2: 2.0}
+    rows = trainer._batch(0)
+    every = trainer.trained_directions
+    loss, _ = trainer._loss(trainer.materialize(), rows, None)
+    grads = torch.autograd.grad(loss, list(trainer.alignments.parameters()))
+    maps = trainer.materialize()
+    losses = {d: problem.loss(maps, rows, directions=[d])[0] for d in every}
+    weights = {d: ({0: 2.0, 1: 6.0, 2: 2.0}[d[0]] if d[0] == d[1] else 1.0) for d in every}
+    expected = sum(weights[d] * losses[d] for d in every) / sum(weights.values())
+    expected_grads = torch.autograd.grad(expected, list(trainer.alignments.parameters()))
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-8)
+
+
+def test_own_keep_before_any_fall_is_the_fixed_weight_exactly(problem):
+    kept = _trainer(problem, own_weight=10.0, own_keep=0.02)
+    fixed = _trainer(problem, own_weight=10.0)
+    kept.history = fixed.history = [_row(problem, 0, [1.0, 1.0, 1.0]), _row(problem, 50, [0.99, 1.0, 0.985])]
+    rows = kept._batch(0)
+    maps = kept.materialize()
+    assert torch.equal(kept._loss(maps, rows, None)[0], fixed._loss(maps, rows, None)[0])
+
+
+def test_own_keep_in_a_fit_raises_logs_and_resumes(problem, tmp_path, monkeypatch):
+    """A fit whose validations (real records, own directions' trial IIA scripted by step: model 2 falls at
+    steps 2 and 4, model 0 at step 4) raises those models' weights at those validations, logs each raise,
+    trains the steps after a raise on the raised weights, and resumes from its checkpoint with them."""
+    script = {0: [1.0, 1.0, 1.0], 2: [1.0, 1.0, 0.5], 4: [0.9, 1.0, 0.6], 6: [1.0, 1.0, 1.0]}
+    real_evaluate = MASTrainer.evaluate
+
+    def scripted(self):
+        records = real_evaluate(self)
+        own = script[self.step]
+        return [dataclasses.replace(r, trial_iia=own[r.target_index]) if r.source_index == r.target_index else r
+                for r in records]
+
+    monkeypatch.setattr(MASTrainer, "evaluate", scripted)
+    seen = []
+
+    class Weights:
+        def on_step_end(self, trainer, output):
+            seen.append(trainer.own_weights())
+
+    cfg = TrainerConfig(lr=1e-2, batch_size=16, max_steps=6, eval_every=2, seed=5, own_weight=3.0, own_keep=0.05,
+                        own_boost=2.0, own_boost_max=4.0, target_iia=1.0, patience=100)
+
+    def trainer(log=None):
+        aligns = torch.nn.ModuleList([make_alignment("orthogonal", e.width, k=8, seed=i)
+                                      for i, e in enumerate(problem.models)])
+        return MASTrainer(aligns, problem, cfg, checkpoint_path=tmp_path / "ck.pt", progress=False,
+                          log=log, callbacks=[Weights()])
+
+    lines = []
+    first = trainer(lines.append)
+    first.fit()
+    # weights after steps 1..6 (a validation at 2, 4, 6 comes before its step's on_step_end)
+    assert seen == [{0: 3.0, 1: 3.0, 2: 3.0}, {0: 3.0, 1: 3.0, 2: 6.0}, {0: 3.0, 1: 3.0, 2: 6.0},
+                    {0: 6.0, 1: 3.0, 2: 12.0}, {0: 6.0, 1: 3.0, 2: 12.0}, {0: 6.0, 1: 3.0, 2: 12.0}]
+    raises = [line for line in lines if "own_keep:" in line]
+    assert len(raises) == 3 and "lstm2's own direction at 0.500 < step 0's 1.000" in raises[0]
+    assert "gru0's own direction at 0.900" in raises[1] and "weight 3 -> 6" in raises[1]
+    assert "lstm2's own direction at 0.600" in raises[2] and "weight 6 -> 12" in raises[2]
+    again = trainer()
+    assert again.try_resume() and again.own_weights() == {0: 6.0, 1: 3.0, 2: 12.0}
+
+
+@pytest.mark.parametrize("bad, key", [(dict(own_keep=-0.1), "train.own_keep"), (dict(own_keep=1.5), "train.own_keep"),
+                                      (dict(own_keep=True), "train.own_keep"),
+                                      (dict(own_keep=0.02, own_boost=1.0), "train.own_boost"),
+                                      (dict(own_keep=0.02, own_boost_max=0.5), "train.own_boost_max"),
+                                      (dict(own_keep=0.02, directions_per_step=3, budget_gradients="memory"),
+                                       "budget_gradients: memory")])
+def test_bad_own_keep_settings_are_named(bad, key):
+    problems = TrainerConfig(**bad).validate()
+    assert len(problems) == 1 and key in problems[0], problems
+
+
+def test_fingerprints_carry_own_keep_only_when_set():
+    def cfg(**train):
+        return from_dict(MASConfig, {"models": [{"name": "multiobject-gru-s0"}, {"name": "multiobject-gru-s1"}],
+                                     "variables": ["full"], "k": 32, "train": train})
+
+    plain = run_fingerprint(cfg())["values"]
+    assert not any(k.startswith("train.own_") for k in plain)
+    assert run_fingerprint(cfg(own_boost=3.0))["values"] == plain       # inert without own_keep
+    kept = run_fingerprint(cfg(own_keep=0.02))["values"]
+    assert (kept["train.own_keep"], kept["train.own_boost"], kept["train.own_boost_max"]) == (0.02, 2.0, 8.0)
