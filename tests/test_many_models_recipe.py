@@ -308,19 +308,23 @@ def test_the_from_alone_config_is_the_tuned_one_started_from_the_runs_alone(tmp_
     assert config.validate() == [] and config.alone and config.start_from_alone
 
 
-def test_the_warmup_config_is_the_from_alone_one_with_a_warmup(tmp_path):
-    """many_models_from_alone_warmup.yaml differs from many_models_from_alone.yaml only by name and a 60-step
-    warm-up in its all-model runs: the alone and pair runs resolve to the same MAS configs (so they are
-    reused), and the all-model runs' trainer differs in lr_warmup alone."""
+@pytest.mark.parametrize("before, after, added, changed", [
+    ("from_alone", "from_alone_warmup", "train.lr_warmup=60", {"lr_warmup": (0, 60)}),
+    ("from_alone_warmup", "from_alone_keep", "train.own_keep=0.02", {"own_keep": (None, 0.02)})])
+def test_a_config_built_on_another_changes_its_all_model_runs_by_one_key(tmp_path, before, after, added, changed):
+    """many_models_from_alone_warmup.yaml is many_models_from_alone.yaml with a 60-step warm-up in its
+    all-model runs, and many_models_from_alone_keep.yaml is the warm-up one with own_keep: the alone and pair
+    runs resolve to the same MAS configs (so they are reused), and the all-model runs' trainer differs in
+    that one key."""
     import dataclasses
 
     from llm_mas.config import from_dict, load_yaml
 
     root = Path(__file__).resolve().parents[1] / "recipes" / "configs"
-    alone, warm = (load_yaml(root / f"many_models_{n}.yaml") for n in ("from_alone", "from_alone_warmup"))
-    assert warm.pop("name") == "many_models_from_alone_warmup" and alone.pop("name") == "many_models_from_alone"
-    assert warm.pop("all_model_overrides") == [*alone.pop("all_model_overrides"), "train.lr_warmup=60"]
-    assert warm == alone
+    old, new = (load_yaml(root / f"many_models_{n}.yaml") for n in (before, after))
+    assert new.pop("name") == f"many_models_{after}" and old.pop("name") == f"many_models_{before}"
+    assert new.pop("all_model_overrides") == [*old.pop("all_model_overrides"), added]
+    assert new == old
 
     def planned(name):
         config = from_dict(RecipeConfig, load_yaml(root / f"{name}.yaml"))
@@ -330,14 +334,15 @@ def test_the_warmup_config_is_the_from_alone_one_with_a_warmup(tmp_path):
                                  all_model_overrides=config.all_model_overrides)
         return {p.name: p.config for p in plans}
 
-    before, after = planned("many_models_from_alone"), planned("many_models_from_alone_warmup")
-    assert before.keys() == after.keys()
-    for name in before:
+    plans_before, plans_after = planned(f"many_models_{before}"), planned(f"many_models_{after}")
+    assert plans_before.keys() == plans_after.keys()
+    (key, (was, now)), = changed.items()
+    for name, config in plans_before.items():
         if name.startswith("joint_all_"):
-            assert after[name].train.lr_warmup == 60 and before[name].train.lr_warmup == 0
-            assert dataclasses.replace(after[name].train, lr_warmup=0) == before[name].train
+            assert getattr(config.train, key) == was and getattr(plans_after[name].train, key) == now
+            assert dataclasses.replace(plans_after[name].train, **{key: was}) == config.train
         else:
-            assert after[name].train == before[name].train and after[name].models == before[name].models, name
+            assert plans_after[name].train == config.train and plans_after[name].models == config.models, name
 
 
 def test_aggregate_intervals_are_clipped_to_proportions():
