@@ -184,8 +184,10 @@ def run_fingerprint(config: MASConfig) -> dict[str, Any]:
         flat.pop("train.own_weight", None)   # equal weights: what every run did before the key existed
     if config.train.own_keep is None:
         # fixed own weights: what every run did before the keys existed
-        for key in ("train.own_keep", "train.own_boost", "train.own_boost_max"):
+        for key in ("train.own_keep", "train.own_boost", "train.own_boost_max", "train.own_relax"):
             flat.pop(key, None)
+    elif not config.train.own_relax:
+        flat.pop("train.own_relax", None)   # a ratchet: what own_keep did before own_relax existed
     if config.train.lr_schedule == "constant":
         # a constant rate is what every run did before the schedule keys existed (lr_warmup must then be 0)
         for key in ("train.lr_schedule", "train.lr_warmup", "train.lr_min_ratio"):

@@ -102,12 +102,15 @@ class TrainerConfig:
     # keep each model's own direction where it started: with own_keep = δ, every validation that finds a
     # model's own direction (mean validation trial IIA over its variables) below its step-0 value − δ
     # multiplies that model's own-direction weight by own_boost, up to own_boost_max × own_weight; a raised
-    # weight stays raised. None (default): off. Meant for runs started from each model's alignment alone
-    # (models.i.alignment_init), whose step-0 value is what the model reaches alone. The weights are a
-    # function of the validation history, so a resumed run continues with them (MASTrainer.own_weights)
+    # weight stays raised, or with own_relax is divided by own_boost (down to own_weight) at each validation
+    # that finds the model back at or above that floor. None (default): off. Meant for runs started from each
+    # model's alignment alone (models.i.alignment_init), whose step-0 value is what the model reaches alone.
+    # The weights are a function of the validation history, so a resumed run continues with them
+    # (MASTrainer.own_weights)
     own_keep: float | None = None
     own_boost: float = 2.0
     own_boost_max: float = 8.0
+    own_relax: bool = False
     # the learning rate over the run's steps: constant (the default) | cosine (linear warm-up over
     # lr_warmup steps, then a half cosine from lr down to lr_min_ratio * lr at the last step,
     # llm_mas.schedules.warmup_cosine). A pure function of the step, so a resumed run continues on it
@@ -172,6 +175,9 @@ class TrainerConfig:
                     and self.own_boost_max >= 1):
                 p.append(f"train.own_boost_max must be a finite number >= 1 (the largest own weight, in units of "
                          f"own_weight), got {self.own_boost_max!r}")
+            if not isinstance(self.own_relax, bool):
+                p.append(f"train.own_relax must be true or false (lower a raised own weight again once the model "
+                         f"is back), got {self.own_relax!r}")
             if self.directions_per_step is not None and self.budget_gradients == "memory":
                 p.append("train.own_keep does not combine with budget_gradients: memory (its stored gradients are "
                          "each direction's own); use budget_gradients: sampled or own_keep: null")
@@ -467,8 +473,9 @@ class MASTrainer:
             for i, weight in self.own_weights().items():
                 if weight != before[i]:
                     self.log(f"  own_keep: {self.problem.models[i].name}'s own direction at "
-                             f"{self._own_iia(row, i):.3f} < step 0's {self._own_iia(self.history[0], i):.3f} − "
-                             f"{self.config.own_keep}: its weight {before[i]:g} -> {weight:g}")
+                             f"{self._own_iia(row, i):.3f} {'<' if weight > before[i] else '>='} step 0's "
+                             f"{self._own_iia(self.history[0], i):.3f} − {self.config.own_keep}: its weight "
+                             f"{before[i]:g} -> {weight:g}")
         if score > self.best_score + self.config.min_delta or self.best_state is None:
             self.best_score, self.best_step = score, self.step
             self.best_state = copy.deepcopy(self.alignments.state_dict())
@@ -533,7 +540,8 @@ class MASTrainer:
     def own_weights(self) -> dict[int, float]:
         """Each model's own-direction weight now: ``own_weight``, raised under ``own_keep`` by replaying the
         validation history (step 0 is the reference; each later validation multiplies the weight of every
-        model below its step-0 value − own_keep by own_boost, up to own_boost_max × own_weight). Models
+        model below its step-0 value − own_keep by own_boost, up to own_boost_max × own_weight, and with
+        own_relax divides that of every model at or above it by own_boost, down to own_weight). Models
         without a trained own direction are left out."""
         c = self.config
         models = sorted({s for s, t in self.trained_directions if s == t})
@@ -545,8 +553,12 @@ class MASTrainer:
         for row in self.history[1:]:
             for i in models:
                 now = self._own_iia(row, i)
-                if now is not None and start[i] is not None and now < start[i] - c.own_keep:
+                if now is None or start[i] is None:
+                    continue
+                if now < start[i] - c.own_keep:
                     weights[i] = min(weights[i] * c.own_boost, cap)
+                elif c.own_relax:
+                    weights[i] = max(weights[i] / c.own_boost, float(c.own_weight))
         return weights
 
     def _own_iia(self, row: dict, i: int) -> float | None:

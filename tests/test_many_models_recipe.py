@@ -310,7 +310,8 @@ def test_the_from_alone_config_is_the_tuned_one_started_from_the_runs_alone(tmp_
 
 @pytest.mark.parametrize("before, after, added, changed", [
     ("from_alone", "from_alone_warmup", "train.lr_warmup=60", {"lr_warmup": (0, 60)}),
-    ("from_alone_warmup", "from_alone_keep", "train.own_keep=0.02", {"own_keep": (None, 0.02)})])
+    ("from_alone_warmup", "from_alone_keep", "train.own_keep=0.02", {"own_keep": (None, 0.02)}),
+    ("from_alone_keep", "from_alone_relax", "train.own_relax=true", {"own_relax": (False, True)})])
 def test_a_config_built_on_another_changes_its_all_model_runs_by_one_key(tmp_path, before, after, added, changed):
     """many_models_from_alone_warmup.yaml is many_models_from_alone.yaml with a 60-step warm-up in its
     all-model runs, and many_models_from_alone_keep.yaml is the warm-up one with own_keep: the alone and pair

@@ -134,6 +134,20 @@ def test_own_keep_raises_the_weight_of_a_fallen_model_only(problem):
     assert off.own_weights() == {0: 10.0, 1: 10.0, 2: 10.0}
 
 
+def test_own_relax_lowers_a_recovered_weight_step_by_step(problem):
+    trainer = _trainer(problem, own_weight=10.0, own_keep=0.02, own_boost=2.0, own_boost_max=8.0, own_relax=True)
+    trainer.history = [_row(problem, 0, [1.0, 0.9, 0.99])]
+    own = [[0.985, 0.95, 0.69], [0.97, 0.95, 0.80], [1.0, 0.95, 0.80], [1.0, 0.95, 0.97], [1.0, 0.95, 0.99],
+           [1.0, 0.95, 0.99], [1.0, 0.95, 0.99], [1.0, 0.95, 0.5]]
+    expected = [{0: 10.0, 1: 10.0, 2: 20.0}, {0: 20.0, 1: 10.0, 2: 40.0}, {0: 10.0, 1: 10.0, 2: 80.0},
+                # 0.97 = 0.99 − 0.02: back at the floor, so lowered; then down to own_weight and no further
+                {0: 10.0, 1: 10.0, 2: 40.0}, {0: 10.0, 1: 10.0, 2: 20.0}, {0: 10.0, 1: 10.0, 2: 10.0},
+                {0: 10.0, 1: 10.0, 2: 10.0}, {0: 10.0, 1: 10.0, 2: 20.0}]
+    for step, (values, weights) in enumerate(zip(own, expected), start=1):
+        trainer.history.append(_row(problem, 50 * step, values))
+        assert trainer.own_weights() == weights, step
+
+
 def test_own_keep_loss_is_the_weighted_mean_by_model(problem):
     trainer = _trainer(problem, own_weight=2.0, own_keep=0.0, own_boost=3.0)
     trainer.history = [_row(problem, 0, [1.0, 1.0, 1.0]), _row(problem, 50, [1.0, 0.5, 1.0])]
@@ -208,6 +222,7 @@ def test_own_keep_in_a_fit_raises_logs_and_resumes(problem, tmp_path, monkeypatc
                                       (dict(own_keep=True), "train.own_keep"),
                                       (dict(own_keep=0.02, own_boost=1.0), "train.own_boost"),
                                       (dict(own_keep=0.02, own_boost_max=0.5), "train.own_boost_max"),
+                                      (dict(own_keep=0.02, own_relax="yes"), "train.own_relax"),
                                       (dict(own_keep=0.02, directions_per_step=3, budget_gradients="memory"),
                                        "budget_gradients: memory")])
 def test_bad_own_keep_settings_are_named(bad, key):
@@ -225,3 +240,5 @@ def test_fingerprints_carry_own_keep_only_when_set():
     assert run_fingerprint(cfg(own_boost=3.0))["values"] == plain       # inert without own_keep
     kept = run_fingerprint(cfg(own_keep=0.02))["values"]
     assert (kept["train.own_keep"], kept["train.own_boost"], kept["train.own_boost_max"]) == (0.02, 2.0, 8.0)
+    assert "train.own_relax" not in kept                                # runs from before own_relax are reused
+    assert run_fingerprint(cfg(own_keep=0.02, own_relax=True))["values"] == {**kept, "train.own_relax": True}
