@@ -299,6 +299,7 @@ class MASTrainer:
         self._loss_sum = 0.0
         self._loss_n = 0
         self._signature: dict | None = None
+        self._own_cache: tuple | None = None   # own_weights' last replay: ((id, length) of the history, weights)
         self._fit_t0: float | None = None
 
     # ------------------------------------------------------------ data order
@@ -548,6 +549,9 @@ class MASTrainer:
         weights = {i: float(c.own_weight) for i in models}
         if c.own_keep is None or not self.history or self.history[0]["step"] != 0:
             return weights
+        key = (id(self.history), len(self.history))   # the history only grows: replay once per validation
+        if self._own_cache is not None and self._own_cache[0] == key:
+            return dict(self._own_cache[1])
         start = {i: self._own_iia(self.history[0], i) for i in models}
         cap = c.own_weight * c.own_boost_max
         for row in self.history[1:]:
@@ -559,6 +563,7 @@ class MASTrainer:
                     weights[i] = min(weights[i] * c.own_boost, cap)
                 elif c.own_relax:
                     weights[i] = max(weights[i] / c.own_boost, float(c.own_weight))
+        self._own_cache = (key, dict(weights))
         return weights
 
     def _own_iia(self, row: dict, i: int) -> float | None:
