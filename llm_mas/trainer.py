@@ -157,12 +157,17 @@ class TrainerConfig:
                      f"{self.lr_min_ratio!r}")
         if not 0 < self.target_iia <= 1.0 + 1e-9:
             p.append(f"train.target_iia must be in (0, 1], got {self.target_iia}")
-        if not (isinstance(self.own_weight, (int, float)) and math.isfinite(self.own_weight) and self.own_weight > 0):
+        weight_ok = isinstance(self.own_weight, (int, float)) and math.isfinite(self.own_weight) and self.own_weight > 0
+        if not weight_ok:
             p.append(f"train.own_weight must be a finite number > 0 (1: every direction weighs the same), got "
                      f"{self.own_weight!r}")
-        elif self.own_weight != 1 and self.directions_per_step is not None and self.budget_gradients == "memory":
-            p.append("train.own_weight != 1 does not combine with budget_gradients: memory (its stored gradients "
-                     "are each direction's own); use budget_gradients: sampled or own_weight: 1")
+        weighted = [k for k, on in (("own_weight != 1", weight_ok and self.own_weight != 1),
+                                    ("own_keep", self.own_keep is not None)) if on]
+        if weighted and self.directions_per_step is not None and self.budget_gradients == "memory":
+            p.append(f"train.{' and train.'.join(weighted)} {'does' if len(weighted) == 1 else 'do'} not combine "
+                     "with budget_gradients: memory (its "
+                     "stored gradients are each direction's own); use budget_gradients: sampled, or own_weight: 1 "
+                     "and own_keep: null")
         if self.own_keep is not None:
             if not (isinstance(self.own_keep, (int, float)) and not isinstance(self.own_keep, bool)
                     and 0 <= self.own_keep <= 1):
@@ -178,9 +183,6 @@ class TrainerConfig:
             if not isinstance(self.own_relax, bool):
                 p.append(f"train.own_relax must be true or false (lower a raised own weight again once the model "
                          f"is back), got {self.own_relax!r}")
-            if self.directions_per_step is not None and self.budget_gradients == "memory":
-                p.append("train.own_keep does not combine with budget_gradients: memory (its stored gradients are "
-                         "each direction's own); use budget_gradients: sampled or own_keep: null")
         return p
 
 
@@ -595,7 +597,7 @@ class MASTrainer:
         parts = [(gw * len(ds), *self.problem.loss(maps, rows, directions=ds)) for gw, ds in sorted(groups.items())]
         parts.append((len(cross), *self.problem.loss(maps, rows, directions=cross)))
         norm = sum(a for a, _, _ in parts)
-        terms = {key: sum(a * t.get(key, 0.0) for a, _, t in parts) / norm for _, _, t in parts for key in t}
+        terms = {key: sum(a * t.get(key, 0.0) for a, _, t in parts) / norm for key in set().union(*(t for *_, t in parts))}
         return sum(a * loss for a, loss, _ in parts) / norm, terms
 
     def _memory_gradients(self, rows: torch.Tensor, directions: list[tuple[int, int]]

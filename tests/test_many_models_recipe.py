@@ -201,25 +201,30 @@ def test_outputs_are_rewritten_after_runs_that_trained_and_once_at_the_end(monke
     assert seen == [1]
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+
+
+def _planned(name: str, out: Path):
+    """A shipped recipe config (validated) and its planned MAS configs by run name."""
+    from llm_mas.config import from_dict, load_yaml
+
+    config = from_dict(RecipeConfig, load_yaml(CONFIGS / f"{name}.yaml"))
+    assert config.validate() == []
+    plans = many_models.plan(config, config.models, {m: m for m in config.models}, config.mas_overrides,
+                             config.ns, config.seeds, out / name, False,
+                             all_model_overrides=config.all_model_overrides)
+    return config, {p.name: p.config for p in plans}
+
+
 def test_the_tuned_config_changes_only_its_all_model_runs(tmp_path):
     """many_models_tuned.yaml reuses many_models_standardized.yaml's alone and pair runs (found by config in
     its reuse_dirs): those runs must resolve to identical MAS configs, and only the all-model runs train
     longer, with own directions weighted and a cosine-decayed rate."""
-    from llm_mas.config import from_dict, load_yaml, to_dict
+    from llm_mas.config import to_dict
     from recipes.common.plans import MAS_IGNORED_KEYS, _comparable
 
-    root = Path(__file__).resolve().parents[1] / "recipes" / "configs"
-
-    def planned(name):
-        config = from_dict(RecipeConfig, load_yaml(root / f"{name}.yaml"))
-        assert config.validate() == []
-        plans = many_models.plan(config, config.models, {m: m for m in config.models}, config.mas_overrides,
-                                 config.ns, config.seeds, tmp_path / name, False,
-                                 all_model_overrides=config.all_model_overrides)
-        return config, {p.name: p.config for p in plans}
-
-    tuned_config, tuned = planned("many_models_tuned")
-    _, standardized = planned("many_models_standardized")
+    tuned_config, tuned = _planned("many_models_tuned", tmp_path)
+    _, standardized = _planned("many_models_standardized", tmp_path)
     assert "runs/many_models_standardized/mas" in tuned_config.reuse_dirs
     shared = [n for n in tuned if not n.startswith("joint_all_")]
     assert len(shared) == 15 * 3 + 3 * 3 and set(shared) <= set(standardized)
@@ -298,12 +303,11 @@ def test_start_from_alone_end_to_end(tmp_path):
 def test_the_from_alone_config_is_the_tuned_one_started_from_the_runs_alone(tmp_path):
     from llm_mas.config import load_yaml
 
-    root = Path(__file__).resolve().parents[1] / "recipes" / "configs"
-    tuned, alone = (load_yaml(root / f"many_models_{n}.yaml") for n in ("tuned", "from_alone"))
+    tuned, alone = (load_yaml(CONFIGS / f"many_models_{n}.yaml") for n in ("tuned", "from_alone"))
     assert alone.pop("start_from_alone") is True and alone.pop("name") == "many_models_from_alone"
     tuned.pop("name")
     assert alone == tuned
-    config = RecipeConfig(**{k: v for k, v in load_yaml(root / "many_models_from_alone.yaml").items()
+    config = RecipeConfig(**{k: v for k, v in load_yaml(CONFIGS / "many_models_from_alone.yaml").items()
                              if k not in ("reference_pairs", "similarity")})
     assert config.validate() == [] and config.alone and config.start_from_alone
 
@@ -319,23 +323,14 @@ def test_a_config_built_on_another_changes_its_all_model_runs_by_one_key(tmp_pat
     that one key."""
     import dataclasses
 
-    from llm_mas.config import from_dict, load_yaml
+    from llm_mas.config import load_yaml
 
-    root = Path(__file__).resolve().parents[1] / "recipes" / "configs"
-    old, new = (load_yaml(root / f"many_models_{n}.yaml") for n in (before, after))
+    old, new = (load_yaml(CONFIGS / f"many_models_{n}.yaml") for n in (before, after))
     assert new.pop("name") == f"many_models_{after}" and old.pop("name") == f"many_models_{before}"
     assert new.pop("all_model_overrides") == [*old.pop("all_model_overrides"), added]
     assert new == old
 
-    def planned(name):
-        config = from_dict(RecipeConfig, load_yaml(root / f"{name}.yaml"))
-        assert config.validate() == []
-        plans = many_models.plan(config, config.models, {m: m for m in config.models}, config.mas_overrides,
-                                 config.ns, config.seeds, tmp_path / name, False,
-                                 all_model_overrides=config.all_model_overrides)
-        return {p.name: p.config for p in plans}
-
-    plans_before, plans_after = planned(f"many_models_{before}"), planned(f"many_models_{after}")
+    (_, plans_before), (_, plans_after) = (_planned(f"many_models_{n}", tmp_path) for n in (before, after))
     assert plans_before.keys() == plans_after.keys()
     (key, (was, now)), = changed.items()
     for name, config in plans_before.items():
