@@ -6,6 +6,8 @@
 - ``DirectoryLock``: one process per run directory. The lock file names the holder's pid and host; a
   second live process is refused with an error naming that pid; a lock left behind by a dead process (same
   host, pid gone) is taken over.
+- ``this_process / process_running / left_by_dead_process``: who owns a lock or a scratch directory, and
+  whether that owner died without cleaning up.
 - ``file_digest``: a content hash of a file (what a run's fingerprint records for each model's weights).
 - ``load_tensors``: tensors from a safetensors file or a ``torch.load(weights_only=True)`` file: nothing
   in a file can execute code.
@@ -23,6 +25,33 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError
+
+
+# ------------------------------------------------------------------------------------------ owners
+def this_process() -> dict[str, Any]:
+    """``{"pid": ..., "host": ...}``: what a lock or a scratch directory records of the process owning it."""
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def process_running(pid: int) -> bool:
+    """Whether process `pid` of this host is running (another user's live process counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def left_by_dead_process(owner: Any) -> bool:
+    """Whether `owner` (a `this_process()` record, as read back) names a process of this host, other than
+    this one, that is no longer running; anything else (unreadable, another host, alive) is False."""
+    me = this_process()
+    if not isinstance(owner, dict) or owner.get("host") != me["host"]:
+        return False
+    pid = owner.get("pid")
+    return isinstance(pid, int) and pid > 0 and pid != me["pid"] and not process_running(pid)
 
 
 # ------------------------------------------------------------------------------------------ atomic writes
@@ -143,19 +172,9 @@ class DirectoryLock:
         except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return None
 
-    @staticmethod
-    def _alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
     def acquire(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        me = this_process()
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -167,7 +186,7 @@ class DirectoryLock:
                 if pid == me["pid"] and host == me["host"]:
                     raise ConfigError(f"run directory {str(self.directory)!r} is already locked by this process "
                                       f"(pid {pid}); one run per directory at a time") from None
-                if host == me["host"] and (pid < 0 or not self._alive(pid)):
+                if host == me["host"] and (pid < 0 or not process_running(pid)):
                     self.path.unlink(missing_ok=True)  # left by a dead process: take it over
                     continue
                 raise ConfigError(f"run directory {str(self.directory)!r} is in use by process {pid} on {host} "

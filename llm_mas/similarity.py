@@ -32,7 +32,7 @@ Definitions (K = XXᵀ, L = YYᵀ, linear kernels; H the centring matrix):
   two RDMs. The paper's reference code keeps the zero diagonal in the triangle, which inflates the
   correlation by n perfectly matched zeros; we do not.
 
-Libraries: scipy and rsatoolbox are test dependencies only (the [dev] extra): the tests check RDMs and
+Libraries: scipy and rsatoolbox are the tests' reference implementations here: the tests check RDMs and
 RSA against ``pdist`` + ``scipy.stats.spearmanr``/``pearsonr`` and rsatoolbox's RDMs (duplicated rows,
 constant features, float32/float64), and CKA against naive n×n implementations and a brute-force
 U-statistic. The correlations are computed here rather than by ``scipy.stats.spearmanr`` / ``pearsonr``, to which
@@ -40,7 +40,7 @@ the tests compare them to 1e-12: ranking is the cost of RSA (a 1 000-row subsamp
 distances) and scipy's ``rankdata`` uses a stable merge sort, slower than the quicksort-plus-tie-averaging
 used here (measured on a 1 000-row triangle: ranks 1.2× faster, Spearman 1.5× and Pearson ~14× faster
 than ``spearmanr`` / ``pearsonr``, identical values); ``compare_representations`` also ranks each triangle
-once for all its correlations. scipy is therefore only a test dependency.
+once for all its correlations. This module therefore uses no scipy.
 """
 
 from __future__ import annotations

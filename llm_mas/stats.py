@@ -305,6 +305,33 @@ def t_interval(values: Any, *, level: float = 0.95) -> tuple[float, float, float
     return mean, mean - half, mean + half
 
 
+def paired_comparison(a: Any, b: Any, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+                      ) -> dict[str, float | int]:
+    """Two 0/1 outcomes on the same pairs (e.g. per-pair trial IIA of two alignments scored on one set of
+    pairs): ``a``, ``b`` (n,) each.
+
+    Returns ``n``; ``a`` and ``b`` (their means); ``diff`` = mean(a) − mean(b) with the percentile bootstrap
+    interval ``diff_lo``, ``diff_hi`` (pairs resampled together, `bootstrap_ci` of the per-pair differences);
+    the discordant pairs ``a_only`` (a right, b wrong) and ``b_only``; and ``p``, McNemar's exact two-sided
+    test of a and b being right equally often: the binomial test of ``a_only`` out of the discordant pairs
+    at 1/2, as ``scipy.stats.binomtest(a_only, a_only + b_only).pvalue`` (1 when no pair is discordant).
+    """
+    x, y = _as_1d(a, "a"), _as_1d(b, "b")
+    if x.shape != y.shape:
+        raise DataError(f"paired_comparison: a and b must score the same pairs, got {x.size} and {y.size} values")
+    values = np.unique(np.concatenate([x, y]))
+    bad = values[(values != 0) & (values != 1)]
+    if bad.size:
+        raise DataError(f"paired_comparison takes 0/1 outcomes (right / wrong per pair), got {bad[:5].tolist()}")
+    a_only, b_only = int(((x == 1) & (y == 0)).sum()), int(((x == 0) & (y == 1)).sum())
+    lo, hi = bootstrap_ci(x - y, n_boot=n_boot, level=level, seed=seed)
+    discordant = a_only + b_only
+    tail = sum(math.comb(discordant, i) for i in range(min(a_only, b_only) + 1)) / (1 << discordant)  # exact ints
+    return {"n": int(x.size), "a": float(x.mean()), "b": float(y.mean()), "diff": float((x - y).mean()),
+            "diff_lo": float(lo), "diff_hi": float(hi), "a_only": a_only, "b_only": b_only,
+            "p": min(1.0, 2.0 * tail)}
+
+
 # ------------------------------------------------------------------------------- label permutation tests
 # Tests over an n×n matrix between models that carry group labels (rows = source, columns = target; the
 # diagonal is ignored). The n(n−1) directions of one run are not independent observations: a direction s→t

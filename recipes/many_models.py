@@ -23,6 +23,11 @@
     direction only), and ``own_directions.csv`` sets each model's own direction in the all-model runs against it;
     with ``start_from_alone: true`` too, the all-model run of each seed starts every model's alignment from
     its run alone at that seed (``models.i.alignment_init``) instead of a random rotation, and runs after them.
+    With ``own_check_pairs: N`` too, after the runs each model's own direction from every all-model run and
+    from its run alone at that seed are scored on the same N fresh validation pairs and compared pair by pair
+    (``own_check.csv``: both trial IIAs, their difference with a bootstrap interval, McNemar's exact p, and
+    the seeds' pairs pooled): the 256 validation pairs of a run resolve differences of one pair (0.004) but
+    cannot tell them from chance.
 (2) For each reference pair (a, b): MAS of the pair alone (``pair_<name>_s<seed>``) and inside joint runs
     of n models: ``<name>_like_n<n>_s<seed>`` adds n − 2 models of other architectures than
     ``unlike_arch`` (GRUs, LSTMs), ``<name>_unlike_n<n>_s<seed>`` adds ``unlike_arch`` models
@@ -38,8 +43,9 @@
     (kind ``like_every`` / ``unlike_every``): it separates fewer updates from conflicting models.
 
 Outputs in ``runs/<name>[-smoke]/``: ``matrix.csv``, ``similarity.json``, ``clustered.png``, ``pairs.csv``,
-``iia_vs_n.png``, ``own_directions.csv``, ``summary.md`` (rewritten after every run); with ``publish`` (not under
---smoke) also ``docs/results/<name>.{md,csv}``, ``docs/results/<name>_{matrix,own_directions}.csv`` and
+``iia_vs_n.png``, ``own_directions.csv``, ``own_check.csv``, ``summary.md`` (rewritten after every run); with
+``publish`` (not under --smoke) also ``docs/results/<name>.{md,csv}``,
+``docs/results/<name>_{matrix,own_directions,own_check}.csv`` and
 ``docs/figures/<name>_{clustered,iia_vs_n}.png``.
 Restartable like the other recipes (``recipes.common.plans``): finished runs with the same resolved config
 are reused, unfinished ones resume, a ``STOP`` file in a run directory ends it at its best checkpoint.
@@ -95,6 +101,8 @@ SAMPLINGS = ("uniform", "balanced", "by_target")
 KINDS = ("pairwise", "like", "unlike", "all", "like_every", "unlike_every")
 EVERY = "_every"  # kind / run-name suffix: the same models, every direction trained every step (no budget)
 SMOKE_SIMILARITY = {"per_quantity": 2}
+OWN_CHECK_SEED = 90_000  # own_check_pairs: fresh pairs drawn with data seed OWN_CHECK_SEED + the run's seed
+SMOKE_OWN_CHECK_PAIRS = 16
 
 
 @dataclass
@@ -149,9 +157,17 @@ class RecipeConfig:
     # time (BENCHMARKS.md, "The cost of a direction versus n")
     threads: int = 1
     reuse_dirs: list[str] = field(default_factory=lambda: ["runs"])
+    # > 0 (with alone: true): after the runs, score each model's own direction from every all-model run and
+    # from its run alone on this many fresh validation pairs, pair by pair (own_check.csv); 0: off
+    own_check_pairs: int = 0
 
     def validate(self) -> list[str]:
         p = []
+        if self.own_check_pairs < 0:
+            p.append(f"own_check_pairs must be >= 0 (0: off), got {self.own_check_pairs}")
+        elif self.own_check_pairs and not self.alone:
+            p.append("own_check_pairs needs alone: true (each model's run alone is what its own direction is "
+                     "checked against)")
         if len(self.models) < 2:
             p.append(f"models: list at least two models, got {self.models}")
         dupes = sorted({m for m in self.models if self.models.count(m) > 1})
@@ -623,6 +639,89 @@ def convergence_rows(runs: list[tuple[int, np.ndarray, np.ndarray]], names: list
     return rows
 
 
+def own_check(config: RecipeConfig, names: list[str], plans: list[PlannedRun], outcomes: dict, run_dir: Path,
+              n_pairs: int, log=print) -> list[dict]:
+    """Each model's own direction from every finished all-model run against the same model's run alone at
+    that seed, both scored on the same `n_pairs` fresh validation pairs (drawn with data seed
+    ``OWN_CHECK_SEED + seed``: no run trained or validated on them; a standardised alignment uses that
+    problem's latent statistics, the same for both) and compared pair by pair
+    (``llm_mas.stats.paired_comparison``): one row per model and seed, then one per model over the seeds'
+    pairs pooled. Scores are kept in ``own_check.json`` by the runs' alignment digests, so a report
+    rescoring nothing new costs nothing."""
+    from llm_mas.files import atomic_write_json, file_digest
+    from llm_mas.run import build_alignments, build_problem
+    from llm_mas.stats import paired_comparison
+
+    by_name = {p.name: p for p in plans}
+    cache_path = run_dir / "own_check.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    rows, pooled = [], {}
+    for joint_name in sorted(n for n in by_name if n.startswith("joint_all_s")):
+        joint = outcomes.get(joint_name)
+        if joint is None or joint.result is None or joint.run_dir is None:
+            continue
+        seed = by_name[joint_name].config.seed
+        for m in names:
+            alone = outcomes.get(f"alone_{short(m)}_s{seed}")
+            if alone is None or alone.result is None or alone.run_dir is None:
+                continue
+            key = "|".join([m, str(seed), str(n_pairs), *(file_digest(Path(o.run_dir) / "alignments.safetensors")
+                                                          for o in (joint, alone))])
+            if key not in cache:
+                data = to_dict(by_name[f"alone_{short(m)}_s{seed}"].config)
+                data.update(seed=OWN_CHECK_SEED + seed, progress=False, name=f"own_check_{short(m)}_s{seed}")
+                data["data"]["n_valid"] = n_pairs   # n_train as the runs': the standardisation's statistics
+                outcomes_by_init = {}
+                problem = None
+                for label, ref in (("joint", joint.run_dir), ("alone", alone.run_dir)):
+                    data["models"][0]["alignment_init"] = str(ref)
+                    check = from_dict(MASConfig, data)
+                    problem = problem or build_problem(check, log=lambda s_: None)
+                    maps = [a.materialize() for a in build_alignments(check, problem)]
+                    outcomes_by_init[label] = np.concatenate([sc.trial for _, sc in problem.pair_scores(maps)])
+                cache[key] = {k: v.astype(int).tolist() for k, v in outcomes_by_init.items()}
+                atomic_write_json(cache_path, cache)
+                log(f"  own check: {short(m)} seed {seed} scored on {n_pairs} fresh pairs")
+            a, b = (np.asarray(cache[key][k], dtype=float) for k in ("joint", "alone"))
+            pooled.setdefault(m, []).append((a, b))
+            rows.append({"model": short(m), "seed": seed, **_joint_alone(paired_comparison(a, b, seed=seed))})
+    for m, runs in pooled.items():
+        a, b = (np.concatenate([r[i] for r in runs]) for i in (0, 1))
+        rows.append({"model": short(m), "seed": "pooled", **_joint_alone(paired_comparison(a, b))})
+    for row in rows:
+        row["verdict"] = ("below alone" if row["diff_hi"] < 0 else "above alone" if row["diff_lo"] > 0
+                          else "level with alone")
+    return rows
+
+
+def _joint_alone(comparison: dict) -> dict:
+    """`paired_comparison`'s a and b named: a = the all-model run's alignment, b = the run alone's."""
+    names = {"a": "joint", "b": "alone", "a_only": "joint_only", "b_only": "alone_only"}
+    return {names.get(k, k): v for k, v in comparison.items()}
+
+
+def own_check_sections(rows: list[dict], config: RecipeConfig, smoke: bool) -> list[str]:
+    """The summary's table of `own_check` rows: the pooled row of each model, then the per-seed ones."""
+    n = rows[0]["n"]
+    pooled = [r for r in rows if r["seed"] == "pooled"]
+    below = [r["model"] for r in pooled if r["verdict"] == "below alone"]
+    columns = ["model", "seed", "n", "joint", "alone", "diff", "diff_lo", "diff_hi", "joint_only", "alone_only", "p",
+               "verdict"]
+    return [
+        "### Each model's own direction on fresh pairs: jointly vs alone, pair by pair",
+        f"Both alignments of each model (from the all-model run: joint; from its run alone at the same seed: alone) scored "
+        f"on the same {n} fresh validation pairs per seed (data seed {OWN_CHECK_SEED} + seed"
+        + (f", {SMOKE_OWN_CHECK_PAIRS} under --smoke" if smoke else "") + "): trial IIA, their difference with "
+        "a 95% bootstrap interval over pairs (lo, hi), the pairs only one of them gets right, McNemar's exact p; "
+        "the verdict reads the interval. `pooled` joins every seed's pairs. "
+        + (f"Below alone (interval under 0): {', '.join(below)}." if below else
+           "No model's own direction is below its run alone (every pooled interval reaches 0 or above)."),
+        markdown_table([{**r, "p": f"{r['p']:.2g}"} for r in pooled + [r for r in rows if r["seed"] != "pooled"]],
+                       columns, ["model", "seed", "pairs", "joint", "alone", "joint − alone", "lo", "hi",
+                                 "joint only", "alone only", "p", "verdict"]),
+    ]
+
+
 def _clipped(interval: tuple[float, float, float]) -> tuple[float, float, float]:
     """(mean, lo, hi) with the bounds clipped to [0, 1] (IIA is a proportion; NaN stays NaN)."""
     mean, lo, hi = interval
@@ -703,7 +802,8 @@ def cost_lines(table: list[dict], names: list[str]) -> list[str]:
 
 
 def write_outputs(config: RecipeConfig, names: list[str], plans: list[PlannedRun], outcomes: dict,
-                  similarity: dict, run_dir: Path, command: str, seconds: float, smoke: bool) -> None:
+                  similarity: dict, run_dir: Path, command: str, seconds: float, smoke: bool,
+                  own_rows: list[dict] | None = None) -> None:
     rows = pair_rows(plans, outcomes, config.steps_target)
     write_csv(rows, run_dir / "pairs.csv")
     table = aggregate(rows)
@@ -715,6 +815,8 @@ def write_outputs(config: RecipeConfig, names: list[str], plans: list[PlannedRun
     convergence = convergence_rows(runs, names, plans, outcomes) if runs else []
     if convergence:
         write_csv(convergence, run_dir / "own_directions.csv")
+    if own_rows:
+        write_csv(own_rows, run_dir / "own_check.csv")
     labels = [short(m) for m in names]
     figure = run_dir / "clustered.png"
     if not np.isnan(matrix[~np.eye(len(names), dtype=bool)]).any():
@@ -751,6 +853,7 @@ def write_outputs(config: RecipeConfig, names: list[str], plans: list[PlannedRun
         markdown_table(convergence, ["model", "seeds", "own_joint", "own_joint_lo", "own_joint_hi", "alone_seeds",
                                      "own_alone", "own_alone_lo", "own_alone_hi", "joint_minus_alone",
                                      "cross_as_source", "cross_as_target"]) if convergence else "–",
+        *(own_check_sections(own_rows, config, smoke) if own_rows else []),
         "## 2. Reference pairs alone vs in joint runs",
         f"Per pair, kind and n: mean over seeds of the mean of the two cross directions, 95% t interval over "
         f"seeds; steps to target = first validation with both cross directions ≥ {config.steps_target} (mean "
@@ -775,7 +878,7 @@ def write_outputs(config: RecipeConfig, names: list[str], plans: list[PlannedRun
         docs = REPO / "docs"
         shutil.copyfile(run_dir / "summary.md", docs / "results" / f"{config.name}.md")
         shutil.copyfile(run_dir / "aggregate.csv", docs / "results" / f"{config.name}.csv")
-        for name in ("matrix", "own_directions"):
+        for name in ("matrix", "own_directions", "own_check"):
             if (run_dir / f"{name}.csv").exists():
                 shutil.copyfile(run_dir / f"{name}.csv", docs / "results" / f"{config.name}_{name}.csv")
         for name in ("clustered", "iia_vs_n"):
@@ -816,15 +919,18 @@ def _run(call: RecipeInvocation) -> int:
     print(f"{len(plans)} MAS runs into {run_dir}/mas", flush=True)
     similarity = similarities(names, mapping, config, run_dir, smoke)
 
-    def refresh(outcomes):
+    def refresh(outcomes, own_rows=None):
         write_outputs(config, names, plans, outcomes, similarity, run_dir, call.command,
-                      time.perf_counter() - call.started, smoke)
+                      time.perf_counter() - call.started, smoke, own_rows)
 
     selected = (lambda p: False) if call.report else (lambda p: p.name in only) if only else None
     outcomes = execute_with_cost(plans, config.reuse_dirs, selected, refresh,
                                  minutes_per_run=0.0 if smoke else config.minutes_per_run,
                                  prepare=(lambda p, o: start_from_alone(p, o, names)) if config.start_from_alone
                                  else None)
+    if config.own_check_pairs:
+        refresh(outcomes, own_check(config, names, plans, outcomes, run_dir,
+                                    SMOKE_OWN_CHECK_PAIRS if smoke else config.own_check_pairs))
     failed = [o.name for o in outcomes.values() if o.status == "failed"]
     print(f"wrote {run_dir}/summary.md, pairs.csv, aggregate.csv, matrix.csv, clustered.png, iia_vs_n.png "
           f"({time.perf_counter() - call.started:.0f}s)" + (f"; FAILED runs: {', '.join(failed)}" if failed else ""),

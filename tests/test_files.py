@@ -20,7 +20,9 @@ from llm_mas.files import (
     atomic_torch_save,
     atomic_write_text,
     file_digest,
+    left_by_dead_process,
     load_torch_state,
+    this_process,
 )
 
 
@@ -89,6 +91,27 @@ def test_lock_refuses_a_second_live_process_and_names_it(tmp_path):
     with DirectoryLock(tmp_path) as lock:
         assert lock.held and json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     assert not (tmp_path / ".lock").exists()
+
+
+def test_an_owner_counts_as_dead_only_on_this_host_with_its_process_gone():
+    """left_by_dead_process: True for a finished process of this host; False for this process, a live one,
+    another host's, and anything that is not an owner record."""
+    me = this_process()
+    assert me == {"pid": os.getpid(), "host": me["host"]} and me["host"]
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    try:
+        assert left_by_dead_process({"pid": done.pid, "host": me["host"]})
+        assert not left_by_dead_process({"pid": live.pid, "host": me["host"]})
+        assert not left_by_dead_process(me)
+        assert not left_by_dead_process({"pid": done.pid, "host": me["host"] + "-elsewhere"})
+        for garbage in (None, [], {}, {"host": me["host"]}, {"pid": "x", "host": me["host"]},
+                        {"pid": -1, "host": me["host"]}, {"pid": 0, "host": me["host"]}):
+            assert not left_by_dead_process(garbage), garbage
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_lock_is_not_reentrant_within_one_process(tmp_path):

@@ -5,6 +5,8 @@ per-pair cache of layer-l outputs bounded by ``site_cache_bytes`` in memory and 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hf_families import FAMILIES as ALL_FAMILIES
@@ -266,7 +268,7 @@ def test_pairs_beyond_memory_go_to_disk_with_the_same_results(monkeypatch):
     assert calls[:2] == [3, 8] and sum(calls) == 3 + 8 + 40
     assert spill.cached_site_bytes == 30 * row
     assert spill.spilled_site_bytes == 30 * row
-    files = sorted(spill.site_spill_dir.iterdir())                   # target 0's pass, (1,0), runs first
+    files = sorted(spill.site_spill_dir.glob("*.bin"))               # target 0's pass, (1,0), runs first
     assert [f.name for f in files] == ["0.bin", "1.bin"] and [f.stat().st_size for f in files] == [12 * row, 18 * row]
     # only cross directions trained: (0,1) and (1,0)'s train pairs first, then every direction's valid pairs;
     # the train pairs of (0,0) and (1,1) are never read and get no place
@@ -335,7 +337,7 @@ def test_spill_files_live_in_a_fresh_directory_removed_with_the_problem(tmp_path
     problem._site_outputs(problem.splits["train"][0], "train", torch.arange(10), problem.resumes[0])
     spill = problem.site_spill_dir
     assert spill.parent == parent and spill.name.startswith("llm_mas-site-cache-")
-    assert [f.stat().st_size for f in spill.iterdir()] == [5 * row]
+    assert [f.stat().st_size for f in spill.glob("*.bin")] == [5 * row]
     second = _problem(models, site_cache_bytes=2 * row, site_disk_bytes=5 * row, site_cache_dir=parent)
     second._site_outputs(second.splits["train"][0], "train", torch.arange(10), second.resumes[0])
     assert second.site_spill_dir != spill and spill.is_dir()                # each problem its own directory
@@ -348,6 +350,60 @@ def test_spill_files_live_in_a_fresh_directory_removed_with_the_problem(tmp_path
     enough = _problem(models, site_disk_bytes=1 << 30, site_cache_dir=parent)   # memory holds every pair
     enough._site_outputs(enough.splits["train"][0], "train", torch.arange(24), enough.resumes[0])
     assert enough.site_spill_dir is None and enough.spilled_site_bytes == 0
+
+
+def test_a_killed_runs_spill_directory_is_removed_by_the_next_run_that_spills_beside_it(tmp_path):
+    """A process killed while spilling leaves its directory; the next problem spilling under the same parent
+    removes it and says so. Directories of a live process, of another host, or without an owner stay."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    from llm_mas.files import this_process
+
+    parent = tmp_path / "cache"
+    child = textwrap.dedent(f"""
+        import time, torch
+        from llm_mas.problems.llm import _SpillDir
+        spill = _SpillDir({str(parent)!r})
+        spill.tensor((4, 3), torch.float32)
+        print(spill.path, flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        killed = Path(proc.stdout.readline().strip())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert killed.parent == parent and sorted(f.name for f in killed.iterdir()) == ["0.bin", "owner"]
+        assert json.loads((killed / "owner").read_text()) == {"pid": proc.pid, "host": this_process()["host"]}
+        kept = {}
+        for name, owner in (("live", {"pid": live.pid, "host": this_process()["host"]}),
+                            ("elsewhere", {"pid": proc.pid, "host": this_process()["host"] + "-elsewhere"}),
+                            ("unowned", None)):
+            kept[name] = parent / f"llm_mas-site-cache-{name}"
+            kept[name].mkdir()
+            (kept[name] / "0.bin").write_bytes(b"x")
+            if owner is not None:
+                (kept[name] / "owner").write_text(json.dumps(owner))
+        models = [_entry(FAMILIES["qwen2"](0), "torch", "layer0", 0)]
+        row = _row_bytes(models)
+        logs = []
+        problem = _problem(models, site_cache_bytes=2 * row, site_disk_bytes=5 * row, site_cache_dir=parent,
+                           log=logs.append)
+        assert killed.is_dir()                                              # nothing happens before a spill
+        problem._site_outputs(problem.splits["train"][0], "train", torch.arange(10), problem.resumes[0])
+        assert not killed.exists() and all(d.is_dir() for d in kept.values())
+        assert problem.site_spill_dir.is_dir()
+        assert [line for line in logs if line.startswith("site_cache:")] == [
+            f"site_cache: removed 1 spill directory left by processes of this host no longer running: {killed}"]
+    finally:
+        for p in (proc, live):
+            p.kill()
+            p.wait()
 
 
 def test_site_cache_config_reaches_the_problem_and_not_the_fingerprint(tmp_path):

@@ -300,6 +300,53 @@ def test_start_from_alone_end_to_end(tmp_path):
         [alignment_init_digest(s, m) for s, m in zip(starts, SHIPPED)]
 
 
+def test_own_check_scores_both_alignments_on_the_same_fresh_pairs(tmp_path, capsys):
+    """Smoke size, alone: true, own_check_pairs: each model's alignment from the all-model run and from its
+    run alone, scored on 16 fresh pairs (data seed 90 000): the rows equal a by-hand evaluation of each
+    alignment on that problem; a --report rescoring nothing new reads them back from own_check.json."""
+    from llm_mas.config import from_dict, to_dict
+    from llm_mas.run import build_alignments, build_problem
+    from llm_mas.run_config import MASConfig
+
+    args = ["--smoke", f"out_dir={tmp_path}", "mas_overrides=[data.n_valid=16]", "alone=true", "own_check_pairs=4096",
+            f"smoke_models={SHIPPED}".replace("'", "")]
+    assert many_models.main(args) == 0
+    out = tmp_path / "many_models-smoke"
+    assert capsys.readouterr().out.count("own check:") == 3
+    with open(out / "own_check.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["seed"]) for r in rows] == [(many_models.short(m), "0") for m in SHIPPED] + \
+        [(many_models.short(m), "pooled") for m in SHIPPED]
+    assert all(int(r["n"]) == many_models.SMOKE_OWN_CHECK_PAIRS for r in rows)
+    for row in rows[:3]:
+        alone_dir = out / "mas" / f"alone_{row['model']}_s0"
+        data = to_dict(from_dict(MASConfig, __import__("yaml").safe_load((alone_dir / "config.yaml").read_text())))
+        data.update(seed=many_models.OWN_CHECK_SEED, progress=False)
+        data["data"]["n_valid"] = many_models.SMOKE_OWN_CHECK_PAIRS
+        means = {}
+        for label, ref in (("joint", out / "mas" / "joint_all_s0"), ("alone", alone_dir)):
+            data["models"][0]["alignment_init"] = str(ref)
+            config = from_dict(MASConfig, data)
+            problem = build_problem(config, log=lambda s: None)
+            (record,) = problem.evaluate([a.materialize() for a in build_alignments(config, problem)])
+            means[label] = record.trial_iia
+        assert float(row["joint"]) == pytest.approx(means["joint"], abs=1e-12)
+        assert float(row["alone"]) == pytest.approx(means["alone"], abs=1e-12)
+        assert float(row["diff"]) == pytest.approx(means["joint"] - means["alone"], abs=1e-12)
+        assert int(row["joint_only"]) - int(row["alone_only"]) == round(16 * (means["joint"] - means["alone"]))
+    summary = (out / "summary.md").read_text()
+    assert "own direction on fresh pairs" in summary and "under --smoke" in summary
+    before = (out / "own_check.csv").read_text()
+    assert many_models.main([*args, "--report"]) == 0
+    assert "own check:" not in capsys.readouterr().out and (out / "own_check.csv").read_text() == before
+
+
+def test_own_check_needs_the_runs_alone():
+    assert "own_check_pairs needs alone: true" in " ".join(_config(own_check_pairs=64).validate())
+    assert "own_check_pairs must be >= 0" in " ".join(_config(own_check_pairs=-1, alone=True).validate())
+    assert _config(own_check_pairs=64, alone=True).validate() == []
+
+
 def test_the_from_alone_config_is_the_tuned_one_started_from_the_runs_alone(tmp_path):
     from llm_mas.config import load_yaml
 

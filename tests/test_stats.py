@@ -9,7 +9,7 @@ import pytest
 import scipy.stats
 
 from llm_mas.errors import ConfigError, DataError
-from llm_mas.stats import bootstrap_ci, group_means, mean_ci, permutation_test
+from llm_mas.stats import bootstrap_ci, group_means, mean_ci, paired_comparison, permutation_test
 
 
 # ------------------------------------------------------------------------------------ bootstrap
@@ -312,3 +312,33 @@ def test_label_permutation_bad_versus():
         label_permutation_test(m, groups, "a", versus="a")
     with pytest.raises(ConfigError, match="'d'"):
         label_permutation_test(m, groups, "a", versus="d")
+
+
+def test_paired_comparison_by_hand():
+    """a = [1, 1, 0, 1, 0], b = [1, 0, 0, 0, 1]: means 0.6 and 0.4, diff 0.2; a alone right on pairs 1 and 3,
+    b alone on pair 4: McNemar's exact p = 2 · P(Bin(3, ½) ≤ 1) = 2 · 4/8 = 1 (capped)."""
+    out = paired_comparison([1, 1, 0, 1, 0], [1, 0, 0, 0, 1])
+    assert out["n"] == 5 and out["a_only"] == 2 and out["b_only"] == 1 and out["p"] == 1.0
+    assert math.isclose(out["a"], 0.6) and math.isclose(out["b"], 0.4) and math.isclose(out["diff"], 0.2)
+    assert (out["diff_lo"], out["diff_hi"]) == bootstrap_ci(np.array([0, 1, 0, 1, -1.0]), seed=0)
+    same = paired_comparison([1, 0, 1], [1, 0, 1])            # no discordant pair
+    assert same["p"] == 1.0 and same["diff"] == same["diff_lo"] == same["diff_hi"] == 0.0
+
+
+@pytest.mark.parametrize("a_only, b_only", [(0, 3), (7, 1), (40, 25), (600, 700), (1100, 1000)])
+def test_paired_comparison_p_matches_scipy_binomtest(a_only, b_only):
+    """Exact integer arithmetic: also past 1 024 discordant pairs, where 2.0 ** n overflows."""
+    both = 5
+    a = np.r_[np.ones(a_only), np.zeros(b_only), np.ones(both), np.zeros(4)]
+    b = np.r_[np.zeros(a_only), np.ones(b_only), np.ones(both), np.zeros(4)]
+    out = paired_comparison(a, b, n_boot=200)
+    expected = scipy.stats.binomtest(a_only, a_only + b_only, 0.5).pvalue
+    assert math.isclose(out["p"], expected, rel_tol=1e-9, abs_tol=1e-300)
+    assert out["diff_lo"] <= out["diff"] <= out["diff_hi"]
+
+
+def test_paired_comparison_rejects_unpaired_or_non_binary_outcomes():
+    with pytest.raises(DataError, match="same pairs, got 3 and 2"):
+        paired_comparison([1, 0, 1], [1, 0])
+    with pytest.raises(DataError, match=r"0/1 outcomes .*got \[0.5\]"):
+        paired_comparison([1, 0.5], [1, 0])

@@ -242,6 +242,13 @@ class ProblemBase:
         scores = self._pair_scores(maps, split, with_ci, **options)
         return [self._record(maps, item, scores[id(item)], with_ci) for item in items]
 
+    def pair_scores(self, maps: Sequence[Any], split: str = "valid", **options) -> list[tuple[DirectionPairs, PairScores]]:
+        """Per (source, target, variable) of the split, in the split's order: the item and its per-pair
+        outcomes, for comparing two sets of maps pair by pair on the same pairs
+        (``llm_mas.stats.paired_comparison``)."""
+        scores = self._pair_scores(maps, split, False, **options)
+        return [(item, scores[id(item)]) for item in self.splits[split]]
+
     def _pair_scores(self, maps: Sequence[Any], split: str, with_ci: bool, **options) -> dict[int, PairScores]:
         """Per item of the split (keyed by ``id(item)``): its per-pair outcomes."""
         raise NotImplementedError

@@ -50,7 +50,8 @@ the source model's greedy predictions at positions >= i (teacher forced).
   4 directions at d = 1536, L = 64 in bf16: 7.3 GiB), and where they may go (a /tmp in memory would only
   move the memory) is the user's call. The files live in a fresh ``llm_mas-site-cache-*`` directory under
   ``site_cache_dir`` (``site_cache.dir``; default the system's temporary directory), removed when the problem
-  is garbage-collected or the process exits (a killed process leaves it behind).
+  is garbage-collected or the process exits. A killed process leaves it behind; the next run that spills
+  under the same directory on the same host removes it (each directory names its owning process) and logs it.
 - Data parallelism: pass a ``Shard`` (``llm_mas.distributed``): the loss then covers this process's
   rows of each batch (scaled so the average of the processes' gradients is the full batch's gradient) and
   evaluation gathers every process's pairs, so all processes see identical records.
@@ -58,6 +59,7 @@ the source model's greedy predictions at positions >= i (teacher forced).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -77,6 +79,7 @@ from ..backends import get_backend
 from ..backends.base import Edit
 from ..backends.resume import LayerResume, site_layer
 from ..errors import ConfigError, DataError, InterventionError
+from ..files import left_by_dead_process, this_process
 from ..llm.loading import load_causal_lm, parse_device, parse_dtype
 from ..llm.record import IGNORE_INDEX, Recording, StepwisePairs, load_recording, stepwise_pairs
 from ..sites import Site
@@ -124,14 +127,36 @@ class LLMPairs(DirectionPairs):
 class _SpillDir:
     """A fresh directory for one problem's spilled site outputs, made on first use (``tempfile.mkdtemp`` under
     `parent`, None: the system's temporary directory) and removed with everything in it when this object is
-    garbage-collected or the process exits (whichever comes first)."""
+    garbage-collected or the process exits (whichever comes first).
+
+    A killed process cannot remove its directory, so each directory names its owner (an ``owner`` file: host
+    and process id, ``llm_mas.files.this_process``), and making a new one removes the directories beside it
+    whose owner ran on this host and is no longer running (said in `log`). A directory without a readable
+    owner, or owned on another host or by a live process, is left alone."""
 
     PREFIX = "llm_mas-site-cache-"
+    OWNER = "owner"
 
-    def __init__(self, parent: str | None):
+    def __init__(self, parent: str | None, log: Callable[[str], None] | None = None):
         self.parent = None if parent is None else os.path.expanduser(parent)
         self.path: Path | None = None
         self._files = 0
+        self._log = log or (lambda s: None)
+
+    def _reclaim(self) -> list[Path]:
+        """Remove the directories beside this one that a process of this host left behind when it died."""
+        removed = []
+        for other in sorted(self.path.parent.glob(self.PREFIX + "*")):
+            if other == self.path or not other.is_dir():
+                continue
+            try:
+                owner = json.loads((other / self.OWNER).read_text())
+            except (OSError, ValueError):
+                continue
+            if left_by_dead_process(owner):
+                shutil.rmtree(other, ignore_errors=True)
+                removed.append(other)
+        return removed
 
     def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A zero-filled CPU tensor backed by a new file of this directory (written through, read back by
@@ -141,6 +166,11 @@ class _SpillDir:
                 Path(self.parent).mkdir(parents=True, exist_ok=True)
             self.path = Path(tempfile.mkdtemp(prefix=self.PREFIX, dir=self.parent))
             weakref.finalize(self, shutil.rmtree, str(self.path), ignore_errors=True)
+            (self.path / self.OWNER).write_text(json.dumps(this_process()))
+            removed = self._reclaim()
+            if removed:
+                self._log(f"site_cache: removed {len(removed)} spill director{'y' if len(removed) == 1 else 'ies'} "
+                          f"left by processes of this host no longer running: {', '.join(map(str, removed))}")
         numel = math.prod(shape)
         file = self.path / f"{self._files}.bin"
         self._files += 1
@@ -259,9 +289,9 @@ class LLMProblem(ProblemBase):
             problems += [f"site_cache_dir: {p}" for p in site_cache_dir_problems(site_cache_dir)]
         if problems:
             raise ConfigError(problems)
-        self._spill = _SpillDir(None if site_cache_dir is None else str(site_cache_dir))
-        self.resumes: list[LayerResume | None] = []
         say = log or (lambda s: None)
+        self._spill = _SpillDir(None if site_cache_dir is None else str(site_cache_dir), say)
+        self.resumes: list[LayerResume | None] = []
         for i, on in enumerate(flags):
             self.resumes.append(self._layer_resume(i, on, say))
         self._site_caches: dict[tuple[str, int], _SiteCache] = {}
