@@ -103,6 +103,7 @@ EVERY = "_every"  # kind / run-name suffix: the same models, every direction tra
 SMOKE_SIMILARITY = {"per_quantity": 2}
 OWN_CHECK_SEED = 90_000  # own_check_pairs: fresh pairs drawn with data seed OWN_CHECK_SEED + the run's seed
 SMOKE_OWN_CHECK_PAIRS = 16
+OWN_CHECK_LEVEL = 0.05   # own_check's verdict: above / below alone where McNemar's exact p is below this
 
 
 @dataclass
@@ -688,9 +689,9 @@ def own_check(config: RecipeConfig, names: list[str], plans: list[PlannedRun], o
     for m, runs in pooled.items():
         a, b = (np.concatenate([r[i] for r in runs]) for i in (0, 1))
         rows.append({"model": short(m), "seed": "pooled", **_joint_alone(paired_comparison(a, b))})
-    for row in rows:
-        row["verdict"] = ("below alone" if row["diff_hi"] < 0 else "above alone" if row["diff_lo"] > 0
-                          else "level with alone")
+    for row in rows:   # the exact test, not the bootstrap interval: a handful of discordant pairs is common
+        row["verdict"] = ("level with alone" if row["p"] >= OWN_CHECK_LEVEL else
+                          "below alone" if row["diff"] < 0 else "above alone")
     return rows
 
 
@@ -713,9 +714,10 @@ def own_check_sections(rows: list[dict], config: RecipeConfig, smoke: bool) -> l
         f"on the same {n} fresh validation pairs per seed (data seed {OWN_CHECK_SEED} + seed"
         + (f", {SMOKE_OWN_CHECK_PAIRS} under --smoke" if smoke else "") + "): trial IIA, their difference with "
         "a 95% bootstrap interval over pairs (lo, hi), the pairs only one of them gets right, McNemar's exact p; "
-        "the verdict reads the interval. `pooled` joins every seed's pairs. "
-        + (f"Below alone (interval under 0): {', '.join(below)}." if below else
-           "No model's own direction is below its run alone (every pooled interval reaches 0 or above)."),
+        f"verdict: above or below alone where p < {OWN_CHECK_LEVEL} (the exact test, not the interval, which "
+        "a handful of discordant pairs can mislead). `pooled` joins every seed's pairs. "
+        + (f"Pooled, below alone: {', '.join(below)}." if below else
+           "Pooled, no model's own direction is below its run alone."),
         markdown_table([{**r, "p": f"{r['p']:.2g}"} for r in pooled + [r for r in rows if r["seed"] != "pooled"]],
                        columns, ["model", "seed", "pairs", "joint", "alone", "joint − alone", "lo", "hi",
                                  "joint only", "alone only", "p", "verdict"]),

@@ -334,6 +334,9 @@ def test_own_check_scores_both_alignments_on_the_same_fresh_pairs(tmp_path, caps
         assert float(row["alone"]) == pytest.approx(means["alone"], abs=1e-12)
         assert float(row["diff"]) == pytest.approx(means["joint"] - means["alone"], abs=1e-12)
         assert int(row["joint_only"]) - int(row["alone_only"]) == round(16 * (means["joint"] - means["alone"]))
+    for row in rows:
+        p, diff = float(row["p"]), float(row["diff"])
+        assert row["verdict"] == ("level with alone" if p >= 0.05 else "below alone" if diff < 0 else "above alone")
     summary = (out / "summary.md").read_text()
     assert "own direction on fresh pairs" in summary and "under --smoke" in summary
     before = (out / "own_check.csv").read_text()
