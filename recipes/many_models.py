@@ -27,7 +27,8 @@
     from its run alone at that seed are scored on the same N fresh validation pairs and compared pair by pair
     (``own_check.csv``: both trial IIAs, their difference with a bootstrap interval, McNemar's exact p, and
     the seeds' pairs pooled): the 256 validation pairs of a run resolve differences of one pair (0.004) but
-    cannot tell them from chance.
+    cannot tell them from chance. ``fresh_cross_archs: [gru]`` rescores the all-model runs' cross directions
+    among those models on the same fresh pairs (``fresh_cross.csv``).
 (2) For each reference pair (a, b): MAS of the pair alone (``pair_<name>_s<seed>``) and inside joint runs
     of n models: ``<name>_like_n<n>_s<seed>`` adds n − 2 models of other architectures than
     ``unlike_arch`` (GRUs, LSTMs), ``<name>_unlike_n<n>_s<seed>`` adds ``unlike_arch`` models
@@ -161,6 +162,9 @@ class RecipeConfig:
     # > 0 (with alone: true): after the runs, score each model's own direction from every all-model run and
     # from its run alone on this many fresh validation pairs, pair by pair (own_check.csv); 0: off
     own_check_pairs: int = 0
+    # architectures (e.g. [gru]) whose cross directions in the all-model runs are also rescored on those
+    # fresh pairs (fresh_cross.csv; needs own_check_pairs)
+    fresh_cross_archs: list[str] = field(default_factory=list)
 
     def validate(self) -> list[str]:
         p = []
@@ -169,6 +173,13 @@ class RecipeConfig:
         elif self.own_check_pairs and not self.alone:
             p.append("own_check_pairs needs alone: true (each model's run alone is what its own direction is "
                      "checked against)")
+        if self.fresh_cross_archs:
+            archs = {architecture(m) for m in self.models}
+            missing = [a for a in self.fresh_cross_archs if a not in archs]
+            if missing:
+                p.append(f"fresh_cross_archs: no model of architecture {missing} (models have {sorted(archs)})")
+            if not self.own_check_pairs:
+                p.append("fresh_cross_archs needs own_check_pairs > 0 (how many fresh pairs to score on)")
         if len(self.models) < 2:
             p.append(f"models: list at least two models, got {self.models}")
         dupes = sorted({m for m in self.models if self.models.count(m) > 1})
@@ -643,14 +654,14 @@ def convergence_rows(runs: list[tuple[int, np.ndarray, np.ndarray]], names: list
 def own_check(config: RecipeConfig, names: list[str], plans: list[PlannedRun], outcomes: dict, run_dir: Path,
               n_pairs: int, log=print) -> list[dict]:
     """Each model's own direction from every finished all-model run against the same model's run alone at
-    that seed, both scored on the same `n_pairs` fresh validation pairs (drawn with data seed
-    ``OWN_CHECK_SEED + seed``: no run trained or validated on them; a standardised alignment uses that
-    problem's latent statistics, the same for both) and compared pair by pair
+    that seed, each whole (a standardised one with the statistics it was trained with), both scored on the
+    same `n_pairs` fresh validation pairs (drawn with data seed ``OWN_CHECK_SEED + seed``: no run trained or
+    validated on them) and compared pair by pair
     (``llm_mas.stats.paired_comparison``): one row per model and seed, then one per model over the seeds'
     pairs pooled. Scores are kept in ``own_check.json`` by the runs' alignment digests, so a report
     rescoring nothing new costs nothing."""
     from llm_mas.files import atomic_write_json, file_digest
-    from llm_mas.run import build_alignments, build_problem
+    from llm_mas.run import build_problem
     from llm_mas.stats import paired_comparison
 
     by_name = {p.name: p for p in plans}
@@ -666,7 +677,7 @@ def own_check(config: RecipeConfig, names: list[str], plans: list[PlannedRun], o
             alone = outcomes.get(f"alone_{short(m)}_s{seed}")
             if alone is None or alone.result is None or alone.run_dir is None:
                 continue
-            key = "|".join([m, str(seed), str(n_pairs), *(file_digest(Path(o.run_dir) / "alignments.safetensors")
+            key = "|".join(["own", m, str(seed), str(n_pairs), *(file_digest(Path(o.run_dir) / "alignments.safetensors")
                                                           for o in (joint, alone))])
             if key not in cache:
                 data = to_dict(by_name[f"alone_{short(m)}_s{seed}"].config)
@@ -678,7 +689,7 @@ def own_check(config: RecipeConfig, names: list[str], plans: list[PlannedRun], o
                     data["models"][0]["alignment_init"] = str(ref)
                     check = from_dict(MASConfig, data)
                     problem = problem or build_problem(check, log=lambda s_: None)
-                    maps = [a.materialize() for a in build_alignments(check, problem)]
+                    maps = [a.materialize() for a in _trained_alignments(check, problem)]
                     outcomes_by_init[label] = np.concatenate([sc.trial for _, sc in problem.pair_scores(maps)])
                 cache[key] = {k: v.astype(int).tolist() for k, v in outcomes_by_init.items()}
                 atomic_write_json(cache_path, cache)
@@ -693,6 +704,78 @@ def own_check(config: RecipeConfig, names: list[str], plans: list[PlannedRun], o
         row["verdict"] = ("level with alone" if row["p"] >= OWN_CHECK_LEVEL else
                           "below alone" if row["diff"] < 0 else "above alone")
     return rows
+
+
+def _trained_alignments(check: MASConfig, problem) -> list:
+    """The alignments ``check``'s models name in ``alignment_init``, whole: a standardised one with the mean
+    and std its run trained with (statistics re-estimated on the check's own sample would change the map:
+    measured, a GRU → GRU direction at 0.99 on the run's statistics fell to 0.81 on another sample's)."""
+    from llm_mas.problems.manifest import load_alignment_init
+    from llm_mas.run import build_alignments
+
+    alignments = build_alignments(check, problem, init=False)
+    for alignment, entry in zip(alignments, check.models):
+        load_alignment_init(alignment, entry.alignment_init, entry.name, statistics=True)
+    return list(alignments)
+
+
+def fresh_cross(config: RecipeConfig, names: list[str], plans: list[PlannedRun], outcomes: dict, run_dir: Path,
+                n_pairs: int, log=print) -> list[dict]:
+    """The cross directions among the models of ``config.fresh_cross_archs`` in every finished all-model run,
+    rescored with that run's alignments on `n_pairs` fresh validation pairs (data seed ``OWN_CHECK_SEED +
+    seed``, as `own_check`): one row per direction and seed, trial IIA with a 95% bootstrap interval over
+    pairs. Kept in ``own_check.json`` by the run's alignment digest."""
+    from llm_mas.files import atomic_write_json, file_digest
+    from llm_mas.run import build_problem
+    from llm_mas.stats import bootstrap_ci
+
+    by_name = {p.name: p for p in plans}
+    cache_path = run_dir / "own_check.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    rows = []
+    for joint_name in sorted(n for n in by_name if n.startswith("joint_all_s")):
+        joint = outcomes.get(joint_name)
+        if joint is None or joint.result is None or joint.run_dir is None:
+            continue
+        seed = by_name[joint_name].config.seed
+        keep = [i for i, m in enumerate(names) if architecture(m) in config.fresh_cross_archs]
+        key = "|".join(["cross", ",".join(names[i] for i in keep), str(seed), str(n_pairs),
+                        file_digest(Path(joint.run_dir) / "alignments.safetensors")])
+        if key not in cache:
+            data = to_dict(by_name[joint_name].config)
+            data["models"] = [dict(data["models"][i], alignment_init=str(joint.run_dir)) for i in keep]
+            data.update(seed=OWN_CHECK_SEED + seed, progress=False, name=f"fresh_cross_s{seed}")
+            data["data"]["n_valid"] = n_pairs
+            check = from_dict(MASConfig, data)
+            problem = build_problem(check, log=lambda s_: None)
+            maps = [a.materialize() for a in _trained_alignments(check, problem)]
+            cache[key] = [[short(names[keep[item.source]]), short(names[keep[item.target]]),
+                           scores.trial.astype(int).tolist()]
+                          for item, scores in problem.pair_scores(maps) if item.source != item.target]
+            atomic_write_json(cache_path, cache)
+            log(f"  fresh cross check: {len(cache[key])} directions of seed {seed} scored on {n_pairs} fresh pairs")
+        for source, target, trial in cache[key]:
+            lo, hi = bootstrap_ci(np.asarray(trial, dtype=float), seed=seed)
+            rows.append({"seed": seed, "source": source, "target": target, "n": len(trial),
+                         "trial_iia": float(np.mean(trial)), "trial_iia_lo": lo, "trial_iia_hi": hi})
+    return rows
+
+
+def fresh_cross_sections(rows: list[dict], config: RecipeConfig) -> list[str]:
+    """The summary's lines on `fresh_cross` rows: per seed, how many directions reach ``steps_target`` on
+    the fresh pairs, the lowest (with its interval) and the mean."""
+    lines = []
+    for seed in sorted({r["seed"] for r in rows}):
+        mine = [r for r in rows if r["seed"] == seed]
+        low = min(mine, key=lambda r: r["trial_iia"])
+        lines.append(f"- seed {seed}: {sum(r['trial_iia'] >= config.steps_target for r in mine)}/{len(mine)} ≥ "
+                     f"{config.steps_target}; lowest {low['source']} → {low['target']} {fmt_ci(low)}; mean "
+                     f"{np.mean([r['trial_iia'] for r in mine]):.3f}")
+    return [f"### Cross directions among {', '.join(config.fresh_cross_archs)} models on fresh pairs",
+            f"Each all-model run's alignments (with the statistics they were trained with) rescored on "
+            f"{rows[0]['n']} fresh validation pairs per direction (the own check's pairs); every direction with "
+            "its "
+            "95% bootstrap interval in `fresh_cross.csv`.", "\n".join(lines)]
 
 
 def _joint_alone(comparison: dict) -> dict:
@@ -805,7 +888,7 @@ def cost_lines(table: list[dict], names: list[str]) -> list[str]:
 
 def write_outputs(config: RecipeConfig, names: list[str], plans: list[PlannedRun], outcomes: dict,
                   similarity: dict, run_dir: Path, command: str, seconds: float, smoke: bool,
-                  own_rows: list[dict] | None = None) -> None:
+                  checks: tuple[list[dict], list[dict]] | None = None) -> None:
     rows = pair_rows(plans, outcomes, config.steps_target)
     write_csv(rows, run_dir / "pairs.csv")
     table = aggregate(rows)
@@ -817,8 +900,11 @@ def write_outputs(config: RecipeConfig, names: list[str], plans: list[PlannedRun
     convergence = convergence_rows(runs, names, plans, outcomes) if runs else []
     if convergence:
         write_csv(convergence, run_dir / "own_directions.csv")
+    own_rows, cross_rows = checks or ([], [])
     if own_rows:
         write_csv(own_rows, run_dir / "own_check.csv")
+    if cross_rows:
+        write_csv(cross_rows, run_dir / "fresh_cross.csv")
     labels = [short(m) for m in names]
     figure = run_dir / "clustered.png"
     if not np.isnan(matrix[~np.eye(len(names), dtype=bool)]).any():
@@ -856,6 +942,7 @@ def write_outputs(config: RecipeConfig, names: list[str], plans: list[PlannedRun
                                      "own_alone", "own_alone_lo", "own_alone_hi", "joint_minus_alone",
                                      "cross_as_source", "cross_as_target"]) if convergence else "–",
         *(own_check_sections(own_rows, config, smoke) if own_rows else []),
+        *(fresh_cross_sections(cross_rows, config) if cross_rows else []),
         "## 2. Reference pairs alone vs in joint runs",
         f"Per pair, kind and n: mean over seeds of the mean of the two cross directions, 95% t interval over "
         f"seeds; steps to target = first validation with both cross directions ≥ {config.steps_target} (mean "
@@ -880,7 +967,7 @@ def write_outputs(config: RecipeConfig, names: list[str], plans: list[PlannedRun
         docs = REPO / "docs"
         shutil.copyfile(run_dir / "summary.md", docs / "results" / f"{config.name}.md")
         shutil.copyfile(run_dir / "aggregate.csv", docs / "results" / f"{config.name}.csv")
-        for name in ("matrix", "own_directions", "own_check"):
+        for name in ("matrix", "own_directions", "own_check", "fresh_cross"):
             if (run_dir / f"{name}.csv").exists():
                 shutil.copyfile(run_dir / f"{name}.csv", docs / "results" / f"{config.name}_{name}.csv")
         for name in ("clustered", "iia_vs_n"):
@@ -921,9 +1008,9 @@ def _run(call: RecipeInvocation) -> int:
     print(f"{len(plans)} MAS runs into {run_dir}/mas", flush=True)
     similarity = similarities(names, mapping, config, run_dir, smoke)
 
-    def refresh(outcomes, own_rows=None):
+    def refresh(outcomes, checks=None):
         write_outputs(config, names, plans, outcomes, similarity, run_dir, call.command,
-                      time.perf_counter() - call.started, smoke, own_rows)
+                      time.perf_counter() - call.started, smoke, checks)
 
     selected = (lambda p: False) if call.report else (lambda p: p.name in only) if only else None
     outcomes = execute_with_cost(plans, config.reuse_dirs, selected, refresh,
@@ -931,8 +1018,10 @@ def _run(call: RecipeInvocation) -> int:
                                  prepare=(lambda p, o: start_from_alone(p, o, names)) if config.start_from_alone
                                  else None)
     if config.own_check_pairs:
-        refresh(outcomes, own_check(config, names, plans, outcomes, run_dir,
-                                    SMOKE_OWN_CHECK_PAIRS if smoke else config.own_check_pairs))
+        n_pairs = SMOKE_OWN_CHECK_PAIRS if smoke else config.own_check_pairs
+        refresh(outcomes, (own_check(config, names, plans, outcomes, run_dir, n_pairs),
+                           fresh_cross(config, names, plans, outcomes, run_dir, n_pairs)
+                           if config.fresh_cross_archs else []))
     failed = [o.name for o in outcomes.values() if o.status == "failed"]
     print(f"wrote {run_dir}/summary.md, pairs.csv, aggregate.csv, matrix.csv, clustered.png, iia_vs_n.png "
           f"({time.perf_counter() - call.started:.0f}s)" + (f"; FAILED runs: {', '.join(failed)}" if failed else ""),

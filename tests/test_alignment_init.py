@@ -100,6 +100,30 @@ def test_the_standardised_alignment_keeps_its_own_mean_and_std(tmp_path, source_
     assert run_fingerprint(config) == run_fingerprint(_started(tmp_path, source))
 
 
+def test_with_statistics_the_runs_mean_and_std_are_loaded_too(tmp_path, source_run):
+    """load_alignment_init(statistics=True): the whole trained map, the source run's mean and std included
+    (planted values, so they cannot be this problem's own)."""
+    from llm_mas.problems.manifest import load_alignment_init
+
+    source, _ = source_run
+    planted = tmp_path / "planted"
+    shutil.copytree(source, planted)
+    state = load_file(str(planted / "alignments.safetensors"))
+    state["model1.mean"] = state["model1.mean"] + 5.0
+    state["model1.std"] = state["model1.std"] * 3.0
+    save_file(state, str(planted / "alignments.safetensors"))
+    config = _started(tmp_path, planted)
+    problem = build_problem(config)
+    alignments = build_alignments(config, problem, init=False)
+    for alignment, entry in zip(alignments, config.models):
+        load_alignment_init(alignment, entry.alignment_init, entry.name, statistics=True)
+    for i, alignment in enumerate(alignments):
+        for key, value in alignment.state_dict().items():
+            assert torch.equal(value, state[f"model{i}.{key}"]), key
+    mean, _ = problem.latent_stats[1]
+    assert not torch.equal(alignments[1].mean, mean.to(alignments[1].mean.dtype))
+
+
 def test_the_fingerprint_holds_the_copied_tensors_not_the_path(tmp_path, source_run):
     source, _ = source_run
     plain = _cfg(tmp_path, "plain", [{"name": GRU0}, {"name": GRU1, "standardize": True}])

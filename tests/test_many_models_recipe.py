@@ -304,6 +304,8 @@ def test_own_check_scores_both_alignments_on_the_same_fresh_pairs(tmp_path, caps
     """Smoke size, alone: true, own_check_pairs: each model's alignment from the all-model run and from its
     run alone, scored on 16 fresh pairs (data seed 90 000): the rows equal a by-hand evaluation of each
     alignment on that problem; a --report rescoring nothing new reads them back from own_check.json."""
+    from safetensors.torch import load_file
+
     from llm_mas.config import from_dict, to_dict
     from llm_mas.run import build_alignments, build_problem
     from llm_mas.run_config import MASConfig
@@ -324,11 +326,14 @@ def test_own_check_scores_both_alignments_on_the_same_fresh_pairs(tmp_path, caps
         data.update(seed=many_models.OWN_CHECK_SEED, progress=False)
         data["data"]["n_valid"] = many_models.SMOKE_OWN_CHECK_PAIRS
         means = {}
-        for label, ref in (("joint", out / "mas" / "joint_all_s0"), ("alone", alone_dir)):
-            data["models"][0]["alignment_init"] = str(ref)
+        for label, ref, index in (("joint", out / "mas" / "joint_all_s0", SHIPPED.index(f"multiobject-{row['model']}")),
+                                  ("alone", alone_dir, 0)):
             config = from_dict(MASConfig, data)
             problem = build_problem(config, log=lambda s: None)
-            (record,) = problem.evaluate([a.materialize() for a in build_alignments(config, problem)])
+            (alignment,) = build_alignments(config, problem, init=False)
+            saved = load_file(str(ref / "alignments.safetensors"))     # the whole trained map, statistics too
+            alignment.load_state_dict({k: saved[f"model{index}.{k}"] for k in alignment.state_dict()})
+            (record,) = problem.evaluate([alignment.materialize()])
             means[label] = record.trial_iia
         assert float(row["joint"]) == pytest.approx(means["joint"], abs=1e-12)
         assert float(row["alone"]) == pytest.approx(means["alone"], abs=1e-12)
@@ -344,10 +349,35 @@ def test_own_check_scores_both_alignments_on_the_same_fresh_pairs(tmp_path, caps
     assert "own check:" not in capsys.readouterr().out and (out / "own_check.csv").read_text() == before
 
 
+def test_fresh_cross_on_the_runs_own_pairs_reproduces_its_validation(tmp_path, monkeypatch):
+    """fresh_cross_archs naming every architecture, with the fresh pairs' seed moved onto the run's own
+    (OWN_CHECK_SEED = 0) and as many pairs as it validated on: the rescored problem is the run's validation
+    problem, so every cross direction scores exactly what the run reported."""
+    import json
+
+    monkeypatch.setattr(many_models, "OWN_CHECK_SEED", 0)
+    args = ["--smoke", f"out_dir={tmp_path}", "mas_overrides=[data.n_valid=16]", "alone=true", "own_check_pairs=64",
+            "fresh_cross_archs=[gru,transformer]", f"smoke_models={SHIPPED}".replace("'", "")]
+    assert many_models.main(args) == 0
+    out = tmp_path / "many_models-smoke"
+    with open(out / "fresh_cross.csv") as f:
+        rows = list(csv.DictReader(f))
+    reported = {(many_models.short(r["source"]), many_models.short(r["target"])): r["trial_iia"]
+                for r in json.loads((out / "mas" / "joint_all_s0" / "results.json").read_text())
+                if r["source"] != r["target"]}
+    assert len(rows) == 6 and {(r["source"], r["target"]) for r in rows} == set(reported)
+    for r in rows:
+        assert int(r["n"]) == 16 and float(r["trial_iia"]) == reported[(r["source"], r["target"])]
+        assert float(r["trial_iia_lo"]) <= float(r["trial_iia"]) <= float(r["trial_iia_hi"])
+    assert "Cross directions among gru, transformer models on fresh pairs" in (out / "summary.md").read_text()
+
+
 def test_own_check_needs_the_runs_alone():
     assert "own_check_pairs needs alone: true" in " ".join(_config(own_check_pairs=64).validate())
     assert "own_check_pairs must be >= 0" in " ".join(_config(own_check_pairs=-1, alone=True).validate())
     assert _config(own_check_pairs=64, alone=True).validate() == []
+    problems = " ".join(_config(fresh_cross_archs=["rnn"], alone=True).validate())
+    assert "fresh_cross_archs: no model of architecture ['rnn']" in problems and "needs own_check_pairs" in problems
 
 
 def test_the_from_alone_config_is_the_tuned_one_started_from_the_runs_alone(tmp_path):

@@ -147,10 +147,12 @@ def alignment_init_digest(ref: str, name: str) -> str:
     return tensors_digest(_init_state(run, index, bool(entry["alignment"].get("standardize"))))
 
 
-def load_alignment_init(alignment: torch.nn.Module, ref: str, name: str) -> None:
+def load_alignment_init(alignment: torch.nn.Module, ref: str, name: str, statistics: bool = False) -> None:
     """Copy model `name`'s trained parameters from the run ``ref`` names into `alignment` (a standardised
-    alignment keeps its own mean and std: only ``inner.*`` is copied). Raises ConfigError when the spec
-    (kind, k, dtype, standardisation, width) differs."""
+    alignment keeps its own mean and std: only ``inner.*`` is copied; with `statistics` the run's mean and
+    std too, which is the trained map itself: what scoring a run's alignment on other pairs needs, since
+    statistics re-estimated from another sample change what a rotation swaps). Raises ConfigError when the
+    spec (kind, k, dtype, standardisation, width) differs."""
     from ..errors import ConfigError
 
     run, index, entry = read_alignment_init(ref, name)
@@ -160,9 +162,10 @@ def load_alignment_init(alignment: torch.nn.Module, ref: str, name: str) -> None
     if differ:
         raise ConfigError(f"alignment_init {ref!r}: model {index}'s alignment differs from this run's for "
                           f"{name!r}: {'; '.join(differ)}; start from a run with the same k, width and alignment")
-    state = _init_state(run, index, bool(mine.get("standardize")))
+    keep_own = bool(mine.get("standardize")) and not statistics
+    state = _init_state(run, index, keep_own)
     own = alignment.state_dict()
-    wanted = {k for k in own if not (mine.get("standardize") and k in ("mean", "std"))}
+    wanted = {k for k in own if not (keep_own and k in ("mean", "std"))}
     if set(state) != wanted or any(state[k].shape != own[k].shape for k in wanted):
         raise ConfigError(f"alignment_init {ref!r}: the tensors of model {index} in {run / 'alignments.safetensors'} "
                           f"do not fit this alignment ({sorted(set(state) ^ wanted)[:4] or 'shapes differ'})")
