@@ -44,9 +44,9 @@
     (kind ``like_every`` / ``unlike_every``): it separates fewer updates from conflicting models.
 
 Outputs in ``runs/<name>[-smoke]/``: ``matrix.csv``, ``similarity.json``, ``clustered.png``, ``pairs.csv``,
-``iia_vs_n.png``, ``own_directions.csv``, ``own_check.csv``, ``summary.md`` (rewritten after every run); with
-``publish`` (not under --smoke) also ``docs/results/<name>.{md,csv}``,
-``docs/results/<name>_{matrix,own_directions,own_check}.csv`` and
+``iia_vs_n.png``, ``own_directions.csv``, ``own_check.csv``, ``fresh_cross.csv``, ``summary.md`` (rewritten after
+every run); with ``publish`` (not under --smoke) also ``docs/results/<name>.{md,csv}``,
+``docs/results/<name>_{matrix,own_directions,own_check,fresh_cross}.csv`` and
 ``docs/figures/<name>_{clustered,iia_vs_n}.png``.
 Restartable like the other recipes (``recipes.common.plans``): finished runs with the same resolved config
 are reused, unfinished ones resume, a ``STOP`` file in a run directory ends it at its best checkpoint.
@@ -651,35 +651,52 @@ def convergence_rows(runs: list[tuple[int, np.ndarray, np.ndarray]], names: list
     return rows
 
 
+class _CheckCache:
+    """``own_check.json`` in the recipe's run directory: fresh-pair scores by key (the runs' alignment digests
+    among them), written through after each new entry."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "own_check.json"
+        self.entries = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def put(self, key: str, value) -> None:
+        from llm_mas.files import atomic_write_json
+
+        self.entries[key] = value
+        atomic_write_json(self.path, self.entries)
+
+
+def _finished_joint_runs(plans: list[PlannedRun], outcomes: dict):
+    """(seed, plan, outcome) of every all-model run that finished, by name."""
+    for plan_ in sorted((p for p in plans if p.name.startswith("joint_all_s")), key=lambda p: p.name):
+        outcome = outcomes.get(plan_.name)
+        if outcome is not None and outcome.result is not None and outcome.run_dir is not None:
+            yield plan_.config.seed, plan_, outcome
+
+
 def own_check(config: RecipeConfig, names: list[str], plans: list[PlannedRun], outcomes: dict, run_dir: Path,
               n_pairs: int, log=print) -> list[dict]:
     """Each model's own direction from every finished all-model run against the same model's run alone at
     that seed, each whole (a standardised one with the statistics it was trained with), both scored on the
     same `n_pairs` fresh validation pairs (drawn with data seed ``OWN_CHECK_SEED + seed``: no run trained or
-    validated on them) and compared pair by pair
-    (``llm_mas.stats.paired_comparison``): one row per model and seed, then one per model over the seeds'
-    pairs pooled. Scores are kept in ``own_check.json`` by the runs' alignment digests, so a report
-    rescoring nothing new costs nothing."""
-    from llm_mas.files import atomic_write_json, file_digest
+    validated on them) and compared pair by pair (``llm_mas.stats.paired_comparison``): one row per model and
+    seed, then one per model over the seeds' pairs pooled. Scores are kept in ``own_check.json`` by the runs'
+    alignment digests, so a report rescoring nothing new costs nothing."""
+    from llm_mas.files import file_digest
     from llm_mas.run import build_problem
     from llm_mas.stats import paired_comparison
 
     by_name = {p.name: p for p in plans}
-    cache_path = run_dir / "own_check.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    cache = _CheckCache(run_dir)
     rows, pooled = [], {}
-    for joint_name in sorted(n for n in by_name if n.startswith("joint_all_s")):
-        joint = outcomes.get(joint_name)
-        if joint is None or joint.result is None or joint.run_dir is None:
-            continue
-        seed = by_name[joint_name].config.seed
+    for seed, _, joint in _finished_joint_runs(plans, outcomes):
         for m in names:
             alone = outcomes.get(f"alone_{short(m)}_s{seed}")
             if alone is None or alone.result is None or alone.run_dir is None:
                 continue
             key = "|".join(["own", m, str(seed), str(n_pairs), *(file_digest(Path(o.run_dir) / "alignments.safetensors")
                                                           for o in (joint, alone))])
-            if key not in cache:
+            if key not in cache.entries:
                 data = to_dict(by_name[f"alone_{short(m)}_s{seed}"].config)
                 data.update(seed=OWN_CHECK_SEED + seed, progress=False, name=f"own_check_{short(m)}_s{seed}")
                 data["data"]["n_valid"] = n_pairs   # n_train as the runs': the standardisation's statistics
@@ -691,10 +708,9 @@ def own_check(config: RecipeConfig, names: list[str], plans: list[PlannedRun], o
                     problem = problem or build_problem(check, log=lambda s_: None)
                     maps = [a.materialize() for a in _trained_alignments(check, problem)]
                     outcomes_by_init[label] = np.concatenate([sc.trial for _, sc in problem.pair_scores(maps)])
-                cache[key] = {k: v.astype(int).tolist() for k, v in outcomes_by_init.items()}
-                atomic_write_json(cache_path, cache)
+                cache.put(key, {k: v.astype(int).tolist() for k, v in outcomes_by_init.items()})
                 log(f"  own check: {short(m)} seed {seed} scored on {n_pairs} fresh pairs")
-            a, b = (np.asarray(cache[key][k], dtype=float) for k in ("joint", "alone"))
+            a, b = (np.asarray(cache.entries[key][k], dtype=float) for k in ("joint", "alone"))
             pooled.setdefault(m, []).append((a, b))
             rows.append({"model": short(m), "seed": seed, **_joint_alone(paired_comparison(a, b, seed=seed))})
     for m, runs in pooled.items():
@@ -725,36 +741,30 @@ def fresh_cross(config: RecipeConfig, names: list[str], plans: list[PlannedRun],
     rescored with that run's alignments on `n_pairs` fresh validation pairs (data seed ``OWN_CHECK_SEED +
     seed``, as `own_check`): one row per direction and seed, trial IIA with a 95% bootstrap interval over
     pairs. Kept in ``own_check.json`` by the run's alignment digest."""
-    from llm_mas.files import atomic_write_json, file_digest
+    from llm_mas.files import file_digest
     from llm_mas.run import build_problem
     from llm_mas.stats import bootstrap_ci
 
-    by_name = {p.name: p for p in plans}
-    cache_path = run_dir / "own_check.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    cache = _CheckCache(run_dir)
+    keep = [i for i, m in enumerate(names) if architecture(m) in config.fresh_cross_archs]
     rows = []
-    for joint_name in sorted(n for n in by_name if n.startswith("joint_all_s")):
-        joint = outcomes.get(joint_name)
-        if joint is None or joint.result is None or joint.run_dir is None:
-            continue
-        seed = by_name[joint_name].config.seed
-        keep = [i for i, m in enumerate(names) if architecture(m) in config.fresh_cross_archs]
+    for seed, plan_, joint in _finished_joint_runs(plans, outcomes):
         key = "|".join(["cross", ",".join(names[i] for i in keep), str(seed), str(n_pairs),
                         file_digest(Path(joint.run_dir) / "alignments.safetensors")])
-        if key not in cache:
-            data = to_dict(by_name[joint_name].config)
+        if key not in cache.entries:
+            data = to_dict(plan_.config)
             data["models"] = [dict(data["models"][i], alignment_init=str(joint.run_dir)) for i in keep]
             data.update(seed=OWN_CHECK_SEED + seed, progress=False, name=f"fresh_cross_s{seed}")
             data["data"]["n_valid"] = n_pairs
             check = from_dict(MASConfig, data)
             problem = build_problem(check, log=lambda s_: None)
             maps = [a.materialize() for a in _trained_alignments(check, problem)]
-            cache[key] = [[short(names[keep[item.source]]), short(names[keep[item.target]]),
-                           scores.trial.astype(int).tolist()]
-                          for item, scores in problem.pair_scores(maps) if item.source != item.target]
-            atomic_write_json(cache_path, cache)
-            log(f"  fresh cross check: {len(cache[key])} directions of seed {seed} scored on {n_pairs} fresh pairs")
-        for source, target, trial in cache[key]:
+            cache.put(key, [[short(names[keep[item.source]]), short(names[keep[item.target]]),
+                             scores.trial.astype(int).tolist()]
+                            for item, scores in problem.pair_scores(maps) if item.source != item.target])
+            log(f"  fresh cross check: {len(cache.entries[key])} directions of seed {seed} scored on {n_pairs} "
+                "fresh pairs")
+        for source, target, trial in cache.entries[key]:
             lo, hi = bootstrap_ci(np.asarray(trial, dtype=float), seed=seed)
             rows.append({"seed": seed, "source": source, "target": target, "n": len(trial),
                          "trial_iia": float(np.mean(trial)), "trial_iia_lo": lo, "trial_iia_hi": hi})
