@@ -186,8 +186,8 @@ class DirectoryLock:
                 if pid == me["pid"] and host == me["host"]:
                     raise ConfigError(f"run directory {str(self.directory)!r} is already locked by this process "
                                       f"(pid {pid}); one run per directory at a time") from None
-                if host == me["host"] and (pid < 0 or not process_running(pid)):
-                    self.path.unlink(missing_ok=True)  # left by a dead process: take it over
+                if (host == me["host"] and pid < 0) or left_by_dead_process(holder):
+                    self.path.unlink(missing_ok=True)  # garbage, or left by a dead process: take it over
                     continue
                 raise ConfigError(f"run directory {str(self.directory)!r} is in use by process {pid} on {host} "
                                   f"(lock file {str(self.path)!r}); wait for it to finish, stop it, or choose "

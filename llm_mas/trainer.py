@@ -165,9 +165,8 @@ class TrainerConfig:
                                     ("own_keep", self.own_keep is not None)) if on]
         if weighted and self.directions_per_step is not None and self.budget_gradients == "memory":
             p.append(f"train.{' and train.'.join(weighted)} {'does' if len(weighted) == 1 else 'do'} not combine "
-                     "with budget_gradients: memory (its "
-                     "stored gradients are each direction's own); use budget_gradients: sampled, or own_weight: 1 "
-                     "and own_keep: null")
+                     "with budget_gradients: memory (its stored gradients are each direction's own); use "
+                     "budget_gradients: sampled, or own_weight: 1 and own_keep: null")
         if self.own_keep is not None:
             if not (isinstance(self.own_keep, (int, float)) and not isinstance(self.own_keep, bool)
                     and 0 <= self.own_keep <= 1):

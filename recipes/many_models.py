@@ -666,12 +666,24 @@ class _CheckCache:
         atomic_write_json(self.path, self.entries)
 
 
+def _finished(outcome: RunOutcome | None) -> bool:
+    return outcome is not None and outcome.result is not None and outcome.run_dir is not None
+
+
 def _finished_joint_runs(plans: list[PlannedRun], outcomes: dict):
     """(seed, plan, outcome) of every all-model run that finished, by name."""
     for plan_ in sorted((p for p in plans if p.name.startswith("joint_all_s")), key=lambda p: p.name):
-        outcome = outcomes.get(plan_.name)
-        if outcome is not None and outcome.result is not None and outcome.run_dir is not None:
-            yield plan_.config.seed, plan_, outcome
+        if _finished(outcomes.get(plan_.name)):
+            yield plan_.config.seed, plan_, outcomes[plan_.name]
+
+
+def _fresh_config(run_config: MASConfig, models: list[dict], seed: int, n_pairs: int, name: str) -> MASConfig:
+    """`run_config` with these model entries (each naming its trained alignment in ``alignment_init``),
+    scoring `n_pairs` fresh validation pairs: data seed ``OWN_CHECK_SEED + seed``, n_train as the run's."""
+    data = to_dict(run_config)
+    data.update(models=models, seed=OWN_CHECK_SEED + seed, progress=False, name=name)
+    data["data"]["n_valid"] = n_pairs
+    return from_dict(MASConfig, data)
 
 
 def own_check(config: RecipeConfig, names: list[str], plans: list[PlannedRun], outcomes: dict, run_dir: Path,
@@ -690,21 +702,21 @@ def own_check(config: RecipeConfig, names: list[str], plans: list[PlannedRun], o
     cache = _CheckCache(run_dir)
     rows, pooled = [], {}
     for seed, _, joint in _finished_joint_runs(plans, outcomes):
+        joint_digest = file_digest(Path(joint.run_dir) / "alignments.safetensors")
         for m in names:
             alone = outcomes.get(f"alone_{short(m)}_s{seed}")
-            if alone is None or alone.result is None or alone.run_dir is None:
+            if not _finished(alone):
                 continue
-            key = "|".join(["own", m, str(seed), str(n_pairs), *(file_digest(Path(o.run_dir) / "alignments.safetensors")
-                                                          for o in (joint, alone))])
+            key = "|".join(["own", m, str(seed), str(n_pairs), joint_digest,
+                            file_digest(Path(alone.run_dir) / "alignments.safetensors")])
             if key not in cache.entries:
-                data = to_dict(by_name[f"alone_{short(m)}_s{seed}"].config)
-                data.update(seed=OWN_CHECK_SEED + seed, progress=False, name=f"own_check_{short(m)}_s{seed}")
-                data["data"]["n_valid"] = n_pairs   # n_train as the runs': the standardisation's statistics
+                alone_config = by_name[f"alone_{short(m)}_s{seed}"].config
+                (entry,) = to_dict(alone_config)["models"]
                 outcomes_by_init = {}
                 problem = None
                 for label, ref in (("joint", joint.run_dir), ("alone", alone.run_dir)):
-                    data["models"][0]["alignment_init"] = str(ref)
-                    check = from_dict(MASConfig, data)
+                    check = _fresh_config(alone_config, [dict(entry, alignment_init=str(ref))], seed, n_pairs,
+                                          f"own_check_{short(m)}_s{seed}")
                     problem = problem or build_problem(check, log=lambda s_: None)
                     maps = [a.materialize() for a in _trained_alignments(check, problem)]
                     outcomes_by_init[label] = np.concatenate([sc.trial for _, sc in problem.pair_scores(maps)])
@@ -752,11 +764,9 @@ def fresh_cross(config: RecipeConfig, names: list[str], plans: list[PlannedRun],
         key = "|".join(["cross", ",".join(names[i] for i in keep), str(seed), str(n_pairs),
                         file_digest(Path(joint.run_dir) / "alignments.safetensors")])
         if key not in cache.entries:
-            data = to_dict(plan_.config)
-            data["models"] = [dict(data["models"][i], alignment_init=str(joint.run_dir)) for i in keep]
-            data.update(seed=OWN_CHECK_SEED + seed, progress=False, name=f"fresh_cross_s{seed}")
-            data["data"]["n_valid"] = n_pairs
-            check = from_dict(MASConfig, data)
+            entries = to_dict(plan_.config)["models"]
+            check = _fresh_config(plan_.config, [dict(entries[i], alignment_init=str(joint.run_dir)) for i in keep],
+                                  seed, n_pairs, f"fresh_cross_s{seed}")
             problem = build_problem(check, log=lambda s_: None)
             maps = [a.materialize() for a in _trained_alignments(check, problem)]
             cache.put(key, [[short(names[keep[item.source]]), short(names[keep[item.target]]),
@@ -784,8 +794,7 @@ def fresh_cross_sections(rows: list[dict], config: RecipeConfig) -> list[str]:
     return [f"### Cross directions among {', '.join(config.fresh_cross_archs)} models on fresh pairs",
             f"Each all-model run's alignments (with the statistics they were trained with) rescored on "
             f"{rows[0]['n']} fresh validation pairs per direction (the own check's pairs); every direction with "
-            "its "
-            "95% bootstrap interval in `fresh_cross.csv`.", "\n".join(lines)]
+            "its 95% bootstrap interval in `fresh_cross.csv`.", "\n".join(lines)]
 
 
 def _joint_alone(comparison: dict) -> dict:

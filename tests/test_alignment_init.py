@@ -82,15 +82,22 @@ def test_the_start_differs_from_a_random_one_and_training_goes_on_from_it(tmp_pa
         assert not torch.equal(last[f"{i}.{key}"], theirs[f"model{i}.{key}"])
 
 
-def test_the_standardised_alignment_keeps_its_own_mean_and_std(tmp_path, source_run):
-    source, _ = source_run
-    # the source's GRU s1 statistics replaced by other values: a start copies only the rotation
+def _planted_statistics(tmp_path, source):
+    """A copy of the source run whose GRU s1 mean and std are shifted and scaled (values no problem computes);
+    returns its directory and tensors."""
     planted = tmp_path / "planted"
     shutil.copytree(source, planted)
     state = load_file(str(planted / "alignments.safetensors"))
     state["model1.mean"] = state["model1.mean"] + 5.0
     state["model1.std"] = state["model1.std"] * 3.0
     save_file(state, str(planted / "alignments.safetensors"))
+    return planted, state
+
+
+def test_the_standardised_alignment_keeps_its_own_mean_and_std(tmp_path, source_run):
+    source, _ = source_run
+    # the source's GRU s1 statistics replaced by other values: a start copies only the rotation
+    planted, _ = _planted_statistics(tmp_path, source)
     config = _started(tmp_path, planted)
     problem = build_problem(config)
     a = build_alignments(config, problem)[1]
@@ -106,12 +113,7 @@ def test_with_statistics_the_runs_mean_and_std_are_loaded_too(tmp_path, source_r
     from llm_mas.problems.manifest import load_alignment_init
 
     source, _ = source_run
-    planted = tmp_path / "planted"
-    shutil.copytree(source, planted)
-    state = load_file(str(planted / "alignments.safetensors"))
-    state["model1.mean"] = state["model1.mean"] + 5.0
-    state["model1.std"] = state["model1.std"] * 3.0
-    save_file(state, str(planted / "alignments.safetensors"))
+    planted, state = _planted_statistics(tmp_path, source)
     config = _started(tmp_path, planted)
     problem = build_problem(config)
     alignments = build_alignments(config, problem, init=False)
