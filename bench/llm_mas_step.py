@@ -8,13 +8,13 @@ the whole model every step against steps that start at the site (``skip_below_si
 Two random-weight Qwen2s of the sizes of bench/pyvene_das.py (built offline, seeds 0 and 1), each recorded on
 the tiny corpus (40 prompts of 16 tokens, greedy to 64), site ``layer{L/2}``, k = d/2, every direction
 trained (4 directions, 2 target passes), batch 8 pairs per direction, Adam. One process, one problem per
-backend (torch hooks, nnsight); the two variants of a backend share its models, pairs and alignment start:
+backend (torch hooks, nnsight); the variants of a backend share its models, pairs and alignment start:
 - full: ``skip_below_site=False``: every step runs the target's layers 0..L with the edit inside;
 - site: the default: the pairs' layer-l outputs come from the per-pair cache (filled before timing, over
   every train pair: ``cache_fill_s``; its size ``cache_mib``), a step runs layers l+1.. and the head;
-- nocache (torch only): as site with ``site_cache_bytes=0``, the fallback past the cache budget and what a
+- nocache: as site with ``site_cache_bytes=0``, the fallback past the cache budget and what a
   step of the first epoch costs: layers 0..l run without a graph at each step, then as site;
-- disk (torch only): as nocache but with a disk budget for every pair (``site_disk_bytes``): the pairs'
+- disk: as nocache but with a disk budget for every pair (``site_disk_bytes``): the pairs'
   layer-l outputs written to files once (filled before timing, over every train pair: ``disk_fill_s``)
   and read back at each step.
 Variants interleaved round by round; ratios are medians of per-round ratios. Resident memory (MiB) is read
@@ -104,14 +104,13 @@ def bench_size(size: str, repeats: int, backends: tuple[str, ...] = BACKENDS) ->
                               eval_batch_size=config.eval.batch_size, skip_below_site=False)
             assert all(r is not None for r in site.resumes), "the self-check refused the model"
             variants = [(f"{backend}-full", full), (f"{backend}-site", site)]
-            if backend == "torch":
-                variants.append(("torch-nocache", LLMProblem(site.models, site.k, n_train=N_TRAIN, n_valid=N_VALID,
-                                                             seed=config.seed, site_cache_bytes=0,
-                                                             eval_batch_size=config.eval.batch_size)))
-                variants.append(("torch-disk", LLMProblem(site.models, site.k, n_train=N_TRAIN, n_valid=N_VALID,
+            variants += [(f"{backend}-nocache", LLMProblem(site.models, site.k, n_train=N_TRAIN, n_valid=N_VALID,
                                                           seed=config.seed, site_cache_bytes=0,
-                                                          site_disk_bytes=DISK_BYTES,
-                                                          eval_batch_size=config.eval.batch_size)))
+                                                          eval_batch_size=config.eval.batch_size)),
+                         (f"{backend}-disk", LLMProblem(site.models, site.k, n_train=N_TRAIN, n_valid=N_VALID,
+                                                       seed=config.seed, site_cache_bytes=0,
+                                                       site_disk_bytes=DISK_BYTES,
+                                                       eval_batch_size=config.eval.batch_size))]
             for name, problem in variants:
                 alignments = build_alignments(config, problem)
                 optimizer = torch.optim.Adam(alignments.parameters(), lr=1e-3)
@@ -133,10 +132,9 @@ def bench_size(size: str, repeats: int, backends: tuple[str, ...] = BACKENDS) ->
             site = problems[f"{backend}-site"]
             out["backends"][backend].update(cache_fill_s=_fill(site),
                                             cache_mib=site.cached_site_bytes / 2**20, rss_mib_cached=resident_mib())
-        if "torch" in backends:  # the same over the disk variant's files
-            disk = problems["torch-disk"]
-            out["backends"]["torch"].update(disk_fill_s=_fill(disk),
-                                            disk_mib=disk.spilled_site_bytes / 2**20)
+        for backend in backends:  # the same over the disk variant's files
+            disk = problems[f"{backend}-disk"]
+            out["backends"][backend].update(disk_fill_s=_fill(disk), disk_mib=disk.spilled_site_bytes / 2**20)
         cpu: dict[str, list[float]] = {}
         times = interleaved({name: fn for name, (fn, _) in steps.items()}, repeats=repeats, warmup=1, cpu=cpu)
         for backend in backends:
@@ -148,17 +146,16 @@ def bench_size(size: str, repeats: int, backends: tuple[str, ...] = BACKENDS) ->
             r["full/site"] = ratio(times, f"{backend}-full", f"{backend}-site")
             r["full/site_cpu"] = ratio(cpu, f"{backend}-full", f"{backend}-site")
             r["first_loss_rel_diff"] = abs(r["full"]["first_loss"] - r["site"]["first_loss"]) / r["full"]["first_loss"]
-        if "torch" in backends:
-            r = out["backends"]["torch"]
             for v in ("nocache", "disk"):
-                r[v] = {"median_ms": 1e3 * median(times[f"torch-{v}"]), "cpu_median_ms": 1e3 * median(cpu[f"torch-{v}"]),
-                        "first_loss": steps[f"torch-{v}"][1][0]}
-            r["full/nocache"] = ratio(times, "torch-full", "torch-nocache")
-            r["nocache/disk"] = ratio(times, "torch-nocache", "torch-disk")
-            r["nocache/disk_cpu"] = ratio(cpu, "torch-nocache", "torch-disk")
-            r["disk/site"] = ratio(times, "torch-disk", "torch-site")
+                r[v] = {"median_ms": 1e3 * median(times[f"{backend}-{v}"]),
+                        "cpu_median_ms": 1e3 * median(cpu[f"{backend}-{v}"]),
+                        "first_loss": steps[f"{backend}-{v}"][1][0]}
+            r["full/nocache"] = ratio(times, f"{backend}-full", f"{backend}-nocache")
+            r["nocache/disk"] = ratio(times, f"{backend}-nocache", f"{backend}-disk")
+            r["nocache/disk_cpu"] = ratio(cpu, f"{backend}-nocache", f"{backend}-disk")
+            r["disk/site"] = ratio(times, f"{backend}-disk", f"{backend}-site")
         out.update(times_s=times, cpu_times_s=cpu, peak_rss_mib=peak_resident_mib(),
-                   parameters=sum(p.numel() for p in problems["torch-full"].models[0].model.parameters()),
+                   parameters=sum(p.numel() for p in problems[f"{backends[0]}-full"].models[0].model.parameters()),
                    loadavg_after=list(os.getloadavg()))
         print(f"[llm mas step] {size}: " + ", ".join(
             f"{b} full {out['backends'][b]['full']['median_ms']:.0f}ms site {out['backends'][b]['site']['median_ms']:.0f}ms"
@@ -181,9 +178,9 @@ def main(argv=None) -> dict:
     result = {"machine_start": machine_info(), "threads": 1, "batch_per_direction": BATCH, "directions": 4,
               "sizes": {size: bench_size(size, repeats, tuple(args.backends)) for size in sizes}}
     rows = [[size, r["layer"], b, x["full"]["median_ms"], x["site"]["median_ms"], x["full/site"]["median"],
-             x["full/site_cpu"]["median"], x.get("full/nocache", {}).get("median", "-"),
-             x.get("nocache/disk", {}).get("median", "-"), x.get("nocache/disk_cpu", {}).get("median", "-"),
-             x["cache_fill_s"], x.get("disk_fill_s", "-"), x["cache_mib"], x["rss_mib_built"], x["rss_mib_cached"],
+             x["full/site_cpu"]["median"], x["full/nocache"]["median"],
+             x["nocache/disk"]["median"], x["nocache/disk_cpu"]["median"],
+             x["cache_fill_s"], x["disk_fill_s"], x["cache_mib"], x["rss_mib_built"], x["rss_mib_cached"],
              x["first_loss_rel_diff"]]
             for size, r in result["sizes"].items() for b, x in r["backends"].items()]
     print_table("LLM MAS step at a middle layer (2 models, 4 directions, 8 pairs each, 1 thread), ms medians",
