@@ -71,3 +71,12 @@ def test_exit_codes(tmp_path, capsys):
     assert call(tmp_path, [], run=bad_config, failure_code=1)[0] == 2
     with pytest.raises(SystemExit):
         call(tmp_path, ["--report", "--only", "a"])
+
+
+def test_only_with_spaces_names_the_comma_list(tmp_path, capsys):
+    # `--only a b c`: b and c land among the positional overrides; one error shows the comma list to write
+    code, invocation = call(tmp_path, ["steps=3", "--only", "a", "b", "c"])
+    assert code == 2 and invocation is None
+    err = capsys.readouterr().err
+    assert "--only takes one comma list" in err and "write --only a,b,c" in err
+    assert "must look like key.sub=value" not in err

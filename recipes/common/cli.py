@@ -70,6 +70,10 @@ def recipe_front_door(argv: Sequence[str] | None, *, name: str, doc: str, config
     started = time.perf_counter()
     command = f"python -m recipes.{name} " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
+        stray = [w for w in args.overrides if "=" not in w]
+        if args.only and stray:  # `--only a b`: the words after the first are positional overrides
+            raise ConfigError(f"--only takes one comma list of runs, got --only {args.only} followed by "
+                              f"{' '.join(stray)} (read as overrides); write --only {','.join([args.only, *stray])}")
         path = preset(args.config, args.smoke) if preset else args.config
         config = load_config(config_cls, path, args.overrides)
         run_dir = (run_dir_of(config, args.smoke) if run_dir_of
