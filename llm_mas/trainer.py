@@ -51,9 +51,11 @@ from .schedules import warmup_cosine
 # was within the noise of a loaded machine (0.560 vs 0.546 s in separate runs; gru_gru_hidden preset,
 # batch 512, 1 thread; BENCHMARKS.md). No allocator setting changes.
 RELEASE_MEMORY_EVERY = 10
-# ... and sooner when the resident set has grown this much since the last release: over a 200-step run the
-# freed blocks scatter, each step touches other pages, and ten steps grew it by up to 0.8 GB (peak 1.53 GB);
-# releasing every 3 or 5 steps did not bound that (BENCHMARKS.md), a release on growth does by construction.
+# ... and sooner when the resident set has grown this much over a step's working level: over a 200-step run
+# the freed blocks scatter, each step touches other pages, and ten steps grew it by up to 0.8 GB (peak
+# 1.53 GB); releasing every 3 or 5 steps did not bound that (BENCHMARKS.md), a release on growth does by
+# construction. Every page a release hands back is faulted in again when next used, so the growth is counted
+# from the end of the first step after a release, not from the trimmed heap (see ReleaseMemory).
 RELEASE_MEMORY_GROWTH_MIB = 256
 _LIBC = None
 
@@ -723,16 +725,23 @@ class MASTrainer:
 
 # ------------------------------------------------------------ built-in callbacks
 class ReleaseMemory(Callback):
-    """Hand freed heap memory back to the OS: at the start, every ``every`` steps, whenever the resident set
-    has grown by ``growth_mib`` since the last release, and after each validation (RELEASE_MEMORY_EVERY)."""
+    """Hand freed heap memory back to the OS: at the start, every ``every`` steps, after each validation, and
+    whenever the resident set at a step's end has grown by ``growth_mib`` over its level at the end of the
+    first step after the last release (RELEASE_MEMORY_EVERY).
+
+    The level is taken after a step, not right after the release: a step's own working set (freed at its
+    end, reused by the next step) is part of it, so only creep beyond it (freed blocks scattering over new
+    pages) triggers a release. Measured against the trimmed heap instead, a step whose working set exceeds
+    ``growth_mib`` (15 models: ~2 GB) released at every step's end, and the next step faulted all of it in
+    again (a third of the process's CPU time in page faults)."""
 
     def __init__(self, every: int = RELEASE_MEMORY_EVERY, growth_mib: float = RELEASE_MEMORY_GROWTH_MIB):
         self.every, self.growth_mib = every, growth_mib
-        self.released_at = 0.0
+        self.level: float | None = None   # resident MiB at the end of the first step after the last release
 
     def _release(self) -> None:
         release_freed_memory()
-        self.released_at = resident_mib() or 0.0
+        self.level = None
 
     def on_fit_start(self, trainer):
         self._release()  # start from a trimmed heap (the build leaves freed blocks behind)
@@ -742,7 +751,10 @@ class ReleaseMemory(Callback):
 
     def on_step_end(self, trainer, output):
         resident = resident_mib()
-        if trainer.step % self.every == 0 or (resident is not None and resident > self.released_at + self.growth_mib):
+        if self.level is None:
+            self.level = resident
+        grown = resident is not None and self.level is not None and resident > self.level + self.growth_mib
+        if trainer.step % self.every == 0 or grown:
             self._release()
 
 
