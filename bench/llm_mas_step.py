@@ -104,13 +104,10 @@ def bench_size(size: str, repeats: int, backends: tuple[str, ...] = BACKENDS) ->
                               eval_batch_size=config.eval.batch_size, skip_below_site=False)
             assert all(r is not None for r in site.resumes), "the self-check refused the model"
             variants = [(f"{backend}-full", full), (f"{backend}-site", site)]
-            variants += [(f"{backend}-nocache", LLMProblem(site.models, site.k, n_train=N_TRAIN, n_valid=N_VALID,
-                                                          seed=config.seed, site_cache_bytes=0,
-                                                          eval_batch_size=config.eval.batch_size)),
-                         (f"{backend}-disk", LLMProblem(site.models, site.k, n_train=N_TRAIN, n_valid=N_VALID,
-                                                       seed=config.seed, site_cache_bytes=0,
-                                                       site_disk_bytes=DISK_BYTES,
-                                                       eval_batch_size=config.eval.batch_size))]
+            for tier, disk_bytes in (("nocache", 0), ("disk", DISK_BYTES)):
+                variants.append((f"{backend}-{tier}", LLMProblem(
+                    site.models, site.k, n_train=N_TRAIN, n_valid=N_VALID, seed=config.seed, site_cache_bytes=0,
+                    site_disk_bytes=disk_bytes, eval_batch_size=config.eval.batch_size)))
             for name, problem in variants:
                 alignments = build_alignments(config, problem)
                 optimizer = torch.optim.Adam(alignments.parameters(), lr=1e-3)

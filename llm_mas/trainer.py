@@ -733,7 +733,7 @@ class ReleaseMemory(Callback):
     end, reused by the next step) is part of it, so only creep beyond it (freed blocks scattering over new
     pages) triggers a release. Measured against the trimmed heap instead, a step whose working set exceeds
     ``growth_mib`` (15 models: ~2 GB) released at every step's end, and the next step faulted all of it in
-    again (a third of the process's CPU time in page faults)."""
+    again (23 % of a 15-model run's CPU time and a third of the 2-model preset's spent in the kernel)."""
 
     def __init__(self, every: int = RELEASE_MEMORY_EVERY, growth_mib: float = RELEASE_MEMORY_GROWTH_MIB):
         self.every, self.growth_mib = every, growth_mib
@@ -753,8 +753,7 @@ class ReleaseMemory(Callback):
         resident = resident_mib()
         if self.level is None:
             self.level = resident
-        grown = resident is not None and self.level is not None and resident > self.level + self.growth_mib
-        if trainer.step % self.every == 0 or grown:
+        if trainer.step % self.every == 0 or (resident is not None and resident > self.level + self.growth_mib):
             self._release()
 
 
